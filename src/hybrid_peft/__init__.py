@@ -1,0 +1,65 @@
+"""hybrid-peft: parameter-efficient fine-tuning on a small budget.
+
+Attach LoRA (and, as they land, LoRA-GA, BOFT, the unitary adapter and the hybrid) to any Hugging Face model by
+module name; save, load, merge and export them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from hybrid_peft.adapters import (  # noqa: E402
+    adapter_layers,
+    adapter_parameters,
+    attach,
+    detach,
+    merge,
+    parameter_counts,
+    unmerge,
+)
+from hybrid_peft.config import AdapterConfig  # noqa: E402
+from hybrid_peft.errors import (  # noqa: E402
+    AdapterFileError,
+    BaseModelMismatchError,
+    ConfigError,
+    HybridPeftError,
+    ModelLoadError,
+    TargetError,
+)
+from hybrid_peft.export import export_peft, save_merged  # noqa: E402
+from hybrid_peft.layer import AdapterLayer  # noqa: E402
+from hybrid_peft.methods import LoRAConfig, LoRALayer  # noqa: E402
+from hybrid_peft.models import load_model, load_tokenizer  # noqa: E402
+from hybrid_peft.registry import available_methods, get_method, register_method  # noqa: E402
+from hybrid_peft.serialization import load_adapter, read_adapter_config, save_adapter  # noqa: E402
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterFileError",
+    "AdapterLayer",
+    "BaseModelMismatchError",
+    "ConfigError",
+    "HybridPeftError",
+    "LoRAConfig",
+    "LoRALayer",
+    "ModelLoadError",
+    "TargetError",
+    "__version__",
+    "adapter_layers",
+    "adapter_parameters",
+    "attach",
+    "available_methods",
+    "detach",
+    "export_peft",
+    "get_method",
+    "load_adapter",
+    "load_model",
+    "load_tokenizer",
+    "merge",
+    "parameter_counts",
+    "read_adapter_config",
+    "register_method",
+    "save_adapter",
+    "save_merged",
+    "unmerge",
+]

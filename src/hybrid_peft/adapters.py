@@ -1,0 +1,136 @@
+"""Attach adapters to any model in place, by module name, and take them off again.
+
+>>> model = AutoModelForCausalLM.from_pretrained(...)
+>>> attach(model, LoRAConfig(rank=8, targets=["q_proj", "v_proj"]))   # model keeps its class
+>>> ... train ...
+>>> merge(model); unmerge(model); detach(model)                        # back to the original modules
+
+``attach`` may be called several times with different configs on disjoint modules (for example unitary adapters
+on the attention projections and the hybrid on the MLP layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hybrid_peft.config import AdapterConfig
+from hybrid_peft.errors import TargetError
+from hybrid_peft.layer import AdapterLayer, linear_weight
+from hybrid_peft.registry import get_method
+from hybrid_peft.targeting import linear_candidates, select_targets
+
+STATE_ATTRIBUTE = "_hybrid_peft_state"
+
+
+@dataclass
+class AttachState:
+    """Bookkeeping kept on the root model while adapters are attached (removed by :func:`detach`)."""
+
+    # Every parameter's requires_grad before the first attach, so detach restores it exactly.
+    original_requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    # Identity of the base weights the adapters were attached to, taken before any adapter changed them.
+    base_fingerprint: dict[str, dict] = field(default_factory=dict)
+
+
+def fingerprint_weight(weight: torch.Tensor, samples: int = 16) -> dict:
+    """Shape plus a few evenly spaced values of an ``(out, in)`` weight: enough to tell two base models apart."""
+    flat = weight.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, steps=min(samples, flat.numel())).round().long()
+    return {"shape": list(weight.shape), "sample": [float(v) for v in flat[index.to(flat.device)].float().cpu()]}
+
+
+def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def attach_state(model: nn.Module) -> AttachState | None:
+    return getattr(model, STATE_ATTRIBUTE, None)
+
+
+def wrap_modules(model: nn.Module, names: list[str], config: AdapterConfig, *, freeze_base: bool = True) -> None:
+    """Wrap exactly ``names`` with ``config``'s adapter. The building block of :func:`attach` and loading."""
+    layer_class = get_method(config.method).layer_class
+    candidates = linear_candidates(model)
+    missing = [n for n in names if n not in candidates]
+    if missing:
+        raise TargetError(f"module(s) {missing[:5]} are not free linear layers of {type(model).__name__}")
+    state = attach_state(model)
+    if state is None:
+        state = AttachState(original_requires_grad=[(p, p.requires_grad) for p in model.parameters()])
+        setattr(model, STATE_ATTRIBUTE, state)
+    for name in names:
+        module = candidates[name]
+        state.base_fingerprint[name] = fingerprint_weight(linear_weight(module))
+        parent, child = _parent_and_child(model, name)
+        layer = layer_class(module, config)
+        layer.train(module.training)  # a model in eval mode stays in eval mode (dropout off)
+        setattr(parent, child, layer)
+    if freeze_base:
+        adapter_params = {id(p) for p in adapter_parameters(model).values()}
+        for p in model.parameters():
+            if id(p) not in adapter_params:
+                p.requires_grad_(False)
+
+
+def attach(model: nn.Module, config: AdapterConfig, *, freeze_base: bool = True) -> nn.Module:
+    """Attach ``config``'s adapter to every module it targets, in place; returns ``model`` for chaining.
+
+    With ``freeze_base`` (default) every parameter except the adapters' stops requiring grad.
+    """
+    wrap_modules(model, select_targets(model, config), config, freeze_base=freeze_base)
+    return model
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable tensors of every adapter, by full name (found by structure, not by a substring of the name)."""
+    return {
+        f"{layer_name}.{name}": p
+        for layer_name, layer in adapter_layers(model).items()
+        for name, p in layer.adapter_named_parameters()
+    }
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (forward then costs what the base model costs)."""
+    for layer in adapter_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def detach(model: nn.Module, *, merge: bool = False) -> nn.Module:
+    """Put the original modules back. ``merge=True`` keeps the adapters' effect in the weights (merge and unload);
+    otherwise the base weights are restored and every parameter's ``requires_grad`` is as before :func:`attach`."""
+    for name, layer in adapter_layers(model).items():
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        parent, child = _parent_and_child(model, name)
+        setattr(parent, child, layer.base_layer)
+    state = attach_state(model)
+    if state is not None:
+        for p, requires_grad in state.original_requires_grad:
+            p.requires_grad_(requires_grad)
+        delattr(model, STATE_ATTRIBUTE)
+    return model
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

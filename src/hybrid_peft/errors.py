@@ -1,0 +1,27 @@
+"""Exceptions raised by hybrid-peft. Each message names the problem and how to fix it."""
+
+from __future__ import annotations
+
+
+class HybridPeftError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class ConfigError(HybridPeftError, ValueError):
+    """A configuration field has a bad value, or an unknown field was given."""
+
+
+class TargetError(HybridPeftError, ValueError):
+    """Target module patterns matched nothing, matched a module of an unsupported type, or overlap."""
+
+
+class AdapterFileError(HybridPeftError, OSError):
+    """An adapter directory is missing a file, or a file is corrupt, truncated or inconsistent."""
+
+
+class BaseModelMismatchError(HybridPeftError, ValueError):
+    """An adapter is being loaded onto a different base model than the one it was trained for."""
+
+
+class ModelLoadError(HybridPeftError, OSError):
+    """A model alias, hub id or folder could not be resolved or loaded."""

@@ -1,0 +1,129 @@
+"""Export for other tools: a merged checkpoint plain ``transformers`` loads, and LoRA in PEFT's adapter format."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from hybrid_peft.adapters import _parent_and_child, adapter_layers
+from hybrid_peft.errors import HybridPeftError
+from hybrid_peft.fileio import atomic_write_text, atomic_write_with
+from hybrid_peft.layer import is_transposed
+from hybrid_peft.methods.lora import LoRALayer
+from hybrid_peft.serialization import model_name
+
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+def clear_quantization_state(model: nn.Module) -> None:
+    """Forget a GGUF quantizer left by ``from_pretrained(gguf_file=...)``: the weights are already dequantized,
+    and ``save_pretrained`` would otherwise write a checkpoint that claims to be quantized."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf" in type(quantizer).__name__.lower():
+        model.hf_quantizer = None
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model.is_quantized = False
+
+
+@contextlib.contextmanager
+def merged_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily merge every adapter and put the plain base modules back, so the model looks exactly like a
+    merged ``transformers`` model; on exit the adapters return, unmerged if they were unmerged before."""
+    layers = adapter_layers(model)
+    was_merged = {name: layer.merged for name, layer in layers.items()}
+    for name, layer in layers.items():
+        layer.merge()
+        parent, child = _parent_and_child(model, name)
+        setattr(parent, child, layer.base_layer)
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            parent, child = _parent_and_child(model, name)
+            setattr(parent, child, layer)
+            if not was_merged[name]:
+                layer.unmerge()
+
+
+def save_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write ``model`` with every adapter merged in as an ordinary ``save_pretrained`` checkpoint.
+
+    The result loads with ``AutoModel*.from_pretrained(directory)`` and no hybrid-peft installed. The model in
+    memory keeps its adapters (merged only for the duration of the save). Files go to a temporary sibling folder
+    first and are moved into place at the end, so an interrupted export leaves no half-written checkpoint.
+    """
+    if not hasattr(model, "save_pretrained"):
+        raise HybridPeftError(f"{type(model).__name__} has no save_pretrained; save_merged needs a transformers model")
+    directory = Path(directory)
+    staging = directory.with_name(f".{directory.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    clear_quantization_state(model)
+    with merged_view(model):
+        model.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists():
+        backup = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(directory, backup)
+        os.replace(staging, directory)
+        shutil.rmtree(backup)
+    else:
+        os.replace(staging, directory)
+    return directory
+
+
+def peft_lora_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and ``adapter_config.json`` contents of PEFT's LoRA format for ``model``'s LoRA adapters."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise HybridPeftError("the model has no adapters attached; nothing to export")
+    not_lora = sorted({type(layer).__name__ for layer in layers.values() if type(layer) is not LoRALayer})
+    if not_lora:
+        raise HybridPeftError(f"PEFT export supports LoRA adapters only; this model also has {not_lora}")
+    configs = {layer.config for layer in layers.values()}
+    if len(configs) != 1:
+        raise HybridPeftError("PEFT export needs one LoRA config for all layers; this model mixes several")
+    config = configs.pop()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": model_name(model),
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "target_modules": sorted(layers),
+        "fan_in_fan_out": any(is_transposed(layer.base_layer) for layer in layers.values()),
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    return tensors, peft_config
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``model``'s LoRA adapter in PEFT's format: ``PeftModel.from_pretrained(base, directory)`` loads it."""
+    tensors, peft_config = peft_lora_export(model)
+    directory = Path(directory)
+    atomic_write_with(directory / PEFT_WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_text(directory / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
+    return directory

@@ -1,0 +1,156 @@
+"""The adapter-layer protocol shared by every method, and helpers for the linear layers it wraps.
+
+An adapter wraps one frozen linear layer in place::
+
+    parent.q_proj = Linear(...)          ->   parent.q_proj = LoRALayer(base_layer=Linear(...), config)
+
+The wrapper says which tensors are its own (:meth:`AdapterLayer.adapter_state`), how it changes the base weight
+(:meth:`AdapterLayer.merged_weight`), and how to fold itself into the base weight and back (``merge`` /
+``unmerge``). Two kinds of base layer are supported: ``torch.nn.Linear`` (weight ``(out, in)``) and GPT-2 style
+``transformers.pytorch_utils.Conv1D`` (weight ``(in, out)``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from hybrid_peft.config import AdapterConfig
+
+try:  # transformers is a dependency, but keep the maths importable without it.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None  # type: ignore[assignment,misc]
+
+SUPPORTED_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED_BASE_TYPES)
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True when the layer stores its weight as ``(in, out)`` (GPT-2 ``Conv1D``)."""
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a supported linear layer."""
+    weight = module.weight
+    return (weight.shape[1], weight.shape[0]) if is_transposed(module) else (weight.shape[0], weight.shape[1])
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as an ``(out, in)`` view (a transpose view for ``Conv1D``; no copy)."""
+    return module.weight.T if is_transposed(module) else module.weight
+
+
+def adapter_dtype_for(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters train in at least fp32: a bf16/fp16 base gets fp32 adapter weights (as PEFT's autocast does)."""
+    return torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
+
+
+class AdapterLayer(nn.Module):
+    """Base class of every adapter. Subclasses implement ``forward`` and ``merged_weight``.
+
+    Subclasses register their own tensors as parameters/buffers directly on themselves or on child modules other
+    than ``base_layer``; :meth:`adapter_state` finds them by that structure, never by name.
+    """
+
+    config_class: ClassVar[type[AdapterConfig]]
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.out_features, self.in_features = linear_shape(base_layer)
+        self.merged = False
+
+    # --- what belongs to the adapter ----------------------------------------------------------------------
+
+    def adapter_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        own = [(name, p) for name, p in self._parameters.items() if p is not None]
+        for child_name, child in self.named_children():
+            if child is self.base_layer:
+                continue
+            own += [(f"{child_name}.{name}", p) for name, p in child.named_parameters()]
+        return own
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor that defines this adapter (trainable parameters and persistent buffers), by local name."""
+        state = {name: p for name, p in self.adapter_named_parameters()}
+        state.update(
+            {name: b for name, b in self._buffers.items() if b is not None and name not in self._non_persistent_buffers_set}
+        )
+        for child_name, child in self.named_children():
+            if child is not self.base_layer:
+                state.update({f"{child_name}.{name}": b for name, b in child.named_buffers()})
+        return state
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.adapter_state()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"adapter state mismatch: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                if tensor.shape != state[name].shape:
+                    raise ValueError(f"{name}: saved shape {tuple(state[name].shape)} != {tuple(tensor.shape)}")
+                tensor.copy_(state[name])
+
+    # --- the maths ---------------------------------------------------------------------------------------
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight as ``(out, in)``."""
+        return linear_weight(self.base_layer)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The effective ``(out, in)`` weight this adapter computes with, in the base weight's dtype."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight; ``forward`` then runs only the base layer. Idempotent."""
+        if self.merged:
+            return
+        self._write_base_weight(self.merged_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact up to floating-point rounding). Idempotent."""
+        if not self.merged:
+            return
+        self._write_base_weight(self.unmerged_weight())
+        self.merged = False
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The original base weight, recovered from the merged one. Subclasses with additive updates subtract."""
+        raise NotImplementedError
+
+    def _write_base_weight(self, weight: torch.Tensor) -> None:
+        target = self.base_layer.weight
+        target.data.copy_(weight.T if is_transposed(self.base_layer) else weight)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+class AdditiveAdapterLayer(AdapterLayer):
+    """An adapter whose effect is ``W_eff = W0 + delta_weight()`` (LoRA and its variants)."""
+
+    def delta_weight(self) -> torch.Tensor:
+        """The ``(out, in)`` update, in the adapter's dtype."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        base, delta = self.base_weight, self.delta_weight()
+        return (base.to(delta.dtype) + delta).to(base.dtype)
+
+    def unmerged_weight(self) -> torch.Tensor:
+        base, delta = self.base_weight, self.delta_weight()
+        return (base.to(delta.dtype) - delta).to(base.dtype)

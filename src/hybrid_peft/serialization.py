@@ -1,0 +1,209 @@
+"""Saving and loading adapters.
+
+An adapter directory holds two files::
+
+    adapter_model.safetensors   every adapter tensor, keyed "<module name>.<tensor name>"
+    adapter_config.json         format version, library version, the config(s), which module uses which config,
+                                the base model's identity (name + per-module weight fingerprint) and the
+                                sha256 of the weights file
+
+Both are written atomically, weights first. The checksum ties them together: a truncated, corrupt or mismatched
+weights file is reported as such instead of loading garbage. The fingerprint stops an adapter from being loaded
+silently onto another base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hybrid_peft import __version__
+from hybrid_peft.adapters import adapter_layers, attach_state, fingerprint_weight, wrap_modules
+from hybrid_peft.config import AdapterConfig
+from hybrid_peft.errors import AdapterFileError, BaseModelMismatchError, ConfigError, HybridPeftError
+from hybrid_peft.fileio import atomic_write_text, atomic_write_with, sha256_file
+from hybrid_peft.layer import linear_weight
+from hybrid_peft.targeting import linear_candidates
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT_NAME = "hybrid-peft-adapter"
+FORMAT_VERSION = 1
+
+# Two fingerprints agree when every sampled value is within this fraction of the sample's largest magnitude:
+# loose enough for the same model in bf16 vs fp32, far too tight for two different models to pass.
+FINGERPRINT_TOLERANCE = 2e-2
+
+
+def model_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write every attached adapter of ``model`` to ``directory`` (created if needed). Returns the directory."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise HybridPeftError("the model has no adapters attached; call attach(model, config) first")
+    state = attach_state(model)
+    directory = Path(directory)
+    configs: list[AdapterConfig] = []
+    modules: dict[str, int] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        if layer.config not in configs:
+            configs.append(layer.config)
+        modules[name] = configs.index(layer.config)
+        for local, tensor in layer.adapter_state().items():
+            tensors[f"{name}.{local}"] = tensor.detach().to("cpu").contiguous()
+    atomic_write_with(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    fingerprint = state.base_fingerprint if state is not None else {}
+    document = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "hybrid_peft_version": __version__,
+        "configs": [c.to_dict() for c in configs],
+        "modules": modules,
+        "base_model": {
+            "name_or_path": model_name(model),
+            "class": type(model).__name__,
+            "fingerprint": {name: fingerprint[name] for name in modules if name in fingerprint},
+        },
+        "weights_sha256": sha256_file(directory / WEIGHTS_NAME),
+    }
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(document, indent=2) + "\n")
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of an adapter directory, checked for shape."""
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise AdapterFileError(f"adapter directory {str(directory)!r} does not exist")
+    if not path.is_file():
+        raise AdapterFileError(f"{path} is missing: {directory!s} is not a hybrid-peft adapter directory")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}); the file is corrupt, save the adapter again") from exc
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        hint = " (it looks like a PEFT adapter: load it with peft.PeftModel)" if "peft_type" in document else ""
+        raise AdapterFileError(f"{path} is not a hybrid-peft adapter config{hint}")
+    if document.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{path} has format version {document['format_version']}, newer than this hybrid-peft "
+            f"({__version__}) reads ({FORMAT_VERSION}); upgrade hybrid-peft"
+        )
+    for key in ("configs", "modules", "weights_sha256"):
+        if key not in document:
+            raise AdapterFileError(f"{path} has no {key!r} entry; the file is corrupt, save the adapter again")
+    return document
+
+
+def _read_weights(directory: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise AdapterFileError(f"{path} is missing; the adapter directory is incomplete")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise AdapterFileError(
+            f"{path} does not match {CONFIG_NAME} (sha256 {actual[:12]}... != {expected_sha256[:12]}...): the weights "
+            "file is truncated, corrupt or from another save; restore it or save the adapter again"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFileError(f"{path} could not be read as safetensors ({exc}); the file is corrupt") from exc
+
+
+def _fingerprints_agree(saved: dict, current: dict) -> bool:
+    if list(saved["shape"]) != list(current["shape"]):
+        return False
+    a, b = saved["sample"], current["sample"]
+    if len(a) != len(b):
+        return False
+    scale = max([abs(v) for v in a] + [1e-12])
+    return all(math.isfinite(y) and abs(x - y) <= FINGERPRINT_TOLERANCE * scale for x, y in zip(a, b, strict=True))
+
+
+def check_base_model(model: nn.Module, document: dict[str, Any]) -> None:
+    """Raise :class:`BaseModelMismatchError` unless ``model`` is the base the adapter in ``document`` was made for."""
+    base = document.get("base_model", {})
+    saved_name = base.get("name_or_path")
+    candidates = linear_candidates(model)
+    missing = [name for name in document["modules"] if name not in candidates]
+    if missing:
+        raise BaseModelMismatchError(
+            f"this adapter was made for {saved_name!r} ({base.get('class')}); {type(model).__name__} "
+            f"({model_name(model)!r}) has no linear layer named {missing[:3]}"
+            + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            + ". Load it onto the base model it was trained on"
+        )
+    mismatched = []
+    for name, saved in base.get("fingerprint", {}).items():
+        current = fingerprint_weight(linear_weight(candidates[name]))
+        if not _fingerprints_agree(saved, current):
+            mismatched.append((name, saved["shape"], current["shape"]))
+    if mismatched:
+        name, saved_shape, shape = mismatched[0]
+        detail = (
+            f"shape {shape} where the adapter expects {saved_shape}"
+            if saved_shape != shape
+            else "different weight values"
+        )
+        raise BaseModelMismatchError(
+            f"this adapter was made for base model {saved_name!r}, but {len(mismatched)} target module(s) of "
+            f"{model_name(model)!r} differ (first: {name}: {detail}). Load it onto the base model it was trained on, "
+            "or pass check_base=False if you are sure (e.g. a fine-tuned copy of that base)"
+        )
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    trainable: bool = False,
+    check_base: bool = True,
+) -> nn.Module:
+    """Attach the adapter saved in ``directory`` to ``model`` (in place) and load its weights.
+
+    Args:
+        trainable: leave the adapter's parameters requiring grad (to continue training); by default inference.
+        check_base: refuse to load onto a base model whose target weights differ from the one it was saved with.
+    """
+    directory = Path(directory)
+    document = read_adapter_config(directory)
+    if adapter_layers(model):
+        raise HybridPeftError("the model already has adapters attached; call detach(model) before loading another")
+    try:
+        configs = [AdapterConfig.from_dict(c, strict=False) for c in document["configs"]]
+    except (ConfigError, TypeError) as exc:
+        raise AdapterFileError(f"{directory / CONFIG_NAME} holds an invalid config: {exc}") from exc
+    tensors = _read_weights(directory, document["weights_sha256"])
+    if check_base:
+        check_base_model(model, document)
+    by_config: dict[int, list[str]] = {}
+    for name, index in document["modules"].items():
+        by_config.setdefault(int(index), []).append(name)
+    try:
+        for index, names in by_config.items():
+            wrap_modules(model, names, configs[index])
+        for name, layer in adapter_layers(model).items():
+            prefix = name + "."
+            layer.load_adapter_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            for _, p in layer.adapter_named_parameters():
+                p.requires_grad_(trainable)
+    except (KeyError, ValueError, IndexError) as exc:
+        from hybrid_peft.adapters import detach
+
+        detach(model)
+        raise AdapterFileError(f"{directory} does not fit this model: {exc}") from exc
+    return model

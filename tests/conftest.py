@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random-weight models of the three layer layouts the library must handle."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+torch.set_num_threads(2)
+transformers.logging.set_verbosity_error()
+
+VOCAB = 97
+
+
+def tiny_llama(seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert_classifier(seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_classifier}
+
+
+@pytest.fixture(params=sorted(MODEL_FACTORIES))
+def model_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(0, VOCAB, (2, 12), generator=generator)
+
+
+def model_output(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def save_tiny(model: transformers.PreTrainedModel, path) -> str:  # noqa: ANN001
+    model.save_pretrained(path)
+    return str(path)
