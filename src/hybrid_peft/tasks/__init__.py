@@ -1,0 +1,1 @@
+"""Task data readers. Each reads local files (or files a package ships) and never touches the network."""

@@ -1,0 +1,145 @@
+"""Bad input gets an error that names the problem and the fix; nothing is half-done afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import model_output, tiny_gpt2, tiny_llama
+from method_cases import perturb_adapters
+
+from hybrid_peft import (
+    AdapterFileError,
+    BaseModelMismatchError,
+    ConfigError,
+    HybridPeftError,
+    LoRAConfig,
+    TargetError,
+    adapter_layers,
+    attach,
+    load_adapter,
+    save_adapter,
+)
+from hybrid_peft.serialization import CONFIG_NAME, WEIGHTS_NAME
+
+
+def saved_adapter(tmp_path) -> str:  # noqa: ANN001
+    model = attach(tiny_llama(), LoRAConfig(rank=4))
+    perturb_adapters(model)
+    return str(save_adapter(model, tmp_path / "adapter"))
+
+
+def test_unknown_target_lists_candidates() -> None:
+    with pytest.raises(TargetError, match=r"unknown target module name\(s\) \['qproj'\].*q_proj.*v_proj"):
+        attach(tiny_llama(), LoRAConfig(targets=["qproj"]))
+
+
+def test_regex_matching_nothing_explains() -> None:
+    with pytest.raises(TargetError, match="matched no linear layer.*full module name"):
+        attach(tiny_llama(), LoRAConfig(targets="q_proj"))  # a regex must match the whole name
+
+
+def test_target_that_is_not_linear() -> None:
+    with pytest.raises(TargetError, match="not nn.Linear/Conv1D"):
+        attach(tiny_llama(), LoRAConfig(targets=["input_layernorm"]))
+
+
+def test_everything_excluded() -> None:
+    with pytest.raises(TargetError, match="excluded"):
+        attach(tiny_llama(), LoRAConfig(targets=["q_proj"], exclude=["q_proj"]))
+
+
+def test_attach_twice_to_same_modules() -> None:
+    model = attach(tiny_llama(), LoRAConfig(targets=["q_proj"]))
+    with pytest.raises(TargetError):
+        attach(model, LoRAConfig(targets=["q_proj"]))
+    attach(model, LoRAConfig(targets=["v_proj"]))  # disjoint modules are fine
+    assert len(adapter_layers(model)) == 4
+
+
+@pytest.mark.parametrize("rank", [0, -1])
+def test_rank_must_be_positive(rank: int) -> None:
+    with pytest.raises(ConfigError, match="rank: must be >= 1"):
+        LoRAConfig(rank=rank)
+
+
+def test_adapter_for_another_model(tmp_path) -> None:  # noqa: ANN001
+    directory = saved_adapter(tmp_path)
+    with pytest.raises(BaseModelMismatchError, match="different weight values|trained on"):
+        load_adapter(tiny_llama(seed=1), directory)  # same architecture, other weights
+    with pytest.raises(BaseModelMismatchError, match="has no linear layer named"):
+        load_adapter(tiny_gpt2(), directory)  # other architecture
+    other = tiny_llama(seed=1)
+    load_adapter(other, directory, check_base=False)  # the user can insist
+    assert adapter_layers(other)
+
+
+def test_same_model_in_bf16_is_accepted(tmp_path) -> None:  # noqa: ANN001
+    directory = saved_adapter(tmp_path)
+    load_adapter(tiny_llama().to(torch.bfloat16), directory)
+
+
+def test_truncated_weights_file(tmp_path) -> None:  # noqa: ANN001
+    directory = saved_adapter(tmp_path)
+    weights = tmp_path / "adapter" / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-100])
+    model = tiny_llama()
+    with pytest.raises(AdapterFileError, match="truncated, corrupt"):
+        load_adapter(model, directory)
+    assert not adapter_layers(model), "a failed load must leave the model untouched"
+
+
+def test_truncated_file_with_matching_checksum_still_caught(tmp_path) -> None:  # noqa: ANN001
+    directory = saved_adapter(tmp_path)
+    weights = tmp_path / "adapter" / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:50])
+    config_path = tmp_path / "adapter" / CONFIG_NAME
+    document = json.loads(config_path.read_text())
+    from hybrid_peft.fileio import sha256_file
+
+    document["weights_sha256"] = sha256_file(weights)
+    config_path.write_text(json.dumps(document))
+    with pytest.raises(AdapterFileError, match="could not be read as safetensors"):
+        load_adapter(tiny_llama(), directory)
+
+
+def test_corrupt_or_missing_config(tmp_path) -> None:  # noqa: ANN001
+    directory = saved_adapter(tmp_path)
+    config_path = tmp_path / "adapter" / CONFIG_NAME
+    config_path.write_text("{not json")
+    with pytest.raises(AdapterFileError, match="not valid JSON"):
+        load_adapter(tiny_llama(), directory)
+    config_path.unlink()
+    with pytest.raises(AdapterFileError, match="missing"):
+        load_adapter(tiny_llama(), directory)
+    with pytest.raises(AdapterFileError, match="does not exist"):
+        load_adapter(tiny_llama(), tmp_path / "nowhere")
+
+
+def test_peft_directory_is_recognised(tmp_path) -> None:  # noqa: ANN001
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(AdapterFileError, match="PEFT adapter"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+def test_loading_onto_a_model_with_adapters(tmp_path) -> None:  # noqa: ANN001
+    directory = saved_adapter(tmp_path)
+    model = attach(tiny_llama(), LoRAConfig())
+    with pytest.raises(HybridPeftError, match="detach"):
+        load_adapter(model, directory)
+
+
+def test_save_without_adapters(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(HybridPeftError, match="no adapters"):
+        save_adapter(tiny_llama(), tmp_path)
+
+
+def test_saving_again_overwrites_atomically(tmp_path, input_ids: torch.Tensor) -> None:  # noqa: ANN001
+    model = attach(tiny_llama(), LoRAConfig(rank=4)).eval()
+    save_adapter(model, tmp_path / "adapter")
+    perturb_adapters(model, seed=9)
+    save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp files
+    fresh = load_adapter(tiny_llama().eval(), tmp_path / "adapter")
+    torch.testing.assert_close(model_output(fresh, input_ids), model_output(model, input_ids), atol=1e-6, rtol=0)

@@ -1,0 +1,45 @@
+"""A merged export is an ordinary transformers checkpoint; the model in memory keeps its adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import MODEL_FACTORIES, model_output
+from method_cases import METHOD_CASES, perturb_adapters
+
+from hybrid_peft import HybridPeftError, adapter_layers, attach, export_peft, save_merged
+
+AUTO_CLASSES = {
+    "llama": transformers.AutoModelForCausalLM,
+    "gpt2": transformers.AutoModelForCausalLM,
+    "bert": transformers.AutoModelForSequenceClassification,
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CASES))
+def test_merged_export_loads_in_plain_transformers(model_kind: str, method: str, input_ids, tmp_path) -> None:  # noqa: ANN001
+    model = attach(MODEL_FACTORIES[model_kind](), METHOD_CASES[method]).eval()
+    perturb_adapters(model)
+    expected = model_output(model, input_ids)
+    save_merged(model, tmp_path / "merged")
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "staging folders must be gone"
+
+    # The model in memory is unchanged: adapters still attached and unmerged.
+    layers = adapter_layers(model)
+    assert layers and not any(layer.merged for layer in layers.values())
+    torch.testing.assert_close(model_output(model, input_ids), expected, atol=1e-6, rtol=0)
+
+    plain = AUTO_CLASSES[model_kind].from_pretrained(tmp_path / "merged").eval()
+    assert not any("base_layer" in name or "lora" in name for name in plain.state_dict())
+    torch.testing.assert_close(model_output(plain, input_ids), expected, atol=1e-5, rtol=0)
+
+    save_merged(model, tmp_path / "merged")  # exporting again over an existing folder works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_peft_export_refuses_mixed_configs(tmp_path) -> None:  # noqa: ANN001
+    model = attach(MODEL_FACTORIES["llama"](), METHOD_CASES["lora"].replace(targets=["q_proj"]))
+    attach(model, METHOD_CASES["lora"].replace(targets=["v_proj"], rank=2))
+    with pytest.raises(HybridPeftError, match="one LoRA config"):
+        export_peft(model, tmp_path)
