@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_peft import AdapterConfig, LoRAConfig
+from hybrid_peft import AdapterConfig, BOFTConfig, LoRAConfig
 from hybrid_peft.adapters import adapter_parameters
 
 METHOD_CASES: dict[str, AdapterConfig] = {
     "lora": LoRAConfig(rank=4, alpha=8.0),
     "lora-rslora": LoRAConfig(rank=4, alpha=8.0, use_rslora=True),
+    "boft-m1": BOFTConfig(block_size=4, butterfly_factors=1),
+    "boft-m2": BOFTConfig(block_size=4, butterfly_factors=2),
+    "boft-blocknum-dropout": BOFTConfig(block_size=0, block_num=4, butterfly_factors=2, dropout=0.25),
     "lora-dropout": LoRAConfig(rank=2, alpha=4.0, dropout=0.1, targets=r".*\.(q_proj|c_attn|query|value)"),
 }
 

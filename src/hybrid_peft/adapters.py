@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hybrid_peft.config import AdapterConfig
-from hybrid_peft.errors import TargetError
+from hybrid_peft.errors import ConfigError, TargetError
 from hybrid_peft.layer import AdapterLayer, linear_weight
 from hybrid_peft.registry import get_method
 from hybrid_peft.targeting import linear_candidates, select_targets
@@ -58,16 +58,22 @@ def wrap_modules(model: nn.Module, names: list[str], config: AdapterConfig, *, f
     missing = [n for n in names if n not in candidates]
     if missing:
         raise TargetError(f"module(s) {missing[:5]} are not free linear layers of {type(model).__name__}")
+    # Build every layer before installing any, so a layer that rejects its shape leaves the model untouched.
+    layers = {}
+    for name in names:
+        try:
+            layers[name] = layer_class(candidates[name], config)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from exc
     state = attach_state(model)
     if state is None:
         state = AttachState(original_requires_grad=[(p, p.requires_grad) for p in model.parameters()])
         setattr(model, STATE_ATTRIBUTE, state)
-    for name in names:
+    for name, layer in layers.items():
         module = candidates[name]
         state.base_fingerprint[name] = fingerprint_weight(linear_weight(module))
-        parent, child = _parent_and_child(model, name)
-        layer = layer_class(module, config)
         layer.train(module.training)  # a model in eval mode stays in eval mode (dropout off)
+        parent, child = _parent_and_child(model, name)
         setattr(parent, child, layer)
     if freeze_base:
         adapter_params = {id(p) for p in adapter_parameters(model).values()}

@@ -1,5 +1,6 @@
 """Built-in methods. Importing this package registers them."""
 
+from hybrid_peft.methods.boft import BOFTConfig, BOFTLayer
 from hybrid_peft.methods.lora import LoRAConfig, LoRALayer
 
-__all__ = ["LoRAConfig", "LoRALayer"]
+__all__ = ["BOFTConfig", "BOFTLayer", "LoRAConfig", "LoRALayer"]

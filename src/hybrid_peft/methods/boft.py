@@ -1,0 +1,346 @@
+"""BOFT: Butterfly Orthogonal Fine-Tuning (Liu et al. 2023, https://arxiv.org/abs/2311.06243).
+
+The frozen weight is rotated on its input side by a product of ``m`` sparse orthogonal butterfly factors and each
+output row is rescaled::
+
+    y = s ⊙ ((x M) W0ᵀ) + b,     M = M_{m-1} ··· M_1 M_0,     M_i = P_i · blockdiag(Q_{i,1..N}) · P_iᵀ
+    Q = Cayley(K) = (I + K)⁻¹ (I − K),  K skew-symmetric b×b;   W_eff = diag(s) · W0 · Mᵀ
+
+``b`` is the block size, ``N = in/b`` the number of blocks, ``P_i`` PEFT's block-butterfly permutations (``P_0 = I``),
+``s`` a learned per-output scale. ``m = 1`` is OFT. K = 0 and s = 1 at init, so the model starts unchanged. This is
+the same function as PEFT 0.21's ``BOFTConfig`` given the same parameters (PEFT stores full b×b matrices and uses their
+skew part; we store only the b(b−1)/2 free numbers per block).
+
+The training path never builds a dense ``in×in`` matrix: each factor is an index gather plus one batched b×b
+product, consecutive gathers are folded into one, and a custom autograd function recomputes the intermediates in
+backward instead of saving them (it keeps only ``x`` and the small ``Q``). Without gradients and with more tokens
+than output features it is cheaper to rotate the weight instead (``apply_to="auto"``). The dense ``M`` is built only
+for merging and for the reference path the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_peft.config import AdapterConfig, require_choice, require_float, require_int
+from hybrid_peft.errors import ConfigError
+from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
+from hybrid_peft.registry import register_method
+
+
+@dataclass(frozen=True)
+class BOFTConfig(AdapterConfig):
+    """BOFT settings (PEFT's names in brackets).
+
+    Args:
+        block_size: b, the side of each orthogonal block [boft_block_size]; 0 to derive it from ``block_num``.
+        block_num: N, the number of blocks [boft_block_num]; 0 to derive it from ``block_size``. Give exactly one.
+        butterfly_factors: m, the number of butterfly factors [boft_n_butterfly_factor]; 1 is OFT.
+        dropout: multiplicative dropout: during training this fraction of one random factor's blocks is replaced by
+            the identity [boft_dropout].
+        apply_to: ``"input"`` rotates the activations, ``"weight"`` rotates W0, ``"auto"`` picks the cheaper: the
+            input while training, the weight when no gradient is needed and tokens outnumber output features.
+    """
+
+    method = "boft"
+
+    block_size: int = 4
+    block_num: int = 0
+    butterfly_factors: int = 1
+    dropout: float = 0.0
+    apply_to: str = "auto"
+
+    def validate(self) -> None:
+        require_int("block_size", self.block_size, minimum=0)
+        require_int("block_num", self.block_num, minimum=0)
+        if (self.block_size == 0) == (self.block_num == 0):
+            raise ConfigError(
+                f"block_size/block_num: give exactly one of them (the other 0), got block_size={self.block_size}, "
+                f"block_num={self.block_num}"
+            )
+        require_int("butterfly_factors", self.butterfly_factors, minimum=1)
+        require_float("dropout", self.dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
+        require_choice("apply_to", self.apply_to, ("auto", "input", "weight"))
+
+
+# --- the maths, as free functions ------------------------------------------------------------------------------
+
+
+def _blocks_valid(features: int, block_size: int, butterfly_factors: int) -> bool:
+    if block_size <= 0 or features % block_size:
+        return False
+    if butterfly_factors == 1:
+        return True
+    span = block_size * 2 ** (butterfly_factors - 1)
+    return block_size % 2 == 0 and (features // block_size) % 2 == 0 and features % span == 0
+
+
+def resolve_blocks(features: int, block_size: int, block_num: int, butterfly_factors: int) -> tuple[int, int]:
+    """``(b, N)`` for a layer of ``features`` inputs, with PEFT's constraints; a clear error says what would work."""
+    if block_num:
+        if features % block_num:
+            raise ConfigError(f"block_num: {block_num} does not divide the input width {features}")
+        block_size = features // block_num
+    if not _blocks_valid(features, block_size, butterfly_factors):
+        valid = [d for d in range(1, min(features, 256) + 1) if _blocks_valid(features, d, butterfly_factors)]
+        why = (
+            f"{block_size} does not divide the input width {features}"
+            if features % block_size
+            else f"with {butterfly_factors} butterfly factors, b and N={features // block_size} must be even and "
+            f"b·2^(m−1)={block_size * 2 ** (butterfly_factors - 1)} must divide {features}"
+        )
+        field = "block_num" if block_num else "block_size"
+        suggestion = f"block sizes that work: {valid[:12]}" if valid else "use fewer butterfly_factors"
+        raise ConfigError(f"{field}: {why}; {suggestion}")
+    return block_size, features // block_size
+
+
+def butterfly_permutation(features: int, blocks: int, half_block: int, butterfly_factors: int) -> torch.Tensor:
+    """PEFT's ``block_butterfly_perm``: within each of ``blocks`` chunks, reorder sub-blocks of ``half_block``
+    features as evens then odds (the butterfly). Identity when ``butterfly_factors`` is 1."""
+    if butterfly_factors == 1:
+        return torch.arange(features)
+    chunk = features // blocks
+    groups = chunk // half_block
+    order = torch.cat([torch.arange(0, groups, 2), torch.arange(1, groups, 2)])
+    within = (order[:, None] * half_block + torch.arange(half_block)).reshape(-1)  # (chunk,)
+    return (torch.arange(0, features, chunk)[:, None] + within).reshape(-1)
+
+
+def butterfly_permutations(features: int, block_size: int, butterfly_factors: int) -> list[torch.Tensor]:
+    """``perm_i`` for i = 0..m−1, where ``P_i[j, perm_i[j]] = 1`` as in PEFT."""
+    block_num = features // block_size
+    return [
+        butterfly_permutation(features, block_num // 2**i, block_size // 2, butterfly_factors)
+        for i in range(butterfly_factors)
+    ]
+
+
+def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
+    matrix = torch.zeros(len(perm), len(perm))
+    matrix[torch.arange(len(perm)), perm] = 1.0
+    return matrix
+
+
+def skew_symmetric(free: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(..., b(b−1)/2)`` free numbers -> ``(..., b, b)`` skew-symmetric matrices (upper triangle = ``free``)."""
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=free.device)
+    upper = free.new_zeros(*free.shape[:-1], block_size, block_size)
+    upper[..., rows, cols] = free
+    return upper - upper.transpose(-1, -2)
+
+
+def cayley(skew: torch.Tensor) -> torch.Tensor:
+    """``(I + K)⁻¹ (I − K)``: orthogonal for skew-symmetric ``K``; batched over leading dimensions."""
+    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype).expand_as(skew)
+    return torch.linalg.solve(eye + skew, eye - skew)
+
+
+def block_multiply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x (T, N·b)`` times ``blockdiag(blocks)`` with ``blocks (N, b, b)``, as one batched product."""
+    n, b, _ = blocks.shape
+    return torch.bmm(x.view(-1, n, b).transpose(0, 1), blocks).transpose(0, 1).reshape(x.shape)  # (N,T,b)@(N,b,b)
+
+
+def butterfly_dense(rotations: torch.Tensor, perms: list[torch.Tensor]) -> torch.Tensor:
+    """The dense ``M = M_{m−1} ··· M_0`` (``in × in``): for merging and for reference tests only."""
+    factors = [
+        permutation_matrix(perm).to(rotations) @ torch.block_diag(*rotations[i]) @ permutation_matrix(perm).to(rotations).T
+        for i, perm in enumerate(perms)
+    ]
+    dense = factors[0]
+    for factor in factors[1:]:
+        dense = factor @ dense
+    return dense
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm), device=perm.device)
+    return inverse
+
+
+def gather_plan(perms: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Index gathers for ``x ↦ x M``: ``x M_i = (x[:, perm_i⁻¹] · blockdiag(Q_i))[:, perm_i]``, factors applied
+    m−1 first. Gathers between two block products are folded into one; identities become ``None``.
+    Returns ``m + 1`` entries: before the first product, between products, after the last."""
+    order = list(reversed(range(len(perms))))
+    plan: list[torch.Tensor] = [inverse_permutation(perms[order[0]])]
+    for previous, following in zip(order, order[1:], strict=False):
+        plan.append(perms[previous][inverse_permutation(perms[following])])
+    plan.append(perms[order[-1]])
+    return [None if torch.equal(idx, torch.arange(len(idx))) else idx for idx in plan]
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return x if index is None else x.index_select(-1, index)
+
+
+def butterfly_rotate_plain(x: torch.Tensor, rotations: torch.Tensor, plan: list[torch.Tensor | None]) -> torch.Tensor:
+    """``x M`` with plain autograd (saves every intermediate); the reference for :class:`ButterflyRotate`."""
+    m = rotations.shape[0]
+    for step, i in enumerate(reversed(range(m))):
+        x = block_multiply(_gather(x, plan[step]), rotations[i])
+    return _gather(x, plan[m])
+
+
+class ButterflyRotate(torch.autograd.Function):
+    """``x M`` for ``x (T, in)``; saves only ``x`` and the rotations, recomputes intermediates in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rotations: torch.Tensor, *plan: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, rotations)
+        ctx.plan = plan
+        return butterfly_rotate_plain(x, rotations, list(plan))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        x, rotations = ctx.saved_tensors
+        plan = ctx.plan
+        m = rotations.shape[0]
+        order = list(reversed(range(m)))
+        # Recompute the input of each block product.
+        inputs = []
+        h = x
+        for step, i in enumerate(order):
+            a = _gather(h, plan[step])
+            inputs.append(a)
+            h = block_multiply(a, rotations[i])
+        grad_rotations = torch.zeros_like(rotations) if ctx.needs_input_grad[1] else None
+        n, b = rotations.shape[1], rotations.shape[2]
+        g = _gather(grad, None if plan[m] is None else inverse_permutation(plan[m]))
+        for step in reversed(range(m)):
+            i = order[step]
+            if grad_rotations is not None:
+                a = inputs[step].reshape(-1, n, b)
+                grad_rotations[i] = torch.bmm(a.permute(1, 2, 0), g.reshape(-1, n, b).transpose(0, 1))  # (N,b,T)@(N,T,b)
+            g = block_multiply(g, rotations[i].transpose(-1, -2))
+            if plan[step] is not None:
+                g = _gather(g, inverse_permutation(plan[step]))
+        return (g if ctx.needs_input_grad[0] else None, grad_rotations, *([None] * len(plan)))
+
+
+def multiplicative_dropout(rotations: torch.Tensor, p: float) -> torch.Tensor:
+    """PEFT's BOFT dropout: in one random factor, replace ``int(p·N)`` random blocks by the identity."""
+    m, n, b, _ = rotations.shape
+    count = int(p * n)
+    if count == 0:
+        return rotations
+    mask = torch.zeros(m, n, 1, 1, device=rotations.device, dtype=rotations.dtype)
+    mask[torch.randint(0, m, (1,)).item(), torch.randperm(n, device=rotations.device)[:count]] = 1.0
+    eye = torch.eye(b, device=rotations.device, dtype=rotations.dtype)
+    return (1 - mask) * rotations + mask * eye
+
+
+# --- the layer ---------------------------------------------------------------------------------------------------
+
+
+@register_method(BOFTConfig)
+class BOFTLayer(AdapterLayer):
+    """``y = s ⊙ ((x M) W0ᵀ) + b``; see the module docstring."""
+
+    config: BOFTConfig
+
+    def __init__(self, base_layer: nn.Module, config: BOFTConfig) -> None:
+        super().__init__(base_layer, config)
+        weight = self.base_weight
+        dtype = adapter_dtype_for(weight.dtype)
+        self.block_size, self.block_num = resolve_blocks(
+            self.in_features, config.block_size, config.block_num, config.butterfly_factors
+        )
+        free = self.block_size * (self.block_size - 1) // 2
+        m = config.butterfly_factors
+        self.boft_skew = nn.Parameter(torch.zeros(m, self.block_num, free, device=weight.device, dtype=dtype))
+        self.boft_scale = nn.Parameter(torch.ones(self.out_features, device=weight.device, dtype=dtype))
+        perms = butterfly_permutations(self.in_features, self.block_size, m)
+        self._perms = perms
+        for k, index in enumerate(gather_plan(perms)):  # non-persistent: derived from the shape, not saved
+            self.register_buffer(f"_gather_{k}", None if index is None else index.to(weight.device), persistent=False)
+
+    @property
+    def plan(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f"_gather_{k}") for k in range(self.config.butterfly_factors + 1)]
+
+    def rotations(self) -> torch.Tensor:
+        """The orthogonal blocks ``Q`` as ``(m, N, b, b)``, with dropout applied in training."""
+        rotations = cayley(skew_symmetric(self.boft_skew, self.block_size))
+        if self.training and self.config.dropout > 0:
+            rotations = multiplicative_dropout(rotations, self.config.dropout)
+        return rotations
+
+    def rotation_matrix(self) -> torch.Tensor:
+        """Dense ``M`` (``in × in``)."""
+        return butterfly_dense(cayley(skew_symmetric(self.boft_skew, self.block_size)), self._perms)
+
+    def merged_weight(self) -> torch.Tensor:
+        base = self.base_weight
+        rotation = self.rotation_matrix()
+        return (self.boft_scale[:, None] * (base.to(rotation.dtype) @ rotation.T)).to(base.dtype)
+
+    def unmerged_weight(self) -> torch.Tensor:
+        base = self.base_weight
+        rotation = self.rotation_matrix()
+        return ((base.to(rotation.dtype) / self.boft_scale[:, None]) @ rotation).to(base.dtype)
+
+    def _use_weight_side(self, tokens: int) -> bool:
+        if self.config.apply_to != "auto":
+            return self.config.apply_to == "weight"
+        return not torch.is_grad_enabled() and tokens > self.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        base = self.base_weight
+        rotations = self.rotations()
+        x2d = x.reshape(-1, self.in_features)
+        if self._use_weight_side(x2d.shape[0]):
+            # W0 Mᵀ: each row of W0 is rotated by Mᵀ = M⁻¹, i.e. the transposed blocks applied in reverse order.
+            rotated_weight = butterfly_rotate_plain(
+                base.to(rotations.dtype), rotations.transpose(-1, -2).flip(0), _reverse_plan(self.plan)
+            )
+            out = F.linear(x2d.to(rotations.dtype), rotated_weight)
+        else:
+            rotated = ButterflyRotate.apply(x2d.to(rotations.dtype), rotations, *self.plan)
+            out = F.linear(rotated.to(base.dtype), base).to(rotations.dtype)
+        out = out * self.boft_scale
+        bias = self.base_layer.bias
+        if bias is not None:
+            out = out + bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, block_size={self.block_size}, block_num={self.block_num}, "
+            f"butterfly_factors={self.config.butterfly_factors}"
+        )
+
+    # --- PEFT interchange ----------------------------------------------------------------------------------
+
+    def to_peft_state(self) -> dict[str, torch.Tensor]:
+        """``boft_R (m, N, b, b)`` and ``boft_s (out, 1)`` as PEFT stores them."""
+        return {
+            "boft_R": skew_symmetric(self.boft_skew.detach(), self.block_size),
+            "boft_s": self.boft_scale.detach()[:, None],
+        }
+
+    @torch.no_grad()
+    def load_peft_state(self, boft_R: torch.Tensor, boft_s: torch.Tensor) -> None:
+        """Take PEFT's tensors: only the skew part of ``boft_R`` matters (PEFT uses ``0.5 (R − Rᵀ)``)."""
+        skew = 0.5 * (boft_R - boft_R.transpose(-1, -2))
+        rows, cols = torch.triu_indices(self.block_size, self.block_size, offset=1)
+        self.boft_skew.copy_(skew[..., rows, cols])
+        self.boft_scale.copy_(boft_s.reshape(-1))
+
+
+def _reverse_plan(plan: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The gather plan of ``Mᵀ``: the same gathers in reverse order, each inverted."""
+    return [None if index is None else inverse_permutation(index) for index in reversed(plan)]
+
+
+def boft_parameter_count(in_features: int, out_features: int, block_size: int, butterfly_factors: int) -> int:
+    return butterfly_factors * (in_features // block_size) * math.comb(block_size, 2) + out_features

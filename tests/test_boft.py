@@ -1,0 +1,156 @@
+"""BOFT: the maths against PEFT 0.21's own functions, the fast path against the plain one, shape errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, model_output
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybrid_peft import BOFTConfig, ConfigError, adapter_layers, attach
+from hybrid_peft.methods.boft import (
+    ButterflyRotate,
+    butterfly_dense,
+    butterfly_permutations,
+    butterfly_rotate_plain,
+    cayley,
+    gather_plan,
+    resolve_blocks,
+    skew_symmetric,
+)
+
+peft = pytest.importorskip("peft")
+from peft.tuners.boft.layer import BOFTLayer as PeftBOFTLayer  # noqa: E402
+
+SHAPES = [(16, 4, 1), (16, 4, 2), (32, 4, 3), (24, 2, 2), (64, 8, 2), (48, 4, 2)]
+
+
+def random_rotations(m: int, n: int, b: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return cayley(skew_symmetric(torch.randn(m, n, b * (b - 1) // 2, generator=generator), b))
+
+
+def peft_reference_rotation(features: int, b: int, m: int, skew: torch.Tensor) -> torch.Tensor:
+    """The dense rotation exactly as PEFT's GPU path builds it, from PEFT's own permutation and Cayley functions
+    (PEFT's CPU path silently drops to m = 1, so it cannot be called directly for m > 1)."""
+    helper = PeftBOFTLayer.__new__(PeftBOFTLayer)
+    n = features // b
+    P = torch.stack(
+        [helper.perm2mat(helper.block_butterfly_perm(features, n // 2**i, b // 2, m - 1)) for i in range(m)]
+    )
+    Q = helper.cayley_batch(skew.reshape(m * n, b, b)).view(m, n, b, b)
+    blocks = torch.stack([torch.block_diag(*Q[i]) for i in range(m)])
+    batch = torch.bmm(P, torch.bmm(blocks, P.permute(0, 2, 1)))
+    rotation = batch[0]
+    for i in range(1, m):
+        rotation = batch[i] @ rotation
+    return rotation
+
+
+@pytest.mark.parametrize(("features", "b", "m"), SHAPES)
+def test_permutations_match_peft(features: int, b: int, m: int) -> None:
+    helper = PeftBOFTLayer.__new__(PeftBOFTLayer)
+    for i, perm in enumerate(butterfly_permutations(features, b, m)):
+        assert torch.equal(perm, helper.block_butterfly_perm(features, features // b // 2**i, b // 2, m - 1))
+
+
+@pytest.mark.parametrize(("features", "b", "m"), SHAPES)
+def test_dense_rotation_matches_peft(features: int, b: int, m: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    skew = skew_symmetric(torch.randn(m, features // b, b * (b - 1) // 2, generator=generator), b)
+    ours = butterfly_dense(cayley(skew), butterfly_permutations(features, b, m))
+    torch.testing.assert_close(ours, peft_reference_rotation(features, b, m, skew), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.T @ ours, torch.eye(features), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("features", "b", "m"), SHAPES)
+def test_fast_rotation_matches_dense_values_and_gradients(features: int, b: int, m: int) -> None:
+    rotations = random_rotations(m, features // b, b)
+    perms = butterfly_permutations(features, b, m)
+    x = torch.randn(7, features, generator=torch.Generator().manual_seed(2))
+    upstream = torch.randn(7, features, generator=torch.Generator().manual_seed(3))
+
+    x_fast, q_fast = x.clone().requires_grad_(), rotations.clone().requires_grad_()
+    fast = ButterflyRotate.apply(x_fast, q_fast, *gather_plan(perms))
+    (fast * upstream).sum().backward()
+
+    x_ref, q_ref = x.clone().requires_grad_(), rotations.clone().requires_grad_()
+    reference = x_ref @ butterfly_dense(q_ref, perms)
+    (reference * upstream).sum().backward()
+
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(q_fast.grad, q_ref.grad, atol=1e-5, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.sampled_from([2, 4, 8]), m=st.integers(1, 3), multiple=st.integers(1, 4), tokens=st.integers(1, 9))
+def test_rotation_is_orthogonal_for_any_valid_shape(b: int, m: int, multiple: int, tokens: int) -> None:
+    features = b * 2 ** (m - 1) * multiple * (2 if m > 1 else 1)
+    resolve_blocks(features, b, 0, m)
+    rotations = random_rotations(m, features // b, b, seed=b * m)
+    x = torch.randn(tokens, features, dtype=torch.float64)
+    rotated = butterfly_rotate_plain(x, rotations.double(), gather_plan(butterfly_permutations(features, b, m)))
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_layer_matches_peft_boft(m: int, input_ids: torch.Tensor) -> None:
+    """Our BOFT with PEFT's trained tensors gives PEFT's outputs. For m = 1 this is PEFT's own forward on CPU; for
+    m = 2 PEFT's layer cannot run on CPU, so we compare the merged weight with PEFT's dense construction."""
+    targets = ["q_proj", "down_proj"]
+    ours = attach(MODEL_FACTORIES["llama"](), BOFTConfig(block_size=4, butterfly_factors=m, targets=targets)).eval()
+    reference = peft.get_peft_model(
+        MODEL_FACTORIES["llama"](),
+        peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=m, target_modules=targets, init_weights=False),
+    ).eval()
+    reference_modules = dict(reference.base_model.model.named_modules())
+    for name, layer in adapter_layers(ours).items():
+        peft_layer = reference_modules[name]
+        boft_R, boft_s = peft_layer.boft_R["default"], peft_layer.boft_s["default"]
+        if m > 1:  # PEFT's CPU path made these for m = 1; give it the full m-factor tensors
+            generator = torch.Generator().manual_seed(len(name))
+            boft_R = torch.randn(m, *boft_R.shape[1:], generator=generator) * 0.1
+        layer.load_peft_state(boft_R.detach(), boft_s.detach())
+        torch.testing.assert_close(layer.to_peft_state()["boft_R"], 0.5 * (boft_R - boft_R.transpose(-1, -2)))
+        if m > 1:
+            rotation = peft_reference_rotation(layer.in_features, 4, m, 0.5 * (boft_R - boft_R.transpose(-1, -2)))
+            expected = boft_s.detach() * (layer.base_weight @ rotation.T)
+            torch.testing.assert_close(layer.merged_weight(), expected, atol=1e-6, rtol=0)
+    if m == 1:
+        torch.testing.assert_close(model_output(ours, input_ids), model_output(reference, input_ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("apply_to", ["input", "weight"])
+def test_input_and_weight_side_agree(apply_to: str, input_ids: torch.Tensor) -> None:
+    from method_cases import perturb_adapters
+
+    model = attach(MODEL_FACTORIES["llama"](), BOFTConfig(block_size=4, butterfly_factors=2, apply_to=apply_to))
+    perturb_adapters(model.eval(), seed=4)
+    reference = attach(MODEL_FACTORIES["llama"](), BOFTConfig(block_size=4, butterfly_factors=2, apply_to="input"))
+    perturb_adapters(reference.eval(), seed=4)
+    torch.testing.assert_close(model_output(model, input_ids), model_output(reference, input_ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"block_size": 5}, r"block_size: 5 does not divide the input width 32; block sizes that work: \[1, 2, 4, 8"),
+        ({"block_size": 0, "block_num": 3}, "block_num: 3 does not divide the input width 32"),
+        ({"block_size": 16, "butterfly_factors": 3}, r"b·2\^\(m−1\)=64 must divide 32"),
+    ],
+)
+def test_shape_errors_name_the_module_and_the_fix(kwargs: dict, message: str) -> None:
+    model = MODEL_FACTORIES["llama"]()
+    with pytest.raises(ConfigError, match=message) as info:
+        attach(model, BOFTConfig(targets=["q_proj"], **kwargs))
+    assert "model.layers.0.self_attn.q_proj" in str(info.value)
+    assert not adapter_layers(model), "a rejected attach must leave the model untouched"
+
+
+def test_config_needs_exactly_one_block_setting() -> None:
+    with pytest.raises(ConfigError, match="exactly one"):
+        BOFTConfig(block_size=4, block_num=8)
+    with pytest.raises(ConfigError, match="exactly one"):
+        BOFTConfig(block_size=0, block_num=0)
