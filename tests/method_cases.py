@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_peft import AdapterConfig, BOFTConfig, LoRAConfig
+from hybrid_peft import AdapterConfig, BOFTConfig, LoRAConfig, UnitaryConfig
 from hybrid_peft.adapters import adapter_parameters
 
 METHOD_CASES: dict[str, AdapterConfig] = {
@@ -13,11 +13,13 @@ METHOD_CASES: dict[str, AdapterConfig] = {
     "boft-m1": BOFTConfig(block_size=4, butterfly_factors=1),
     "boft-m2": BOFTConfig(block_size=4, butterfly_factors=2),
     "boft-blocknum-dropout": BOFTConfig(block_size=0, block_num=4, butterfly_factors=2, dropout=0.25),
+    "unitary": UnitaryConfig(),
+    "unitary-all-linear": UnitaryConfig(targets="all-linear"),
     "lora-dropout": LoRAConfig(rank=2, alpha=4.0, dropout=0.1, targets=r".*\.(q_proj|c_attn|query|value)"),
 }
 
 
-def perturb_adapters(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+def perturb_adapters(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
     """Give every adapter tensor random values, so that the adapter changes the model (at init most are identity)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -26,9 +26,9 @@ from peft.tuners.boft.layer import BOFTLayer as PeftBOFTLayer  # noqa: E402
 SHAPES = [(16, 4, 1), (16, 4, 2), (32, 4, 3), (24, 2, 2), (64, 8, 2), (48, 4, 2)]
 
 
-def random_rotations(m: int, n: int, b: int, seed: int = 0) -> torch.Tensor:
+def random_rotations(m: int, n: int, b: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return cayley(skew_symmetric(torch.randn(m, n, b * (b - 1) // 2, generator=generator), b))
+    return cayley(skew_symmetric(torch.randn(m, n, b * (b - 1) // 2, generator=generator, dtype=dtype), b))
 
 
 def peft_reference_rotation(features: int, b: int, m: int, skew: torch.Tensor) -> torch.Tensor:
@@ -89,9 +89,9 @@ def test_fast_rotation_matches_dense_values_and_gradients(features: int, b: int,
 def test_rotation_is_orthogonal_for_any_valid_shape(b: int, m: int, multiple: int, tokens: int) -> None:
     features = b * 2 ** (m - 1) * multiple * (2 if m > 1 else 1)
     resolve_blocks(features, b, 0, m)
-    rotations = random_rotations(m, features // b, b, seed=b * m)
+    rotations = random_rotations(m, features // b, b, seed=b * m, dtype=torch.float64)
     x = torch.randn(tokens, features, dtype=torch.float64)
-    rotated = butterfly_rotate_plain(x, rotations.double(), gather_plan(butterfly_permutations(features, b, m)))
+    rotated = butterfly_rotate_plain(x, rotations, gather_plan(butterfly_permutations(features, b, m)))
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
 
 

@@ -40,9 +40,8 @@ def test_merge_equals_unmerged_forward(model_kind: str, method: str, input_ids: 
     model = attached(model_kind, method).eval()
     perturb_adapters(model)
     unmerged = model_output(model, input_ids)
-    assert not torch.allclose(unmerged, model_output(MODEL_FACTORIES[model_kind](), input_ids), atol=1e-4), (
-        "perturbed adapters should change the output"
-    )
+    base = model_output(MODEL_FACTORIES[model_kind](), input_ids)
+    assert (unmerged - base).abs().max() > 1e-2 * base.abs().max(), "perturbed adapters should change the output"
     merge(model)
     assert all(layer.merged for layer in adapter_layers(model).values())
     torch.testing.assert_close(model_output(model, input_ids), unmerged, atol=1e-5, rtol=0)

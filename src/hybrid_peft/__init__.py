@@ -28,7 +28,7 @@ from hybrid_peft.errors import (  # noqa: E402
 )
 from hybrid_peft.export import export_peft, save_merged  # noqa: E402
 from hybrid_peft.layer import AdapterLayer  # noqa: E402
-from hybrid_peft.methods import BOFTConfig, BOFTLayer, LoRAConfig, LoRALayer  # noqa: E402
+from hybrid_peft.methods import BOFTConfig, BOFTLayer, LoRAConfig, LoRALayer, UnitaryConfig, UnitaryLayer  # noqa: E402
 from hybrid_peft.models import load_model, load_tokenizer  # noqa: E402
 from hybrid_peft.registry import available_methods, get_method, register_method  # noqa: E402
 from hybrid_peft.serialization import load_adapter, read_adapter_config, save_adapter  # noqa: E402
@@ -46,6 +46,8 @@ __all__ = [
     "LoRALayer",
     "ModelLoadError",
     "TargetError",
+    "UnitaryConfig",
+    "UnitaryLayer",
     "__version__",
     "adapter_layers",
     "adapter_parameters",

@@ -2,5 +2,6 @@
 
 from hybrid_peft.methods.boft import BOFTConfig, BOFTLayer
 from hybrid_peft.methods.lora import LoRAConfig, LoRALayer
+from hybrid_peft.methods.unitary import UnitaryConfig, UnitaryLayer
 
-__all__ = ["BOFTConfig", "BOFTLayer", "LoRAConfig", "LoRALayer"]
+__all__ = ["BOFTConfig", "BOFTLayer", "LoRAConfig", "LoRALayer", "UnitaryConfig", "UnitaryLayer"]

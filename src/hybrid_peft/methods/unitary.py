@@ -1,0 +1,142 @@
+"""Unitary adapter: unitary-RNN factors (Arjovsky, Shah & Bengio 2016, https://arxiv.org/abs/1511.06464) applied
+to the input of a frozen linear layer, the "unitary constraint in selected sub-layers" of the hybrid paper.
+
+Adjacent input features are paired into complex numbers, ``z_k = x_{2k} + i·x_{2k+1}`` (``n = in/2``), and rotated::
+
+    U = D3 · R2 · F⁻¹ · D2 · F · R1 · D1          y = base(ρ(U) x)
+
+    D = diag(e^{iθ})                              three learned phase vectors θ ∈ Rⁿ
+    F = unitary DFT (torch.fft, norm="ortho")
+    R(v, φ) = I − (1 − e^{iφ}) v v* / ‖v‖²        two generalised reflections, v ∈ Cⁿ, angle φ ∈ R
+                                                  (φ = π is the Householder reflection)
+
+Every factor is unitary, so the real form ρ(U) is orthogonal on R^{2n}: the adapter preserves norms exactly, costs
+O(T·in·log in) and has 7n + 2 real parameters (3n phases, 2n complex reflection entries = 4n reals, 2 angles).
+All θ, φ = 0 gives U = I, so the model starts unchanged; the reflection vectors start random (they only matter once
+φ ≠ 0). Merging builds the dense ρ(U) once: ``W_eff = W0 · ρ(U)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hybrid_peft.config import AdapterConfig
+from hybrid_peft.errors import ConfigError
+from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
+from hybrid_peft.registry import register_method
+
+ATTENTION_PROJECTIONS = r".*\.(q_proj|k_proj|v_proj|o_proj|query|key|value|c_attn|out_proj)"
+
+
+@dataclass(frozen=True)
+class UnitaryConfig(AdapterConfig):
+    """Unitary adapter settings. By default it targets the attention projections of common architectures
+    (``q_proj/k_proj/v_proj/o_proj``, BERT's ``query/key/value``, GPT-2's ``c_attn``); any pattern works."""
+
+    method = "unitary"
+
+    targets: str | tuple[str, ...] = ATTENTION_PROJECTIONS
+
+
+# --- the maths, as free functions ------------------------------------------------------------------------------
+
+
+def to_complex(x: torch.Tensor) -> torch.Tensor:
+    """``(..., 2n)`` real -> ``(..., n)`` complex, pairing features ``(2k, 2k+1)``."""
+    return torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+
+
+def to_real(z: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(z).reshape(*z.shape[:-1], -1)
+
+
+def diagonal(z: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+    return z * torch.polar(torch.ones_like(phases), phases)
+
+
+def reflection(z: torch.Tensor, vector: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """``R(v, φ) z = z − (1 − e^{iφ}) v (v* z) / ‖v‖²`` for ``z (..., n)``, ``v (n,)`` complex."""
+    coefficient = (1 - torch.polar(torch.ones_like(angle), angle)) / vector.abs().pow(2).sum()
+    projection = (z * vector.conj()).sum(-1, keepdim=True)  # v* z, (..., 1)
+    return z - coefficient * projection * vector
+
+
+def unitary_apply(
+    z: torch.Tensor,
+    phases: torch.Tensor,
+    reflection_vectors: torch.Tensor,
+    reflection_angles: torch.Tensor,
+) -> torch.Tensor:
+    """``U z`` with ``U = D3 R2 F⁻¹ D2 F R1 D1``; ``phases (3, n)``, ``reflection_vectors (2, n)`` complex,
+    ``reflection_angles (2,)``."""
+    z = diagonal(z, phases[0])
+    z = reflection(z, reflection_vectors[0], reflection_angles[0])
+    z = torch.fft.fft(z, norm="ortho")
+    z = diagonal(z, phases[1])
+    z = torch.fft.ifft(z, norm="ortho")
+    z = reflection(z, reflection_vectors[1], reflection_angles[1])
+    return diagonal(z, phases[2])
+
+
+# --- the layer ---------------------------------------------------------------------------------------------------
+
+
+@register_method(UnitaryConfig)
+class UnitaryLayer(AdapterLayer):
+    """``y = base(ρ(U) x)``; see the module docstring."""
+
+    config: UnitaryConfig
+
+    def __init__(self, base_layer: nn.Module, config: UnitaryConfig) -> None:
+        super().__init__(base_layer, config)
+        if self.in_features % 2:
+            raise ConfigError(
+                f"unitary: input width {self.in_features} is odd; the adapter pairs features into complex numbers. "
+                "Exclude this module (exclude=[...]) or target layers with an even input width"
+            )
+        weight = self.base_weight
+        dtype = adapter_dtype_for(weight.dtype)
+        n = self.in_features // 2
+        self.unitary_phases = nn.Parameter(torch.zeros(3, n, device=weight.device, dtype=dtype))
+        vectors = torch.randn(2, n, 2, device=weight.device, dtype=dtype) / (2 * n) ** 0.5
+        self.unitary_reflections = nn.Parameter(vectors)  # (2, n, 2): real and imaginary parts
+        self.unitary_angles = nn.Parameter(torch.zeros(2, device=weight.device, dtype=dtype))
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``ρ(U) x`` for real ``x (..., in)``, computed in the adapter's dtype (fp32 at least)."""
+        z = to_complex(x.to(self.unitary_phases.dtype))
+        vectors = torch.view_as_complex(self.unitary_reflections)
+        return to_real(unitary_apply(z, self.unitary_phases, vectors, self.unitary_angles))
+
+    def rotation_matrix(self) -> torch.Tensor:
+        """Dense ``ρ(U)`` (``in × in``): row j of ``rotate(I)`` is ``(ρ(U) e_j)ᵀ``, so ``ρ(U) = rotate(I)ᵀ``."""
+        eye = torch.eye(self.in_features, device=self.unitary_phases.device, dtype=self.unitary_phases.dtype)
+        return self.rotate(eye).T
+
+    def merged_weight(self) -> torch.Tensor:
+        base = self.base_weight
+        rotation = self.rotation_matrix()
+        return (base.to(rotation.dtype) @ rotation).to(base.dtype)
+
+    def unmerged_weight(self) -> torch.Tensor:
+        base = self.base_weight
+        rotation = self.rotation_matrix()
+        return (base.to(rotation.dtype) @ rotation.T).to(base.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return self.base_layer(self.rotate(x).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, complex_width={self.in_features // 2}"
+
+
+def unitary_parameter_count(in_features: int) -> int:
+    return 7 * (in_features // 2) + 2
+
+
+__all__ = ["UnitaryConfig", "UnitaryLayer", "unitary_apply", "unitary_parameter_count"]

@@ -1,0 +1,82 @@
+"""Unitary (uRNN) adapter: exact orthogonality, norm preservation, parameter count, default targets, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from hybrid_peft import ConfigError, UnitaryConfig, adapter_layers, attach
+from hybrid_peft.methods.unitary import UnitaryLayer, reflection, unitary_parameter_count
+
+
+def unitary_layer(features: int, seed: int = 0) -> UnitaryLayer:
+    torch.manual_seed(seed)
+    return UnitaryLayer(nn.Linear(features, 8), UnitaryConfig())
+
+
+def test_orthogonal_after_200_optimiser_steps() -> None:
+    layer = unitary_layer(64)
+    optimizer = torch.optim.Adam([p for _, p in layer.adapter_named_parameters()], lr=0.05)
+    target = torch.randn(16, 8)
+    x = torch.randn(16, 64)
+    for _ in range(200):
+        loss = (layer(x) - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert layer.unitary_phases.abs().max() > 0.1, "the optimiser should have moved the phases"
+    assert layer.unitary_angles.abs().max() > 0.01
+    rotation = layer.rotation_matrix()
+    torch.testing.assert_close(rotation.T @ rotation, torch.eye(64), atol=1e-5, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(half=st.integers(1, 40), tokens=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_norm_preserved_for_any_width(half: int, tokens: int, seed: int) -> None:
+    layer = unitary_layer(2 * half, seed=seed).double()
+    with torch.no_grad():
+        for p in (layer.unitary_phases, layer.unitary_angles):
+            p.uniform_(-3.14, 3.14)
+    x = torch.randn(tokens, 2 * half, dtype=torch.float64)
+    torch.testing.assert_close(layer.rotate(x).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_identity_at_init_and_rotation_matches_dense() -> None:
+    layer = unitary_layer(16)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(layer.rotate(x), x, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        layer.unitary_phases.normal_()
+        layer.unitary_angles.normal_()
+    torch.testing.assert_close(layer.rotate(x), x @ layer.rotation_matrix().T, atol=1e-5, rtol=0)
+
+
+def test_reflection_with_pi_is_householder() -> None:
+    v = torch.randn(6, dtype=torch.complex128)
+    z = torch.randn(3, 6, dtype=torch.complex128)
+    householder = torch.eye(6, dtype=torch.complex128) - 2 * torch.outer(v, v.conj()) / v.abs().pow(2).sum()
+    torch.testing.assert_close(reflection(z, v, torch.tensor(torch.pi, dtype=torch.float64)), z @ householder.T)
+
+
+@pytest.mark.parametrize("features", [2, 64, 576])
+def test_parameter_count(features: int) -> None:
+    layer = unitary_layer(features)
+    count = sum(p.numel() for _, p in layer.adapter_named_parameters())
+    assert count == unitary_parameter_count(features) == 7 * (features // 2) + 2
+
+
+def test_default_targets_are_attention_projections() -> None:
+    model = attach(MODEL_FACTORIES["llama"](), UnitaryConfig())
+    suffixes = {name.rsplit(".", 1)[-1] for name in adapter_layers(model)}
+    assert suffixes == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    bert = attach(MODEL_FACTORIES["bert"](), UnitaryConfig())
+    assert {name.rsplit(".", 1)[-1] for name in adapter_layers(bert)} == {"query", "key", "value"}
+
+
+def test_odd_width_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="input width 7 is odd.*exclude"):
+        UnitaryLayer(nn.Linear(7, 4), UnitaryConfig())
