@@ -1,22 +1,63 @@
-"""The conformance table: one row per method (and per notable option). A new method adds rows here."""
+"""The conformance table: one row per method (and per notable option). A new method adds rows here.
+
+A row whose method needs a data-dependent start (LoRA-GA) also names a ``prepare`` step, run right after attach.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from hybrid_peft import AdapterConfig, BOFTConfig, LoRAConfig, UnitaryConfig
+import torch
+from conftest import VOCAB
+
+from hybrid_peft import AdapterConfig, BOFTConfig, LoRAConfig, LoRAGAConfig, UnitaryConfig, lora_ga_initialise
 from hybrid_peft.adapters import adapter_parameters
 
 METHOD_CASES: dict[str, AdapterConfig] = {
     "lora": LoRAConfig(rank=4, alpha=8.0),
     "lora-rslora": LoRAConfig(rank=4, alpha=8.0, use_rslora=True),
+    "lora-dropout": LoRAConfig(rank=2, alpha=4.0, dropout=0.1, targets=r".*\.(q_proj|c_attn|query|value)"),
+    "lora-ga-exact": LoRAGAConfig(rank=2, alpha=4.0),
+    "lora-ga-sketch-peft-scale": LoRAGAConfig(rank=2, alpha=4.0, estimator="sketch", scale="peft"),
     "boft-m1": BOFTConfig(block_size=4, butterfly_factors=1),
     "boft-m2": BOFTConfig(block_size=4, butterfly_factors=2),
     "boft-blocknum-dropout": BOFTConfig(block_size=0, block_num=4, butterfly_factors=2, dropout=0.25),
     "unitary": UnitaryConfig(),
     "unitary-all-linear": UnitaryConfig(targets="all-linear"),
-    "lora-dropout": LoRAConfig(rank=2, alpha=4.0, dropout=0.1, targets=r".*\.(q_proj|c_attn|query|value)"),
 }
+
+# Methods that change the base weight in place (and undo it on detach up to rounding, not bitwise).
+OFFSETS_BASE = {"lora-ga-exact", "lora-ga-sketch-peft-scale"}
+
+
+def random_batches(count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, VOCAB, (2, 10), generator=generator)
+        batches.append({"input_ids": ids, "labels": ids})
+    return batches
+
+
+def _classification_or_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"]).logits
+    return logits.float().pow(2).mean()  # works for LM and classification heads alike
+
+
+def prepare_lora_ga(model: torch.nn.Module) -> None:
+    lora_ga_initialise(model, random_batches(), loss_fn=_classification_or_lm_loss)
+
+
+PREPARE: dict[str, Callable[[torch.nn.Module], None]] = {
+    "lora-ga-exact": prepare_lora_ga,
+    "lora-ga-sketch-peft-scale": prepare_lora_ga,
+}
+
+
+def prepare(method: str, model: torch.nn.Module) -> torch.nn.Module:
+    if method in PREPARE:
+        PREPARE[method](model)
+    return model
 
 
 def perturb_adapters(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:

@@ -28,7 +28,18 @@ from hybrid_peft.errors import (  # noqa: E402
 )
 from hybrid_peft.export import export_peft, save_merged  # noqa: E402
 from hybrid_peft.layer import AdapterLayer  # noqa: E402
-from hybrid_peft.methods import BOFTConfig, BOFTLayer, LoRAConfig, LoRALayer, UnitaryConfig, UnitaryLayer  # noqa: E402
+from hybrid_peft.gradient_estimation import estimate_gradients  # noqa: E402
+from hybrid_peft.methods import (  # noqa: E402
+    BOFTConfig,
+    BOFTLayer,
+    LoRAConfig,
+    LoRAGAConfig,
+    LoRAGALayer,
+    LoRALayer,
+    UnitaryConfig,
+    UnitaryLayer,
+)
+from hybrid_peft.methods.lora_ga import initialise_lora_ga, lora_ga_factors_for, lora_ga_initialise  # noqa: E402
 from hybrid_peft.models import load_model, load_tokenizer  # noqa: E402
 from hybrid_peft.registry import available_methods, get_method, register_method  # noqa: E402
 from hybrid_peft.serialization import load_adapter, read_adapter_config, save_adapter  # noqa: E402
@@ -43,6 +54,8 @@ __all__ = [
     "ConfigError",
     "HybridPeftError",
     "LoRAConfig",
+    "LoRAGAConfig",
+    "LoRAGALayer",
     "LoRALayer",
     "ModelLoadError",
     "TargetError",
@@ -54,11 +67,15 @@ __all__ = [
     "attach",
     "available_methods",
     "detach",
+    "estimate_gradients",
     "export_peft",
     "get_method",
+    "initialise_lora_ga",
     "load_adapter",
     "load_model",
     "load_tokenizer",
+    "lora_ga_factors_for",
+    "lora_ga_initialise",
     "merge",
     "parameter_counts",
     "read_adapter_config",

@@ -123,10 +123,11 @@ def detach(model: nn.Module, *, merge: bool = False) -> nn.Module:
     for name, layer in adapter_layers(model).items():
         if merge:
             layer.merge()
+            base = layer.base_layer
         else:
-            layer.unmerge()
+            base = layer.release()
         parent, child = _parent_and_child(model, name)
-        setattr(parent, child, layer.base_layer)
+        setattr(parent, child, base)
     state = attach_state(model)
     if state is not None:
         for p, requires_grad in state.original_requires_grad:

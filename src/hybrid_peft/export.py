@@ -91,23 +91,27 @@ def peft_lora_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     layers = adapter_layers(model)
     if not layers:
         raise HybridPeftError("the model has no adapters attached; nothing to export")
-    not_lora = sorted({type(layer).__name__ for layer in layers.values() if type(layer) is not LoRALayer})
+    not_lora = sorted({type(layer).__name__ for layer in layers.values() if not isinstance(layer, LoRALayer)})
     if not_lora:
-        raise HybridPeftError(f"PEFT export supports LoRA adapters only; this model also has {not_lora}")
+        raise HybridPeftError(f"PEFT export supports LoRA and LoRA-GA adapters only; this model also has {not_lora}")
     configs = {layer.config for layer in layers.values()}
     if len(configs) != 1:
         raise HybridPeftError("PEFT export needs one LoRA config for all layers; this model mixes several")
     config = configs.pop()
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+        lora_A, lora_B = layer.peft_factors()  # LoRA-GA: rank 2r, valid on the unmodified base
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
+    rank = lora_A.shape[0]
+    # PEFT scales by alpha/r (alpha/sqrt(r) with rsLoRA) of the exported rank; keep our scaling s exactly.
+    alpha = config.scaling * (rank**0.5 if config.use_rslora else rank)
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": model_name(model),
-        "r": config.rank,
-        "lora_alpha": config.alpha,
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
         "target_modules": sorted(layers),

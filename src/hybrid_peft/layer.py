@@ -61,6 +61,8 @@ class AdapterLayer(nn.Module):
     """
 
     config_class: ClassVar[type[AdapterConfig]]
+    # True for adapters whose start depends on data (LoRA-GA): gradient estimation targets them by default.
+    needs_gradient_init: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
@@ -127,6 +129,11 @@ class AdapterLayer(nn.Module):
             return
         self._write_base_weight(self.unmerged_weight())
         self.merged = False
+
+    def release(self) -> nn.Module:
+        """Undo every change this adapter made to its base layer and return it (used by ``detach``)."""
+        self.unmerge()
+        return self.base_layer
 
     def unmerged_weight(self) -> torch.Tensor:
         """The original base weight, recovered from the merged one. Subclasses with additive updates subtract."""

@@ -2,6 +2,7 @@
 
 from hybrid_peft.methods.boft import BOFTConfig, BOFTLayer
 from hybrid_peft.methods.lora import LoRAConfig, LoRALayer
+from hybrid_peft.methods.lora_ga import LoRAGAConfig, LoRAGALayer
 from hybrid_peft.methods.unitary import UnitaryConfig, UnitaryLayer
 
-__all__ = ["BOFTConfig", "BOFTLayer", "LoRAConfig", "LoRALayer", "UnitaryConfig", "UnitaryLayer"]
+__all__ = ["BOFTConfig", "BOFTLayer", "LoRAConfig", "LoRAGAConfig", "LoRAGALayer", "LoRALayer", "UnitaryConfig", "UnitaryLayer"]

@@ -204,13 +204,10 @@ class ButterflyRotate(torch.autograd.Function):
         plan = ctx.plan
         m = rotations.shape[0]
         order = list(reversed(range(m)))
-        # Recompute the input of each block product.
-        inputs = []
-        h = x
-        for step, i in enumerate(order):
-            a = _gather(h, plan[step])
-            inputs.append(a)
-            h = block_multiply(a, rotations[i])
+        # Recompute the input of each block product (the last product's output is not needed).
+        inputs = [_gather(x, plan[0])]
+        for step, i in enumerate(order[:-1]):
+            inputs.append(_gather(block_multiply(inputs[-1], rotations[i]), plan[step + 1]))
         grad_rotations = torch.zeros_like(rotations) if ctx.needs_input_grad[1] else None
         n, b = rotations.shape[1], rotations.shape[2]
         g = _gather(grad, None if plan[m] is None else inverse_permutation(plan[m]))
@@ -307,10 +304,8 @@ class BOFTLayer(AdapterLayer):
         else:
             rotated = ButterflyRotate.apply(x2d.to(rotations.dtype), rotations, *self.plan)
             out = F.linear(rotated.to(base.dtype), base).to(rotations.dtype)
-        out = out * self.boft_scale
         bias = self.base_layer.bias
-        if bias is not None:
-            out = out + bias
+        out = out * self.boft_scale if bias is None else torch.addcmul(bias.to(out.dtype), out, self.boft_scale)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

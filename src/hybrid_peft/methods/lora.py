@@ -93,5 +93,9 @@ class LoRALayer(AdditiveAdapterLayer):
         adapter_input = self.dropout(x).to(self.lora_A.dtype)
         return result + lora_forward_delta(adapter_input, self.lora_A, self.lora_B, self.scaling).to(result.dtype)
 
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` such that PEFT's LoRA on the unmodified base weight computes this adapter."""
+        return self.lora_A, self.lora_B
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.config.rank}, scaling={self.scaling:g}"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hybrid_peft.config import AdapterConfig
 from hybrid_peft.errors import ConfigError
@@ -129,7 +130,12 @@ class UnitaryLayer(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        return self.base_layer(self.rotate(x).to(x.dtype))
+        if torch.is_grad_enabled() and (x.requires_grad or self.unitary_phases.requires_grad):
+            # The complex chain would keep ~8 activations of the input's size; recompute them in backward instead.
+            rotated = checkpoint(self.rotate, x, use_reentrant=False)
+        else:
+            rotated = self.rotate(x)
+        return self.base_layer(rotated.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, complex_width={self.in_features // 2}"

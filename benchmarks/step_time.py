@@ -1,0 +1,190 @@
+"""Training-step time and peak memory of each method on the default model, each method in its own process.
+
+    python benchmarks/step_time.py                       # SmolLM2-135M, 4x128, all linear layers, 2 threads
+    python benchmarks/step_time.py --methods peft-lora,boft-m1 --steps 8
+    python benchmarks/step_time.py --device cuda --dtype bfloat16
+
+Prints one markdown table: trainable parameters, median step time (forward + backward + AdamW step), its ratio to
+PEFT LoRA r=8 measured in the same run, and peak memory (process peak RSS on CPU, peak allocated on CUDA) with its
+ratio. Use ratios, not absolute seconds: machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _ours(config_factory: Callable[[], object]) -> Callable:
+    def build(model):  # noqa: ANN001, ANN202
+        from hybrid_peft import attach
+
+        return attach(model, config_factory())
+
+    return build
+
+
+def _peft(config_factory: Callable[[], object]) -> Callable:
+    def build(model):  # noqa: ANN001, ANN202
+        import peft
+
+        return peft.get_peft_model(model, config_factory())
+
+    return build
+
+
+def method_builders() -> dict[str, Callable]:
+    from hybrid_peft import BOFTConfig, LoRAConfig, UnitaryConfig
+
+    def peft_lora():  # noqa: ANN202
+        import peft
+
+        return peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+
+    def peft_boft():  # noqa: ANN202
+        import peft
+
+        return peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules="all-linear")
+
+    return {
+        "full": lambda model: model,
+        "peft-lora": _peft(peft_lora),
+        "lora": _ours(lambda: LoRAConfig(rank=8, alpha=16)),
+        "boft-m1": _ours(lambda: BOFTConfig(block_size=4, butterfly_factors=1)),
+        "boft-m2": _ours(lambda: BOFTConfig(block_size=4, butterfly_factors=2)),
+        "unitary": _ours(lambda: UnitaryConfig(targets="all-linear")),
+        "peft-boft": _peft(peft_boft),
+    }
+
+
+DEFAULT_METHODS = "peft-lora,lora,boft-m1,boft-m2,unitary,peft-boft"
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from hybrid_peft import load_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    model = load_model(args.model, dtype=dtype, device=args.device)
+    model = method_builders()[args.worker](model)
+    model.train()
+    if args.worker == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    batches = [
+        torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
+        for _ in range(args.warmup + args.steps)
+    ]
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i, ids in enumerate(batches):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        tick = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - tick)
+    result = {
+        "method": args.worker,
+        "trainable": sum(p.numel() for p in params),
+        "median_step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "max_step_s": max(times),
+        "peak_mb": peak_memory_mb(args.device),
+        "loss": float(loss),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per method (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--baseline", default="peft-lora", help="method the ratios are relative to")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(method_builders()))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {sorted(method_builders())}")
+    results = []
+    for method in methods:
+        command = [sys.executable, __file__, "--worker", method] + [
+            f"--{key.replace('_', '-')}={value}"
+            for key, value in vars(args).items()
+            if key in ("model", "batch_size", "seq_len", "steps", "warmup", "threads", "device", "dtype")
+        ]
+        print(f"running {method} ...", file=sys.stderr, flush=True)
+        completed = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if completed.returncode != 0 or not lines:
+            print(f"{method} failed:\n{completed.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
+
+    baseline = next((r for r in results if r["method"] == args.baseline), None)
+    memory = "peak allocated MB" if args.device.startswith("cuda") else "peak RSS MB"
+    print(
+        f"\n{args.model}, batch {args.batch_size}x{args.seq_len}, all linear layers, {args.device} {args.dtype}, "
+        f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up\n"
+    )
+    print(f"| method | trainable params | step s (median) | min–max s | × {args.baseline} | {memory} | × {args.baseline} |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        time_ratio = f"{r['median_step_s'] / baseline['median_step_s']:.2f}" if baseline else "n/a"
+        memory_ratio = f"{r['peak_mb'] / baseline['peak_mb']:.2f}" if baseline else "n/a"
+        print(
+            f"| {r['method']} | {r['trainable']:,} | {r['median_step_s']:.2f} | {r['min_step_s']:.2f}–{r['max_step_s']:.2f}"
+            f" | {time_ratio} | {r['peak_mb']:.0f} | {memory_ratio} |"
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results}, handle,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""LoRA-GA: LoRA with a gradient-aligned initialisation (Wang et al. 2024, https://arxiv.org/abs/2407.05000).
+
+Training is plain LoRA; only the start differs. From the mean gradient ``G ≈ U S Vᵀ`` (top 2r) of each frozen
+weight over a few batches::
+
+    direction "ArB2r":  A0 = V[:, :r]ᵀ,  B0 = U[:, r:2r]
+    scale "stable":     A0 ← ζ A0,  B0 ← ζ B0,   ζ = out^{1/4} / √γ            (the paper's code)
+    scale "peft":       B0 ← ζ · B0 · diag(S[r:2r]), A0 unchanged               (PEFT 0.21's variant)
+    base offset:        W0' = W0 − s · B0 A0,  so the model's output is unchanged at step 0
+
+The explicit steps, which a training recipe and a plain script call alike::
+
+    attach(model, LoRAGAConfig(rank=8))
+    estimates = estimate_gradients(model, batches, estimator="sketch")    # hybrid_peft.gradient_estimation
+    initialise_lora_ga(model, lora_ga_factors_for(model, estimates))      # or: lora_ga_initialise(model, batches)
+
+The adapter stores ``A0`` and ``B0`` beside ``A`` and ``B``, so a saved LoRA-GA adapter loads onto the *unmodified*
+base (loading re-applies the offset) and exports to PEFT as the rank-2r LoRA ``[A; A0]``, ``[B, −B0]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybrid_peft.config import require_choice, require_float, require_int
+from hybrid_peft.errors import HybridPeftError
+from hybrid_peft.gradient_estimation import (
+    ESTIMATORS,
+    GradientEstimate,
+    estimate_gradients,
+    load_estimates,
+    save_estimates,
+)
+from hybrid_peft.methods.lora import LoRAConfig, LoRALayer, lora_scaling
+from hybrid_peft.registry import register_method
+
+DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
+SCALES = ("stable", "peft", "unit")
+
+
+@dataclass(frozen=True)
+class LoRAGAConfig(LoRAConfig):
+    """LoRA settings plus the initialisation's.
+
+    Args:
+        direction: which singular vectors go to A and B (``ArB2r``: A the top r right vectors, B the next r left).
+        scale: ``stable`` (the paper's: both factors times ζ), ``peft`` (PEFT 0.21: B times ζ·S), ``unit``.
+        gamma: γ of the stable scale ζ = out^{1/4}/√γ.
+        estimator: ``exact`` (full gradient per layer) or ``sketch`` (streaming randomized sketch).
+        oversampling: the sketch keeps k = oversampling · 2r columns (8 gives ratios of 1.02–1.08 to the optimal
+            rank-2r error on SmolLM2 gradients; 2 is not enough).
+        svd: ``exact`` or ``lowrank`` (PEFT's randomized ``torch.svd_lowrank``) for the exact estimator's SVD.
+        seed: seeds the sketch's test matrices.
+    """
+
+    method = "lora-ga"
+
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    gamma: float = 16.0
+    estimator: str = "exact"
+    oversampling: int = 8
+    svd: str = "exact"
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        require_choice("direction", self.direction, DIRECTIONS)
+        require_choice("scale", self.scale, SCALES)
+        require_float("gamma", self.gamma, minimum=0.0, min_inclusive=False)
+        require_choice("estimator", self.estimator, ESTIMATORS)
+        require_int("oversampling", self.oversampling, minimum=1)
+        require_choice("svd", self.svd, ("exact", "lowrank"))
+        require_int("seed", self.seed, minimum=0)
+
+
+def lora_ga_factors(
+    u: torch.Tensor,
+    s: torch.Tensor,
+    vh: torch.Tensor,
+    rank: int,
+    *,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    gamma: float = 16.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A0 (r, in), B0 (out, r))`` from the top-2r singular triplets ``u (out, 2r)``, ``s (2r,)``, ``vh (2r, in)``."""
+    if u.shape[1] < 2 * rank:
+        raise HybridPeftError(
+            f"rank {rank} needs 2r = {2 * rank} singular vectors but the gradient has only {u.shape[1]} "
+            f"(layer {u.shape[0]}×{vh.shape[1]}); use a smaller rank"
+        )
+    if direction == "ArB2r":
+        a_index, b_index = torch.arange(rank), torch.arange(rank, 2 * rank)
+    elif direction == "A2rBr":
+        a_index, b_index = torch.arange(rank, 2 * rank), torch.arange(rank)
+    elif direction == "ArBr":
+        a_index, b_index = torch.arange(1, 2 * rank, 2), torch.arange(0, 2 * rank, 2)
+    else:
+        raise HybridPeftError(f"unknown direction {direction!r}; choose one of {list(DIRECTIONS)}")
+    a0, b0 = vh[a_index].clone(), u[:, b_index].clone()
+    zeta = u.shape[0] ** 0.25 / gamma**0.5
+    if scale == "stable":
+        a0, b0 = zeta * a0, zeta * b0
+    elif scale == "peft":
+        b0 = zeta * (b0 * s[b_index])
+    elif scale != "unit":
+        raise HybridPeftError(f"unknown scale {scale!r}; choose one of {list(SCALES)}")
+    return a0.contiguous(), b0.contiguous()
+
+
+@register_method(LoRAGAConfig)
+class LoRAGALayer(LoRALayer):
+    """LoRA whose ``A``, ``B`` start at ``A0``, ``B0`` with the base weight offset by ``−s·B0A0``."""
+
+    config: LoRAGAConfig
+    needs_gradient_init = True
+
+    def __init__(self, base_layer: nn.Module, config: LoRAGAConfig) -> None:
+        super().__init__(base_layer, config)
+        self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
+        self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))
+        self.offset_applied = False
+
+    @property
+    def initialised(self) -> bool:
+        return bool(self.lora_B0.any() or self.lora_A0.any())
+
+    def _offset(self) -> torch.Tensor:
+        return lora_scaling(self.config.rank, self.config.alpha, self.config.use_rslora) * (
+            self.lora_B0.float() @ self.lora_A0.float()
+        )
+
+    @torch.no_grad()
+    def _shift_base(self, sign: float) -> None:
+        base = self.base_weight
+        self._write_base_weight((base.float() + sign * self._offset()).to(base.dtype))
+
+    @torch.no_grad()
+    def initialise(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Start training from ``A = A0``, ``B = B0`` and offset the base so the output is unchanged."""
+        if self.merged:
+            raise HybridPeftError("unmerge the adapter before initialising it")
+        if self.offset_applied:
+            self._shift_base(+1.0)
+        self.lora_A0.copy_(a0)
+        self.lora_B0.copy_(b0)
+        self.lora_A.copy_(a0)
+        self.lora_B.copy_(b0)
+        self._shift_base(-1.0)
+        self.offset_applied = True
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        # Loaded onto an unmodified base: re-apply the offset recorded by A0, B0.
+        if self.offset_applied:
+            self._shift_base(+1.0)
+            self.offset_applied = False
+        super().load_adapter_state(state)
+        if self.initialised:
+            self._shift_base(-1.0)
+            self.offset_applied = True
+
+    def release(self) -> nn.Module:
+        base = super().release()
+        if self.offset_applied:
+            self._shift_base(+1.0)
+            self.offset_applied = False
+        return base
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-2r factors on the unmodified base: ``W0 + s[B, −B0][A; A0] = W0' + s·B·A``."""
+        return torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1)
+
+
+def lora_ga_factors_for(
+    model: nn.Module, estimates: dict[str, GradientEstimate]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (A0, B0)}`` for every LoRA-GA layer of ``model``, from its gradient estimate and its config."""
+    from hybrid_peft.adapters import adapter_layers
+
+    layers = {n: layer for n, layer in adapter_layers(model).items() if isinstance(layer, LoRAGALayer)}
+    missing = sorted(set(layers) - set(estimates))
+    if missing:
+        raise HybridPeftError(f"no gradient estimate for LoRA-GA layer(s) {missing[:3]}; estimate them first")
+    factors = {}
+    for name, layer in layers.items():
+        c = layer.config
+        u, s, vh = estimates[name].top_singular(2 * c.rank, c.svd)
+        factors[name] = lora_ga_factors(u, s, vh, c.rank, direction=c.direction, scale=c.scale, gamma=c.gamma)
+    return factors
+
+
+def initialise_lora_ga(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Apply ``{name: (A0, B0)}`` (see :func:`lora_ga_factors_for`) to the model's LoRA-GA layers."""
+    from hybrid_peft.adapters import adapter_layers
+
+    layers = adapter_layers(model)
+    for name, (a0, b0) in factors.items():
+        layer = layers.get(name)
+        if not isinstance(layer, LoRAGALayer):
+            raise HybridPeftError(f"{name} is not a LoRA-GA layer of this model")
+        layer.initialise(a0, b0)
+
+
+def lora_ga_initialise(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    cache_file: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Estimate, factor and apply in one call, using the attached LoRA-GA layers' configs. With ``cache_file`` the
+    gradient estimates are read from it if it exists, else computed and written there. Returns the factors."""
+    from hybrid_peft.adapters import adapter_layers
+
+    configs = {layer.config for layer in adapter_layers(model).values() if isinstance(layer, LoRAGALayer)}
+    if not configs:
+        raise HybridPeftError("the model has no LoRA-GA layers; attach(model, LoRAGAConfig(...)) first")
+    if len(configs) > 1:
+        raise HybridPeftError("lora_ga_initialise handles one LoRA-GA config; call estimate_gradients per config")
+    config = configs.pop()
+    if cache_file is not None and os.path.exists(cache_file):
+        estimates = load_estimates(cache_file, device=next(model.parameters()).device)
+    else:
+        estimates = estimate_gradients(
+            model, batches, loss_fn=loss_fn, estimator=config.estimator, rank=config.rank,
+            oversampling=config.oversampling, seed=config.seed, progress=progress,
+        )
+        if cache_file is not None:
+            save_estimates(estimates, cache_file)
+    factors = lora_ga_factors_for(model, estimates)
+    initialise_lora_ga(model, factors)
+    return factors
