@@ -200,7 +200,7 @@ def estimate_gradients(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     estimator: str = "exact",
     rank: int = 8,
-    oversampling: int = 8,
+    oversampling: int = 16,
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, GradientEstimate]:
@@ -316,10 +316,12 @@ def save_estimates(estimates: dict[str, GradientEstimate], path: str | os.PathLi
     kinds = {}
     for name, estimate in estimates.items():
         kinds[name] = "exact" if isinstance(estimate, ExactGradient) else "sketch"
-        state = estimate.state() | ({"omega": estimate.omega, "psi": estimate.psi} if kinds[name] == "sketch" else {})
-        for key, tensor in state.items():
+        for key, tensor in estimate.state().items():
             tensors[f"{name}::{key}"] = tensor.detach().cpu().contiguous()
         tensors[f"{name}::count"] = torch.tensor([estimate.count])
+        if isinstance(estimate, SketchGradient):  # test matrices are shared by width: store each once
+            tensors[f"omega::{estimate.omega.shape[0]}"] = estimate.omega.detach().cpu().contiguous()
+            tensors[f"psi::{estimate.psi.shape[1]}"] = estimate.psi.detach().cpu().contiguous()
     metadata = {"kinds": ",".join(f"{n}={k}" for n, k in kinds.items())}
     atomic_write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -336,8 +338,8 @@ def load_estimates(path: str | os.PathLike, device: str | torch.device = "cpu") 
         if kind == "exact":
             estimates[name] = ExactGradient(tensors[f"{name}::total"], count)
         else:
+            y, z = tensors[f"{name}::y"], tensors[f"{name}::z"]
             estimates[name] = SketchGradient(
-                omega=tensors[f"{name}::omega"], psi=tensors[f"{name}::psi"], y=tensors[f"{name}::y"],
-                z=tensors[f"{name}::z"], count=count,
+                omega=tensors[f"omega::{z.shape[1]}"], psi=tensors[f"psi::{y.shape[0]}"], y=y, z=z, count=count
             )
     return estimates
