@@ -44,7 +44,7 @@ def _peft(config_factory: Callable[[], object]) -> Callable:
 
 
 def method_builders() -> dict[str, Callable]:
-    from hybrid_peft import BOFTConfig, LoRAConfig, UnitaryConfig
+    from hybrid_peft import BOFTConfig, HybridConfig, LoRAConfig, UnitaryConfig
 
     def peft_lora():  # noqa: ANN202
         import peft
@@ -63,11 +63,14 @@ def method_builders() -> dict[str, Callable]:
         "boft-m1": _ours(lambda: BOFTConfig(block_size=4, butterfly_factors=1)),
         "boft-m2": _ours(lambda: BOFTConfig(block_size=4, butterfly_factors=2)),
         "unitary": _ours(lambda: UnitaryConfig(targets="all-linear")),
+        "hybrid-share": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, rule="share")),
+        "hybrid-sigmoid": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, rule="sigmoid")),
+        "hybrid-fixed": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, rule="fixed")),
         "peft-boft": _peft(peft_boft),
     }
 
 
-DEFAULT_METHODS = "peft-lora,lora,boft-m1,boft-m2,unitary,peft-boft"
+DEFAULT_METHODS = "peft-lora,lora,boft-m1,boft-m2,unitary,hybrid-share,hybrid-sigmoid,hybrid-fixed,peft-boft,full"
 
 
 def peak_memory_mb(device: str) -> float:
@@ -82,6 +85,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from hybrid_peft import load_model
+    from hybrid_peft.methods.hybrid import hybrid_layers, update_mixing
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -93,6 +97,7 @@ def worker(args: argparse.Namespace) -> None:
         for p in model.parameters():
             p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
+    mixing = bool(hybrid_layers(model))  # the hybrid's rule runs after every backward, as in training
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -109,6 +114,8 @@ def worker(args: argparse.Namespace) -> None:
         tick = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if mixing:
+            update_mixing(model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.device.startswith("cuda"):
@@ -171,19 +178,26 @@ def main() -> None:
         f"\n{args.model}, batch {args.batch_size}x{args.seq_len}, all linear layers, {args.device} {args.dtype}, "
         f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up\n"
     )
-    print(f"| method | trainable params | step s (median) | min–max s | × {args.baseline} | {memory} | × {args.baseline} |")
+    print(
+        f"| method | trainable params | step s (median) | min–max s | × {args.baseline} "
+        f"| {memory} | × {args.baseline} |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         time_ratio = f"{r['median_step_s'] / baseline['median_step_s']:.2f}" if baseline else "n/a"
         memory_ratio = f"{r['peak_mb'] / baseline['peak_mb']:.2f}" if baseline else "n/a"
         print(
-            f"| {r['method']} | {r['trainable']:,} | {r['median_step_s']:.2f} | {r['min_step_s']:.2f}–{r['max_step_s']:.2f}"
+            f"| {r['method']} | {r['trainable']:,} | {r['median_step_s']:.2f} "
+            f"| {r['min_step_s']:.2f}–{r['max_step_s']:.2f}"
             f" | {time_ratio} | {r['peak_mb']:.0f} | {memory_ratio} |"
         )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results}, handle,
-                      indent=2)
+            json.dump(
+                {"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results},
+                handle,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

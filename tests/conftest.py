@@ -41,8 +41,13 @@ def tiny_gpt2(seed: int = 0) -> transformers.PreTrainedModel:
 def tiny_bert_classifier(seed: int = 0) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, num_labels=3,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=3,
     )
     return transformers.BertForSequenceClassification(config).eval()
 

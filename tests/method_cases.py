@@ -8,10 +8,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from conftest import VOCAB
 
-from hybrid_peft import AdapterConfig, BOFTConfig, LoRAConfig, LoRAGAConfig, UnitaryConfig, lora_ga_initialise
+from hybrid_peft import (
+    AdapterConfig,
+    BOFTConfig,
+    HybridConfig,
+    LoRAConfig,
+    LoRAGAConfig,
+    UnitaryConfig,
+    lora_ga_initialise,
+)
 from hybrid_peft.adapters import adapter_parameters
+
+from conftest import VOCAB
 
 METHOD_CASES: dict[str, AdapterConfig] = {
     "lora": LoRAConfig(rank=4, alpha=8.0),
@@ -22,12 +31,23 @@ METHOD_CASES: dict[str, AdapterConfig] = {
     "boft-m1": BOFTConfig(block_size=4, butterfly_factors=1),
     "boft-m2": BOFTConfig(block_size=4, butterfly_factors=2),
     "boft-blocknum-dropout": BOFTConfig(block_size=0, block_num=4, butterfly_factors=2, dropout=0.25),
+    "hybrid-share": HybridConfig(rank=2, alpha=4.0, block_size=4),
+    "hybrid-sigmoid-m2": HybridConfig(rank=2, alpha=4.0, block_size=4, butterfly_factors=2, rule="sigmoid"),
+    "hybrid-fixed-sketch": HybridConfig(
+        rank=2, alpha=4.0, block_size=4, rule="fixed", mix_init=0.3, estimator="sketch"
+    ),
     "unitary": UnitaryConfig(),
     "unitary-all-linear": UnitaryConfig(targets="all-linear"),
 }
 
 # Methods that change the base weight in place (and undo it on detach up to rounding, not bitwise).
-OFFSETS_BASE = {"lora-ga-exact", "lora-ga-sketch-peft-scale"}
+OFFSETS_BASE = {
+    "lora-ga-exact",
+    "lora-ga-sketch-peft-scale",
+    "hybrid-share",
+    "hybrid-sigmoid-m2",
+    "hybrid-fixed-sketch",
+}
 
 
 def random_batches(count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -48,10 +68,7 @@ def prepare_lora_ga(model: torch.nn.Module) -> None:
     lora_ga_initialise(model, random_batches(), loss_fn=_classification_or_lm_loss)
 
 
-PREPARE: dict[str, Callable[[torch.nn.Module], None]] = {
-    "lora-ga-exact": prepare_lora_ga,
-    "lora-ga-sketch-peft-scale": prepare_lora_ga,
-}
+PREPARE: dict[str, Callable[[torch.nn.Module], None]] = {name: prepare_lora_ga for name in OFFSETS_BASE}
 
 
 def prepare(method: str, model: torch.nn.Module) -> torch.nn.Module:
@@ -65,4 +82,8 @@ def perturb_adapters(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in adapter_parameters(model).values():
-            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            if torch.all(p == 1):  # a multiplicative scale (BOFT's s): keep it away from 0, as training does
+                p.mul_(torch.exp(scale * noise))
+            else:
+                p.add_(scale * noise)

@@ -6,8 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import model_output, tiny_gpt2, tiny_llama
-from method_cases import perturb_adapters
 
 from hybrid_peft import (
     AdapterFileError,
@@ -22,6 +20,9 @@ from hybrid_peft import (
     save_adapter,
 )
 from hybrid_peft.serialization import CONFIG_NAME, WEIGHTS_NAME
+
+from conftest import model_output, tiny_gpt2, tiny_llama
+from method_cases import perturb_adapters
 
 
 def saved_adapter(tmp_path) -> str:  # noqa: ANN001

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, model_output
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +18,8 @@ from hybrid_peft.methods.boft import (
     resolve_blocks,
     skew_symmetric,
 )
+
+from conftest import MODEL_FACTORIES, model_output
 
 peft = pytest.importorskip("peft")
 from peft.tuners.boft.layer import BOFTLayer as PeftBOFTLayer  # noqa: E402

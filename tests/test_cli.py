@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_gpt2, tiny_llama
 
 from hybrid_peft.cli import main
+
+from conftest import tiny_gpt2, tiny_llama
 
 
 def test_info_groups_modules_and_counts_parameters(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
@@ -32,7 +33,9 @@ def test_info_unknown_target_exits_with_message(tmp_path, capsys: pytest.Capture
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize(("alias", "expected"), [("smollm2-135m", "210 modules matched"), ("minilm-l6", "37 modules matched")])
+@pytest.mark.parametrize(
+    ("alias", "expected"), [("smollm2-135m", "210 modules matched"), ("minilm-l6", "37 modules matched")]
+)
 def test_info_on_aliases(alias: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--model", alias]) == 0
     assert expected in capsys.readouterr().out

@@ -9,10 +9,11 @@ import copy
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, model_output
-from method_cases import METHOD_CASES, OFFSETS_BASE, perturb_adapters, prepare
 
 from hybrid_peft import adapter_layers, adapter_parameters, attach, detach, load_adapter, merge, save_adapter, unmerge
+
+from conftest import MODEL_FACTORIES, model_output
+from method_cases import METHOD_CASES, OFFSETS_BASE, perturb_adapters, prepare
 
 CASES = sorted(METHOD_CASES)
 

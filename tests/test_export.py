@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import MODEL_FACTORIES, model_output
-from method_cases import METHOD_CASES, perturb_adapters
 
 from hybrid_peft import HybridPeftError, adapter_layers, attach, export_peft, save_merged
+
+from conftest import MODEL_FACTORIES, model_output
+from method_cases import METHOD_CASES, perturb_adapters
 
 AUTO_CLASSES = {
     "llama": transformers.AutoModelForCausalLM,
@@ -28,7 +29,7 @@ def test_merged_export_loads_in_plain_transformers(model_kind: str, method: str,
     # The model in memory is unchanged: adapters still attached and unmerged.
     layers = adapter_layers(model)
     assert layers and not any(layer.merged for layer in layers.values())
-    torch.testing.assert_close(model_output(model, input_ids), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model_output(model, input_ids), expected, atol=1e-5, rtol=0)  # merge+unmerge rounding
 
     plain = AUTO_CLASSES[model_kind].from_pretrained(tmp_path / "merged").eval()
     assert not any("base_layer" in name or "lora" in name for name in plain.state_dict())

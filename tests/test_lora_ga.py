@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, model_output
-from method_cases import random_batches
 
 from hybrid_peft import (
     HybridPeftError,
@@ -25,6 +23,9 @@ from hybrid_peft import (
 )
 from hybrid_peft.gradient_estimation import ExactGradient, SketchGradient, load_estimates
 from hybrid_peft.methods.lora_ga import lora_ga_factors
+
+from conftest import MODEL_FACTORIES, model_output
+from method_cases import random_batches
 
 peft = pytest.importorskip("peft")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,7 +45,10 @@ def test_factors_match_peft_preprocess_loraga(input_ids: torch.Tensor) -> None:
 
     reference_model = MODEL_FACTORIES["llama"]()
     lora_config = peft.LoraConfig(
-        r=8, lora_alpha=16, target_modules=targets, init_lora_weights="lora_ga",
+        r=8,
+        lora_alpha=16,
+        target_modules=targets,
+        init_lora_weights="lora_ga",
         lora_ga_config=peft.LoraGAConfig(direction="ArB2r", scale="stable", stable_gamma=16),
     )
 
@@ -86,8 +90,9 @@ def test_sketch_accumulators_are_exact_projections_of_the_gradient() -> None:
     batches = random_batches(3)
     targets = ["model.layers.1.self_attn.k_proj", "model.layers.0.mlp.down_proj"]
     exact = estimate_gradients(MODEL_FACTORIES["llama"](), batches, targets=targets)
-    sketch = estimate_gradients(MODEL_FACTORIES["llama"](), batches, targets=targets, estimator="sketch", rank=1,
-                                oversampling=4)
+    sketch = estimate_gradients(
+        MODEL_FACTORIES["llama"](), batches, targets=targets, estimator="sketch", rank=1, oversampling=4
+    )
     for name in targets:
         g = exact[name].total
         s = sketch[name]
@@ -181,8 +186,9 @@ def test_detach_restores_the_offset_base() -> None:
     reference = MODEL_FACTORIES["llama"]().state_dict()
     model = attach(MODEL_FACTORIES["llama"](), LoRAGAConfig(rank=2))
     lora_ga_initialise(model, random_batches())
-    assert not torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, reference[
-        "model.layers.0.self_attn.q_proj.weight"]), "the base weight should carry the offset"
+    assert not torch.equal(
+        model.model.layers[0].self_attn.q_proj.base_layer.weight, reference["model.layers.0.self_attn.q_proj.weight"]
+    ), "the base weight should carry the offset"
     detach(model)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, reference[name], atol=1e-6, rtol=0)
@@ -218,6 +224,7 @@ def test_bad_input() -> None:
         lora_ga_initialise(model, random_batches(1), loss_fn=lambda m, b: m(**b).loss.detach())
     with pytest.raises(HybridPeftError, match="is nan"):
         lora_ga_initialise(model, random_batches(1), loss_fn=lambda m, b: m(**b).loss * float("nan"))
+
     def finite_loss_with_nan_gradient(m: torch.nn.Module, b: dict) -> torch.Tensor:
         logits = m(**b).logits
         return (logits - logits.detach()).abs().sqrt().sum() + m(**b).loss  # d sqrt|0| = 0·∞ = NaN
@@ -237,8 +244,16 @@ def test_two_process_data_parallel_gives_identical_init(tmp_path) -> None:  # no
     identical on both ranks and equal a single process on all batches."""
     script = Path(__file__).parent / "scripts" / "lora_ga_ddp.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert completed.returncode == 0, completed.stderr[-3000:]
     for estimator in ("exact", "sketch"):

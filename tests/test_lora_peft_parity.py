@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, model_output
-from method_cases import perturb_adapters
 
 from hybrid_peft import LoRAConfig, adapter_layers, attach, export_peft
 
+from conftest import MODEL_FACTORIES, model_output
+from method_cases import perturb_adapters
+
 peft = pytest.importorskip("peft")
 
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"], "bert": ["query", "value", "dense"]}
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+    "bert": ["query", "value", "dense"],
+}
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -33,7 +38,9 @@ def test_same_weights_same_outputs_as_peft(model_kind: str, use_rslora: bool, in
             peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
             peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
     reference.eval()
-    torch.testing.assert_close(model_output(ours.eval(), input_ids), model_output(reference, input_ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        model_output(ours.eval(), input_ids), model_output(reference, input_ids), atol=1e-6, rtol=0
+    )
 
 
 def test_peft_loads_our_export(model_kind: str, input_ids: torch.Tensor, tmp_path) -> None:  # noqa: ANN001

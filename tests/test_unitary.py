@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from hybrid_peft import ConfigError, UnitaryConfig, adapter_layers, attach
 from hybrid_peft.methods.unitary import UnitaryLayer, reflection, unitary_parameter_count
+
+from conftest import MODEL_FACTORIES
 
 
 def unitary_layer(features: int, seed: int = 0) -> UnitaryLayer:

@@ -27,11 +27,13 @@ from hybrid_peft.errors import (  # noqa: E402
     TargetError,
 )
 from hybrid_peft.export import export_peft, save_merged  # noqa: E402
-from hybrid_peft.layer import AdapterLayer  # noqa: E402
 from hybrid_peft.gradient_estimation import estimate_gradients  # noqa: E402
+from hybrid_peft.layer import AdapterLayer  # noqa: E402
 from hybrid_peft.methods import (  # noqa: E402
     BOFTConfig,
     BOFTLayer,
+    HybridConfig,
+    HybridLayer,
     LoRAConfig,
     LoRAGAConfig,
     LoRAGALayer,
@@ -39,6 +41,7 @@ from hybrid_peft.methods import (  # noqa: E402
     UnitaryConfig,
     UnitaryLayer,
 )
+from hybrid_peft.methods.hybrid import mixing_callback, plot_mixing_heatmap, update_mixing  # noqa: E402
 from hybrid_peft.methods.lora_ga import initialise_lora_ga, lora_ga_factors_for, lora_ga_initialise  # noqa: E402
 from hybrid_peft.models import load_model, load_tokenizer  # noqa: E402
 from hybrid_peft.registry import available_methods, get_method, register_method  # noqa: E402
@@ -52,6 +55,8 @@ __all__ = [
     "BOFTLayer",
     "BaseModelMismatchError",
     "ConfigError",
+    "HybridConfig",
+    "HybridLayer",
     "HybridPeftError",
     "LoRAConfig",
     "LoRAGAConfig",
@@ -77,10 +82,13 @@ __all__ = [
     "lora_ga_factors_for",
     "lora_ga_initialise",
     "merge",
+    "mixing_callback",
     "parameter_counts",
+    "plot_mixing_heatmap",
     "read_adapter_config",
     "register_method",
     "save_adapter",
     "save_merged",
     "unmerge",
+    "update_mixing",
 ]

@@ -1,7 +1,7 @@
 """The ``hybrid-peft`` command line.
 
-    hybrid-peft info --model smollm2-135m --targets all-linear     which modules an adapter would touch
-    hybrid-peft demo                                                the main job on the offline defaults
+hybrid-peft info --model smollm2-135m --targets all-linear     which modules an adapter would touch
+hybrid-peft demo                                                the main job on the offline defaults
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def command_info(args: argparse.Namespace) -> int:
             table.add_column(column, justify="right" if column in ("in", "out", "adapter params") else "left")
         for name, layer in layers.items():
             count = sum(p.numel() for _, p in layer.adapter_named_parameters())
-            table.add_row(name, type(layer.base_layer).__name__, str(layer.in_features), str(layer.out_features),
-                          f"{count:,}")
+            table.add_row(
+                name, type(layer.base_layer).__name__, str(layer.in_features), str(layer.out_features), f"{count:,}"
+            )
     else:
         groups: dict[tuple[str, str, int, int], list[int]] = defaultdict(list)
         for name, layer in layers.items():
@@ -113,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="show which modules an adapter would be attached to, and its size")
     info.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or folder")
     info.add_argument("--task", default="auto", choices=["auto", "causal-lm", "sequence-classification", "base"])
-    info.add_argument("--targets", default="all-linear",
-                      help="'all-linear', comma-separated names (q_proj,v_proj) or 're:<regex>' on full names")
+    info.add_argument(
+        "--targets",
+        default="all-linear",
+        help="'all-linear', comma-separated names (q_proj,v_proj) or 're:<regex>' on full names",
+    )
     info.add_argument("--rank", type=int, default=8, help="LoRA rank used for the parameter count (default 8)")
     info.add_argument("--alpha", type=float, default=16.0)
     info.add_argument("--all", action="store_true", help="one row per module instead of one per module kind")

@@ -28,7 +28,8 @@ class AdapterConfig:
 
     Args:
         targets: which modules get an adapter. ``"all-linear"`` (every ``nn.Linear`` / GPT-2 ``Conv1D`` except the
-            task head: the output embeddings and top-level ``lm_head``/``classifier``/``score``/``qa_outputs``), a single string (a regular expression matched against the full module name), or a
+            task head: the output embeddings and top-level ``lm_head``/``classifier``/``score``/``qa_outputs``),
+            a single string (a regular expression matched against the full module name), or a
             sequence of names (a module matches when its full name equals an entry or ends with ``"." + entry``,
             so ``["q_proj", "v_proj"]`` selects those projections in every layer).
         exclude: names or suffixes (same rule as a targets sequence) of modules never to adapt.
@@ -44,7 +45,9 @@ class AdapterConfig:
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         if isinstance(self.exclude, (list, str)):
-            object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
+            object.__setattr__(
+                self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+            )
         self._validate_targets()
         self.validate()
 

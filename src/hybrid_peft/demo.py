@@ -7,16 +7,11 @@ export a merged checkpoint that plain ``transformers`` loads (same outputs).
 
 from __future__ import annotations
 
-import math
-import random
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from hybrid_peft.adapters import attach, parameter_counts
 from hybrid_peft.export import save_merged
@@ -24,6 +19,7 @@ from hybrid_peft.methods.lora import LoRAConfig
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.serialization import load_adapter, save_adapter
 from hybrid_peft.tasks.humaneval import humaneval_split
+from hybrid_peft.training import fixed_batches, mean_loss, peak_rss_mb, shuffled_batches, train
 
 
 @dataclass(frozen=True)
@@ -40,80 +36,37 @@ class DemoSettings:
     output_dir: str = "runs/demo"
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    batch = tokenizer(texts, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100  # no loss on padding
-    batch["labels"] = labels
-    return dict(batch)
-
-
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Token-weighted mean cross-entropy over ``batches``."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in batches:
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch).loss) * n
-        tokens += n
-    return total / tokens
-
-
 def run_demo(settings: DemoSettings) -> dict[str, float]:
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
     output = Path(settings.output_dir)
     started = time.perf_counter()
 
     print(f"[1/5] loading {settings.model} (offline) ...", flush=True)
     tokenizer = load_tokenizer(settings.model)
     model = load_model(settings.model)
-    train, held_out = humaneval_split()
-    texts = [p["prompt"] + p["canonical_solution"] for p in train]
-    eval_batches = [
-        tokenize(tokenizer, [p["prompt"] + p["canonical_solution"] for p in held_out[i : i + 8]], settings.max_length)
-        for i in range(0, len(held_out), 8)
-    ]
+    train_problems, held_out = humaneval_split()
+    texts = [p["prompt"] + p["canonical_solution"] for p in train_problems]
+    eval_texts = [p["prompt"] + p["canonical_solution"] for p in held_out]
+    eval_batches = fixed_batches(tokenizer, eval_texts, 8, settings.max_length)
     loss_before = mean_loss(model, eval_batches)
     print(f"      held-out loss before fine-tuning: {loss_before:.4f} ({len(held_out)} HumanEval problems)")
 
     config = LoRAConfig(rank=settings.rank, alpha=settings.alpha, targets="all-linear")
     attach(model, config)
     trainable, total = parameter_counts(model)
-    print(f"[2/5] LoRA r={config.rank} on all linear layers: {trainable:,} trainable of {total:,} "
-          f"({100 * trainable / total:.2f}%)")
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 5) * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+    print(
+        f"[2/5] LoRA r={config.rank} on all linear layers: {trainable:,} trainable of {total:,} "
+        f"({100 * trainable / total:.2f}%)"
     )
-    model.train()
-    order: list[int] = []
-    step_times: list[float] = []
-    progress = tqdm(range(settings.steps), desc="[3/5] training", unit="step", dynamic_ncols=True)
-    for _ in progress:
-        if len(order) < settings.batch_size:
-            order += random.sample(range(len(texts)), len(texts))
-        indices, order = order[: settings.batch_size], order[settings.batch_size :]
-        batch = tokenize(tokenizer, [texts[i] for i in indices], settings.max_length)
-        tick = time.perf_counter()
-        loss = model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()}; lower --learning-rate")
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - tick)
-        progress.set_postfix(loss=f"{loss.item():.3f}", step_s=f"{step_times[-1]:.2f}")
+    log = train(
+        model,
+        shuffled_batches(tokenizer, texts, settings.batch_size, settings.max_length, settings.seed),
+        steps=settings.steps,
+        learning_rate=settings.learning_rate,
+        warmup=5,
+        description="[3/5] training",
+    )
     loss_after = mean_loss(model, eval_batches)
     print(f"      held-out loss after fine-tuning:  {loss_after:.4f}")
 
@@ -130,22 +83,25 @@ def run_demo(settings: DemoSettings) -> dict[str, float]:
     plain = AutoModelForCausalLM.from_pretrained(output / "merged", dtype=torch.float32)
     loss_merged = mean_loss(plain, eval_batches)
 
-    step_times.sort()
     results = {
         "held_out_loss_before": loss_before,
         "held_out_loss_after": loss_after,
         "held_out_loss_reloaded_adapter": loss_reloaded,
         "held_out_loss_merged_export": loss_merged,
-        "median_step_s": step_times[len(step_times) // 2],
+        "median_step_s": log.median_step_s,
         "wall_s": time.perf_counter() - started,
         "peak_rss_mb": peak_rss_mb(),
         "trainable_parameters": trainable,
     }
     print("\nSummary")
-    print(f"  model                         {settings.model}, LoRA r={settings.rank}, {settings.steps} steps of "
-          f"{settings.batch_size}x<={settings.max_length} tokens")
-    print(f"  held-out loss                 {loss_before:.4f} -> {loss_after:.4f} "
-          f"({100 * (loss_after - loss_before) / loss_before:+.1f}%)")
+    print(
+        f"  model                         {settings.model}, LoRA r={settings.rank}, {settings.steps} steps of "
+        f"{settings.batch_size}x<={settings.max_length} tokens"
+    )
+    print(
+        f"  held-out loss                 {loss_before:.4f} -> {loss_after:.4f} "
+        f"({100 * (loss_after - loss_before) / loss_before:+.1f}%)"
+    )
     print(f"  reloaded adapter / merged     {loss_reloaded:.4f} / {loss_merged:.4f} (must equal the line above)")
     print(f"  median step                   {results['median_step_s']:.2f} s")
     print(f"  wall time                     {results['wall_s']:.1f} s")

@@ -128,6 +128,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model``'s LoRA adapter in PEFT's format: ``PeftModel.from_pretrained(base, directory)`` loads it."""
     tensors, peft_config = peft_lora_export(model)
     directory = Path(directory)
-    atomic_write_with(directory / PEFT_WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_with(
+        directory / PEFT_WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
+    )
     atomic_write_text(directory / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
     return directory

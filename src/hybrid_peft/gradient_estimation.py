@@ -158,7 +158,8 @@ def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     loss = getattr(output, "loss", None)
     if loss is None:
         raise HybridPeftError(
-            "the model returned no loss for a batch; include labels in each batch or pass loss_fn=(model, batch) -> loss"
+            "the model returned no loss for a batch; include labels in each batch "
+            "or pass loss_fn=(model, batch) -> loss"
         )
     return loss
 
@@ -219,7 +220,7 @@ def estimate_gradients(
     modules = resolve_target_modules(model, targets)
     loss_fn = loss_fn or _default_loss
     device = next(model.parameters()).device
-    k, l = sketch_size(rank, oversampling)
+    k, rows = sketch_size(rank, oversampling)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     test_matrices: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -238,9 +239,9 @@ def estimate_gradients(
         else:
             estimates[name] = SketchGradient(
                 omega=test_matrix("omega", in_features, min(k, in_features)),
-                psi=test_matrix("psi", out_features, min(l, out_features)),
+                psi=test_matrix("psi", out_features, min(rows, out_features)),
                 y=torch.zeros(out_features, min(k, in_features), device=device),
-                z=torch.zeros(min(l, out_features), in_features, device=device),
+                z=torch.zeros(min(rows, out_features), in_features, device=device),
             )
     estimates = {name: estimates[name] for name in modules}  # model order
 

@@ -85,7 +85,11 @@ class AdapterLayer(nn.Module):
         """Every tensor that defines this adapter (trainable parameters and persistent buffers), by local name."""
         state = {name: p for name, p in self.adapter_named_parameters()}
         state.update(
-            {name: b for name, b in self._buffers.items() if b is not None and name not in self._non_persistent_buffers_set}
+            {
+                name: b
+                for name, b in self._buffers.items()
+                if b is not None and name not in self._non_persistent_buffers_set
+            }
         )
         for child_name, child in self.named_children():
             if child is not self.base_layer:

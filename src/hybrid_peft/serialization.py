@@ -93,7 +93,9 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{path} is not valid JSON ({exc}); the file is corrupt, save the adapter again") from exc
+        raise AdapterFileError(
+            f"{path} is not valid JSON ({exc}); the file is corrupt, save the adapter again"
+        ) from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         hint = " (it looks like a PEFT adapter: load it with peft.PeftModel)" if "peft_type" in document else ""
         raise AdapterFileError(f"{path} is not a hybrid-peft adapter config{hint}")

@@ -40,11 +40,7 @@ HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 def _output_head_names(model: nn.Module, candidates: dict[str, nn.Module]) -> set[str]:
     get_output = getattr(model, "get_output_embeddings", None)
     head = get_output() if callable(get_output) else None
-    return {
-        name
-        for name, module in candidates.items()
-        if module is head or name.split(".", 1)[0] in HEAD_NAMES
-    }
+    return {name for name, module in candidates.items() if module is head or name.split(".", 1)[0] in HEAD_NAMES}
 
 
 def _summarise(names: Iterable[str], limit: int = 12) -> str:

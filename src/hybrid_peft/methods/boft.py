@@ -150,7 +150,9 @@ def block_multiply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 def butterfly_dense(rotations: torch.Tensor, perms: list[torch.Tensor]) -> torch.Tensor:
     """The dense ``M = M_{m−1} ··· M_0`` (``in × in``): for merging and for reference tests only."""
     factors = [
-        permutation_matrix(perm).to(rotations) @ torch.block_diag(*rotations[i]) @ permutation_matrix(perm).to(rotations).T
+        permutation_matrix(perm).to(rotations)
+        @ torch.block_diag(*rotations[i])
+        @ permutation_matrix(perm).to(rotations).T
         for i, perm in enumerate(perms)
     ]
     dense = factors[0]
@@ -215,7 +217,9 @@ class ButterflyRotate(torch.autograd.Function):
             i = order[step]
             if grad_rotations is not None:
                 a = inputs[step].reshape(-1, n, b)
-                grad_rotations[i] = torch.bmm(a.permute(1, 2, 0), g.reshape(-1, n, b).transpose(0, 1))  # (N,b,T)@(N,T,b)
+                grad_rotations[i] = torch.bmm(
+                    a.permute(1, 2, 0), g.reshape(-1, n, b).transpose(0, 1)
+                )  # (N,b,T)@(N,T,b)
             g = block_multiply(g, rotations[i].transpose(-1, -2))
             if plan[step] is not None:
                 g = _gather(g, inverse_permutation(plan[step]))
@@ -232,6 +236,15 @@ def multiplicative_dropout(rotations: torch.Tensor, p: float) -> torch.Tensor:
     mask[torch.randint(0, m, (1,)).item(), torch.randperm(n, device=rotations.device)[:count]] = 1.0
     eye = torch.eye(b, device=rotations.device, dtype=rotations.dtype)
     return (1 - mask) * rotations + mask * eye
+
+
+def register_gather_plan(module: nn.Module, perms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Store the gather plan of ``perms`` on ``module`` as non-persistent buffers ``_gather_0..m`` (derived from the
+    shape, so never saved; they follow the module across devices). Returns ``perms``."""
+    device = next(module.parameters()).device
+    for k, index in enumerate(gather_plan(perms)):
+        module.register_buffer(f"_gather_{k}", None if index is None else index.to(device), persistent=False)
+    return perms
 
 
 # --- the layer ---------------------------------------------------------------------------------------------------
@@ -254,10 +267,7 @@ class BOFTLayer(AdapterLayer):
         m = config.butterfly_factors
         self.boft_skew = nn.Parameter(torch.zeros(m, self.block_num, free, device=weight.device, dtype=dtype))
         self.boft_scale = nn.Parameter(torch.ones(self.out_features, device=weight.device, dtype=dtype))
-        perms = butterfly_permutations(self.in_features, self.block_size, m)
-        self._perms = perms
-        for k, index in enumerate(gather_plan(perms)):  # non-persistent: derived from the shape, not saved
-            self.register_buffer(f"_gather_{k}", None if index is None else index.to(weight.device), persistent=False)
+        self._perms = register_gather_plan(self, butterfly_permutations(self.in_features, self.block_size, m))
 
     @property
     def plan(self) -> list[torch.Tensor | None]:

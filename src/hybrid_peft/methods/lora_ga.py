@@ -37,7 +37,7 @@ from hybrid_peft.gradient_estimation import (
     load_estimates,
     save_estimates,
 )
-from hybrid_peft.methods.lora import LoRAConfig, LoRALayer, lora_scaling
+from hybrid_peft.methods.lora import LoRAConfig, LoRALayer
 from hybrid_peft.registry import register_method
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
@@ -116,15 +116,18 @@ def lora_ga_factors(
     return a0.contiguous(), b0.contiguous()
 
 
-@register_method(LoRAGAConfig)
-class LoRAGALayer(LoRALayer):
-    """LoRA whose ``A``, ``B`` start at ``A0``, ``B0`` with the base weight offset by ``−s·B0A0``."""
+class GradientAlignedStart:
+    """Mixin for adapters whose low-rank branch starts at LoRA-GA's ``A0``, ``B0`` with the base weight offset so the
+    output is unchanged: keeps ``A0``/``B0`` as persistent buffers (saved with the adapter), applies the offset on
+    :meth:`initialise` and on loading (adapters are saved against the *unmodified* base), removes it on release.
 
-    config: LoRAGAConfig
+    The host class provides ``lora_A``, ``lora_B`` parameters and :meth:`base_offset` (the ``(out, in)`` amount
+    subtracted from the base weight)."""
+
     needs_gradient_init = True
+    offset_applied: bool
 
-    def __init__(self, base_layer: nn.Module, config: LoRAGAConfig) -> None:
-        super().__init__(base_layer, config)
+    def _register_start_buffers(self) -> None:
         self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
         self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))
         self.offset_applied = False
@@ -133,15 +136,13 @@ class LoRAGALayer(LoRALayer):
     def initialised(self) -> bool:
         return bool(self.lora_B0.any() or self.lora_A0.any())
 
-    def _offset(self) -> torch.Tensor:
-        return lora_scaling(self.config.rank, self.config.alpha, self.config.use_rslora) * (
-            self.lora_B0.float() @ self.lora_A0.float()
-        )
+    def base_offset(self) -> torch.Tensor:
+        raise NotImplementedError
 
     @torch.no_grad()
     def _shift_base(self, sign: float) -> None:
         base = self.base_weight
-        self._write_base_weight((base.float() + sign * self._offset()).to(base.dtype))
+        self._write_base_weight((base.float() + sign * self.base_offset().float()).to(base.dtype))
 
     @torch.no_grad()
     def initialise(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
@@ -174,6 +175,20 @@ class LoRAGALayer(LoRALayer):
             self.offset_applied = False
         return base
 
+
+@register_method(LoRAGAConfig)
+class LoRAGALayer(GradientAlignedStart, LoRALayer):
+    """LoRA whose ``A``, ``B`` start at ``A0``, ``B0`` with the base weight offset by ``−s·B0A0``."""
+
+    config: LoRAGAConfig
+
+    def __init__(self, base_layer: nn.Module, config: LoRAGAConfig) -> None:
+        super().__init__(base_layer, config)
+        self._register_start_buffers()
+
+    def base_offset(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B0.float() @ self.lora_A0.float())
+
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank-2r factors on the unmodified base: ``W0 + s[B, −B0][A; A0] = W0' + s·B·A``."""
         return torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1)
@@ -185,7 +200,7 @@ def lora_ga_factors_for(
     """``{name: (A0, B0)}`` for every LoRA-GA layer of ``model``, from its gradient estimate and its config."""
     from hybrid_peft.adapters import adapter_layers
 
-    layers = {n: layer for n, layer in adapter_layers(model).items() if isinstance(layer, LoRAGALayer)}
+    layers = {n: layer for n, layer in adapter_layers(model).items() if layer.needs_gradient_init}
     missing = sorted(set(layers) - set(estimates))
     if missing:
         raise HybridPeftError(f"no gradient estimate for LoRA-GA layer(s) {missing[:3]}; estimate them first")
@@ -204,8 +219,8 @@ def initialise_lora_ga(model: nn.Module, factors: dict[str, tuple[torch.Tensor, 
     layers = adapter_layers(model)
     for name, (a0, b0) in factors.items():
         layer = layers.get(name)
-        if not isinstance(layer, LoRAGALayer):
-            raise HybridPeftError(f"{name} is not a LoRA-GA layer of this model")
+        if layer is None or not layer.needs_gradient_init:
+            raise HybridPeftError(f"{name} is not a LoRA-GA (or hybrid) layer of this model")
         layer.initialise(a0, b0)
 
 
@@ -221,7 +236,7 @@ def lora_ga_initialise(
     gradient estimates are read from it if it exists, else computed and written there. Returns the factors."""
     from hybrid_peft.adapters import adapter_layers
 
-    configs = {layer.config for layer in adapter_layers(model).values() if isinstance(layer, LoRAGALayer)}
+    configs = {layer.config for layer in adapter_layers(model).values() if layer.needs_gradient_init}
     if not configs:
         raise HybridPeftError("the model has no LoRA-GA layers; attach(model, LoRAGAConfig(...)) first")
     if len(configs) > 1:
@@ -231,8 +246,14 @@ def lora_ga_initialise(
         estimates = load_estimates(cache_file, device=next(model.parameters()).device)
     else:
         estimates = estimate_gradients(
-            model, batches, loss_fn=loss_fn, estimator=config.estimator, rank=config.rank,
-            oversampling=config.oversampling, seed=config.seed, progress=progress,
+            model,
+            batches,
+            loss_fn=loss_fn,
+            estimator=config.estimator,
+            rank=config.rank,
+            oversampling=config.oversampling,
+            seed=config.seed,
+            progress=progress,
         )
         if cache_file is not None:
             save_estimates(estimates, cache_file)

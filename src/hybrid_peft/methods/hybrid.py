@@ -1,0 +1,362 @@
+"""The hybrid adapter of "Hybrid and Unitary PEFT for Resource-Efficient LLMs" (arXiv 2507.18076): per layer, a
+LoRA-GA low-rank branch and a BOFT orthogonal branch over one frozen weight and one base matmul, mixed by a gate λ
+that a rule sets from gradient norms::
+
+    W_eff = diag(s) · W0' · R((1 − λ) K)ᵀ  +  λ · s_lora · B A          y = x W_effᵀ + b
+
+    R(·)   BOFT's butterfly rotation with its skew parameters scaled by (1 − λ)   (see methods/boft.py)
+    B A    LoRA-GA initialised (A = A0, B = B0 at step 0; see methods/lora_ga.py)
+    W0'    W0 − λ0 · s_lora · B0 A0, so W_eff = W0 at step 0
+
+λ is a buffer, never a parameter: no optimiser touches it. After each backward pass (before the optimiser step)
+:func:`update_mixing` sets every layer's λ with the config's rule, clamped to [λmin, 1 − λmin]:
+
+``share``    g_lr = ‖∇_{A,B}‖/λ, g_orth = ‖∇_K‖/(1 − λ) (dividing out the gate so a small gate cannot starve its
+             own branch), each RMS-normalised by its parameter count; λ ← EMA_β(g_lr / (g_lr + g_orth)).
+``sigmoid``  λℓ = σ((log‖gℓ‖ − mean_ℓ log‖gℓ‖)/τ): layers whose gradient is above the model's average lean to the
+             fast low-rank branch, calm layers to the stable orthogonal branch.
+``fixed``    λ stays at its initial value (ablation).
+
+Under DDP gradients are already averaged, so λ is identical on every rank; with sharded gradients (FSDP) pass
+``sharded=True`` and the squared norms are all-reduced first. λ, λ0, A0, B0 and the rule's state are buffers,
+saved with the adapter. Merging is exact: the merged weight is W_eff.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_peft.config import require_choice, require_float, require_int
+from hybrid_peft.errors import ConfigError, HybridPeftError
+from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
+from hybrid_peft.methods.boft import (
+    ButterflyRotate,
+    butterfly_dense,
+    butterfly_permutations,
+    cayley,
+    multiplicative_dropout,
+    register_gather_plan,
+    resolve_blocks,
+    skew_symmetric,
+)
+from hybrid_peft.methods.lora import lora_forward_delta
+from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
+from hybrid_peft.registry import register_method
+
+
+@dataclass(frozen=True)
+class HybridConfig(LoRAGAConfig):
+    """LoRA-GA settings (rank, alpha, direction, scale, estimator, ...), BOFT settings and the mixing rule.
+
+    Args:
+        block_size, block_num, butterfly_factors, boft_dropout: the orthogonal branch (as in :class:`BOFTConfig`).
+        rule: ``share`` (default), ``sigmoid`` or ``fixed``.
+        mix_init: λ0, the low-rank branch's initial share.
+        mix_min: λmin; λ is clamped to [λmin, 1 − λmin], 0 < λmin < 0.5.
+        ema: β of the ``share`` rule's moving average (0 = no smoothing).
+        temperature: τ of the ``sigmoid`` rule, > 0.
+    """
+
+    method = "hybrid"
+
+    block_size: int = 4
+    block_num: int = 0
+    butterfly_factors: int = 1
+    boft_dropout: float = 0.0
+    rule: str = "share"
+    mix_init: float = 0.5
+    mix_min: float = 0.05
+    ema: float = 0.9
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        require_int("block_size", self.block_size, minimum=0)
+        require_int("block_num", self.block_num, minimum=0)
+        if (self.block_size == 0) == (self.block_num == 0):
+            raise ConfigError("block_size/block_num: give exactly one of them (the other 0)")
+        require_int("butterfly_factors", self.butterfly_factors, minimum=1)
+        require_float("boft_dropout", self.boft_dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
+        require_choice("rule", self.rule, tuple(MIXING_RULES))
+        require_float("mix_min", self.mix_min, minimum=0.0, maximum=0.5, min_inclusive=False, max_inclusive=False)
+        require_float("mix_init", self.mix_init, minimum=self.mix_min, maximum=1 - self.mix_min)
+        require_float("ema", self.ema, minimum=0.0, maximum=1.0, max_inclusive=False)
+        require_float("temperature", self.temperature, minimum=0.0, min_inclusive=False)
+
+
+@register_method(HybridConfig)
+class HybridLayer(GradientAlignedStart, AdapterLayer):
+    """Both branches over one frozen weight; see the module docstring."""
+
+    config: HybridConfig
+
+    def __init__(self, base_layer: nn.Module, config: HybridConfig) -> None:
+        super().__init__(base_layer, config)
+        weight = self.base_weight
+        dtype = adapter_dtype_for(weight.dtype)
+        factory = {"device": weight.device, "dtype": dtype}
+        # Low-rank branch (LoRA-GA start).
+        self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_scaling = config.scaling
+        self._register_start_buffers()
+        # Orthogonal branch (BOFT).
+        self.block_size, self.block_num = resolve_blocks(
+            self.in_features, config.block_size, config.block_num, config.butterfly_factors
+        )
+        free = self.block_size * (self.block_size - 1) // 2
+        self.boft_skew = nn.Parameter(torch.zeros(config.butterfly_factors, self.block_num, free, **factory))
+        self.boft_scale = nn.Parameter(torch.ones(self.out_features, **factory))
+        self._perms = register_gather_plan(
+            self, butterfly_permutations(self.in_features, self.block_size, config.butterfly_factors)
+        )
+        # The gate and the rule's state: buffers (saved, never optimised).
+        self.register_buffer("mix", torch.tensor(config.mix_init, **factory))
+        self.register_buffer("mix_start", torch.tensor(config.mix_init, **factory))  # λ0 of the base offset
+
+    # --- branches -------------------------------------------------------------------------------------------
+
+    def low_rank_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
+
+    def orthogonal_parameters(self) -> list[nn.Parameter]:
+        return [self.boft_skew]
+
+    @property
+    def plan(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f"_gather_{k}") for k in range(self.config.butterfly_factors + 1)]
+
+    def rotations(self) -> torch.Tensor:
+        rotations = cayley(skew_symmetric((1 - self.mix) * self.boft_skew, self.block_size))
+        if self.training and self.config.boft_dropout > 0:
+            rotations = multiplicative_dropout(rotations, self.config.boft_dropout)
+        return rotations
+
+    def rotation_matrix(self) -> torch.Tensor:
+        return butterfly_dense(cayley(skew_symmetric((1 - self.mix) * self.boft_skew, self.block_size)), self._perms)
+
+    # --- GradientAlignedStart ---------------------------------------------------------------------------------
+
+    def base_offset(self) -> torch.Tensor:
+        return self.mix_start * self.lora_scaling * (self.lora_B0.float() @ self.lora_A0.float())
+
+    @torch.no_grad()
+    def initialise(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        if self.offset_applied:  # undo the previous offset with the λ0 it was made with
+            self._shift_base(+1.0)
+            self.offset_applied = False
+        self.mix_start.copy_(self.mix)
+        super().initialise(a0, b0)
+
+    # --- maths ------------------------------------------------------------------------------------------------
+
+    def merged_weight(self) -> torch.Tensor:
+        base = self.base_weight
+        rotation = self.rotation_matrix()
+        orthogonal = self.boft_scale[:, None] * (base.to(rotation.dtype) @ rotation.T)
+        low_rank = self.mix * self.lora_scaling * (self.lora_B @ self.lora_A)
+        return (orthogonal + low_rank).to(base.dtype)
+
+    def unmerged_weight(self) -> torch.Tensor:
+        merged = self.base_weight
+        rotation = self.rotation_matrix()
+        low_rank = self.mix * self.lora_scaling * (self.lora_B @ self.lora_A)
+        return (((merged.to(rotation.dtype) - low_rank) / self.boft_scale[:, None]) @ rotation).to(merged.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        base = self.base_weight
+        dtype = self.boft_skew.dtype
+        x2d = x.reshape(-1, self.in_features).to(dtype)
+        rotated = ButterflyRotate.apply(x2d, self.rotations(), *self.plan)
+        out = F.linear(rotated.to(base.dtype), base).to(dtype)  # the one base matmul
+        bias = self.base_layer.bias
+        out = out * self.boft_scale if bias is None else torch.addcmul(bias.to(dtype), out, self.boft_scale)
+        out = out + lora_forward_delta(self.lora_dropout(x2d), self.lora_A, self.lora_B, self.mix * self.lora_scaling)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, rank={self.config.rank}, block_size={self.block_size}, "
+            f"butterfly_factors={self.config.butterfly_factors}, rule={self.config.rule}, mix={float(self.mix):.3f}"
+        )
+
+
+# --- mixing rules ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BranchNorms:
+    """RMS gradient norms of one layer's branches (‖∇‖ / √numel)."""
+
+    low_rank: float
+    orthogonal: float
+
+
+def _share_rule(config: HybridConfig, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
+    updated = []
+    for mix, norm in zip(mixes, norms, strict=True):
+        low_rank, orthogonal = norm.low_rank / mix, norm.orthogonal / (1 - mix)
+        target = low_rank / (low_rank + orthogonal) if low_rank + orthogonal > 0 else mix
+        updated.append(config.ema * mix + (1 - config.ema) * target)
+    return updated
+
+
+def _sigmoid_rule(config: HybridConfig, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
+    logs = [0.5 * math.log(n.low_rank**2 + n.orthogonal**2 + 1e-30) for n in norms]
+    mean = sum(logs) / len(logs)
+    return [_sigmoid((value - mean) / config.temperature) for value in logs]
+
+
+def _sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))  # no overflow for large |z|
+
+
+def _fixed_rule(config: HybridConfig, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
+    return [config.mix_init for _ in mixes]
+
+
+MixingRule = Callable[[HybridConfig, list[float], list[BranchNorms]], list[float]]
+MIXING_RULES: dict[str, MixingRule] = {"share": _share_rule, "sigmoid": _sigmoid_rule, "fixed": _fixed_rule}
+
+
+def hybrid_layers(model: nn.Module) -> dict[str, HybridLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, HybridLayer)}
+
+
+def _squared_norm_and_count(params: list[nn.Parameter]) -> tuple[torch.Tensor, int]:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device, dtype=torch.float64), sum(p.numel() for p in params)
+    squared = sum(g.detach().double().pow(2).sum() for g in grads)
+    return squared, sum(p.numel() for p in params)
+
+
+@torch.no_grad()
+def update_mixing(model: nn.Module, *, sharded: bool = False) -> dict[str, dict[str, float]]:
+    """Set every hybrid layer's λ from the current gradients; call after ``backward()``, before the optimiser step.
+
+    Returns ``{layer: {"lambda", "grad_low_rank", "grad_orthogonal"}}`` for telemetry. With ``sharded=True`` (FSDP)
+    the squared gradient norms are summed across ranks before the rule runs.
+    """
+    layers = hybrid_layers(model)
+    if not layers:
+        return {}
+    squares, counts = [], []
+    for layer in layers.values():
+        for params in (layer.low_rank_parameters(), layer.orthogonal_parameters()):
+            squared, count = _squared_norm_and_count(params)
+            squares.append(squared)
+            counts.append(count)
+    stacked = torch.stack(squares)
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stacked)
+    rms = (stacked / torch.tensor(counts, dtype=torch.float64, device=stacked.device)).sqrt().tolist()
+    if not any(rms):
+        raise HybridPeftError("no hybrid layer has a gradient: call update_mixing after loss.backward()")
+    norms = {name: BranchNorms(rms[2 * i], rms[2 * i + 1]) for i, name in enumerate(layers)}
+    by_config: dict[HybridConfig, list[str]] = {}
+    for name, layer in layers.items():
+        by_config.setdefault(layer.config, []).append(name)
+    records = {}
+    for config, names in by_config.items():
+        mixes = [float(layers[n].mix) for n in names]
+        updated = MIXING_RULES[config.rule](config, mixes, [norms[n] for n in names])
+        for name, value in zip(names, updated, strict=True):
+            value = min(max(value, config.mix_min), 1 - config.mix_min)
+            layers[name].mix.fill_(value)
+            records[name] = {
+                "lambda": value,
+                "grad_low_rank": norms[name].low_rank,
+                "grad_orthogonal": norms[name].orthogonal,
+            }
+    return records
+
+
+# --- telemetry -------------------------------------------------------------------------------------------------
+
+
+class MixingTelemetry:
+    """Appends one JSON line per step: ``{"step": t, "layers": {name: {"lambda", "grad_low_rank", ...}}}``."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, records: dict[str, dict[str, float]]) -> None:
+        if not records:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, "layers": records}) + "\n")
+
+
+def read_mixing_telemetry(path: str | os.PathLike) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_mixing_heatmap(telemetry: str | os.PathLike, output: str | os.PathLike, title: str | None = None) -> Path:
+    """A layers × steps heatmap of λ from a telemetry JSONL file, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_mixing_telemetry(telemetry)
+    if not rows:
+        raise HybridPeftError(f"{telemetry} holds no telemetry rows")
+    names = list(rows[0]["layers"])
+    values = [[row["layers"].get(name, {}).get("lambda", float("nan")) for row in rows] for name in names]
+    steps = [row["step"] for row in rows]
+    figure, axis = plt.subplots(figsize=(min(14, 4 + len(steps) / 10), min(12, 2 + len(names) / 6)))
+    image = axis.imshow(
+        values,
+        aspect="auto",
+        cmap="viridis",
+        vmin=0.0,
+        vmax=1.0,
+        interpolation="nearest",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, len(names) - 0.5, -0.5),
+    )
+    axis.set_xlabel("step")
+    axis.set_ylabel("layer")
+    if len(names) <= 40:
+        axis.set_yticks(range(len(names)), [n.removeprefix("model.") for n in names], fontsize=6)
+    axis.set_title(title or "λ per layer (1 = low-rank LoRA-GA branch, 0 = orthogonal BOFT branch)")
+    figure.colorbar(image, ax=axis, label="λ")
+    figure.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
+# --- Hugging Face Trainer ----------------------------------------------------------------------------------------
+
+
+def mixing_callback(telemetry_path: str | os.PathLike | None = None, *, sharded: bool = False) -> Any:
+    """A ``transformers.TrainerCallback`` that runs :func:`update_mixing` before every optimiser step (and logs)."""
+    from transformers import TrainerCallback
+
+    telemetry = MixingTelemetry(telemetry_path) if telemetry_path else None
+
+    class HybridMixingCallback(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+            records = update_mixing(model, sharded=sharded)
+            if telemetry is not None and state.is_world_process_zero:
+                telemetry.log(state.global_step, records)
+
+    return HybridMixingCallback()

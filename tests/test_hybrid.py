@@ -1,0 +1,279 @@
+"""The hybrid: exact start, mixing rules, λ outside the optimiser, no collapse on a real task, telemetry, Trainer,
+data parallelism, per-pattern method assignment, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybrid_peft import (
+    ConfigError,
+    HybridConfig,
+    UnitaryConfig,
+    adapter_layers,
+    attach,
+    load_adapter,
+    lora_ga_initialise,
+    plot_mixing_heatmap,
+    save_adapter,
+    update_mixing,
+)
+from hybrid_peft.methods.hybrid import (
+    MIXING_RULES,
+    BranchNorms,
+    HybridLayer,
+    MixingTelemetry,
+    hybrid_layers,
+    read_mixing_telemetry,
+)
+
+from conftest import MODEL_FACTORIES, model_output
+from method_cases import random_batches
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def hybrid_model(rule: str = "share", **kwargs) -> torch.nn.Module:  # noqa: ANN003
+    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, rule=rule, **kwargs))
+    lora_ga_initialise(model, random_batches())
+    return model
+
+
+def train_steps(model: torch.nn.Module, steps: int, telemetry: MixingTelemetry | None = None, lr: float = 1e-2) -> None:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step, batch in enumerate(random_batches(steps, seed=11)):
+        model(**batch).loss.backward()
+        records = update_mixing(model)
+        if telemetry is not None:
+            telemetry.log(step, records)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("rule", sorted(MIXING_RULES))
+def test_effective_weight_is_the_base_weight_at_step_zero(rule: str) -> None:
+    original = MODEL_FACTORIES["llama"]()
+    model = hybrid_model(rule)
+    for name, layer in hybrid_layers(model).items():
+        assert layer.lora_B0.abs().sum() > 0, "LoRA-GA must have initialised the low-rank branch"
+        torch.testing.assert_close(layer.merged_weight(), original.get_submodule(name).weight, atol=1e-5, rtol=0)
+
+
+def test_mix_is_a_buffer_the_optimiser_never_sees() -> None:
+    model = hybrid_model("fixed", mix_init=0.3)
+    layer = next(iter(hybrid_layers(model).values()))
+    assert all(p is not layer.mix for p in model.parameters())
+    assert "mix" in dict(layer.named_buffers()) and "mix" in layer.adapter_state()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for batch in random_batches(3):
+        model(**batch).loss.backward()
+        optimizer.step()  # no update_mixing: λ must not move
+        optimizer.zero_grad()
+    assert all(float(m.mix) == pytest.approx(0.3) for m in hybrid_layers(model).values())
+    assert all(id(p) != id(layer.mix) for group in optimizer.param_groups for p in group["params"])
+
+
+def test_share_rule_follows_the_gate_normalised_gradients() -> None:
+    config = HybridConfig(rank=2, ema=0.0, mix_min=0.01)
+    # Same raw gradients, but the low-rank gate is small: dividing it out favours the low-rank branch.
+    assert MIXING_RULES["share"](config, [0.2], [BranchNorms(1.0, 1.0)])[0] == pytest.approx(0.8)
+    assert MIXING_RULES["share"](config, [0.5], [BranchNorms(3.0, 1.0)])[0] == pytest.approx(0.75)
+    smoothed = HybridConfig(rank=2, ema=0.9)
+    assert MIXING_RULES["share"](smoothed, [0.5], [BranchNorms(3.0, 1.0)])[0] == pytest.approx(0.9 * 0.5 + 0.1 * 0.75)
+
+
+def test_sigmoid_rule_sends_loud_layers_to_the_low_rank_branch() -> None:
+    config = HybridConfig(rank=2, rule="sigmoid", temperature=0.5)
+    loud, calm = MIXING_RULES["sigmoid"](config, [0.5, 0.5], [BranchNorms(4.0, 0.0), BranchNorms(1.0, 0.0)])
+    # log-norms 2·log 2 and 0, mean log 2: λ = σ(±log 2 / 0.5) = σ(±log 4) = 4/5 and 1/5.
+    assert loud == pytest.approx(0.8) and calm == pytest.approx(0.2)
+
+
+def test_update_mixing_clamps_and_records() -> None:
+    model = hybrid_model("sigmoid", temperature=1e-3, mix_min=0.1)
+    model(**random_batches(1)[0]).loss.backward()
+    records = update_mixing(model)
+    assert set(records) == set(hybrid_layers(model))
+    values = [r["lambda"] for r in records.values()]
+    assert min(values) >= 0.1 and max(values) <= 0.9
+    assert {round(v, 6) for v in values} <= {0.1, 0.9, 0.5}, "τ→0 saturates the sigmoid, the clamp catches it"
+
+
+def test_update_mixing_before_backward_is_an_error() -> None:
+    from hybrid_peft import HybridPeftError
+
+    with pytest.raises(HybridPeftError, match="after loss.backward"):
+        update_mixing(hybrid_model())
+
+
+def test_save_load_keeps_lambda_and_outputs(input_ids: torch.Tensor, tmp_path) -> None:  # noqa: ANN001
+    model = hybrid_model()
+    train_steps(model, 4)
+    model.eval()
+    expected = model_output(model, input_ids)
+    mixes = {n: float(m.mix) for n, m in hybrid_layers(model).items()}
+    assert any(abs(v - 0.5) > 1e-4 for v in mixes.values()), "λ should have moved"
+    save_adapter(model, tmp_path / "adapter")
+    fresh = load_adapter(MODEL_FACTORIES["llama"]().eval(), tmp_path / "adapter")
+    assert {n: float(m.mix) for n, m in hybrid_layers(fresh).items()} == mixes
+    torch.testing.assert_close(model_output(fresh, input_ids), expected, atol=1e-5, rtol=0)
+
+
+def test_per_pattern_assignment_unitary_attention_hybrid_mlp(input_ids: torch.Tensor, tmp_path) -> None:  # noqa: ANN001
+    model = MODEL_FACTORIES["llama"]().eval()
+    attach(model, UnitaryConfig())  # attention projections
+    attach(model, HybridConfig(rank=2, block_size=4, targets=["gate_proj", "up_proj", "down_proj"]))
+    lora_ga_initialise(model, random_batches())
+    kinds = {name.rsplit(".", 1)[-1]: type(layer).__name__ for name, layer in adapter_layers(model).items()}
+    assert kinds == {
+        "q_proj": "UnitaryLayer",
+        "k_proj": "UnitaryLayer",
+        "v_proj": "UnitaryLayer",
+        "o_proj": "UnitaryLayer",
+        "gate_proj": "HybridLayer",
+        "up_proj": "HybridLayer",
+        "down_proj": "HybridLayer",
+    }
+    train_steps(model, 2)
+    model.eval()
+    save_adapter(model, tmp_path / "adapter")
+    fresh = load_adapter(MODEL_FACTORIES["llama"]().eval(), tmp_path / "adapter")
+    torch.testing.assert_close(model_output(fresh, input_ids), model_output(model, input_ids), atol=1e-5, rtol=0)
+
+
+def test_telemetry_jsonl_and_heatmap(tmp_path) -> None:  # noqa: ANN001
+    model = hybrid_model()
+    telemetry = MixingTelemetry(tmp_path / "mixing.jsonl")
+    train_steps(model, 5, telemetry)
+    rows = read_mixing_telemetry(tmp_path / "mixing.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert set(rows[-1]["layers"]) == set(hybrid_layers(model))
+    assert {"lambda", "grad_low_rank", "grad_orthogonal"} == set(next(iter(rows[0]["layers"].values())))
+    png = plot_mixing_heatmap(tmp_path / "mixing.jsonl", tmp_path / "mixing.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hugging_face_trainer_callback(tmp_path) -> None:  # noqa: ANN001
+    from transformers import Trainer, TrainingArguments
+
+    from hybrid_peft import mixing_callback
+
+    model = hybrid_model()
+    data = [{"input_ids": b["input_ids"][0], "labels": b["labels"][0]} for b in random_batches(8, seed=3)]
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=arguments, train_dataset=data, callbacks=[mixing_callback(tmp_path / "mixing.jsonl")]
+    )
+    trainer.train()
+    rows = read_mixing_telemetry(tmp_path / "mixing.jsonl")
+    assert len(rows) == 3
+    assert any(abs(float(m.mix) - 0.5) > 1e-6 for m in hybrid_layers(model).values())
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not (SHARED_DATA / "glue" / "SST-2" / "train.tsv").is_file(), reason="needs ../shared/data (SST-2)")
+def test_share_rule_does_not_collapse_on_sst2() -> None:
+    """MiniLM-L6 on SST-2, hybrid on every linear layer, share rule, 100 steps: λ stays strictly inside
+    (λmin, 1 − λmin) in every layer and both branches' parameters have moved."""
+    from hybrid_peft import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    lines = (SHARED_DATA / "glue" / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    rows = [line.split("\t") for line in lines[:800]]
+    tokenizer = load_tokenizer("minilm-l6")
+    model = load_model("minilm-l6", task="sequence-classification", num_labels=2)
+    config = HybridConfig(rank=4, block_size=4, targets="all-linear", mix_min=0.05)
+    attach(model, config)
+    for p in model.classifier.parameters():  # the new head trains fully
+        p.requires_grad_(True)
+
+    def batch(i: int) -> dict[str, torch.Tensor]:
+        chunk = rows[(8 * i) % len(rows) : (8 * i) % len(rows) + 8]
+        encoded = tokenizer([r[0] for r in chunk], padding=True, truncation=True, max_length=48, return_tensors="pt")
+        encoded["labels"] = torch.tensor([int(r[1]) for r in chunk])
+        return dict(encoded)
+
+    lora_ga_initialise(model, [batch(i) for i in range(4)])
+    start = {
+        n: (layer.lora_A.detach().clone(), layer.boft_skew.detach().clone())
+        for n, layer in hybrid_layers(model).items()
+    }
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    losses = []
+    for step in range(100):
+        loss = model(**batch(step)).loss
+        loss.backward()
+        update_mixing(model)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, "the task should be learning"
+    for name, layer in hybrid_layers(model).items():
+        mix = float(layer.mix)
+        assert config.mix_min < mix < 1 - config.mix_min, f"{name}: λ collapsed to {mix}"
+        assert not torch.equal(layer.lora_A, start[name][0]), f"{name}: low-rank branch did not move"
+        assert layer.boft_skew.abs().max() > 0, f"{name}: orthogonal branch did not move"
+
+
+@pytest.mark.slow
+def test_lambda_identical_across_two_data_parallel_processes(tmp_path) -> None:  # noqa: ANN001
+    script = Path(__file__).parent / "scripts" / "hybrid_ddp.py"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "mix-rank0.pt"), torch.load(tmp_path / "mix-rank1.pt")
+    assert rank0.shape == rank1.shape and rank0.shape[0] == 5
+    assert torch.equal(rank0, rank1)
+    assert (rank0[-1] - 0.5).abs().max() > 1e-4, "λ should have moved"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"mix_min": 0.0}, "mix_min"),
+        ({"mix_min": 0.5}, "mix_min"),
+        ({"mix_min": -0.1}, "mix_min"),
+        ({"rule": "vote"}, "rule"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"mix_init": 0.99, "mix_min": 0.05}, "mix_init"),
+        ({"ema": 1.0}, "ema"),
+    ],
+)
+def test_bad_hybrid_config(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{field}:"):
+        HybridConfig(**kwargs)
+
+
+def test_layer_class_registered() -> None:
+    from hybrid_peft import get_method
+
+    assert get_method("hybrid").layer_class is HybridLayer
