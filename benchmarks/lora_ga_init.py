@@ -61,10 +61,14 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "peft":
         import peft
 
+        # preprocess_loraga runs before get_peft_model, so it cannot expand "all-linear": name the layers.
+        from hybrid_peft.targeting import select_targets
+
+        names = sorted({n.rsplit(".", 1)[-1] for n in select_targets(model, LoRAGAConfig(targets="all-linear"))})
         config = peft.LoraConfig(
             r=args.rank,
             lora_alpha=2 * args.rank,
-            target_modules="all-linear",
+            target_modules=names,
             init_lora_weights="lora_ga",
             lora_ga_config=peft.LoraGAConfig(direction="ArB2r", scale="stable"),
         )

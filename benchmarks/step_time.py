@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=1, help="processes per method, interleaved (median reported)")
     parser.add_argument("--baseline", default="peft-lora", help="method the ratios are relative to")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -157,26 +158,36 @@ def main() -> None:
     unknown = sorted(set(methods) - set(method_builders()))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {sorted(method_builders())}")
+    runs: dict[str, list[dict]] = {}
+    for repeat in range(args.repeats):  # interleaved, so slow drifts of the machine hit every method alike
+        for method in methods:
+            command = [sys.executable, __file__, "--worker", method] + [
+                f"--{key.replace('_', '-')}={value}"
+                for key, value in vars(args).items()
+                if key in ("model", "batch_size", "seq_len", "steps", "warmup", "threads", "device", "dtype")
+            ]
+            print(f"running {method} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
+            completed = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+            if completed.returncode != 0 or not lines:
+                print(f"{method} failed:\n{completed.stderr[-2000:]}", file=sys.stderr)
+                continue
+            runs.setdefault(method, []).append(json.loads(lines[-1][len("RESULT ") :]))
     results = []
-    for method in methods:
-        command = [sys.executable, __file__, "--worker", method] + [
-            f"--{key.replace('_', '-')}={value}"
-            for key, value in vars(args).items()
-            if key in ("model", "batch_size", "seq_len", "steps", "warmup", "threads", "device", "dtype")
-        ]
-        print(f"running {method} ...", file=sys.stderr, flush=True)
-        completed = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        if completed.returncode != 0 or not lines:
-            print(f"{method} failed:\n{completed.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
+    for method, method_runs in runs.items():  # median over processes of each process's median step
+        merged = dict(method_runs[0])
+        for key in ("median_step_s", "peak_mb"):
+            merged[key] = statistics.median(r[key] for r in method_runs)
+        merged["min_step_s"] = min(r["min_step_s"] for r in method_runs)
+        merged["max_step_s"] = max(r["max_step_s"] for r in method_runs)
+        results.append(merged)
 
     baseline = next((r for r in results if r["method"] == args.baseline), None)
     memory = "peak allocated MB" if args.device.startswith("cuda") else "peak RSS MB"
     print(
         f"\n{args.model}, batch {args.batch_size}x{args.seq_len}, all linear layers, {args.device} {args.dtype}, "
-        f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up\n"
+        f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up, "
+        f"median over {args.repeats} process(es) per method\n"
     )
     print(
         f"| method | trainable params | step s (median) | min–max s | × {args.baseline} "

@@ -155,3 +155,36 @@ def test_config_needs_exactly_one_block_setting() -> None:
         BOFTConfig(block_size=4, block_num=8)
     with pytest.raises(ConfigError, match="exactly one"):
         BOFTConfig(block_size=0, block_num=0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_low_rank", [False, True])
+@pytest.mark.parametrize("tiny_scale", [False, True])
+def test_scaled_linear_matches_plain_autograd(with_bias: bool, with_low_rank: bool, tiny_scale: bool) -> None:
+    """The output-saving fast path gives the reference's values and gradients (x, s, h, B), including when some
+    scale is tiny (then it keeps x W0ᵀ instead of recovering it from the output)."""
+    from hybrid_peft.methods.boft import ScaledLinear, scaled_linear_plain
+
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    weight, bias = randn(6, 5), randn(6) if with_bias else None
+    x, scale, h, b = randn(7, 5), 1 + 0.3 * randn(6), randn(7, 3), randn(6, 3)
+    if tiny_scale:
+        scale[2] = 1e-5
+    coefficient = torch.tensor(0.7, dtype=torch.float64)
+    upstream = randn(7, 6)
+    results = []
+    for function in (ScaledLinear.apply, scaled_linear_plain):
+        inputs = [t.clone().requires_grad_() for t in (x, scale, h, b)]
+        low_rank = (inputs[2], inputs[3], coefficient) if with_low_rank else (None, None, coefficient)
+        out = function(inputs[0], weight, inputs[1], bias, *low_rank)
+        (out * upstream).sum().backward()
+        grads = [t.grad for t in inputs[: 4 if with_low_rank else 2]]
+        results.append((out, grads))
+    (fast, fast_grads), (reference, reference_grads) = results
+    torch.testing.assert_close(fast, reference)
+    for fast_grad, reference_grad in zip(fast_grads, reference_grads, strict=True):
+        torch.testing.assert_close(fast_grad, reference_grad)

@@ -277,3 +277,20 @@ def test_layer_class_registered() -> None:
     from hybrid_peft import get_method
 
     assert get_method("hybrid").layer_class is HybridLayer
+
+
+def test_project_training_loop_applies_the_rule_and_logs(tmp_path) -> None:  # noqa: ANN001
+    from hybrid_peft.training import train
+
+    model = hybrid_model()
+    log = train(
+        model,
+        iter(random_batches(4, seed=2)),
+        steps=4,
+        learning_rate=1e-2,
+        progress=False,
+        mixing_log=tmp_path / "mixing.jsonl",
+    )
+    assert len(log.losses) == 4
+    assert [row["step"] for row in read_mixing_telemetry(tmp_path / "mixing.jsonl")] == [0, 1, 2, 3]
+    assert any(abs(float(m.mix) - 0.5) > 1e-6 for m in hybrid_layers(model).values())

@@ -7,13 +7,14 @@ hybrid-peft demo                                                the main job on 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
 
 from hybrid_peft import __version__
-from hybrid_peft.errors import HybridPeftError
+from hybrid_peft.errors import ConfigError, HybridPeftError
 
 
 def _parse_targets(text: str) -> str | tuple[str, ...]:
@@ -23,6 +24,20 @@ def _parse_targets(text: str) -> str | tuple[str, ...]:
     if text == "all-linear":
         return text
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _parse_settings(items: Sequence[str]) -> dict[str, object]:
+    """``["rank=4", "use_rslora=true", "rule=share"]`` -> ``{"rank": 4, "use_rslora": True, "rule": "share"}``."""
+    settings: dict[str, object] = {}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rank=8")
+        try:
+            settings[key] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[key] = text
+    return settings
 
 
 def infer_task(path: str) -> str:
@@ -43,21 +58,23 @@ def command_info(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from hybrid_peft.adapters import adapter_layers, attach, parameter_counts
-    from hybrid_peft.methods.lora import LoRAConfig
+    from hybrid_peft.config import AdapterConfig
     from hybrid_peft.models import load_model, resolve_model_path
 
     torch.set_num_threads(args.threads)
+    settings = {"method": args.method, "targets": _parse_targets(args.targets)} | _parse_settings(args.set)
+    config = AdapterConfig.from_dict(settings)  # validates before the model is loaded
     path = resolve_model_path(args.model)
     task = args.task if args.task != "auto" else infer_task(path)
     model = load_model(args.model, task=task)
     _, total_before = parameter_counts(model)
-    config = LoRAConfig(rank=args.rank, alpha=args.alpha, targets=_parse_targets(args.targets))
     attach(model, config)
     layers = adapter_layers(model)
     trainable, _ = parameter_counts(model)
 
     console = Console()
-    title = f"{args.model} ({type(model).__name__}, task {task}): LoRA r={args.rank} on targets={args.targets}"
+    options = ", ".join(f"{k}={v}" for k, v in _parse_settings(args.set).items())
+    title = f"{args.model} ({type(model).__name__}, task {task}): {args.method}({options}) on targets={args.targets}"
     table = Table(title=title, title_justify="left")
     if args.all:
         for column in ("module", "type", "in", "out", "adapter params"):
@@ -119,8 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="all-linear",
         help="'all-linear', comma-separated names (q_proj,v_proj) or 're:<regex>' on full names",
     )
-    info.add_argument("--rank", type=int, default=8, help="LoRA rank used for the parameter count (default 8)")
-    info.add_argument("--alpha", type=float, default=16.0)
+    info.add_argument("--method", default="lora", help="adapter method (lora, lora-ga, boft, unitary, hybrid)")
+    info.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config field of the method, e.g. --set rank=16 --set block_size=8 (repeatable)",
+    )
     info.add_argument("--all", action="store_true", help="one row per module instead of one per module kind")
     info.add_argument("--threads", type=int, default=default_threads)
     info.set_defaults(handler=command_info)

@@ -7,6 +7,7 @@ clear stop on a non-finite loss.
 from __future__ import annotations
 
 import math
+import os
 import random
 import resource
 import sys
@@ -94,8 +95,16 @@ def train(
     weight_decay: float = 0.0,
     description: str = "training",
     progress: bool = True,
+    mixing_log: str | os.PathLike | None = None,
 ) -> TrainLog:
-    """Train ``steps`` AdamW steps on the parameters that require grad; returns the per-step losses and times."""
+    """Train ``steps`` AdamW steps on the parameters that require grad; returns the per-step losses and times.
+
+    Models with hybrid layers get their mixing rule applied after every backward pass (λ per layer from the
+    gradient norms), with one telemetry line per step written to ``mixing_log`` when given."""
+    from hybrid_peft.methods.hybrid import MixingTelemetry, hybrid_layers, update_mixing
+
+    mixing = bool(hybrid_layers(model))
+    telemetry = MixingTelemetry(mixing_log) if mixing and mixing_log is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: attach an adapter or unfreeze the model first")
@@ -112,6 +121,10 @@ def train(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: the training loss is {loss.item()}; lower the learning rate")
         loss.backward()
+        if mixing:
+            records = update_mixing(model)
+            if telemetry is not None:
+                telemetry.log(step, records)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)

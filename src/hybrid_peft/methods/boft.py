@@ -226,6 +226,98 @@ class ButterflyRotate(torch.autograd.Function):
         return (g if ctx.needs_input_grad[0] else None, grad_rotations, *([None] * len(plan)))
 
 
+def scaled_linear_plain(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    low_rank_input: torch.Tensor | None = None,
+    low_rank_weight: torch.Tensor | None = None,
+    low_rank_scale: torch.Tensor | float = 0.0,
+) -> torch.Tensor:
+    """``y = (x W0ᵀ) ⊙ s + b [+ c · h Bᵀ]`` with plain autograd: the reference for :class:`ScaledLinear`."""
+    out = F.linear(x.to(weight.dtype), weight).to(scale.dtype) * scale
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    if low_rank_input is not None:
+        out = out + low_rank_scale * F.linear(low_rank_input, low_rank_weight)
+    return out
+
+
+# Below this |s| the output-based recovery of x W0ᵀ loses precision, so the product itself is kept instead.
+SMALL_SCALE = 1e-3
+
+
+class ScaledLinear(torch.autograd.Function):
+    """:func:`scaled_linear_plain` for ``x (T, in)`` and a frozen ``W0``, saving the *output* ``y`` rather than the
+    product ``z = x W0ᵀ`` that the scale's gradient needs: ``z = (y − b − c·h Bᵀ) / s`` is recovered in backward
+    (``h Bᵀ`` is rank r, cheap). When the next operation saves ``y`` too (an activation, a product, attention's
+    values), the two share storage, so the scale costs no activation memory. The low-rank term is the hybrid's
+    LoRA branch (``h = x Aᵀ``, ``c = λ·s_lora``, no gradient for ``c``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale):  # noqa: ANN001, ANN205
+        out = F.linear(x.to(weight.dtype), weight).to(scale.dtype)
+        product = out
+        out = out * scale
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        if low_rank_input is not None:
+            out = out + low_rank_scale * F.linear(low_rank_input, low_rank_weight)
+        ctx.keep_product = bool((scale.abs() < SMALL_SCALE).any())  # a host sync; exactness first
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(
+            weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale, product if ctx.keep_product else out
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale, saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if needs[1]:
+            raise RuntimeError("ScaledLinear needs a frozen base weight; use scaled_linear_plain to train it")
+        grad_x = grad_scale = grad_bias = grad_input = grad_low_rank = None
+        if needs[0]:
+            grad_x = ((grad * scale).to(weight.dtype) @ weight).to(grad.dtype)
+        if needs[2]:
+            if ctx.keep_product:
+                product = saved
+            else:
+                rest = saved
+                if ctx.has_bias:
+                    rest = rest - bias.to(rest.dtype)
+                if low_rank_input is not None:
+                    rest = rest - low_rank_scale * F.linear(low_rank_input, low_rank_weight)
+                product = rest / scale
+            grad_scale = (grad * product).sum(0)
+        if needs[3]:
+            grad_bias = grad.sum(0).to(bias.dtype)
+        if low_rank_input is not None:
+            if needs[4]:
+                grad_input = low_rank_scale * (grad @ low_rank_weight)  # (T, out) @ (out, r)
+            if needs[5]:
+                grad_low_rank = low_rank_scale * (grad.T @ low_rank_input)  # (out, T) @ (T, r)
+        return grad_x, None, grad_scale, grad_bias, grad_input, grad_low_rank, None
+
+
+def scaled_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    low_rank_input: torch.Tensor | None = None,
+    low_rank_weight: torch.Tensor | None = None,
+    low_rank_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fast path when the base weight is frozen, else the plain one (same maths)."""
+    if weight.requires_grad:
+        scale_term = 0.0 if low_rank_scale is None else low_rank_scale
+        return scaled_linear_plain(x, weight, scale, bias, low_rank_input, low_rank_weight, scale_term)
+    coefficient = low_rank_scale if low_rank_scale is not None else scale.new_zeros(())
+    return ScaledLinear.apply(x, weight, scale, bias, low_rank_input, low_rank_weight, coefficient)
+
+
 def multiplicative_dropout(rotations: torch.Tensor, p: float) -> torch.Tensor:
     """PEFT's BOFT dropout: in one random factor, replace ``int(p·N)`` random blocks by the identity."""
     m, n, b, _ = rotations.shape
@@ -311,11 +403,11 @@ class BOFTLayer(AdapterLayer):
                 base.to(rotations.dtype), rotations.transpose(-1, -2).flip(0), _reverse_plan(self.plan)
             )
             out = F.linear(x2d.to(rotations.dtype), rotated_weight)
+            bias = self.base_layer.bias
+            out = out * self.boft_scale if bias is None else torch.addcmul(bias.to(out.dtype), out, self.boft_scale)
         else:
             rotated = ButterflyRotate.apply(x2d.to(rotations.dtype), rotations, *self.plan)
-            out = F.linear(rotated.to(base.dtype), base).to(rotations.dtype)
-        bias = self.base_layer.bias
-        out = out * self.boft_scale if bias is None else torch.addcmul(bias.to(out.dtype), out, self.boft_scale)
+            out = scaled_linear(rotated, base, self.boft_scale, self.base_layer.bias)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -47,9 +47,9 @@ from hybrid_peft.methods.boft import (
     multiplicative_dropout,
     register_gather_plan,
     resolve_blocks,
+    scaled_linear,
     skew_symmetric,
 )
-from hybrid_peft.methods.lora import lora_forward_delta
 from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
 from hybrid_peft.registry import register_method
 
@@ -182,10 +182,17 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
         dtype = self.boft_skew.dtype
         x2d = x.reshape(-1, self.in_features).to(dtype)
         rotated = ButterflyRotate.apply(x2d, self.rotations(), *self.plan)
-        out = F.linear(rotated.to(base.dtype), base).to(dtype)  # the one base matmul
-        bias = self.base_layer.bias
-        out = out * self.boft_scale if bias is None else torch.addcmul(bias.to(dtype), out, self.boft_scale)
-        out = out + lora_forward_delta(self.lora_dropout(x2d), self.lora_A, self.lora_B, self.mix * self.lora_scaling)
+        low_rank_input = F.linear(self.lora_dropout(x2d), self.lora_A)  # (T, r)
+        # The one base matmul, scaled, plus the low-rank branch; saves the output instead of x W0ᵀ.
+        out = scaled_linear(
+            rotated,
+            base,
+            self.boft_scale,
+            self.base_layer.bias,
+            low_rank_input,
+            self.lora_B,
+            self.mix * self.lora_scaling,
+        )
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
