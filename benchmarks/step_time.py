@@ -174,7 +174,7 @@ def main() -> None:
                 continue
             runs.setdefault(method, []).append(json.loads(lines[-1][len("RESULT ") :]))
     results = []
-    for method, method_runs in runs.items():  # median over processes of each process's median step
+    for method_runs in runs.values():  # median over processes of each process's median step
         merged = dict(method_runs[0])
         for key in ("median_step_s", "peak_mb"):
             merged[key] = statistics.median(r[key] for r in method_runs)
