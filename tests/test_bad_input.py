@@ -144,3 +144,21 @@ def test_saving_again_overwrites_atomically(tmp_path, input_ids: torch.Tensor) -
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp files
     fresh = load_adapter(tiny_llama().eval(), tmp_path / "adapter")
     torch.testing.assert_close(model_output(fresh, input_ids), model_output(model, input_ids), atol=1e-6, rtol=0)
+
+
+def test_trained_head_is_saved_and_loaded_with_the_adapter(tmp_path) -> None:  # noqa: ANN001
+    from conftest import tiny_bert_classifier
+
+    model = attach(tiny_bert_classifier(), LoRAConfig(rank=2)).eval()
+    for p in model.classifier.parameters():  # a new head trains fully (PEFT's modules_to_save)
+        p.requires_grad_(True)
+    perturb_adapters(model)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    ids = torch.randint(0, 97, (2, 9))
+    expected = model_output(model, ids)
+    save_adapter(model, tmp_path / "adapter")
+    document = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert document["trained_base_parameters"] == ["classifier.weight", "classifier.bias"]
+    fresh = load_adapter(tiny_bert_classifier().eval(), tmp_path / "adapter")
+    torch.testing.assert_close(model_output(fresh, ids), expected, atol=1e-6, rtol=0)

@@ -7,6 +7,7 @@ hybrid-peft demo                                                the main job on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -119,6 +120,91 @@ def command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_train(args: argparse.Namespace) -> int:
+    from hybrid_peft.recipe import TrainConfig, merge_options, run_training
+
+    overrides = {
+        name: getattr(args, name) for name in (f.name for f in dataclasses.fields(TrainConfig)) if hasattr(args, name)
+    }
+    if args.set:
+        overrides["adapter"] = _parse_settings(args.set)
+    if args.config:
+        config = TrainConfig.from_file(args.config, overrides)
+    else:
+        config = TrainConfig.from_dict(merge_options({}, overrides))
+    summary = run_training(config, resume=args.resume)
+    if summary:
+        print(json.dumps({k: summary[k] for k in ("before", "after", "final_loss", "wall_s", "peak_rss_mb")}, indent=2))
+        print(f"wrote {config.output_dir}/ (summary.json, report.md, loss.png, train_log.jsonl)")
+    return 0
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from hybrid_peft.models import load_model, load_tokenizer
+    from hybrid_peft.serialization import load_adapter, read_adapter_config
+    from hybrid_peft.tasks.base import get_task
+
+    torch.set_num_threads(args.threads)
+    task = get_task(args.task, data_dir=args.data_dir)
+    rows = task.eval_rows()[: args.eval_examples or None]
+    options = {"num_labels": task.num_labels} if task.model_task == "sequence-classification" else {}
+    model = load_model(args.model, task=task.model_task, **options)
+    if args.adapter:
+        read_adapter_config(args.adapter)
+        load_adapter(model, args.adapter)
+    metrics = task.evaluate(
+        model,
+        load_tokenizer(args.model),
+        rows,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        generate=args.generate,
+    )
+    print(json.dumps({"task": task.name, "examples": len(rows), **metrics}, indent=2))
+    return 0
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    from hybrid_peft.recipe import TrainConfig
+
+    helps = {
+        "model": "alias (smollm2-135m, minilm-l6), hub id or local folder",
+        "task": "humaneval, gsm8k, sst2, mrpc, cola, or glue-spec:<spec.json>",
+        "data_dir": "folder holding gsm8k/, glue/, ... (default: $HYBRID_PEFT_DATA or a shared/data folder nearby)",
+        "method": "lora, lora-ga, boft, unitary, hybrid, or full (full fine-tuning)",
+        "eval_every": "evaluate every N steps (0: only before and after)",
+        "eval_examples": "evaluate on the first N held-out examples (0: all)",
+        "generate": "include generation metrics (pass@1, exact match) in evaluations",
+        "save_every": "write a checkpoint every N steps (0: none)",
+        "init_batches": "batches for LoRA-GA's gradient estimate (lora-ga, hybrid)",
+        "merge": "also export the merged model to OUTPUT_DIR/merged",
+        "threads": "torch CPU threads (0: torch's default)",
+    }
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "adapter":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{helps.get(f.name, '')} (default {default})",
+            )
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper(),
+                help=f"{helps.get(f.name, '')} (default {default})".strip(),
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybrid-peft",
@@ -147,6 +233,31 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--all", action="store_true", help="one row per module instead of one per module kind")
     info.add_argument("--threads", type=int, default=default_threads)
     info.set_defaults(handler=command_info)
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a model with any method (or fully) on a task; checkpoints, resume, report",
+        description="Fine-tune a model. Options come from --config (YAML/JSON), then the flags below override them; "
+        "method options go in --set (e.g. --method hybrid --set rank=16 --set rule=sigmoid). Runs unchanged under "
+        "torchrun / accelerate launch.",
+    )
+    train.add_argument("--config", help="YAML or JSON file with any of the options below")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    _add_train_options(train)
+    train.set_defaults(handler=command_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model (and optionally an adapter) on a task")
+    evaluate.add_argument("--model", default="smollm2-135m")
+    evaluate.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
+    evaluate.add_argument("--task", default="humaneval")
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--eval-examples", type=int, default=0, help="first N held-out examples (0: all)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-length", type=int, default=256)
+    evaluate.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True)
+    evaluate.add_argument("--threads", type=int, default=default_threads)
+    evaluate.set_defaults(handler=command_eval)
 
     demo = commands.add_parser("demo", help="fine-tune the default model with LoRA on HumanEval, offline (~3 min)")
     demo.add_argument("--model", default="smollm2-135m")

@@ -37,6 +37,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_NAME = "hybrid-peft-adapter"
 FORMAT_VERSION = 1
+TRAINED_PREFIX = "trained_base::"
 
 # Two fingerprints agree when every sampled value is within this fraction of the sample's largest magnitude:
 # loose enough for the same model in bf16 vs fp32, far too tight for two different models to pass.
@@ -64,6 +65,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         modules[name] = configs.index(layer.config)
         for local, tensor in layer.adapter_state().items():
             tensors[f"{name}.{local}"] = tensor.detach().to("cpu").contiguous()
+    # Parameters trained outside the adapters (e.g. a new classification head), like PEFT's modules_to_save.
+    adapter_ids = {id(t) for layer in layers.values() for t in layer.adapter_state().values()}
+    trained_base = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids]
+    for name in trained_base:
+        tensors[f"{TRAINED_PREFIX}{name}"] = model.get_parameter(name).detach().to("cpu").contiguous()
     atomic_write_with(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     fingerprint = state.base_fingerprint if state is not None else {}
     document = {
@@ -72,6 +78,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "hybrid_peft_version": __version__,
         "configs": [c.to_dict() for c in configs],
         "modules": modules,
+        "trained_base_parameters": trained_base,
         "base_model": {
             "name_or_path": model_name(model),
             "class": type(model).__name__,
@@ -195,6 +202,14 @@ def load_adapter(
     by_config: dict[int, list[str]] = {}
     for name, index in document["modules"].items():
         by_config.setdefault(int(index), []).append(name)
+    trained_base = document.get("trained_base_parameters", [])
+    parameters = dict(model.named_parameters())
+    for name in trained_base:
+        key = f"{TRAINED_PREFIX}{name}"
+        if name not in parameters or key not in tensors or parameters[name].shape != tensors[key].shape:
+            raise AdapterFileError(
+                f"{directory}: the trained base parameter {name} does not fit this model (missing or another shape)"
+            )
     try:
         for index, names in by_config.items():
             wrap_modules(model, names, configs[index])
@@ -203,6 +218,10 @@ def load_adapter(
             layer.load_adapter_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
             for _, p in layer.adapter_named_parameters():
                 p.requires_grad_(trainable)
+        with torch.no_grad():
+            for name in trained_base:
+                parameters[name].copy_(tensors[f"{TRAINED_PREFIX}{name}"])
+                parameters[name].requires_grad_(trainable)
     except (KeyError, ValueError, IndexError) as exc:
         from hybrid_peft.adapters import detach
 

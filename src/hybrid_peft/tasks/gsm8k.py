@@ -1,15 +1,28 @@
-"""GSM8K (Cobbe et al. 2021) in its original JSONL form: one ``{"question", "answer"}`` object per line."""
+"""GSM8K (Cobbe et al. 2021) in its original JSONL form: one ``{"question", "answer"}`` object per line.
+
+Training is supervised fine-tuning on ``Question: …\\nAnswer:`` → the worked answer (loss on the answer only).
+Evaluation: held-out loss, and greedy generation scored by exact match of the final number (after ``####``, else
+the last number the model wrote).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from hybrid_peft.tasks.base import TaskDataError, greedy_generate, mean_loss, prompt_completion_batch, register_task
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
 
 def default_data_dir() -> Path | None:
-    """``$HYBRID_PEFT_DATA`` or a ``shared/data`` folder beside the working directory's parents, if present."""
+    """``$HYBRID_PEFT_DATA``, else the first ``shared/data`` folder found from the working directory upwards."""
     if env := os.environ.get("HYBRID_PEFT_DATA"):
         return Path(env)
     for parent in [Path.cwd(), *Path.cwd().parents]:
@@ -19,24 +32,102 @@ def default_data_dir() -> Path | None:
     return None
 
 
-def load_gsm8k(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Rows of ``gsm8k/<split>.jsonl`` under ``data_dir`` (default: :func:`default_data_dir`)."""
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     base = Path(data_dir) if data_dir is not None else default_data_dir()
     if base is None:
-        raise FileNotFoundError("no data folder: pass data_dir= or set HYBRID_PEFT_DATA to the folder holding gsm8k/")
-    path = base / "gsm8k" / f"{split}.jsonl"
+        raise TaskDataError(
+            "no data folder: pass --data-dir (or data_dir=) or set HYBRID_PEFT_DATA to the folder that holds "
+            "gsm8k/, glue/, xnli/, ..."
+        )
+    return base
+
+
+def load_gsm8k(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Rows of ``gsm8k/<split>.jsonl`` under ``data_dir`` (default: :func:`default_data_dir`)."""
+    path = resolve_data_dir(data_dir) / "gsm8k" / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; GSM8K's {split}.jsonl is expected there")
+        raise TaskDataError(f"{path} does not exist; GSM8K's {split}.jsonl is expected there")
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        if "question" not in row or "answer" not in row:
-            raise ValueError(f"{path}:{number}: expected keys 'question' and 'answer', got {sorted(row)}")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TaskDataError(f"{path}:{number} is not valid JSON ({exc})") from exc
+        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+            raise TaskDataError(f"{path}:{number}: expected keys 'question' and 'answer'")
         rows.append(row)
+    if not rows:
+        raise TaskDataError(f"{path} has no examples")
     return rows
 
 
+def gsm8k_prompt(row: dict[str, Any]) -> str:
+    return f"Question: {row['question']}\nAnswer:"
+
+
 def gsm8k_text(row: dict[str, Any]) -> str:
-    return f"Question: {row['question']}\nAnswer: {row['answer']}"
+    return f"{gsm8k_prompt(row)} {row['answer']}"
+
+
+def _normalise(number: str) -> str:
+    number = number.replace(",", "").rstrip(".")
+    try:
+        value = float(number)
+    except ValueError:
+        return number
+    return str(int(value)) if value == int(value) else str(value)
+
+
+def final_number(text: str) -> str | None:
+    """The answer a solution states: the number after ``####``, else the last number in the text."""
+    if "####" in text:
+        match = NUMBER.search(text.split("####", 1)[1])
+        return _normalise(match.group()) if match else None
+    numbers = NUMBER.findall(text)
+    return _normalise(numbers[-1]) if numbers else None
+
+
+@register_task("gsm8k")
+class Gsm8kTask:
+    name = "gsm8k"
+    model_task = "causal-lm"
+    num_labels = None
+
+    def __init__(self, data_dir: str | os.PathLike | None = None) -> None:
+        self.data_dir = data_dir
+
+    def train_rows(self) -> list[dict[str, Any]]:
+        return load_gsm8k("train", self.data_dir)
+
+    def eval_rows(self) -> list[dict[str, Any]]:
+        return load_gsm8k("test", self.data_dir)
+
+    def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
+        return prompt_completion_batch(
+            tokenizer, [gsm8k_prompt(r) for r in rows], [" " + r["answer"] for r in rows], max_length
+        )
+
+    def evaluate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        rows: Sequence[dict[str, Any]],
+        *,
+        batch_size: int = 8,
+        max_length: int = 256,
+        max_new_tokens: int = 192,
+        generate: bool = True,
+        **_: Any,
+    ) -> dict[str, float]:
+        batches = [self.batch(tokenizer, rows[i : i + batch_size], max_length) for i in range(0, len(rows), batch_size)]
+        metrics = {"loss": mean_loss(model, batches)}
+        if generate:
+            completions = greedy_generate(model, tokenizer, [gsm8k_prompt(r) for r in rows], max_new_tokens, batch_size)
+            correct = [
+                final_number(c.split("\nQuestion:")[0]) == final_number(r["answer"])
+                for c, r in zip(completions, rows, strict=True)
+            ]
+            metrics["exact_match"] = sum(correct) / len(rows)
+        return metrics

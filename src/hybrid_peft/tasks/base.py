@@ -1,0 +1,190 @@
+"""What a task is to the training recipe: its data splits, how to batch them, how to score a model on them.
+
+A task is a small object with a name, the kind of model it needs (``causal-lm`` or ``sequence-classification``),
+``train_rows()`` / ``eval_rows()``, ``batch(tokenizer, rows, max_length)`` and ``evaluate(model, tokenizer, rows)``.
+Tasks are looked up by name in :data:`TASKS` (``register_task`` adds one).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from hybrid_peft.errors import HybridPeftError
+
+
+class TaskDataError(HybridPeftError, ValueError):
+    """A task's data file is missing, empty or malformed."""
+
+
+class Task(Protocol):
+    name: str
+    model_task: str  # "causal-lm" or "sequence-classification"
+    num_labels: int | None
+
+    def train_rows(self) -> list[dict[str, Any]]: ...
+
+    def eval_rows(self) -> list[dict[str, Any]]: ...
+
+    def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]: ...
+
+    def evaluate(
+        self, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], **options: Any
+    ) -> dict[str, float]: ...
+
+
+TASKS: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str) -> Callable:
+    def decorator(factory: Callable[..., Task]) -> Callable[..., Task]:
+        TASKS[name] = factory
+        return factory
+
+    return decorator
+
+
+def get_task(name: str, **options: Any) -> Task:
+    import hybrid_peft.tasks.glue  # noqa: F401  (registers)
+    import hybrid_peft.tasks.gsm8k  # noqa: F401
+    import hybrid_peft.tasks.humaneval  # noqa: F401
+
+    if name.startswith("glue-spec:"):
+        from hybrid_peft.tasks.glue import GlueTask
+
+        return GlueTask.from_spec_file(name.removeprefix("glue-spec:"), **options)
+    if name not in TASKS:
+        raise TaskDataError(f"unknown task {name!r}; choose one of {sorted(TASKS)} or glue-spec:<spec.json>")
+    return TASKS[name](**options)
+
+
+# --- batching helpers -------------------------------------------------------------------------------------------
+
+
+def warn_if_truncated(
+    tokenizer: Any, texts: Sequence[str], max_length: int, pairs: Sequence[str] | None = None
+) -> None:
+    encoded = tokenizer(list(texts), list(pairs) if pairs is not None else None, add_special_tokens=True)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    longest = max(lengths, default=0)
+    if longest > max_length:
+        warnings.warn(
+            f"{sum(n > max_length for n in lengths)} of {len(lengths)} sequences are longer than max_length="
+            f"{max_length} tokens (longest {longest}) and were truncated; raise --max-length to keep them whole",
+            stacklevel=3,
+        )
+
+
+def prompt_completion_batch(
+    tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], max_length: int
+) -> dict[str, torch.Tensor]:
+    """Causal-LM batch of ``prompt + completion`` with the loss on the completion tokens only (right padding).
+
+    Too long a pair keeps the start of the completion (at least half of ``max_length``) and the end of the prompt,
+    with a warning: cutting from the right alone would leave long prompts with nothing to learn from."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows, truncated = [], 0
+    for prompt, completion in zip(prompts, completions, strict=True):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+        if len(prompt_ids) + len(completion_ids) > max_length:
+            truncated += 1
+            completion_ids = completion_ids[: max(max_length - len(prompt_ids), max_length // 2)]
+            prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(completion_ids)) :]
+        rows.append((prompt_ids, completion_ids))
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {len(rows)} examples are longer than max_length={max_length} tokens and were truncated "
+            "(prompt from the left, completion from the right); raise --max-length to keep them whole",
+            stacklevel=2,
+        )
+    width = max(len(p) + len(c) for p, c in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for row, (prompt_ids, completion_ids) in enumerate(rows):
+        ids = prompt_ids + completion_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, len(prompt_ids) : len(ids)] = torch.tensor(completion_ids)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@torch.no_grad()
+def mean_loss(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Token- (or example-) weighted mean loss over batches, in eval mode (restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        labels = batch["labels"]
+        n = int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.shape[0]
+        total += float(model(**batch).loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
+    """Greedy completions (decoded, prompt removed), batched with left padding."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True)
+            generated = model.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+            outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+
+
+def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
+    """Accuracy, binary F1 (positive class 1) and Matthews correlation (binary; multi-class uses its general form)."""
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError("predictions and labels must be non-empty and of equal length")
+    n = len(labels)
+    accuracy = sum(p == y for p, y in zip(predictions, labels, strict=True)) / n
+    tp = sum(p == 1 and y == 1 for p, y in zip(predictions, labels, strict=True))
+    fp = sum(p == 1 and y != 1 for p, y in zip(predictions, labels, strict=True))
+    fn = sum(p != 1 and y == 1 for p, y in zip(predictions, labels, strict=True))
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return {"accuracy": accuracy, "f1": f1, "mcc": matthews_corrcoef(predictions, labels)}
+
+
+def matthews_corrcoef(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Gorodkin's multi-class MCC (equals the binary formula for two classes); 0 when undefined."""
+    classes = sorted(set(labels) | set(predictions))
+    index = {c: i for i, c in enumerate(classes)}
+    k = len(classes)
+    confusion = [[0] * k for _ in range(k)]
+    for p, y in zip(predictions, labels, strict=True):
+        confusion[index[y]][index[p]] += 1
+    total = len(labels)
+    correct = sum(confusion[i][i] for i in range(k))
+    true_counts = [sum(row) for row in confusion]
+    predicted_counts = [sum(confusion[i][j] for i in range(k)) for j in range(k)]
+    numerator = correct * total - sum(t * p for t, p in zip(true_counts, predicted_counts, strict=True))
+    denominator = math.sqrt(
+        (total**2 - sum(p * p for p in predicted_counts)) * (total**2 - sum(t * t for t in true_counts))
+    )
+    return numerator / denominator if denominator else 0.0

@@ -1,0 +1,149 @@
+"""GLUE-format sentence(-pair) classification from TSV files: SST-2, MRPC, CoLA built in, any other by a spec.
+
+A spec names the folder (relative to the data folder), the files, whether they have a header, the text column(s)
+and the label column (names with a header, 0-based indices without), and the label set::
+
+    {"name": "rte", "folder": "glue/RTE", "header": true, "text_columns": ["sentence1", "sentence2"],
+     "label_column": "label", "labels": ["not_entailment", "entailment"]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hybrid_peft.tasks.base import TaskDataError, classification_metrics, register_task, warn_if_truncated
+from hybrid_peft.tasks.gsm8k import resolve_data_dir
+
+
+@dataclass(frozen=True)
+class GlueSpec:
+    name: str
+    folder: str
+    text_columns: tuple[str | int, ...]
+    label_column: str | int
+    header: bool = True
+    labels: tuple[str, ...] = ("0", "1")
+    train_file: str = "train.tsv"
+    eval_file: str = "dev.tsv"
+    metrics: tuple[str, ...] = field(default=("accuracy", "f1", "mcc"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text_columns", tuple(self.text_columns))
+        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        if not 1 <= len(self.text_columns) <= 2:
+            raise TaskDataError(f"{self.name}: text_columns must name one or two columns, got {self.text_columns}")
+        if len(self.labels) < 2:
+            raise TaskDataError(f"{self.name}: labels must list at least two classes, got {self.labels}")
+
+
+BUILTIN_SPECS = {
+    "sst2": GlueSpec("sst2", "glue/SST-2", ("sentence",), "label"),
+    "mrpc": GlueSpec("mrpc", "glue/MRPC", ("#1 String", "#2 String"), "Quality"),
+    "cola": GlueSpec("cola", "glue/CoLA", (3,), 1, header=False),
+}
+
+
+def read_glue_file(path: Path, spec: GlueSpec) -> list[dict[str, Any]]:
+    """Rows ``{"text", "text_pair", "label"}`` of one TSV file, with errors that name the file and line."""
+    if not path.is_file():
+        raise TaskDataError(f"{spec.name}: {path} does not exist (expected a GLUE-format TSV file)")
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # utf-8-sig: MRPC starts with a BOM
+    if spec.header:
+        if not lines:
+            raise TaskDataError(f"{spec.name}: {path} is empty")
+        columns = lines[0].split("\t")
+        missing = [c for c in (*spec.text_columns, spec.label_column) if c not in columns]
+        if missing:
+            raise TaskDataError(f"{spec.name}: {path} has no column(s) {missing}; its columns are {columns}")
+        positions = [columns.index(c) for c in spec.text_columns]
+        label_position = columns.index(spec.label_column)
+        body, first_line = lines[1:], 2
+    else:
+        positions = [int(c) for c in spec.text_columns]
+        label_position = int(spec.label_column)
+        body, first_line = lines, 1
+    label_index = {label: i for i, label in enumerate(spec.labels)}
+    needed = max(*positions, label_position) + 1
+    rows = []
+    for number, line in enumerate(body, start=first_line):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < needed:
+            raise TaskDataError(f"{spec.name}: {path}:{number} has {len(fields)} columns, needs at least {needed}")
+        label = fields[label_position].strip()
+        if label not in label_index:
+            raise TaskDataError(
+                f"{spec.name}: {path}:{number}: label {label!r} is not in the label set {list(spec.labels)}"
+            )
+        texts = [fields[p].strip() for p in positions]
+        rows.append({"text": texts[0], "text_pair": texts[1] if len(texts) > 1 else None, "label": label_index[label]})
+    if not rows:
+        raise TaskDataError(f"{spec.name}: {path} has no examples")
+    return rows
+
+
+class GlueTask:
+    model_task = "sequence-classification"
+
+    def __init__(self, spec: GlueSpec, data_dir: str | os.PathLike | None = None) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.num_labels = len(spec.labels)
+        self.folder = resolve_data_dir(data_dir) / spec.folder
+
+    @classmethod
+    def from_spec_file(cls, path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> GlueTask:
+        try:
+            spec = GlueSpec(**json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise TaskDataError(f"could not read the task spec {path}: {exc}") from exc
+        return cls(spec, data_dir)
+
+    def train_rows(self) -> list[dict[str, Any]]:
+        return read_glue_file(self.folder / self.spec.train_file, self.spec)
+
+    def eval_rows(self) -> list[dict[str, Any]]:
+        return read_glue_file(self.folder / self.spec.eval_file, self.spec)
+
+    def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
+        texts = [r["text"] for r in rows]
+        pairs = [r["text_pair"] for r in rows] if rows and rows[0]["text_pair"] is not None else None
+        warn_if_truncated(tokenizer, texts, max_length, pairs)
+        encoded = tokenizer(texts, pairs, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
+        encoded["labels"] = torch.tensor([r["label"] for r in rows])
+        return dict(encoded)
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        rows: Sequence[dict[str, Any]],
+        *,
+        batch_size: int = 32,
+        max_length: int = 128,
+        **_: Any,
+    ) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        predictions, total_loss = [], 0.0
+        for start in range(0, len(rows), batch_size):
+            batch = self.batch(tokenizer, rows[start : start + batch_size], max_length)
+            output = model(**batch)
+            total_loss += float(output.loss) * len(batch["labels"])
+            predictions += output.logits.argmax(-1).tolist()
+        model.train(was_training)
+        metrics = classification_metrics(predictions, [r["label"] for r in rows])
+        return {**{k: metrics[k] for k in self.spec.metrics}, "loss": total_loss / len(rows)}
+
+
+for _name, _spec in BUILTIN_SPECS.items():
+    register_task(_name)(lambda data_dir=None, _spec=_spec: GlueTask(_spec, data_dir))

@@ -1,0 +1,228 @@
+"""The training recipe: exact resume, non-finite stop, full fine-tuning, classification heads, config files and
+overrides, two processes under torchrun. Tiny random models with MiniLM's tokenizer keep it fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from hybrid_peft import load_tokenizer
+from hybrid_peft.errors import ConfigError
+from hybrid_peft.recipe import NonFiniteLossError, TrainConfig, batch_indices, run_training
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer Llama with MiniLM's tokenizer (vocabulary 30522), saved as an ordinary model folder."""
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    tokenizer = load_tokenizer("minilm-l6")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def config_for(model: str, output: Path, **options) -> TrainConfig:  # noqa: ANN003
+    base = {
+        "model": model,
+        "task": "humaneval",
+        "steps": 6,
+        "batch_size": 2,
+        "max_length": 64,
+        "learning_rate": 1e-2,
+        "warmup_steps": 1,
+        "eval_examples": 4,
+        "generate": False,
+        "output_dir": str(output),
+        "threads": 2,
+    }
+    return TrainConfig.from_dict(base | options)
+
+
+def losses(output: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (output / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize(("method", "adapter"), [("lora", {"dropout": 0.1}), ("hybrid", {"rank": 2})])
+def test_resume_continues_exactly(tiny_lm: str, tmp_path: Path, method: str, adapter: dict) -> None:
+    straight = config_for(tiny_lm, tmp_path / "straight", method=method, adapter=adapter)
+    run_training(straight, progress=False)
+    interrupted = config_for(tiny_lm, tmp_path / "resumed", method=method, adapter=adapter, save_every=3)
+    run_training(interrupted, progress=False)
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-000003"
+    assert (checkpoint / "trainer_state.json").is_file()
+    assert not list((tmp_path / "resumed" / "checkpoints").glob("*.partial")), "no half-written checkpoints"
+    for name in ("adapter", "summary.json"):  # as if the run had died after step 3's checkpoint
+        target = tmp_path / "resumed" / name
+        if target.is_dir():
+            import shutil
+
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    summary = run_training(interrupted, resume=True, progress=False)
+    assert summary["resumed_from_step"] == 3
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert len(losses(tmp_path / "straight")) == 6
+    for name in ("summary.json", "report.md", "loss.png", "adapter/adapter_config.json"):
+        assert (tmp_path / "resumed" / name).is_file(), name
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_lm: str, tmp_path: Path) -> None:
+    config = config_for(tiny_lm, tmp_path / "run", learning_rate=1e30, save_every=1, steps=8)
+    with pytest.raises(NonFiniteLossError, match=r"training loss is (nan|inf).*last good checkpoint is .*step-0000"):
+        run_training(config, progress=False)
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert checkpoints and all((c / "trainer_state.json").is_file() for c in checkpoints)
+
+
+def test_full_fine_tuning_and_report(tiny_lm: str, tmp_path: Path) -> None:
+    summary = run_training(
+        config_for(tiny_lm, tmp_path / "full", method="full", steps=3, learning_rate=1e-3), progress=False
+    )
+    assert summary["trainable_parameters"] == summary["total_parameters"]
+    assert (tmp_path / "full" / "model" / "config.json").is_file()
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    report = (tmp_path / "full" / "report.md").read_text()
+    assert "| loss |" in report and "loss.png" in report
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue" / "SST-2" / "dev.tsv").is_file(), reason="needs ../shared/data (SST-2)")
+def test_classification_task_trains_head_and_adapter(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny-bert"
+    tokenizer = load_tokenizer("minilm-l6")
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    summary = run_training(
+        config_for(str(folder), tmp_path / "sst2", task="sst2", steps=4, eval_examples=32), progress=False
+    )
+    assert set(summary["after"]) == {"accuracy", "f1", "mcc", "loss"}
+    saved = json.loads((tmp_path / "sst2" / "adapter" / "adapter_config.json").read_text())
+    assert saved["trained_base_parameters"] == ["classifier.weight", "classifier.bias"]
+
+
+def test_config_file_with_overrides(tiny_lm: str, tmp_path: Path) -> None:
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump({"model": tiny_lm, "method": "lora", "adapter": {"rank": 2, "alpha": 4}, "steps": 50})
+    )
+    config = TrainConfig.from_file(path, {"steps": 2, "adapter": {"rank": 4}})
+    assert config.steps == 2 and config.adapter == {"rank": 4, "alpha": 4}
+    with pytest.raises(ConfigError, match="unknown training option.*stepz"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ConfigError, match="rank: must be >= 1"):
+        TrainConfig.from_dict({"adapter": {"rank": 0}})
+    with pytest.raises(ConfigError, match="unknown method 'lorax'"):
+        TrainConfig.from_dict({"method": "lorax"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        TrainConfig.from_file(tmp_path / "missing.yaml")
+
+
+def test_cli_train_runs_and_reports_bad_options(tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from hybrid_peft.cli import main
+
+    arguments = [
+        "train",
+        "--model",
+        tiny_lm,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "48",
+        "--eval-examples",
+        "2",
+        "--no-generate",
+        "--output-dir",
+        str(tmp_path / "cli"),
+        "--set",
+        "rank=2",
+    ]
+    assert main(arguments) == 0
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["config"]["adapter"] == {"rank": 2}
+    assert main(["train", "--model", tiny_lm, "--set", "rank=-1", "--output-dir", str(tmp_path / "bad")]) == 2
+    assert "rank: must be >= 1" in capsys.readouterr().err
+
+
+def test_batches_are_a_pure_function_of_the_step() -> None:
+    first = [batch_indices(s, 10, 3, seed=1) for s in range(7)]
+    assert first == [batch_indices(s, 10, 3, seed=1) for s in range(7)]
+    assert sorted(sum(first[:3], []) + [batch_indices(3, 10, 3, seed=1)[0]]) == list(range(10)), (
+        "an epoch is a permutation"
+    )
+    rank0, rank1 = batch_indices(0, 10, 2, 0, rank=0, world=2), batch_indices(0, 10, 2, 0, rank=1, world=2)
+    assert not set(rank0) & set(rank1), "ranks see different examples"
+
+
+@pytest.mark.slow
+def test_two_processes_train_in_sync_and_only_rank_zero_writes(tiny_lm: str, tmp_path: Path) -> None:
+    output = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "hybrid_peft.cli",
+        "train",
+        "--model",
+        tiny_lm,
+        "--method",
+        "hybrid",
+        "--set",
+        "rank=2",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "48",
+        "--eval-examples",
+        "2",
+        "--no-generate",
+        "--threads",
+        "1",
+        "--output-dir",
+        str(output),
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["ranks_in_sync"] is True
+    assert len(losses(output)) == 4, "one log line per step: only rank 0 writes"
+    assert len((output / "mixing.jsonl").read_text().splitlines()) == 4
