@@ -1,0 +1,95 @@
+"""Task data readers, metrics and the code sandbox."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hybrid_peft import load_tokenizer
+from hybrid_peft.sandbox import run_python
+from hybrid_peft.tasks.base import TaskDataError, classification_metrics, get_task, matthews_corrcoef
+from hybrid_peft.tasks.glue import BUILTIN_SPECS, GlueSpec, read_glue_file
+from hybrid_peft.tasks.gsm8k import final_number
+from hybrid_peft.tasks.humaneval import check_program, load_humaneval, truncate_completion
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
+
+
+def test_classification_metrics_known_values() -> None:
+    predictions, labels = [1, 1, 0, 0, 1, 0], [1, 0, 0, 0, 1, 1]
+    metrics = classification_metrics(predictions, labels)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    # binary MCC: (tp·tn − fp·fn)/sqrt(...) with tp=2, tn=2, fp=1, fn=1 -> 3/9
+    assert metrics["mcc"] == pytest.approx((2 * 2 - 1 * 1) / 9)
+    assert matthews_corrcoef([0, 0, 0], [0, 1, 0]) == 0.0  # undefined -> 0
+    assert matthews_corrcoef([0, 1, 2, 2], [0, 1, 2, 2]) == pytest.approx(1.0)
+
+
+def test_gsm8k_final_number() -> None:
+    assert final_number("so 3 + 4 = 7\n#### 1,234") == "1234"
+    assert final_number("The answer is 18.") == "18"
+    assert final_number("#### 5.0") == "5"
+    assert final_number("no digits here") is None
+
+
+@needs_data
+@pytest.mark.parametrize(("name", "rows", "pair"), [("sst2", 872, False), ("mrpc", 408, True), ("cola", 1043, False)])
+def test_builtin_glue_dev_files(name: str, rows: int, pair: bool) -> None:
+    task = get_task(name, data_dir=SHARED_DATA)
+    data = task.eval_rows()
+    assert len(data) == rows
+    assert (data[0]["text_pair"] is not None) is pair
+    assert {r["label"] for r in data} == {0, 1}
+
+
+def test_glue_errors_name_file_line_and_fix(tmp_path: Path) -> None:
+    spec = GlueSpec("toy", "toy", ("sentence",), "label")
+    path = tmp_path / "train.tsv"
+    with pytest.raises(TaskDataError, match="does not exist"):
+        read_glue_file(path, spec)
+    path.write_text("")
+    with pytest.raises(TaskDataError, match="is empty"):
+        read_glue_file(path, spec)
+    path.write_text("text\tlabel\nhello\t1\n")
+    with pytest.raises(TaskDataError, match=r"no column\(s\) \['sentence'\]; its columns are \['text', 'label'\]"):
+        read_glue_file(path, spec)
+    path.write_text("sentence\tlabel\nfine\t1\nodd\t7\n")
+    with pytest.raises(TaskDataError, match=r"train.tsv:3: label '7' is not in the label set \['0', '1'\]"):
+        read_glue_file(path, spec)
+    path.write_text("sentence\tlabel\n")
+    with pytest.raises(TaskDataError, match="no examples"):
+        read_glue_file(path, spec)
+    with pytest.raises(TaskDataError, match="unknown task 'sst3'"):
+        get_task("sst3")
+
+
+def test_glue_spec_file_and_truncation_warning(tmp_path: Path) -> None:
+    (tmp_path / "data" / "toy").mkdir(parents=True)
+    (tmp_path / "data" / "toy" / "train.tsv").write_text("a\tb\tgold\nhi\tthere\tyes\n" + "long " * 200 + "\tx\tno\n")
+    spec = tmp_path / "toy.json"
+    spec.write_text(
+        '{"name": "toy", "folder": "toy", "text_columns": ["a", "b"], "label_column": "gold", "labels": ["no", "yes"]}'
+    )
+    task = get_task(f"glue-spec:{spec}", data_dir=tmp_path / "data")
+    rows = task.train_rows()
+    assert rows[0] == {"text": "hi", "text_pair": "there", "label": 1}
+    with pytest.warns(UserWarning, match="longer than max_length=32"):
+        batch = task.batch(load_tokenizer("minilm-l6"), rows, 32)
+    assert batch["input_ids"].shape[1] <= 32 and batch["labels"].tolist() == [1, 0]
+    assert BUILTIN_SPECS["cola"].header is False
+
+
+def test_humaneval_sandbox_runs_solutions() -> None:
+    problems = load_humaneval()
+    assert len(problems) == 164
+    assert run_python(check_program(problems[2], problems[2]["canonical_solution"])).passed
+    wrong = run_python(check_program(problems[2], "    return 0\n"))
+    assert not wrong.passed and wrong.reason == "failed"
+    assert run_python("while True:\n    pass\n", timeout=1).reason == "timed out"
+    blocked = run_python("import socket\nsocket.create_connection(('127.0.0.1', 9))\n")
+    assert not blocked.passed and "network access is disabled" in blocked.output
+    assert not run_python("x = bytearray(8 << 30)\n", memory_mb=256).passed
+    assert truncate_completion("    return x\n\n\ndef helper():\n    pass\n") == "    return x\n\n"
