@@ -4,8 +4,9 @@
     python benchmarks/gsm8k_loss.py --steps 100 --methods lora,lora-ga
 
 Learning-rate rule (the same for every method): AdamW, 10% linear warm-up then cosine decay, peak learning rate
-``--lr`` for adapters and ``--lr / 10`` for full fine-tuning. LoRA-GA estimates its gradients on 8 batches that are
-then also the first training batches. Each method runs in its own process. Reports the mean training loss of the
+``--lr`` for adapters and ``--lr / 10`` for full fine-tuning. LoRA-GA (and the hybrid, whose low-rank branch is LoRA-GA)
+estimate their gradients on 8 batches that are then also the first training batches; the hybrid applies its
+``share`` rule after every backward pass. Each method runs in its own process. Reports the mean training loss of the
 last 10 steps and the held-out loss on GSM8K test questions.
 """
 
@@ -22,13 +23,21 @@ from itertools import islice
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-METHODS = ("lora", "lora-ga", "full")
+METHODS = ("lora", "lora-ga", "hybrid", "full")
 
 
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from hybrid_peft import LoRAConfig, LoRAGAConfig, attach, load_model, load_tokenizer, lora_ga_initialise
+    from hybrid_peft import (
+        HybridConfig,
+        LoRAConfig,
+        LoRAGAConfig,
+        attach,
+        load_model,
+        load_tokenizer,
+        lora_ga_initialise,
+    )
     from hybrid_peft.tasks.gsm8k import gsm8k_text, load_gsm8k
     from hybrid_peft.training import fixed_batches, mean_loss, peak_rss_mb, shuffled_batches, train
 
@@ -45,9 +54,13 @@ def worker(args: argparse.Namespace) -> None:
         lr = args.lr / 10
     else:
         lr = args.lr
-        config_class = LoRAGAConfig if args.worker == "lora-ga" else LoRAConfig
-        attach(model, config_class(rank=args.rank, alpha=2 * args.rank, targets="all-linear"))
-        if args.worker == "lora-ga":
+        configs = {
+            "lora": lambda: LoRAConfig(rank=args.rank, alpha=2 * args.rank),
+            "lora-ga": lambda: LoRAGAConfig(rank=args.rank, alpha=2 * args.rank),
+            "hybrid": lambda: HybridConfig(rank=args.rank, alpha=2 * args.rank, block_size=4),
+        }
+        attach(model, configs[args.worker]())
+        if args.worker in ("lora-ga", "hybrid"):
             init_batches = list(
                 islice(shuffled_batches(tokenizer, train_texts, args.batch_size, args.seq_len, args.seed), 8)
             )

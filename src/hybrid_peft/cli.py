@@ -105,18 +105,18 @@ def command_info(args: argparse.Namespace) -> int:
 def command_demo(args: argparse.Namespace) -> int:
     from hybrid_peft.demo import DemoSettings, run_demo
 
-    run_demo(
-        DemoSettings(
-            model=args.model,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            learning_rate=args.learning_rate,
-            rank=args.rank,
-            threads=args.threads,
-            output_dir=args.output_dir,
-        )
+    settings = DemoSettings(
+        model=args.model,
+        method=args.method,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        learning_rate=args.learning_rate,
+        threads=args.threads,
+        output_dir=args.output_dir,
+        **({"adapter": _parse_settings(args.set)} if args.set else {}),
     )
+    run_demo(settings)
     return 0
 
 
@@ -259,13 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, default=default_threads)
     evaluate.set_defaults(handler=command_eval)
 
-    demo = commands.add_parser("demo", help="fine-tune the default model with LoRA on HumanEval, offline (~3 min)")
+    demo = commands.add_parser("demo", help="the main job: fine-tune the default model on HumanEval, offline")
     demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--method", default="lora-ga")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
     demo.add_argument("--steps", type=int, default=30)
     demo.add_argument("--batch-size", type=int, default=4)
-    demo.add_argument("--max-length", type=int, default=192)
-    demo.add_argument("--learning-rate", type=float, default=1e-3)
-    demo.add_argument("--rank", type=int, default=8)
+    demo.add_argument("--max-length", type=int, default=320)
+    demo.add_argument("--learning-rate", type=float, default=5e-4)
     demo.add_argument("--threads", type=int, default=default_threads)
     demo.add_argument("--output-dir", default="runs/demo")
     demo.set_defaults(handler=command_demo)

@@ -72,9 +72,9 @@ def warn_if_truncated(
     lengths = [len(ids) for ids in encoded["input_ids"]]
     longest = max(lengths, default=0)
     if longest > max_length:
-        warnings.warn(
-            f"{sum(n > max_length for n in lengths)} of {len(lengths)} sequences are longer than max_length="
-            f"{max_length} tokens (longest {longest}) and were truncated; raise --max-length to keep them whole",
+        warnings.warn(  # one message per max_length, so Python shows it once rather than for every batch
+            f"some sequences are longer than max_length={max_length} tokens and are truncated; raise --max-length "
+            "to keep them whole",
             stacklevel=3,
         )
 
@@ -97,9 +97,9 @@ def prompt_completion_batch(
             prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(completion_ids)) :]
         rows.append((prompt_ids, completion_ids))
     if truncated:
-        warnings.warn(
-            f"{truncated} of {len(rows)} examples are longer than max_length={max_length} tokens and were truncated "
-            "(prompt from the left, completion from the right); raise --max-length to keep them whole",
+        warnings.warn(  # one message per max_length, so Python shows it once rather than for every batch
+            f"some examples are longer than max_length={max_length} tokens and are truncated (prompt from the left, "
+            "completion from the right); raise --max-length to keep them whole",
             stacklevel=2,
         )
     width = max(len(p) + len(c) for p, c in rows)

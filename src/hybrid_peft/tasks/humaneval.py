@@ -93,4 +93,14 @@ class HumanEvalTask:
             with ThreadPoolExecutor(max_workers=2) as pool:
                 results = list(pool.map(lambda source: run_python(source, timeout=timeout), programs))
             metrics["pass@1"] = sum(r.passed for r in results) / len(rows)
+            # A weaker signal than pass@1 that still moves for small models: does the completion parse as Python?
+            metrics["parses"] = sum(_parses(source) for source in programs) / len(rows)
         return metrics
+
+
+def _parses(source: str) -> bool:
+    try:
+        compile(source, "<completion>", "exec")
+    except (SyntaxError, ValueError):
+        return False
+    return True
