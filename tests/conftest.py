@@ -74,3 +74,15 @@ def model_output(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tenso
 def save_tiny(model: transformers.PreTrainedModel, path) -> str:  # noqa: ANN001
     model.save_pretrained(path)
     return str(path)
+
+
+def run_torchrun(arguments: list[str], timeout: int = 300):  # noqa: ANN201
+    """``torchrun --standalone --nproc_per_node 2 <arguments>`` (gloo on CPU, one thread per process)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *arguments]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed

@@ -3,9 +3,6 @@ data parallelism, per-pattern method assignment, bad input."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +29,7 @@ from hybrid_peft.methods.hybrid import (
     read_mixing_telemetry,
 )
 
-from conftest import MODEL_FACTORIES, model_output
+from conftest import MODEL_FACTORIES, model_output, run_torchrun
 from method_cases import random_batches
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -234,21 +231,7 @@ def test_share_rule_does_not_collapse_on_sst2() -> None:
 
 @pytest.mark.slow
 def test_lambda_identical_across_two_data_parallel_processes(tmp_path) -> None:  # noqa: ANN001
-    script = Path(__file__).parent / "scripts" / "hybrid_ddp.py"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(tmp_path),
-    ]
-    completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1")
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_torchrun([str(Path(__file__).parent / "scripts" / "hybrid_ddp.py"), str(tmp_path)])
     rank0, rank1 = torch.load(tmp_path / "mix-rank0.pt"), torch.load(tmp_path / "mix-rank1.pt")
     assert rank0.shape == rank1.shape and rank0.shape[0] == 5
     assert torch.equal(rank0, rank1)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from hybrid_peft import (
 from hybrid_peft.gradient_estimation import ExactGradient, SketchGradient, load_estimates
 from hybrid_peft.methods.lora_ga import lora_ga_factors
 
-from conftest import MODEL_FACTORIES, model_output
+from conftest import MODEL_FACTORIES, model_output, run_torchrun
 from method_cases import random_batches
 
 peft = pytest.importorskip("peft")
@@ -242,20 +239,7 @@ def test_bad_input() -> None:
 def test_two_process_data_parallel_gives_identical_init(tmp_path) -> None:  # noqa: ANN001
     """torchrun (gloo, 2 CPU processes), each rank on different batches: A0, B0 and the offset base weights are
     identical on both ranks and equal a single process on all batches."""
-    script = Path(__file__).parent / "scripts" / "lora_ga_ddp.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(tmp_path),
-    ]
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_torchrun([str(Path(__file__).parent / "scripts" / "lora_ga_ddp.py"), str(tmp_path)])
     for estimator in ("exact", "sketch"):
         rank0 = torch.load(tmp_path / f"{estimator}-rank0.pt")
         rank1 = torch.load(tmp_path / f"{estimator}-rank1.pt")

@@ -4,9 +4,6 @@ overrides, two processes under torchrun. Tiny random models with MiniLM's tokeni
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,8 @@ import transformers
 from hybrid_peft import load_tokenizer
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.recipe import NonFiniteLossError, TrainConfig, batch_indices, run_training
+
+from conftest import run_torchrun
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -188,40 +187,32 @@ def test_batches_are_a_pure_function_of_the_step() -> None:
 @pytest.mark.slow
 def test_two_processes_train_in_sync_and_only_rank_zero_writes(tiny_lm: str, tmp_path: Path) -> None:
     output = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "hybrid_peft.cli",
-        "train",
-        "--model",
-        tiny_lm,
-        "--method",
-        "hybrid",
-        "--set",
-        "rank=2",
-        "--steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--max-length",
-        "48",
-        "--eval-examples",
-        "2",
-        "--no-generate",
-        "--threads",
-        "1",
-        "--output-dir",
-        str(output),
-    ]
-    completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+    run_torchrun(
+        [
+            "-m",
+            "hybrid_peft.cli",
+            "train",
+            "--model",
+            tiny_lm,
+            "--method",
+            "hybrid",
+            "--set",
+            "rank=2",
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "48",
+            "--eval-examples",
+            "2",
+            "--no-generate",
+            "--threads",
+            "1",
+            "--output-dir",
+            str(output),
+        ]
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["ranks_in_sync"] is True
     assert len(losses(output)) == 4, "one log line per step: only rank 0 writes"

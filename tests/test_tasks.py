@@ -93,3 +93,54 @@ def test_humaneval_sandbox_runs_solutions() -> None:
     assert not blocked.passed and "network access is disabled" in blocked.output
     assert not run_python("x = bytearray(8 << 30)\n", memory_mb=256).passed
     assert truncate_completion("    return x\n\n\ndef helper():\n    pass\n") == "    return x\n\n"
+
+
+@needs_data
+def test_xnli_few_shot_split_is_reproducible_and_disjoint() -> None:
+    task = get_task("xnli", data_dir=SHARED_DATA, examples_per_language=32)
+    assert len(task.languages) == 15 and len(task.train_rows()) == 32 * 15
+    again = get_task("xnli", data_dir=SHARED_DATA, examples_per_language=32)
+    assert task.train_rows() == again.train_rows()
+    other_seed = get_task("xnli", data_dir=SHARED_DATA, examples_per_language=32, seed=1)
+    assert task.train_rows() != other_seed.train_rows()
+    for language in ("fr", "sw"):
+        train = {(r["text"], r["text_pair"]) for r in task.train_rows() if r["language"] == language}
+        held_out = {(r["text"], r["text_pair"]) for r in task.eval_rows() if r["language"] == language}
+        assert len(train) == 32 and not train & held_out
+    with pytest.raises(TaskDataError, match="no XNLI file for language"):
+        get_task("xnli", data_dir=SHARED_DATA, languages=["xx"])
+
+
+@needs_data
+def test_flores_pairs_prompts_and_metrics() -> None:
+    import torch
+
+    task = get_task(
+        "flores",
+        data_dir=SHARED_DATA,
+        examples_per_language=32,
+        eval_per_language=2,
+        languages=["fra_Latn", "zho_Hans"],
+    )
+    assert len(task.train_rows()) == 64 and len(task.eval_rows()) == 4
+    row = task.eval_rows()[0]
+    assert task.prompt(row).startswith("Translate English to French.\nEnglish: ")
+    assert task.prompt(row).endswith("\nFrench:")
+    tokenizer = load_tokenizer("minilm-l6")
+    batch = task.batch(tokenizer, task.train_rows()[:2], 64)
+    assert (batch["labels"] != -100).any()
+
+    class Echo(torch.nn.Module):  # "translates" by returning the reference: BLEU and chrF++ must be 100
+        training = False
+
+    import hybrid_peft.tasks.multilingual as multilingual
+
+    original = multilingual.greedy_generate, multilingual.held_out_loss
+    multilingual.greedy_generate = lambda model, tok, prompts, *a, **k: [" " + r["target"] for r in task.eval_rows()]
+    multilingual.held_out_loss = lambda *a, **k: 0.0
+    try:
+        metrics = task.evaluate(Echo(), tokenizer, task.eval_rows())
+    finally:
+        multilingual.greedy_generate, multilingual.held_out_loss = original
+    assert metrics["chrf++"] == pytest.approx(100.0) and metrics["bleu"] == pytest.approx(100.0)
+    assert set(metrics) >= {"chrf++_fra_Latn", "bleu_zho_Hans"}

@@ -13,6 +13,7 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 from hybrid_peft import __version__
 from hybrid_peft.errors import ConfigError, HybridPeftError
@@ -166,12 +167,41 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_mt_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from hybrid_peft.fileio import atomic_write_text
+    from hybrid_peft.models import load_model, load_tokenizer
+    from hybrid_peft.serialization import load_adapter
+    from hybrid_peft.tasks.mt_bench import NO_JUDGE, generate_answers, judge_answers, load_mt_bench
+
+    if not args.judge_url and not args.answers_only:
+        raise HybridPeftError(NO_JUDGE)  # before spending an hour generating answers
+    torch.set_num_threads(args.threads)
+    output = Path(args.output_dir)
+    questions, _, _ = load_mt_bench(args.data_dir)
+    questions = questions[: args.limit or None]
+    model = load_model(args.model)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    answers = generate_answers(model, load_tokenizer(args.model), questions, args.max_new_tokens)
+    atomic_write_text(output / "mt_bench_answers.jsonl", "".join(json.dumps(a) + "\n" for a in answers))
+    print(f"wrote {len(answers)} answers to {output / 'mt_bench_answers.jsonl'}")
+    if args.answers_only:
+        return 0
+    result = judge_answers(answers, args.judge_url, args.judge_model, args.data_dir)
+    atomic_write_text(output / "mt_bench_scores.json", json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "verdicts"}, indent=2))
+    return 0
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     from hybrid_peft.recipe import TrainConfig
 
     helps = {
         "model": "alias (smollm2-135m, minilm-l6), hub id or local folder",
-        "task": "humaneval, gsm8k, sst2, mrpc, cola, or glue-spec:<spec.json>",
+        "task": "humaneval, gsm8k, sst2, mrpc, cola, xnli, flores, or glue-spec:<spec.json>",
+        "examples_per_language": "few-shot training examples per language (xnli, flores)",
         "data_dir": "folder holding gsm8k/, glue/, ... (default: $HYBRID_PEFT_DATA or a shared/data folder nearby)",
         "method": "lora, lora-ga, boft, unitary, hybrid, or full (full fine-tuning)",
         "eval_every": "evaluate every N steps (0: only before and after)",
@@ -258,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True)
     evaluate.add_argument("--threads", type=int, default=default_threads)
     evaluate.set_defaults(handler=command_eval)
+
+    bench = commands.add_parser(
+        "mt-bench", help="MT-Bench: generate the 80 two-turn answers and have a judge score them"
+    )
+    bench.add_argument("--model", default="smollm2-135m")
+    bench.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
+    bench.add_argument("--judge-url", help="OpenAI-compatible API base of the judge, e.g. http://127.0.0.1:8000/v1")
+    bench.add_argument("--judge-model", default="judge", help="model name to send to the judge API")
+    bench.add_argument("--answers-only", action="store_true", help="generate the answers, do not judge")
+    bench.add_argument("--limit", type=int, default=0, help="first N questions only (0: all 80)")
+    bench.add_argument("--max-new-tokens", type=int, default=256)
+    bench.add_argument("--data-dir")
+    bench.add_argument("--output-dir", default="runs/mt_bench")
+    bench.add_argument("--threads", type=int, default=default_threads)
+    bench.set_defaults(handler=command_mt_bench)
 
     demo = commands.add_parser("demo", help="the main job: fine-tune the default model on HumanEval, offline")
     demo.add_argument("--model", default="smollm2-135m")

@@ -18,7 +18,7 @@ import torch
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.recipe import TrainConfig, run_training
 from hybrid_peft.serialization import load_adapter
-from hybrid_peft.tasks.base import get_task, mean_loss
+from hybrid_peft.tasks.base import get_task, held_out_loss
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,13 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     task = get_task("humaneval")
     tokenizer = load_tokenizer(settings.model)
     rows = task.eval_rows()
-    batches = [task.batch(tokenizer, rows[i : i + 8], settings.max_length) for i in range(0, len(rows), 8)]
     reloaded = load_adapter(load_model(settings.model), f"{settings.output_dir}/adapter")
-    loss_reloaded = mean_loss(reloaded, batches)
+    loss_reloaded = held_out_loss(task, reloaded, tokenizer, rows, 8, settings.max_length)
     del reloaded
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(f"{settings.output_dir}/merged", dtype=torch.float32)
-    loss_merged = mean_loss(merged, batches)
+    loss_merged = held_out_loss(task, merged, tokenizer, rows, 8, settings.max_length)
 
     before, after = summary["before"], summary["after"]
     print("\nSummary")

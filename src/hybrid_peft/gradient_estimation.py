@@ -89,7 +89,8 @@ class SketchGradient:
         return {"y": self.y, "z": self.z}
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Q (out, k), X (k, in))`` with ``Q X ≈`` the mean gradient."""
+        """``(Q (out, k), X (k, in))`` with ``Q X ≈`` the mean gradient, in float64: the recovery is small (k × in)
+        and close singular values make the top vectors sensitive to rounding."""
         q, _ = torch.linalg.qr(self.y.double())
         core = torch.linalg.lstsq(self.psi.double() @ q, self.z.double()).solution  # (k, in)
         return q, core / self.count
@@ -149,7 +150,8 @@ class _GradientTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        ctx.callback(grad)
+        callback, ctx.callback = ctx.callback, None  # the node outlives backward; the captured input must not
+        callback(grad)
         return grad, None, None
 
 
@@ -250,10 +252,11 @@ def estimate_gradients(
 
     def make_hook(estimate: GradientEstimate):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            pending = [args[0].detach()]  # the layer's input, held only until its gradient arrives
 
             def on_backward(delta: torch.Tensor) -> None:
-                estimate.accumulate(x, delta.reshape(-1, delta.shape[-1]).float())
+                x = pending.pop()
+                estimate.accumulate(x.reshape(-1, x.shape[-1]).float(), delta.reshape(-1, delta.shape[-1]).float())
 
             return _GradientTap.apply(output, anchor, on_backward)
 
@@ -284,6 +287,7 @@ def estimate_gradients(
                 if not torch.isfinite(loss):
                     raise HybridPeftError(f"the loss of batch {count} is {loss.item()}; check the data and the model")
                 loss.backward()
+            del loss  # frees this batch's graph before the next forward
             count += 1
     finally:
         for handle in handles:

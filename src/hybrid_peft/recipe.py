@@ -59,6 +59,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0
     seed: int = 0
+    examples_per_language: int = 32
     init_batches: int = 8
     eval_every: int = 0
     eval_examples: int = 0
@@ -72,7 +73,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length"):
             require_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "seed", "init_batches", "eval_every", "eval_examples", "save_every", "threads"):
+        for name in (
+            "warmup_steps",
+            "seed",
+            "init_batches",
+            "eval_every",
+            "eval_examples",
+            "save_every",
+            "threads",
+            "examples_per_language",
+        ):
             require_int(name, getattr(self, name), minimum=0)
         require_int("eval_batch_size", self.eval_batch_size, minimum=1)
         require_float("learning_rate", self.learning_rate, minimum=0.0, min_inclusive=False)
@@ -232,7 +242,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
     output_dir = Path(config.output_dir)
     started = time.perf_counter()
 
-    task = get_task(config.task, data_dir=config.data_dir)
+    task = get_task(config.task, data_dir=config.data_dir, examples_per_language=config.examples_per_language)
     train_rows, eval_rows = task.train_rows(), task.eval_rows()
     if config.eval_examples:
         eval_rows = eval_rows[: config.eval_examples]

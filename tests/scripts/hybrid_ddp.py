@@ -34,6 +34,7 @@ def main() -> None:
         optimizer.zero_grad()
         history.append(torch.stack([layer.mix.detach().clone() for layer in hybrid_layers(model).values()]))
     torch.save(torch.stack(history), output / f"mix-rank{rank}.pt")
+    dist.barrier()  # let every rank finish its last collective before tearing the group down
     dist.destroy_process_group()
 
 

@@ -36,6 +36,7 @@ def main() -> None:
         model = attach(tiny_llama(), config)
         lora_ga_initialise(model, batches[rank::world])
         torch.save(state(model), output / f"{estimator}-rank{rank}.pt")
+    dist.barrier()  # let every rank finish its last collective before tearing the group down
     dist.destroy_process_group()
     if rank == 0:  # the single-process reference on all batches
         for estimator in ("exact", "sketch"):

@@ -56,16 +56,21 @@ class BOFTConfig(AdapterConfig):
     apply_to: str = "auto"
 
     def validate(self) -> None:
-        require_int("block_size", self.block_size, minimum=0)
-        require_int("block_num", self.block_num, minimum=0)
-        if (self.block_size == 0) == (self.block_num == 0):
-            raise ConfigError(
-                f"block_size/block_num: give exactly one of them (the other 0), got block_size={self.block_size}, "
-                f"block_num={self.block_num}"
-            )
-        require_int("butterfly_factors", self.butterfly_factors, minimum=1)
+        validate_butterfly_fields(self)
         require_float("dropout", self.dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
         require_choice("apply_to", self.apply_to, ("auto", "input", "weight"))
+
+
+def validate_butterfly_fields(config: AdapterConfig) -> None:
+    """``block_size``/``block_num``/``butterfly_factors`` checks shared by every config with a butterfly rotation."""
+    require_int("block_size", config.block_size, minimum=0)
+    require_int("block_num", config.block_num, minimum=0)
+    if (config.block_size == 0) == (config.block_num == 0):
+        raise ConfigError(
+            f"block_size/block_num: give exactly one of them (the other 0), got block_size={config.block_size}, "
+            f"block_num={config.block_num}"
+        )
+    require_int("butterfly_factors", config.butterfly_factors, minimum=1)
 
 
 # --- the maths, as free functions ------------------------------------------------------------------------------

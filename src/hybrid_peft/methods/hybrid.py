@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_peft.config import require_choice, require_float, require_int
-from hybrid_peft.errors import ConfigError, HybridPeftError
+from hybrid_peft.config import require_choice, require_float
+from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
 from hybrid_peft.methods.boft import (
     ButterflyRotate,
@@ -49,6 +49,7 @@ from hybrid_peft.methods.boft import (
     resolve_blocks,
     scaled_linear,
     skew_symmetric,
+    validate_butterfly_fields,
 )
 from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
 from hybrid_peft.registry import register_method
@@ -81,11 +82,7 @@ class HybridConfig(LoRAGAConfig):
 
     def validate(self) -> None:
         super().validate()
-        require_int("block_size", self.block_size, minimum=0)
-        require_int("block_num", self.block_num, minimum=0)
-        if (self.block_size == 0) == (self.block_num == 0):
-            raise ConfigError("block_size/block_num: give exactly one of them (the other 0)")
-        require_int("butterfly_factors", self.butterfly_factors, minimum=1)
+        validate_butterfly_fields(self)
         require_float("boft_dropout", self.boft_dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
         require_choice("rule", self.rule, tuple(MIXING_RULES))
         require_float("mix_min", self.mix_min, minimum=0.0, maximum=0.5, min_inclusive=False, max_inclusive=False)

@@ -209,6 +209,12 @@ def lora_ga_factors_for(
         c = layer.config
         u, s, vh = estimates[name].top_singular(2 * c.rank, c.svd)
         factors[name] = lora_ga_factors(u, s, vh, c.rank, direction=c.direction, scale=c.scale, gamma=c.gamma)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank holds the same estimate, but LAPACK need not give bit-identical factors on every process:
+        # take rank 0's, so the starts (and the base offsets) are identical everywhere.
+        for a0, b0 in factors.values():
+            torch.distributed.broadcast(a0, src=0)
+            torch.distributed.broadcast(b0, src=0)
     return factors
 
 

@@ -65,14 +65,14 @@ def reflection(z: torch.Tensor, vector: torch.Tensor, angle: torch.Tensor) -> to
     return z - coefficient * projection * vector
 
 
-def unitary_apply(
+def unitary_apply_reference(
     z: torch.Tensor,
     phases: torch.Tensor,
     reflection_vectors: torch.Tensor,
     reflection_angles: torch.Tensor,
 ) -> torch.Tensor:
-    """``U z`` with ``U = D3 R2 F⁻¹ D2 F R1 D1``; ``phases (3, n)``, ``reflection_vectors (2, n)`` complex,
-    ``reflection_angles (2,)``."""
+    """``U z`` with ``U = D3 R2 F⁻¹ D2 F R1 D1``, one factor at a time; ``phases (3, n)``, ``reflection_vectors
+    (2, n)`` complex, ``reflection_angles (2,)``. The plain reference for :func:`unitary_apply`."""
     z = diagonal(z, phases[0])
     z = reflection(z, reflection_vectors[0], reflection_angles[0])
     z = torch.fft.fft(z, norm="ortho")
@@ -80,6 +80,26 @@ def unitary_apply(
     z = torch.fft.ifft(z, norm="ortho")
     z = reflection(z, reflection_vectors[1], reflection_angles[1])
     return diagonal(z, phases[2])
+
+
+def unitary_apply(
+    z: torch.Tensor,
+    phases: torch.Tensor,
+    reflection_vectors: torch.Tensor,
+    reflection_angles: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`unitary_apply_reference` with each diagonal folded into its neighbouring reflection, so every
+    reflection is one matrix-vector product plus one fused multiply-add over the activations:
+    ``R1 D1 z = D1 z − c1 (v1* D1 z) v1`` and ``D3 R2 y = D3 y − c2 (v2* y) (D3 v2)``."""
+    d1, d2, d3 = (torch.polar(torch.ones_like(p), p) for p in phases)
+    v1, v2 = reflection_vectors[0], reflection_vectors[1]
+    c1, c2 = (
+        (1 - torch.polar(torch.ones_like(a), a)) / v.abs().pow(2).sum()
+        for a, v in zip(reflection_angles, (v1, v2), strict=True)
+    )
+    z = torch.addcmul(z * d1, (z @ (v1.conj() * d1)).unsqueeze(-1), -c1 * v1)  # R1 D1
+    z = torch.fft.ifft(torch.fft.fft(z, norm="ortho") * d2, norm="ortho")  # F⁻¹ D2 F
+    return torch.addcmul(z * d3, (z @ v2.conj()).unsqueeze(-1), -c2 * (v2 * d3))  # D3 R2
 
 
 # --- the layer ---------------------------------------------------------------------------------------------------

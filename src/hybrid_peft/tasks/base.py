@@ -49,17 +49,24 @@ def register_task(name: str) -> Callable:
 
 
 def get_task(name: str, **options: Any) -> Task:
+    """Build a task by name. ``options`` a task does not take (e.g. ``examples_per_language`` for GLUE) are ignored,
+    so one recipe config serves every task."""
+    import inspect
+
     import hybrid_peft.tasks.glue  # noqa: F401  (registers)
     import hybrid_peft.tasks.gsm8k  # noqa: F401
     import hybrid_peft.tasks.humaneval  # noqa: F401
+    import hybrid_peft.tasks.multilingual  # noqa: F401
 
     if name.startswith("glue-spec:"):
         from hybrid_peft.tasks.glue import GlueTask
 
-        return GlueTask.from_spec_file(name.removeprefix("glue-spec:"), **options)
+        return GlueTask.from_spec_file(name.removeprefix("glue-spec:"), options.get("data_dir"))
     if name not in TASKS:
         raise TaskDataError(f"unknown task {name!r}; choose one of {sorted(TASKS)} or glue-spec:<spec.json>")
-    return TASKS[name](**options)
+    factory = TASKS[name]
+    accepted = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
 # --- batching helpers -------------------------------------------------------------------------------------------
@@ -128,6 +135,14 @@ def mean_loss(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
         count += n
     model.train(was_training)
     return total / max(count, 1)
+
+
+def held_out_loss(
+    task: Task, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int, max_length: int
+) -> float:
+    """:func:`mean_loss` of ``rows`` batched the way ``task`` batches its training data."""
+    batches = [task.batch(tokenizer, rows[i : i + batch_size], max_length) for i in range(0, len(rows), batch_size)]
+    return mean_loss(model, batches)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hybrid_peft.tasks.base import TaskDataError, greedy_generate, mean_loss, prompt_completion_batch, register_task
+from hybrid_peft.tasks.base import TaskDataError, greedy_generate, held_out_loss, prompt_completion_batch, register_task
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -121,8 +121,7 @@ class Gsm8kTask:
         generate: bool = True,
         **_: Any,
     ) -> dict[str, float]:
-        batches = [self.batch(tokenizer, rows[i : i + batch_size], max_length) for i in range(0, len(rows), batch_size)]
-        metrics = {"loss": mean_loss(model, batches)}
+        metrics = {"loss": held_out_loss(self, model, tokenizer, rows, batch_size, max_length)}
         if generate:
             completions = greedy_generate(model, tokenizer, [gsm8k_prompt(r) for r in rows], max_new_tokens, batch_size)
             correct = [

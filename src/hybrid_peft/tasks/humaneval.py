@@ -13,7 +13,7 @@ import torch
 
 from hybrid_peft.models import package_folder
 from hybrid_peft.sandbox import run_python
-from hybrid_peft.tasks.base import greedy_generate, mean_loss, prompt_completion_batch, register_task
+from hybrid_peft.tasks.base import greedy_generate, held_out_loss, prompt_completion_batch, register_task
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""', "\n```")
 
@@ -85,8 +85,7 @@ class HumanEvalTask:
         timeout: float = 10.0,
         **_: Any,
     ) -> dict[str, float]:
-        batches = [self.batch(tokenizer, rows[i : i + batch_size], max_length) for i in range(0, len(rows), batch_size)]
-        metrics = {"loss": mean_loss(model, batches)}
+        metrics = {"loss": held_out_loss(self, model, tokenizer, rows, batch_size, max_length)}
         if generate:
             completions = greedy_generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
             programs = [check_program(r, truncate_completion(c)) for r, c in zip(rows, completions, strict=True)]
