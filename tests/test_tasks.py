@@ -144,3 +144,14 @@ def test_flores_pairs_prompts_and_metrics() -> None:
         multilingual.greedy_generate, multilingual.held_out_loss = original
     assert metrics["chrf++"] == pytest.approx(100.0) and metrics["bleu"] == pytest.approx(100.0)
     assert set(metrics) >= {"chrf++_fra_Latn", "bleu_zho_Hans"}
+
+
+@needs_data
+def test_xnli_evaluate_reports_per_language_accuracy() -> None:
+    from hybrid_peft import load_model
+
+    task = get_task("xnli", data_dir=SHARED_DATA, eval_per_language=3, languages=["fr", "de"])
+    model = load_model("minilm-l6", task="sequence-classification", num_labels=3)
+    metrics = task.evaluate(model, load_tokenizer("minilm-l6"), task.eval_rows())
+    assert set(metrics) == {"accuracy_de", "accuracy_fr", "accuracy", "loss"}
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0

@@ -86,6 +86,33 @@ def warn_if_truncated(
         )
 
 
+def classification_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
+    """Sentence or sentence-pair classification batch from rows ``{"text", "text_pair" (or None), "label"}``."""
+    texts = [r["text"] for r in rows]
+    pairs = [r["text_pair"] for r in rows] if rows and rows[0].get("text_pair") is not None else None
+    warn_if_truncated(tokenizer, texts, max_length, pairs)
+    encoded = tokenizer(texts, pairs, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
+    encoded["labels"] = torch.tensor([r["label"] for r in rows])
+    return dict(encoded)
+
+
+@torch.no_grad()
+def classify(
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int, max_length: int
+) -> tuple[list[int], float]:
+    """Predicted classes of ``rows`` and their mean loss, in eval mode (restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    predictions, total_loss = [], 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = classification_batch(tokenizer, rows[start : start + batch_size], max_length)
+        output = model(**batch)
+        total_loss += float(output.loss) * len(batch["labels"])
+        predictions += output.logits.argmax(-1).tolist()
+    model.train(was_training)
+    return predictions, total_loss / len(rows)
+
+
 def prompt_completion_batch(
     tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], max_length: int
 ) -> dict[str, torch.Tensor]:

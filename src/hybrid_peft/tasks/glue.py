@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from hybrid_peft.tasks.base import TaskDataError, classification_metrics, register_task, warn_if_truncated
+from hybrid_peft.tasks.base import (
+    TaskDataError,
+    classification_batch,
+    classification_metrics,
+    classify,
+    register_task,
+)
 from hybrid_peft.tasks.gsm8k import resolve_data_dir
 
 
@@ -114,14 +120,8 @@ class GlueTask:
         return read_glue_file(self.folder / self.spec.eval_file, self.spec)
 
     def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
-        texts = [r["text"] for r in rows]
-        pairs = [r["text_pair"] for r in rows] if rows and rows[0]["text_pair"] is not None else None
-        warn_if_truncated(tokenizer, texts, max_length, pairs)
-        encoded = tokenizer(texts, pairs, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
-        encoded["labels"] = torch.tensor([r["label"] for r in rows])
-        return dict(encoded)
+        return classification_batch(tokenizer, rows, max_length)
 
-    @torch.no_grad()
     def evaluate(
         self,
         model: Any,
@@ -132,17 +132,9 @@ class GlueTask:
         max_length: int = 128,
         **_: Any,
     ) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        predictions, total_loss = [], 0.0
-        for start in range(0, len(rows), batch_size):
-            batch = self.batch(tokenizer, rows[start : start + batch_size], max_length)
-            output = model(**batch)
-            total_loss += float(output.loss) * len(batch["labels"])
-            predictions += output.logits.argmax(-1).tolist()
-        model.train(was_training)
+        predictions, loss = classify(model, tokenizer, rows, batch_size, max_length)
         metrics = classification_metrics(predictions, [r["label"] for r in rows])
-        return {**{k: metrics[k] for k in self.spec.metrics}, "loss": total_loss / len(rows)}
+        return {**{k: metrics[k] for k in self.spec.metrics}, "loss": loss}
 
 
 for _name, _spec in BUILTIN_SPECS.items():

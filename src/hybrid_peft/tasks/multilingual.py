@@ -17,11 +17,12 @@ import torch
 
 from hybrid_peft.tasks.base import (
     TaskDataError,
+    classification_batch,
+    classify,
     greedy_generate,
     held_out_loss,
     prompt_completion_batch,
     register_task,
-    warn_if_truncated,
 )
 from hybrid_peft.tasks.gsm8k import resolve_data_dir
 
@@ -99,13 +100,8 @@ class XnliTask:
         return self.eval
 
     def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
-        texts, pairs = [r["text"] for r in rows], [r["text_pair"] for r in rows]
-        warn_if_truncated(tokenizer, texts, max_length, pairs)
-        encoded = tokenizer(texts, pairs, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
-        encoded["labels"] = torch.tensor([r["label"] for r in rows])
-        return dict(encoded)
+        return classification_batch(tokenizer, rows, max_length)
 
-    @torch.no_grad()
     def evaluate(
         self,
         model: Any,
@@ -116,20 +112,13 @@ class XnliTask:
         max_length: int = 128,
         **_: Any,
     ) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
+        predictions, loss = classify(model, tokenizer, rows, batch_size, max_length)
         correct: dict[str, list[bool]] = {}
-        total_loss = 0.0
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            output = model(**self.batch(tokenizer, chunk, max_length))
-            total_loss += float(output.loss) * len(chunk)
-            for row, prediction in zip(chunk, output.logits.argmax(-1).tolist(), strict=True):
-                correct.setdefault(row["language"], []).append(prediction == row["label"])
-        model.train(was_training)
+        for row, prediction in zip(rows, predictions, strict=True):
+            correct.setdefault(row["language"], []).append(prediction == row["label"])
         metrics = {f"accuracy_{lang}": sum(v) / len(v) for lang, v in sorted(correct.items())}
         metrics["accuracy"] = sum(sum(v) for v in correct.values()) / len(rows)
-        metrics["loss"] = total_loss / len(rows)
+        metrics["loss"] = loss
         return metrics
 
 
