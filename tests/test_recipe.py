@@ -12,7 +12,7 @@ import transformers
 
 from hybrid_peft import load_tokenizer
 from hybrid_peft.errors import ConfigError
-from hybrid_peft.recipe import NonFiniteLossError, TrainConfig, batch_indices, run_training
+from hybrid_peft.recipe import BatchDoesNotFitError, NonFiniteLossError, TrainConfig, batch_indices, run_training
 
 from conftest import run_torchrun
 
@@ -92,6 +92,41 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_lm: str, tmp_p
         run_training(config, progress=False)
     checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert checkpoints and all((c / "trainer_state.json").is_file() for c in checkpoints)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to allocate"
+        ),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ],
+)
+def test_a_batch_that_does_not_fit_names_the_fix(
+    tiny_lm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    forward = transformers.LlamaForCausalLM.forward
+
+    def out_of_memory_in_training(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self.training:
+            raise failure
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", out_of_memory_in_training)
+    with pytest.raises(BatchDoesNotFitError, match=r"step 0: a batch of 2 × \d+ tokens does not fit in memory") as info:
+        run_training(config_for(tiny_lm, tmp_path / "oom"), progress=False)
+    assert "lower --batch-size or --max-length" in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # one message, no traceback wall
+
+    def other_error(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self.training:
+            raise RuntimeError("shape mismatch")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", other_error)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not mistaken for memory
+        run_training(config_for(tiny_lm, tmp_path / "other"), progress=False)
 
 
 def test_full_fine_tuning_and_report(tiny_lm: str, tmp_path: Path) -> None:

@@ -148,7 +148,7 @@ def command_eval(args: argparse.Namespace) -> int:
     from hybrid_peft.tasks.base import get_task
 
     torch.set_num_threads(args.threads)
-    task = get_task(args.task, data_dir=args.data_dir)
+    task = get_task(args.task, data_dir=args.data_dir, dataset=args.dataset)
     rows = task.eval_rows()[: args.eval_examples or None]
     options = {"num_labels": task.num_labels} if task.model_task == "sequence-classification" else {}
     model = load_model(args.model, task=task.model_task, **options)
@@ -203,6 +203,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "task": "humaneval, gsm8k, sst2, mrpc, cola, xnli, flores, or glue-spec:<spec.json>",
         "examples_per_language": "few-shot training examples per language (xnli, flores)",
         "data_dir": "folder holding gsm8k/, glue/, ... (default: $HYBRID_PEFT_DATA or a shared/data folder nearby)",
+        "dataset": "a Hugging Face dataset instead of the task's files: hub id (nyu-mll/glue:sst2), a save_to_disk "
+        "folder, or train/validation data files (needs the 'datasets' package)",
         "method": "lora, lora-ga, boft, unitary, hybrid, or full (full fine-tuning)",
         "eval_every": "evaluate every N steps (0: only before and after)",
         "eval_examples": "evaluate on the first N held-out examples (0: all)",
@@ -282,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
     evaluate.add_argument("--task", default="humaneval")
     evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--dataset", help="hub id, save_to_disk folder or data files (as for train)")
     evaluate.add_argument("--eval-examples", type=int, default=0, help="first N held-out examples (0: all)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-length", type=int, default=256)

@@ -42,6 +42,35 @@ class NonFiniteLossError(HybridPeftError, FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
+class BatchDoesNotFitError(HybridPeftError, MemoryError):
+    """A training or evaluation batch ran out of (accelerator or host) memory."""
+
+
+OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
+
+
+class batch_must_fit:  # noqa: N801 - used as a context manager, like contextlib's
+    """Inside ``with batch_must_fit(what, fix):`` an out-of-memory failure becomes one sentence naming the batch
+    and the fix. Reusable (the training loop wraps forward and backward with the same instance)."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        self.what, self.fix = what, fix
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, traceback: object) -> bool:
+        if exc is None or isinstance(exc, HybridPeftError):
+            return False
+        out_of_memory = isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
+            isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OUT_OF_MEMORY_MARKERS)
+        )
+        if not out_of_memory:
+            return False
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BatchDoesNotFitError(f"{self.what} does not fit in memory ({first_line[:200]}); {self.fix}") from None
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs. Field names are the command-line flags (``--learning-rate``) and YAML/JSON keys."""
@@ -49,6 +78,7 @@ class TrainConfig:
     model: str = "smollm2-135m"
     task: str = "humaneval"
     data_dir: str | None = None
+    dataset: str | None = None
     method: str = "lora"
     adapter: dict[str, Any] = field(default_factory=dict)
     steps: int = 30
@@ -242,7 +272,12 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
     output_dir = Path(config.output_dir)
     started = time.perf_counter()
 
-    task = get_task(config.task, data_dir=config.data_dir, examples_per_language=config.examples_per_language)
+    task = get_task(
+        config.task,
+        data_dir=config.data_dir,
+        dataset=config.dataset,
+        examples_per_language=config.examples_per_language,
+    )
     train_rows, eval_rows = task.train_rows(), task.eval_rows()
     if config.eval_examples:
         eval_rows = eval_rows[: config.eval_examples]
@@ -260,14 +295,18 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
 
     def evaluate(label: str) -> dict[str, float]:
         target = accelerator.unwrap_model(model)
-        return task.evaluate(
-            target,
-            tokenizer,
-            eval_rows,
-            batch_size=config.eval_batch_size,
-            max_length=config.max_length,
-            generate=config.generate,
-        )
+        with batch_must_fit(
+            f"evaluation ({label}) with --eval-batch-size {config.eval_batch_size}",
+            "lower --eval-batch-size or --max-length",
+        ):
+            return task.evaluate(
+                target,
+                tokenizer,
+                eval_rows,
+                batch_size=config.eval_batch_size,
+                max_length=config.max_length,
+                generate=config.generate,
+            )
 
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if resume and checkpoint is None:
@@ -339,7 +378,12 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
     for step in bar:
         batch = {k: v.to(accelerator.device) for k, v in batch_at(step).items()}
         tick = time.perf_counter()
-        loss = model(**batch).loss
+        fits = batch_must_fit(
+            f"step {step}: a batch of {config.batch_size} × {batch['input_ids'].shape[-1]} tokens",
+            "lower --batch-size or --max-length (or train on a machine with more memory)",
+        )
+        with fits:
+            loss = model(**batch).loss
         mean_loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
         if not math.isfinite(mean_loss_value):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
@@ -347,7 +391,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
                 f"step {step}: the training loss is {mean_loss_value}; stopped ({where}). Lower --learning-rate, "
                 "set --max-grad-norm, or check the data"
             )
-        accelerator.backward(loss)
+        with fits:
+            accelerator.backward(loss)
         record: dict[str, Any] = {"step": step, "loss": mean_loss_value, "lr": schedule.get_last_lr()[0]}
         if mixing:
             records = update_mixing(inner)

@@ -61,11 +61,14 @@ def get_task(name: str, **options: Any) -> Task:
     if name.startswith("glue-spec:"):
         from hybrid_peft.tasks.glue import GlueTask
 
-        return GlueTask.from_spec_file(name.removeprefix("glue-spec:"), options.get("data_dir"))
+        return GlueTask.from_spec_file(name.removeprefix("glue-spec:"), options.get("data_dir"), options.get("dataset"))
     if name not in TASKS:
         raise TaskDataError(f"unknown task {name!r}; choose one of {sorted(TASKS)} or glue-spec:<spec.json>")
     factory = TASKS[name]
     accepted = inspect.signature(factory).parameters
+    if options.get("dataset") is not None and "dataset" not in accepted:
+        supported = sorted(n for n, f in TASKS.items() if "dataset" in inspect.signature(f).parameters)
+        raise TaskDataError(f"task {name!r} reads only its own files; --dataset works with {supported} and glue-spec:")
     return factory(**{k: v for k, v in options.items() if k in accepted and v is not None})
 
 

@@ -39,10 +39,14 @@ class GlueSpec:
     train_file: str = "train.tsv"
     eval_file: str = "dev.tsv"
     metrics: tuple[str, ...] = field(default=("accuracy", "f1", "mcc"))
+    # Column names in a Hugging Face dataset given by --dataset (default: text_columns / "label")
+    dataset_text_columns: tuple[str, ...] = ()
+    dataset_label_column: str = "label"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_columns", tuple(self.text_columns))
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        object.__setattr__(self, "dataset_text_columns", tuple(self.dataset_text_columns))
         if not 1 <= len(self.text_columns) <= 2:
             raise TaskDataError(f"{self.name}: text_columns must name one or two columns, got {self.text_columns}")
         if len(self.labels) < 2:
@@ -51,9 +55,42 @@ class GlueSpec:
 
 BUILTIN_SPECS = {
     "sst2": GlueSpec("sst2", "glue/SST-2", ("sentence",), "label"),
-    "mrpc": GlueSpec("mrpc", "glue/MRPC", ("#1 String", "#2 String"), "Quality"),
-    "cola": GlueSpec("cola", "glue/CoLA", (3,), 1, header=False),
+    "mrpc": GlueSpec(
+        "mrpc", "glue/MRPC", ("#1 String", "#2 String"), "Quality", dataset_text_columns=("sentence1", "sentence2")
+    ),
+    "cola": GlueSpec("cola", "glue/CoLA", (3,), 1, header=False, dataset_text_columns=("sentence",)),
 }
+
+
+def glue_rows_from_records(source: str, records: list[dict[str, Any]], spec: GlueSpec) -> list[dict[str, Any]]:
+    """Rows ``{"text", "text_pair", "label"}`` from dataset records: labels may be class indices or label names."""
+    from hybrid_peft.tasks.datasets_source import require_columns
+
+    text_columns = spec.dataset_text_columns or tuple(str(c) for c in spec.text_columns)
+    require_columns(source, records, (*text_columns, spec.dataset_label_column))
+    label_index = {label: i for i, label in enumerate(spec.labels)}
+    rows = []
+    for number, record in enumerate(records):
+        label = record[spec.dataset_label_column]
+        if isinstance(label, bool) or not isinstance(label, int | str):
+            raise TaskDataError(f"{spec.name}: --dataset {source} record {number}: label {label!r} is not a class")
+        if isinstance(label, int):
+            if not 0 <= label < len(spec.labels):
+                raise TaskDataError(
+                    f"{spec.name}: --dataset {source} record {number}: label {label} is outside "
+                    f"0..{len(spec.labels) - 1} (unlabelled test splits use -1; evaluate on a labelled split)"
+                )
+            index = label
+        elif label in label_index:
+            index = label_index[label]
+        else:
+            raise TaskDataError(
+                f"{spec.name}: --dataset {source} record {number}: label {label!r} is not in the label set "
+                f"{list(spec.labels)}"
+            )
+        texts = [str(record[c]) for c in text_columns]
+        rows.append({"text": texts[0], "text_pair": texts[1] if len(texts) > 1 else None, "label": index})
+    return rows
 
 
 def read_glue_file(path: Path, spec: GlueSpec) -> list[dict[str, Any]]:
@@ -99,24 +136,43 @@ def read_glue_file(path: Path, spec: GlueSpec) -> list[dict[str, Any]]:
 class GlueTask:
     model_task = "sequence-classification"
 
-    def __init__(self, spec: GlueSpec, data_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, spec: GlueSpec, data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.num_labels = len(spec.labels)
-        self.folder = resolve_data_dir(data_dir) / spec.folder
+        self.dataset = dataset
+        self.folder = resolve_data_dir(data_dir) / spec.folder if dataset is None else None
+        self._records: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+
+    def _dataset_rows(self, which: int) -> list[dict[str, Any]]:
+        from hybrid_peft.tasks.datasets_source import train_and_eval_records
+
+        if self._records is None:
+            train, held_out = train_and_eval_records(self.dataset)
+            self._records = (
+                glue_rows_from_records(self.dataset, train, self.spec),
+                glue_rows_from_records(self.dataset, held_out, self.spec),
+            )
+        return self._records[which]
 
     @classmethod
-    def from_spec_file(cls, path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> GlueTask:
+    def from_spec_file(
+        cls, path: str | os.PathLike, data_dir: str | os.PathLike | None = None, dataset: str | None = None
+    ) -> GlueTask:
         try:
             spec = GlueSpec(**json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError, TypeError) as exc:
             raise TaskDataError(f"could not read the task spec {path}: {exc}") from exc
-        return cls(spec, data_dir)
+        return cls(spec, data_dir, dataset)
 
     def train_rows(self) -> list[dict[str, Any]]:
+        if self.dataset is not None:
+            return self._dataset_rows(0)
         return read_glue_file(self.folder / self.spec.train_file, self.spec)
 
     def eval_rows(self) -> list[dict[str, Any]]:
+        if self.dataset is not None:
+            return self._dataset_rows(1)
         return read_glue_file(self.folder / self.spec.eval_file, self.spec)
 
     def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
@@ -138,4 +194,4 @@ class GlueTask:
 
 
 for _name, _spec in BUILTIN_SPECS.items():
-    register_task(_name)(lambda data_dir=None, _spec=_spec: GlueTask(_spec, data_dir))
+    register_task(_name)(lambda data_dir=None, dataset=None, _spec=_spec: GlueTask(_spec, data_dir, dataset))

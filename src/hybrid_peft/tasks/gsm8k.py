@@ -95,14 +95,29 @@ class Gsm8kTask:
     model_task = "causal-lm"
     num_labels = None
 
-    def __init__(self, data_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> None:
         self.data_dir = data_dir
+        self.dataset = dataset
+        self._records: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+
+    def _dataset_rows(self, which: int) -> list[dict[str, Any]]:
+        from hybrid_peft.tasks.datasets_source import require_columns, train_and_eval_records
+
+        if self._records is None:
+            train, held_out = train_and_eval_records(self.dataset)
+            for records in (train, held_out):
+                require_columns(self.dataset, records, ("question", "answer"))
+            self._records = (
+                [{"question": r["question"], "answer": r["answer"]} for r in train],
+                [{"question": r["question"], "answer": r["answer"]} for r in held_out],
+            )
+        return self._records[which]
 
     def train_rows(self) -> list[dict[str, Any]]:
-        return load_gsm8k("train", self.data_dir)
+        return self._dataset_rows(0) if self.dataset is not None else load_gsm8k("train", self.data_dir)
 
     def eval_rows(self) -> list[dict[str, Any]]:
-        return load_gsm8k("test", self.data_dir)
+        return self._dataset_rows(1) if self.dataset is not None else load_gsm8k("test", self.data_dir)
 
     def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
         return prompt_completion_batch(
