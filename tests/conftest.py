@@ -86,3 +86,26 @@ def run_torchrun(arguments: list[str], timeout: int = 300):  # noqa: ANN201
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer Llama with MiniLM's tokenizer (vocabulary 30522), saved as an ordinary model folder."""
+    from hybrid_peft import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    tokenizer = load_tokenizer("minilm-l6")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

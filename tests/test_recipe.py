@@ -19,27 +19,6 @@ from conftest import run_torchrun
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer Llama with MiniLM's tokenizer (vocabulary 30522), saved as an ordinary model folder."""
-    folder = tmp_path_factory.mktemp("tiny-lm")
-    tokenizer = load_tokenizer("minilm-l6")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def config_for(model: str, output: Path, **options) -> TrainConfig:  # noqa: ANN003
     base = {
         "model": model,
@@ -252,3 +231,32 @@ def test_two_processes_train_in_sync_and_only_rank_zero_writes(tiny_lm: str, tmp
     assert summary["processes"] == 2 and summary["ranks_in_sync"] is True
     assert len(losses(output)) == 4, "one log line per step: only rank 0 writes"
     assert len((output / "mixing.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("method", ["peft-lora", "peft-lora-ga", "peft-boft", "peft-lora+oft"])
+def test_peft_peers_train_through_the_same_recipe(tiny_lm: str, tmp_path: Path, method: str) -> None:
+    options = {"block_size": 4} if method == "peft-boft" else {}
+    ours = {"peft-lora": "lora", "peft-lora-ga": "lora-ga", "peft-boft": "boft", "peft-lora+oft": "lora"}[method]
+    peer = run_training(
+        config_for(tiny_lm, tmp_path / method, method=method, adapter=options, steps=3, init_batches=2),
+        progress=False,
+    )
+    reference = run_training(
+        config_for(tiny_lm, tmp_path / ours, method=ours, adapter=options, steps=3, init_batches=2), progress=False
+    )
+    assert 0 < peer["trainable_parameters"] < peer["total_parameters"]
+    # Every peer starts as the base model on the same first batch: same before-metrics and the same first loss.
+    assert peer["before"]["loss"] == pytest.approx(reference["before"]["loss"], rel=1e-6)
+    assert losses(tmp_path / method)[0] == pytest.approx(losses(tmp_path / ours)[0], rel=1e-4)
+    assert all(torch.isfinite(torch.tensor(losses(tmp_path / method))))
+    saved = list((tmp_path / method / "adapter").iterdir())
+    assert saved, "the peer's weights were not saved"
+
+
+def test_peers_refuse_what_they_do_not_offer(tiny_lm: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown option.*valid options are"):
+        config_for(tiny_lm, tmp_path, method="peft-lora", adapter={"block_size": 4})
+    with pytest.raises(ConfigError, match="--save-every and --merge"):
+        config_for(tiny_lm, tmp_path, method="peft-boft", save_every=2)
+    with pytest.raises(ConfigError, match="--resume is not offered"):
+        run_training(config_for(tiny_lm, tmp_path, method="peft-lora"), resume=True, progress=False)

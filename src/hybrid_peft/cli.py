@@ -195,6 +195,59 @@ def command_mt_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_list(text: str | None) -> list[str] | None:
+    return [item.strip() for item in text.split(",") if item.strip()] if text else None
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    from hybrid_peft.bench import load_plan, run_bench
+
+    seeds = [int(s) for s in _split_list(args.seeds)] if args.seeds else None
+    plan = load_plan(args.config, output_dir=args.output_dir, seeds=seeds)
+    runs = plan.runs(_split_list(args.tasks), _split_list(args.methods))
+    print(
+        f"bench {plan.name}: {len(runs)} runs ({len({r.task for r in runs})} task(s) × "
+        f"{len({r.method for r in runs})} method(s) × {len(plan.seeds)} seed(s)) -> {plan.output_dir}/",
+        flush=True,
+    )
+    if args.dry_run:
+        for run in runs:
+            print(f"  {run.task} · {run.method} · seed {run.seed}: {run.folder}")
+        return 0
+    rows = run_bench(
+        plan,
+        tasks=_split_list(args.tasks),
+        methods=_split_list(args.methods),
+        rerun=args.rerun,
+        echo=lambda line: print(line, flush=True),
+    )
+    failed = sum(r["status"] != "ok" for r in rows)
+    print(f"wrote {plan.output_dir}/results.csv, results.md, plots/ ({len(rows) - failed} ok, {failed} failed)")
+    return 1 if failed else 0
+
+
+def command_estimate(args: argparse.Namespace) -> int:
+    from hybrid_peft.estimate import METHODS, estimate_table, load_architecture
+
+    methods = _split_list(args.methods) or list(METHODS)
+    print(
+        estimate_table(
+            load_architecture(args.model),
+            methods,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            dtype=args.dtype,
+            rank=args.rank,
+            block_size=args.block_size,
+            butterfly_factors=args.butterfly_factors,
+            zero=args.zero,
+            world=args.world,
+            quantised_base=args.quantised_base,
+        )
+    )
+    return 0
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     from hybrid_peft.recipe import TrainConfig
 
@@ -202,6 +255,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "model": "alias (smollm2-135m, minilm-l6), hub id or local folder",
         "task": "humaneval, gsm8k, sst2, mrpc, cola, xnli, flores, or glue-spec:<spec.json>",
         "examples_per_language": "few-shot training examples per language (xnli, flores)",
+        "eval_per_language": "held-out examples per language (xnli, flores; 0: the task's default)",
         "data_dir": "folder holding gsm8k/, glue/, ... (default: $HYBRID_PEFT_DATA or a shared/data folder nearby)",
         "dataset": "a Hugging Face dataset instead of the task's files: hub id (nyu-mll/glue:sst2), a save_to_disk "
         "folder, or train/validation data files (needs the 'datasets' package)",
@@ -292,20 +346,57 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, default=default_threads)
     evaluate.set_defaults(handler=command_eval)
 
-    bench = commands.add_parser(
+    mt_bench = commands.add_parser(
         "mt-bench", help="MT-Bench: generate the 80 two-turn answers and have a judge score them"
     )
-    bench.add_argument("--model", default="smollm2-135m")
-    bench.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
-    bench.add_argument("--judge-url", help="OpenAI-compatible API base of the judge, e.g. http://127.0.0.1:8000/v1")
-    bench.add_argument("--judge-model", default="judge", help="model name to send to the judge API")
-    bench.add_argument("--answers-only", action="store_true", help="generate the answers, do not judge")
-    bench.add_argument("--limit", type=int, default=0, help="first N questions only (0: all 80)")
-    bench.add_argument("--max-new-tokens", type=int, default=256)
-    bench.add_argument("--data-dir")
-    bench.add_argument("--output-dir", default="runs/mt_bench")
-    bench.add_argument("--threads", type=int, default=default_threads)
-    bench.set_defaults(handler=command_mt_bench)
+    mt_bench.add_argument("--model", default="smollm2-135m")
+    mt_bench.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
+    mt_bench.add_argument("--judge-url", help="OpenAI-compatible API base of the judge, e.g. http://127.0.0.1:8000/v1")
+    mt_bench.add_argument("--judge-model", default="judge", help="model name to send to the judge API")
+    mt_bench.add_argument("--answers-only", action="store_true", help="generate the answers, do not judge")
+    mt_bench.add_argument("--limit", type=int, default=0, help="first N questions only (0: all 80)")
+    mt_bench.add_argument("--max-new-tokens", type=int, default=256)
+    mt_bench.add_argument("--data-dir")
+    mt_bench.add_argument("--output-dir", default="runs/mt_bench")
+    mt_bench.add_argument("--threads", type=int, default=default_threads)
+    mt_bench.set_defaults(handler=command_mt_bench)
+
+    bench = commands.add_parser(
+        "bench",
+        help="run a matrix of methods × tasks × seeds (each run in its own process) and tabulate/plot it",
+        description="Run every (task, method, seed) of a bench config through the training recipe, each in its own "
+        "process; write results.csv, results.md and plots/. Finished runs are reused, so an interrupted bench "
+        "continues where it stopped.",
+    )
+    bench.add_argument("config", help="a built-in profile (quick, full) or a YAML bench config")
+    bench.add_argument("--tasks", help="comma-separated task keys of the config to run (default: all)")
+    bench.add_argument("--methods", help="comma-separated method keys of the config to run (default: all)")
+    bench.add_argument("--seeds", help="comma-separated seeds, replacing the config's")
+    bench.add_argument("--output-dir", help="replaces the config's output_dir")
+    bench.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
+    bench.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    bench.set_defaults(handler=command_bench)
+
+    estimate = commands.add_parser(
+        "estimate",
+        help="analytic peak training memory and FLOPs per step of full fine-tuning and each method",
+        description="Weights, gradients, optimiser states and activations per process, and FLOPs per training step, "
+        "for full fine-tuning and each method, from a model config. The formulas are in hybrid_peft/estimate.py.",
+    )
+    estimate.add_argument(
+        "--model", default="7b", help="7b, 70b, 405b (Llama-class), a model alias/folder, or a config.json path"
+    )
+    estimate.add_argument("--methods", help="comma-separated (default: full,lora,lora-ga,boft,unitary,hybrid)")
+    estimate.add_argument("--batch-size", type=int, default=4)
+    estimate.add_argument("--seq-len", type=int, default=512)
+    estimate.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    estimate.add_argument("--rank", type=int, default=8, help="LoRA rank (lora, lora-ga, hybrid)")
+    estimate.add_argument("--block-size", type=int, default=4, help="BOFT block size (boft, hybrid)")
+    estimate.add_argument("--butterfly-factors", type=int, default=1)
+    estimate.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage (DeepSpeed/FSDP)")
+    estimate.add_argument("--world", type=int, default=1, help="processes the ZeRO stage shards over")
+    estimate.add_argument("--quantised-base", type=int, choices=[4, 8], help="frozen base weights at 4 or 8 bits")
+    estimate.set_defaults(handler=command_estimate)
 
     demo = commands.add_parser("demo", help="the main job: fine-tune the default model on HumanEval, offline")
     demo.add_argument("--model", default="smollm2-135m")

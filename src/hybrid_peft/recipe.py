@@ -90,6 +90,7 @@ class TrainConfig:
     max_grad_norm: float = 0.0
     seed: int = 0
     examples_per_language: int = 32
+    eval_per_language: int = 0
     init_batches: int = 8
     eval_every: int = 0
     eval_examples: int = 0
@@ -112,6 +113,7 @@ class TrainConfig:
             "save_every",
             "threads",
             "examples_per_language",
+            "eval_per_language",
         ):
             require_int(name, getattr(self, name), minimum=0)
         require_int("eval_batch_size", self.eval_batch_size, minimum=1)
@@ -120,7 +122,16 @@ class TrainConfig:
         require_float("max_grad_norm", self.max_grad_norm, minimum=0.0)
         if not isinstance(self.adapter, dict):
             raise ConfigError(f"adapter: expected a mapping of the method's options, got {self.adapter!r}")
-        if self.method != FULL:
+        from hybrid_peft.peers import is_peer, peer_options
+
+        if is_peer(self.method):
+            peer_options(self.method, self.adapter)
+            if self.save_every or self.merge:
+                raise ConfigError(
+                    f"{self.method} is a PEFT baseline for benchmarks: --save-every and --merge are offered for "
+                    "hybrid-peft's own methods only"
+                )
+        elif self.method != FULL:
             self.adapter_config()  # validates the method name and its options now, not after the model loads
 
     def adapter_config(self) -> Any:
@@ -259,6 +270,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
     from hybrid_peft.methods.hybrid import MixingTelemetry, hybrid_layers, update_mixing
     from hybrid_peft.methods.lora_ga import lora_ga_initialise
     from hybrid_peft.models import load_model, load_tokenizer
+    from hybrid_peft.peers import attach_peer, is_peer, save_peer
     from hybrid_peft.serialization import load_adapter, save_adapter
     from hybrid_peft.tasks.base import get_task
     from hybrid_peft.training import peak_rss_mb
@@ -277,6 +289,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
         data_dir=config.data_dir,
         dataset=config.dataset,
         examples_per_language=config.examples_per_language,
+        eval_per_language=config.eval_per_language or None,
     )
     train_rows, eval_rows = task.train_rows(), task.eval_rows()
     if config.eval_examples:
@@ -308,12 +321,30 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
                 generate=config.generate,
             )
 
+    peer = is_peer(config.method)
+    if resume and peer:
+        raise ConfigError(f"--resume is not offered for the PEFT baseline {config.method}")
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if resume and checkpoint is None:
         raise HybridPeftError(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}")
     history: list[dict[str, Any]] = []
     start_step = 0
-    if config.method == FULL:
+    metrics_before: dict[str, float] = {}
+    if peer:
+        head = next((n for n in ("classifier", "score") if hasattr(model, n)), None)
+        if task.model_task == "sequence-classification" and head is None:
+            raise ConfigError(f"{config.method}: the model has no 'classifier' or 'score' head to train")
+        if main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            metrics_before = evaluate("before")
+        model = attach_peer(
+            model,
+            config.method,
+            config.adapter,
+            gradient_batches=lambda: [batch_at(i) for i in range(config.init_batches)],
+            head=head if task.model_task == "sequence-classification" else None,
+        )
+    elif config.method == FULL:
         if checkpoint is not None:
             from safetensors.torch import load_file
 
@@ -326,7 +357,6 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
             head = getattr(model, "classifier", None) or getattr(model, "score", None)
             for p in head.parameters() if head is not None else []:
                 p.requires_grad_(True)  # a new head is trained fully and saved with the adapter
-    metrics_before: dict[str, float] = {}
     if checkpoint is not None:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         start_step, history, metrics_before = state["step"], state["history"], state.get("before", {})
@@ -342,8 +372,13 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
             output_dir.mkdir(parents=True, exist_ok=True)
             for stale in ("train_log.jsonl", "mixing.jsonl"):
                 (output_dir / stale).unlink(missing_ok=True)
-            metrics_before = evaluate("before")
-        if config.method != FULL and any(getattr(m, "needs_gradient_init", False) for m in model.modules()):
+            if not peer:
+                metrics_before = evaluate("before")
+        if (
+            not peer
+            and config.method != FULL
+            and any(getattr(m, "needs_gradient_init", False) for m in model.modules())
+        ):
             lora_ga_initialise(model, [batch_at(i) for i in range(config.init_batches)])
     accelerator.wait_for_everyone()
 
@@ -436,6 +471,8 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
         if config.method == FULL:
             inner.save_pretrained(output_dir / "model")
             tokenizer.save_pretrained(output_dir / "model")
+        elif peer:
+            save_peer(inner, output_dir / "adapter")
         else:
             save_adapter(inner, output_dir / "adapter")
             if config.merge:

@@ -1,0 +1,120 @@
+"""Check ``hybrid-peft estimate`` against measured training memory on the small default models.
+
+    python benchmarks/estimate_check.py                       # SmolLM2-135M and MiniLM-L6, batch 4 × 128, fp32, CPU
+
+Each (model, method) runs in its own process: imports, then the runtime's resident memory is read; the model is
+loaded and the adapter attached; the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and three
+AdamW training steps run. Measured = peak RSS during training − RSS before the model was loaded, i.e. weights,
+adapter, gradients, optimiser states, activations and allocator slack: what the estimate models. Prints a markdown
+table with the estimate, the measurement and their ratio (target: within 15%). Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+METHODS = ("full", "lora", "boft", "unitary", "hybrid")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(args: argparse.Namespace) -> None:
+    import gc
+
+    import torch
+
+    from hybrid_peft import BOFTConfig, HybridConfig, LoRAConfig, UnitaryConfig, attach, load_model
+    from hybrid_peft.methods.hybrid import update_mixing
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    classify = args.model == "minilm-l6"
+    gc.collect()
+    runtime_kib = _status_kib("VmRSS")
+    model = load_model(args.model, task="sequence-classification" if classify else "causal-lm",
+                       **({"num_labels": 2} if classify else {}))  # fmt: skip
+    configs = {
+        "lora": lambda: LoRAConfig(rank=args.rank, alpha=2 * args.rank),
+        "boft": lambda: BOFTConfig(block_size=args.block_size, butterfly_factors=1),
+        "unitary": lambda: UnitaryConfig(),
+        "hybrid": lambda: HybridConfig(rank=args.rank, alpha=2 * args.rank, block_size=args.block_size),
+    }
+    if args.method != "full":
+        attach(model, configs[args.method]())
+    vocab = model.config.vocab_size
+    ids = torch.randint(5, vocab, (args.batch_size, args.seq_len))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["labels"] = torch.randint(0, 2, (args.batch_size,)) if classify else ids.clone()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=1e-5)
+    model.train()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+        handle.write("5")  # reset VmHWM to the current RSS
+    for _ in range(3):
+        model(**batch).loss.backward()
+        if args.method == "hybrid":
+            update_mixing(model)
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+    peak_kib = _status_kib("VmHWM")
+    print(json.dumps({"measured_mb": (peak_kib - runtime_kib) / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2-135m,minilm-l6")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from hybrid_peft.estimate import estimate, load_architecture
+
+    print(f"batch {args.batch_size} × {args.seq_len}, float32, CPU, {args.threads} threads, median of {args.repeats}")
+    print()
+    print("| model | method | estimate MB | measured MB | estimate / measured |")
+    print("|---|---|---|---|---|")
+    for model in args.models.split(","):
+        arch = load_architecture(model)
+        for method in args.methods.split(","):
+            measured = []
+            for _ in range(args.repeats):
+                command = [sys.executable, __file__, "--worker", "--model", model, "--method", method,
+                           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+                           "--rank", str(args.rank), "--block-size", str(args.block_size),
+                           "--threads", str(args.threads)]  # fmt: skip
+                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                measured.append(json.loads(output.strip().splitlines()[-1])["measured_mb"])
+            value = statistics.median(measured)
+            guess = estimate(arch, method, batch_size=args.batch_size, seq_len=args.seq_len, dtype="float32",
+                             rank=args.rank, block_size=args.block_size).total / 2**20  # fmt: skip
+            print(f"| {model} | {method} | {guess:,.0f} | {value:,.0f} | {guess / value:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,456 @@
+"""``hybrid-peft bench CONFIG``: every method beside full fine-tuning on quality, time and memory.
+
+A bench config (YAML; ``quick`` and ``full`` are built in, see ``bench_profiles/``) names tasks, methods and seeds::
+
+    output_dir: runs/bench-quick
+    seeds: [0, 1, 2]
+    defaults: {threads: 2, generate: false}             # any training option (hybrid-peft train --help)
+    tasks:
+      sst2-minilm: {task: sst2, model: minilm-l6, steps: 60, batch_size: 16, max_length: 64}
+    methods:
+      full: {method: full, learning_rate: 5.0e-5}
+      lora: {method: lora, adapter: {rank: 8, alpha: 16}}
+      hybrid-share: {method: hybrid, adapter: {rank: 8, block_size: 4, rule: share}, tasks: {gsm8k-smollm2: {...}}}
+
+Each (task, method, seed) is one ``hybrid-peft train`` in its own process (so peak memory is the run's own), in
+``OUTPUT_DIR/runs/<task>/<method>/seed-<n>/``. A run whose ``summary.json`` exists is reused, so an interrupted
+bench continues where it stopped (``--rerun`` starts over). Options merge as defaults < task < method < the method's
+entry for that task. Outputs, rewritten after every run:
+
+    results.csv      one row per run: metric, held-out loss, median step time, wall time, peak RSS, parameters
+    results.md       per task: mean ± std over seeds, time and memory as multiples of full fine-tuning
+    plots/           loss curves per task, quality against peak memory and against step time, λ heatmaps
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hybrid_peft.errors import ConfigError
+from hybrid_peft.fileio import atomic_write_text
+from hybrid_peft.recipe import FULL, TrainConfig, merge_options
+
+# The task metric each task is ranked by (higher is better), from the run's "after" evaluation.
+PRIMARY_METRIC = {
+    "sst2": "accuracy",
+    "mrpc": "f1",
+    "cola": "mcc",
+    "xnli": "accuracy",
+    "gsm8k": "exact_match",
+    "flores": "chrf++",
+    "humaneval": "pass@1",
+}
+CSV_FIELDS = (
+    "task",
+    "method",
+    "seed",
+    "status",
+    "model",
+    "base_task",
+    "metric_name",
+    "metric_before",
+    "metric",
+    "loss_before",
+    "held_out_loss",
+    "final_train_loss",
+    "median_step_s",
+    "wall_s",
+    "peak_rss_mb",
+    "trainable_parameters",
+    "total_parameters",
+    "error",
+)
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    task: str
+    method: str
+    seed: int
+    config: TrainConfig
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    name: str
+    output_dir: Path
+    seeds: tuple[int, ...]
+    tasks: dict[str, dict[str, Any]]
+    methods: dict[str, dict[str, Any]]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    run_timeout_s: float = 3600.0
+
+    def runs(self, tasks: list[str] | None = None, methods: list[str] | None = None) -> list[BenchRun]:
+        """Every (task, method, seed) as a validated training config; ``tasks``/``methods`` select by key."""
+        for chosen, known, kind in ((tasks, self.tasks, "task"), (methods, self.methods, "method")):
+            unknown = sorted(set(chosen or []) - set(known))
+            if unknown:
+                raise ConfigError(f"bench {self.name}: unknown {kind}(s) {unknown}; this config has {sorted(known)}")
+        runs = []
+        for task_key, task_options in self.tasks.items():
+            if tasks and task_key not in tasks:
+                continue
+            for method_key, method_options in self.methods.items():
+                if methods and method_key not in methods:
+                    continue
+                method_options = dict(method_options)
+                per_task = method_options.pop("tasks", {}) or {}
+                for seed in self.seeds:
+                    options = merge_options(self.defaults, task_options)
+                    options = merge_options(options, method_options)
+                    options = merge_options(options, per_task.get(task_key, {}))
+                    folder = self.output_dir / "runs" / task_key / method_key / f"seed-{seed}"
+                    options |= {"seed": seed, "output_dir": str(folder)}
+                    try:
+                        config = TrainConfig.from_dict(options)
+                    except ConfigError as exc:
+                        raise ConfigError(f"bench {self.name}, task {task_key}, method {method_key}: {exc}") from exc
+                    runs.append(BenchRun(task_key, method_key, seed, config))
+        return runs
+
+
+def builtin_profiles() -> list[str]:
+    folder = resources.files("hybrid_peft") / "bench_profiles"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_plan(config: str, output_dir: str | None = None, seeds: list[int] | None = None) -> BenchPlan:
+    """A built-in profile name (``quick``, ``full``) or a YAML/JSON file."""
+    import yaml
+
+    if config in builtin_profiles():
+        text = (resources.files("hybrid_peft") / "bench_profiles" / f"{config}.yaml").read_text(encoding="utf-8")
+        name = config
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"bench config {config!r} is neither a built-in profile {builtin_profiles()} nor a file")
+        text, name = path.read_text(encoding="utf-8"), path.stem
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"bench config {config}: not valid YAML/JSON ({exc})") from exc
+    known = {"output_dir", "seeds", "tasks", "methods", "defaults", "run_timeout_s", "description"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"bench config {config}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+    for key in ("tasks", "methods"):
+        if not isinstance(data.get(key), dict) or not data[key]:
+            raise ConfigError(f"bench config {config}: '{key}' must map names to training options")
+    plan = BenchPlan(
+        name=name,
+        output_dir=Path(output_dir or data.get("output_dir") or f"runs/bench-{name}"),
+        seeds=tuple(seeds if seeds is not None else data.get("seeds", [0])),
+        tasks=data["tasks"],
+        methods=data["methods"],
+        defaults=data.get("defaults", {}) or {},
+        run_timeout_s=float(data.get("run_timeout_s", 3600)),
+    )
+    plan.runs()  # every combination validates before anything runs
+    return plan
+
+
+# --- running -----------------------------------------------------------------------------------------------------
+
+
+def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, Any]:
+    """One run in its own ``hybrid-peft train`` process; its result row (reused when ``summary.json`` exists)."""
+    summary_path = run.folder / "summary.json"
+    if rerun or not summary_path.is_file():
+        run.folder.mkdir(parents=True, exist_ok=True)
+        summary_path.unlink(missing_ok=True)
+        atomic_write_text(run.folder / "run.json", json.dumps(run.config.to_dict(), indent=1) + "\n")
+        command = [sys.executable, "-m", "hybrid_peft.cli", "train", "--config", str(run.folder / "run.json")]
+        env = os.environ | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TQDM_DISABLE": "1"}
+        with open(run.folder / "run.log", "w", encoding="utf-8") as log:
+            try:
+                finished = subprocess.run(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, check=False
+                )
+                failure = None if finished.returncode == 0 else f"exit status {finished.returncode}"
+            except subprocess.TimeoutExpired:
+                failure = f"timed out after {timeout_s:.0f} s"
+        if failure or not summary_path.is_file():
+            lines = (run.folder / "run.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            detail = next((line for line in reversed(lines) if line.strip()), "") if lines else ""
+            return _row(run, None, f"{failure or 'no summary.json'}: {detail[-300:]}")
+    return _row(run, json.loads(summary_path.read_text(encoding="utf-8")), None)
+
+
+def _row(run: BenchRun, summary: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
+    metric_name = PRIMARY_METRIC.get(run.config.task.removeprefix("glue-spec:"), "accuracy")
+    row: dict[str, Any] = {
+        "task": run.task,
+        "method": run.method,
+        "seed": run.seed,
+        "model": run.config.model,
+        "base_task": run.config.task,
+        "metric_name": metric_name,
+        "status": "ok" if summary else "failed",
+        "error": error or "",
+    }
+    if summary:
+        before, after = summary.get("before", {}), summary.get("after", {})
+        row |= {
+            "metric_before": before.get(metric_name),
+            "metric": after.get(metric_name),
+            "loss_before": before.get("loss"),
+            "held_out_loss": after.get("loss"),
+            "final_train_loss": summary.get("final_loss"),
+            "median_step_s": summary.get("median_step_s"),
+            "wall_s": summary.get("wall_s"),
+            "peak_rss_mb": summary.get("peak_rss_mb"),
+            "trainable_parameters": summary.get("trainable_parameters"),
+            "total_parameters": summary.get("total_parameters"),
+        }
+    return row
+
+
+def run_bench(
+    plan: BenchPlan,
+    *,
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+    rerun: bool = False,
+    echo: Any = print,
+) -> list[dict[str, Any]]:
+    """Run (or reuse) every selected run, rewriting the outputs after each; returns the result rows."""
+    runs = plan.runs(tasks, methods)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for number, run in enumerate(runs, start=1):
+        tick = time.perf_counter()
+        row = execute(run, plan.run_timeout_s, rerun)
+        rows.append(row)
+        shown = "failed: " + row["error"] if row["status"] != "ok" else _describe(row)
+        echo(
+            f"[{number}/{len(runs)}] {run.task} · {run.method} · seed {run.seed}: {shown} "
+            f"({time.perf_counter() - tick:.0f} s; bench {time.perf_counter() - started:.0f} s)"
+        )
+        write_outputs(plan, rows)
+    return rows
+
+
+def _describe(row: dict[str, Any]) -> str:
+    metric = row.get("metric")
+    parts = [f"{row['metric_name']} {metric:.4f}" if metric is not None else f"{row['metric_name']} –"]
+    if row.get("held_out_loss") is not None:
+        parts.append(f"loss {row['held_out_loss']:.4f}")
+    if row.get("median_step_s") is not None:
+        parts.append(f"step {row['median_step_s']:.3f} s")
+    if row.get("peak_rss_mb") is not None:
+        parts.append(f"{row['peak_rss_mb']:.0f} MB")
+    return ", ".join(parts)
+
+
+# --- outputs -----------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per task, one entry per method (in run order): mean ± std over seeds and ratios to full fine-tuning."""
+    by_task: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], {}).setdefault(row["method"], []).append(row)
+    table: dict[str, list[dict[str, Any]]] = {}
+    for task, methods in by_task.items():
+        entries = []
+        for method, method_rows in methods.items():
+            ok = [r for r in method_rows if r["status"] == "ok"]
+            entry: dict[str, Any] = {
+                "method": method,
+                "runs": len(method_rows),
+                "ok": len(ok),
+                "metric_name": method_rows[0]["metric_name"],
+                "full": method_rows[0]["method"] == FULL or method == FULL,
+            }
+            for key in (
+                "metric",
+                "metric_before",
+                "held_out_loss",
+                "median_step_s",
+                "wall_s",
+                "peak_rss_mb",
+                "trainable_parameters",
+            ):
+                entry[key] = mean_std([r.get(key) for r in ok])
+            entries.append(entry)
+        full = next((e for e in entries if e["method"] == FULL and e["ok"]), None)
+        for entry in entries:
+            for key, ratio in (("median_step_s", "time_x_full"), ("peak_rss_mb", "memory_x_full")):
+                entry[ratio] = (
+                    entry[key][0] / full[key][0] if full and entry[key] and full[key] and full[key][0] else None
+                )
+        table[task] = entries
+    return table
+
+
+def _fmt(value: tuple[float, float] | None, digits: int = 4, std: bool = True) -> str:
+    if value is None:
+        return "–"
+    mean, deviation = value
+    return f"{mean:.{digits}f} ± {deviation:.{digits}f}" if std else f"{mean:.{digits}f}"
+
+
+def markdown_table(plan: BenchPlan, rows: list[dict[str, Any]]) -> str:
+    lines = [f"# Bench `{plan.name}`", ""]
+    seeds = ", ".join(str(s) for s in plan.seeds)
+    lines += [
+        f"Seeds {seeds}; mean ± std over the seeds that finished. Time and memory ratios are to full "
+        "fine-tuning on the same task in the same bench (median training-step time; peak process RSS).",
+        "",
+    ]
+    for task, entries in aggregate(rows).items():
+        task_rows = [r for r in rows if r["task"] == task]
+        lines += [f"## {task} ({task_rows[0]['model']}, {task_rows[0]['base_task']})", ""]
+        metric = entries[0]["metric_name"]
+        lines.append(
+            f"| method | {metric} | before | held-out loss | step s | time × full | peak RSS MB | memory × full "
+            "| trainable | runs ok |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for e in entries:
+            ratio = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+            trainable = "–" if e["trainable_parameters"] is None else f"{e['trainable_parameters'][0]:,.0f}"
+            lines.append(
+                f"| {e['method']} | {_fmt(e['metric'])} | {_fmt(e['metric_before'], std=False)} | "
+                f"{_fmt(e['held_out_loss'])} | {_fmt(e['median_step_s'], 3, std=False)} | {ratio(e['time_x_full'])} | "
+                f"{_fmt(e['peak_rss_mb'], 0, std=False)} | {ratio(e['memory_x_full'])} | {trainable} | "
+                f"{e['ok']}/{e['runs']} |"
+            )
+        failed = [r for r in task_rows if r["status"] != "ok"]
+        for r in failed:
+            lines.append(f"\nFailed: {r['method']} seed {r['seed']}: {r['error']}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(plan.output_dir / "results.csv", buffer.getvalue())
+    atomic_write_text(plan.output_dir / "results.md", markdown_table(plan, rows))
+    write_plots(plan, rows)
+
+
+def _loss_curve(folder: Path) -> list[float]:
+    path = folder / "train_log.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["loss"] for r in records if "loss" in r and "eval" not in r]
+
+
+def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hybrid_peft.methods.hybrid import plot_mixing_heatmap
+
+    folder = plan.output_dir / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    table = aggregate(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    for task, entries in table.items():
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for entry in entries:
+            curves = [
+                _loss_curve(plan.output_dir / "runs" / task / entry["method"] / f"seed-{r['seed']}")
+                for r in ok
+                if r["task"] == task and r["method"] == entry["method"]
+            ]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
+            window = max(1, length // 20)
+            smooth = [statistics.fmean(mean[max(0, i - window + 1) : i + 1]) for i in range(length)]
+            axis.plot(
+                range(1, length + 1),
+                smooth,
+                label=entry["method"],
+                linewidth=1.2,
+                linestyle="--" if entry["method"] == FULL else "-",
+            )
+        axis.set_xlabel("step")
+        axis.set_ylabel(f"training loss (mean over seeds, moving average {max(1, 1)}+)")
+        axis.set_ylabel("training loss (seed mean, smoothed)")
+        axis.set_title(f"{task}: training loss")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, ncol=2)
+        figure.tight_layout()
+        figure.savefig(folder / f"loss_{task}.png", dpi=120)
+        plt.close(figure)
+
+    for key, label, name in (
+        ("peak_rss_mb", "peak RSS (MB)", "quality_vs_memory.png"),
+        ("median_step_s", "median step time (s)", "quality_vs_time.png"),
+    ):
+        tasks = list(table)
+        if not tasks:
+            continue
+        figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+        for axis, task in zip(axes[0], tasks, strict=True):
+            for entry in table[task]:
+                if entry["metric"] is None or entry[key] is None:
+                    continue
+                axis.errorbar(
+                    entry[key][0],
+                    entry["metric"][0],
+                    yerr=entry["metric"][1],
+                    fmt="o",
+                    capsize=3,
+                    color="black" if entry["method"] == FULL else None,
+                )
+                axis.annotate(
+                    entry["method"],
+                    (entry[key][0], entry["metric"][0]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+            axis.set_xlabel(label)
+            axis.set_ylabel(table[task][0]["metric_name"])
+            axis.set_title(task)
+            axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=120)
+        plt.close(figure)
+
+    for row in ok:
+        telemetry = plan.output_dir / "runs" / row["task"] / row["method"] / f"seed-{row['seed']}" / "mixing.jsonl"
+        if row["seed"] == plan.seeds[0] and telemetry.is_file():
+            plot_mixing_heatmap(
+                telemetry,
+                folder / f"lambda_{row['task']}_{row['method']}.png",
+                title=f"λ per layer: {row['method']} on {row['task']} (seed {row['seed']})",
+            )

@@ -1,0 +1,262 @@
+"""``hybrid-peft estimate``: analytic peak training memory and FLOPs per step, full fine-tuning against each method.
+
+    hybrid-peft estimate --model 70b --batch-size 8 --seq-len 2048 --dtype bfloat16 --zero 3 --world 8
+    hybrid-peft estimate --model path/to/config.json --quantised-base 4
+
+Memory per process, in bytes, for a decoder (Llama layout: q, k, v, o, gate, up, down) or an encoder (BERT layout)::
+
+    weights      P_base · b_w            (linear weights at q/8 bytes with --quantised-base q)
+    trainable    T · 4                   (adapters in fp32; full fine-tuning: the weights themselves)
+    gradients    T · b_g                 (b_g = b_w for full fine-tuning, 4 for adapters)
+    optimiser    T · 8 (AdamW m, v)  + T · 4 fp32 master copy when full fine-tuning in 16-bit
+    activations  tokens · (layers · a + logits)    a: tensors autograd keeps per token per layer (below)
+    ZeRO         stage 1 divides the optimiser by --world, stage 2 also the gradients, stage 3 also the weights
+
+Activations per token per layer (decoder, ``h`` hidden, ``i`` MLP width, ``kv`` key/value width): the two norm
+inputs, the attention input, q/k/v, the attention output and the MLP input (6h + 2kv), and gate, up, act(gate),
+gate·up (4i), at the activation dtype. Adapters add what they save: LoRA the rank-r projection (r per adapted
+linear), BOFT and the hybrid the layer output (ScaledLinear saves it) and the rotated input, unitary the rotated
+input. Adapters target every linear (``all-linear``; unitary: the attention projections). Logits and the loss keep 2·V fp32 values per token. FLOPs per step: 6·P_linear per token for full
+fine-tuning; with frozen weights the weight-gradient matmuls are skipped, so 4·P_linear plus the adapter's own.
+
+``benchmarks/estimate_check.py`` compares these numbers with measured peaks on the small default models.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hybrid_peft.errors import ConfigError
+
+# Llama-class shapes (public configs): Llama-2-7B, Llama-2-70B, Llama-3.1-405B.
+BUILTIN_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False, "model_type": "llama"},
+    "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+            "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False, "model_type": "llama"},
+    "405b": {"hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126, "num_attention_heads": 128,
+             "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "model_type": "llama"},
+}  # fmt: skip
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+METHODS = ("full", "lora", "lora-ga", "boft", "unitary", "hybrid")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    decoder: bool  # Llama layout (gated MLP, LM head) or BERT layout (two-matrix MLP, classifier)
+    positions: int = 0  # learned position embeddings (BERT layout)
+    type_vocab: int = 0
+    labels: int = 2
+
+    @property
+    def kv(self) -> int:
+        return self.hidden * self.kv_heads // self.heads
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """``(name, in, out)`` of each linear layer in one block."""
+        h, i, kv = self.hidden, self.intermediate, self.kv
+        if self.decoder:
+            return [("q_proj", h, h), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", h, h),
+                    ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]  # fmt: skip
+        return [("query", h, h), ("key", h, h), ("value", h, h), ("attention.output", h, h),
+                ("intermediate", h, i), ("output", i, h)]  # fmt: skip
+
+    def linear_parameters(self) -> int:
+        pooler = 0 if self.decoder else self.hidden * self.hidden + self.hidden
+        return self.layers * sum(n * m + (0 if self.decoder else m) for _, n, m in self.linears()) + pooler
+
+    def parameters(self) -> int:
+        h = self.hidden
+        if self.decoder:  # embeddings (+ untied LM head), two RMSNorms per layer and a final one
+            return self.linear_parameters() + self.vocab * h * (1 if self.tied else 2) + self.layers * 2 * h + h
+        embeddings = (self.vocab + self.positions + self.type_vocab) * h + 2 * h  # and their LayerNorm
+        norms = self.layers * 2 * 2 * h
+        classifier = h * self.labels + self.labels
+        return self.linear_parameters() + embeddings + norms + classifier
+
+
+def load_architecture(model: str) -> Architecture:
+    """A built-in size (``7b``, ``70b``, ``405b``), a model alias or folder, or a ``config.json`` path."""
+    if model.lower() in BUILTIN_ARCHITECTURES:
+        data, name = BUILTIN_ARCHITECTURES[model.lower()], model.lower()
+    else:
+        path = Path(model)
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{model}: not a JSON model config ({exc})") from exc
+        else:
+            from hybrid_peft.models import resolve_model_path
+
+            folder = Path(resolve_model_path(model))
+            if not (folder / "config.json").is_file():
+                raise ConfigError(
+                    f"{model}: no config.json; pass 7b, 70b, 405b, a model alias/folder or a config.json path"
+                )
+            data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        name = model
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size") if k not in data]
+    if missing:
+        raise ConfigError(f"{model}: the config lacks {missing}; is it a transformer language model config?")
+    heads = data.get("num_attention_heads", 1)
+    return Architecture(
+        name=name,
+        hidden=data["hidden_size"],
+        intermediate=data["intermediate_size"],
+        layers=data["num_hidden_layers"],
+        heads=heads,
+        kv_heads=data.get("num_key_value_heads") or heads,
+        vocab=data["vocab_size"],
+        tied=bool(data.get("tie_word_embeddings", data.get("model_type") != "llama")),
+        decoder=data.get("model_type") not in ENCODER_TYPES,
+        positions=data.get("max_position_embeddings", 0) if data.get("model_type") in ENCODER_TYPES else 0,
+        type_vocab=data.get("type_vocab_size", 0),
+        labels=len(data.get("id2label") or {}) or 2,
+    )
+
+
+def adapter_parameters(method: str, n: int, m: int, rank: int, block_size: int, butterfly_factors: int) -> int:
+    """Trainable parameters of one adapted ``n → m`` linear (as hybrid-peft's layers hold them)."""
+    lora = rank * (n + m)
+    boft = butterfly_factors * (n // block_size) * block_size * (block_size - 1) // 2 + m
+    return {"lora": lora, "lora-ga": lora, "boft": boft, "unitary": 7 * (n // 2) + 2, "hybrid": lora + boft}[method]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    method: str
+    trainable: int
+    weights: float
+    trainable_copy: float
+    gradients: float
+    optimiser: float
+    activations: float
+    flops: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.trainable_copy + self.gradients + self.optimiser + self.activations
+
+
+def estimate(
+    arch: Architecture,
+    method: str,
+    *,
+    batch_size: int = 4,
+    seq_len: int = 512,
+    dtype: str = "bfloat16",
+    rank: int = 8,
+    block_size: int = 4,
+    butterfly_factors: int = 1,
+    zero: int = 0,
+    world: int = 1,
+    quantised_base: int | None = None,
+) -> Estimate:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
+    if zero not in (0, 1, 2, 3) or world < 1:
+        raise ConfigError("--zero takes 0, 1, 2 or 3 and --world at least 1")
+    if quantised_base is not None and method == "full":
+        raise ConfigError("a quantised base cannot be fully fine-tuned; --quantised-base is for adapter methods")
+    b = DTYPE_BYTES[dtype]
+    total_params = arch.parameters()
+    linear_params = arch.linear_parameters()
+    tokens = batch_size * seq_len
+    h, i, kv = arch.hidden, arch.intermediate, arch.kv
+
+    if quantised_base is not None:
+        weights = linear_params * quantised_base / 8 + (total_params - linear_params) * b
+    else:
+        weights = total_params * b
+    per_token_layer = (6 * h + 2 * kv + 4 * i) if arch.decoder else (8 * h + 3 * i)
+    if method == "full":
+        trainable = total_params
+        trainable_copy = 0.0  # the weights are the trainable parameters
+        gradients = trainable * b
+        optimiser = trainable * 8 + (trainable * 4 if b < 4 else 0)
+        flops = 6 * linear_params * tokens
+    else:
+        shapes = arch.linears()
+        if method == "unitary" and arch.decoder:
+            shapes = [s for s in shapes if s[0] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        per_layer = sum(adapter_parameters(method, n, m, rank, block_size, butterfly_factors) for _, n, m in shapes)
+        trainable = arch.layers * per_layer
+        if not arch.decoder and method != "unitary":  # "all-linear" also adapts BERT's pooler
+            trainable += adapter_parameters(method, h, h, rank, block_size, butterfly_factors)
+        trainable_copy = trainable * 4.0
+        if method == "lora-ga":
+            trainable_copy *= 2  # A0 and B0 are kept so the adapter loads onto the unmodified base
+        gradients = trainable * 4.0
+        optimiser = trainable * 8.0
+        extra = {
+            "lora": rank * len(shapes),
+            "lora-ga": rank * len(shapes),
+            "boft": sum(n + m for _, n, m in shapes),
+            "unitary": sum(n for _, n, _ in shapes),
+            "hybrid": sum(n + m for _, n, m in shapes) + rank * len(shapes),
+        }[method]
+        per_token_layer += extra
+        adapter_flops = (
+            6
+            * tokens
+            * arch.layers
+            * sum(
+                {"unitary": 14 * n, "boft": n * block_size * butterfly_factors}.get(method, 0)
+                + (rank * (n + m) if method in ("lora", "lora-ga", "hybrid") else 0)
+                + (n * block_size * butterfly_factors if method == "hybrid" else 0)
+                for _, n, m in shapes
+            )
+        )
+        flops = 4 * linear_params * tokens + adapter_flops
+    activations = tokens * (arch.layers * per_token_layer * b + 2 * arch.vocab * 4)
+    if zero >= 1:
+        optimiser /= world
+    if zero >= 2:
+        gradients /= world
+    if zero >= 3:
+        weights /= world
+        trainable_copy /= world
+    return Estimate(method, trainable, weights, trainable_copy, gradients, optimiser, activations, flops)
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:,.2f}" if value < 2**40 else f"{value / 2**40:,.2f} Ti"
+
+
+def estimate_table(arch: Architecture, methods: list[str], **options: Any) -> str:
+    """A markdown table of every method's memory parts (GiB), total, FLOPs per step and ratios to full."""
+    rows = [estimate(arch, m, **options) for m in methods]
+    full = estimate(arch, "full", **{k: v for k, v in options.items() if k != "quantised_base"})
+    lines = [
+        f"{arch.name}: {arch.parameters() / 1e9:,.3f} B parameters ({arch.layers} layers, hidden {arch.hidden}, "
+        f"MLP {arch.intermediate}, vocabulary {arch.vocab}); batch {options.get('batch_size', 4)} × "
+        f"{options.get('seq_len', 512)} tokens, {options.get('dtype', 'bfloat16')}, ZeRO {options.get('zero', 0)} "
+        f"over {options.get('world', 1)} process(es)"
+        + (f", base quantised to {options['quantised_base']} bits" if options.get("quantised_base") else ""),
+        "",
+        "| method | trainable | weights | adapter | gradients | optimiser | activations | peak GiB | × full "
+        "| TFLOP/step | × full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in rows:
+        lines.append(
+            f"| {e.method} | {e.trainable:,} | {_gib(e.weights)} | {_gib(e.trainable_copy)} | {_gib(e.gradients)} | "
+            f"{_gib(e.optimiser)} | {_gib(e.activations)} | {_gib(e.total)} | {e.total / full.total:.2f} | "
+            f"{e.flops / 1e12:,.2f} | {e.flops / full.flops:.2f} |"
+        )
+    return "\n".join(lines)

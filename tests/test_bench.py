@@ -1,0 +1,102 @@
+"""``hybrid-peft bench``: the run matrix, one process per run, reuse of finished runs, failure rows, tables, plots."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hybrid_peft.bench import aggregate, builtin_profiles, load_plan, run_bench
+from hybrid_peft.cli import main
+from hybrid_peft.errors import ConfigError
+
+
+def write_config(path: Path, model: str, output: Path) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(output),
+                "seeds": [0, 1],
+                "run_timeout_s": 300,
+                "defaults": {"threads": 1, "generate": False, "eval_examples": 4, "max_length": 48},
+                "tasks": {"he-tiny": {"task": "humaneval", "model": model, "steps": 3, "batch_size": 2}},
+                "methods": {
+                    "full": {"method": "full", "learning_rate": 1e-3},
+                    "lora": {"method": "lora", "adapter": {"rank": 2, "alpha": 4}, "learning_rate": 1e-2},
+                    # diverges at once: a failed run must be recorded, not stop the bench
+                    "broken": {"method": "lora", "learning_rate": 1e30, "tasks": {"he-tiny": {"max_grad_norm": 0.0}}},
+                },
+            }
+        )
+    )
+    return path
+
+
+def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")
+    plan = load_plan(str(config))
+    assert [(r.task, r.method, r.seed) for r in plan.runs()][:3] == [
+        ("he-tiny", "full", 0),
+        ("he-tiny", "full", 1),
+        ("he-tiny", "lora", 0),
+    ]
+    lines: list[str] = []
+    rows = run_bench(plan, echo=lines.append)
+    assert len(rows) == 6 and len(lines) == 6
+    status = {(r["method"], r["seed"]): r["status"] for r in rows}
+    assert status == {
+        ("full", 0): "ok",
+        ("full", 1): "ok",
+        ("lora", 0): "ok",
+        ("lora", 1): "ok",
+        ("broken", 0): "failed",
+        ("broken", 1): "failed",
+    }
+    broken = next(r for r in rows if r["method"] == "broken")
+    assert "training loss is" in broken["error"]  # the run's own last message, not a traceback
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["median_step_s"] > 0 and r["peak_rss_mb"] > 0 and r["held_out_loss"] > 0 for r in ok)
+    full = next(r for r in ok if r["method"] == "full")
+    lora = next(r for r in ok if r["method"] == "lora")
+    assert full["trainable_parameters"] == full["total_parameters"] > lora["trainable_parameters"] > 0
+
+    entries = {e["method"]: e for e in aggregate(rows)["he-tiny"]}
+    assert entries["full"]["time_x_full"] == pytest.approx(1.0)
+    assert entries["lora"]["memory_x_full"] == pytest.approx(
+        entries["lora"]["peak_rss_mb"][0] / entries["full"]["peak_rss_mb"][0]
+    )
+    assert entries["broken"]["ok"] == 0 and entries["broken"]["metric"] is None
+
+    out = tmp_path / "out"
+    with open(out / "results.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    table = (out / "results.md").read_text()
+    assert "| full |" in table and "| lora |" in table and "0/2" in table and "Failed: broken seed 0" in table
+    for plot in ("loss_he-tiny.png", "quality_vs_memory.png", "quality_vs_time.png"):
+        assert (out / "plots" / plot).stat().st_size > 1000, plot
+
+    # A second invocation reuses finished runs (no new process, same numbers) and retries failed ones.
+    log = out / "runs" / "he-tiny" / "lora" / "seed-0" / "run.log"
+    stamp = log.stat().st_mtime_ns
+    again = run_bench(plan, methods=["lora"], echo=lambda _: None)
+    assert log.stat().st_mtime_ns == stamp
+    assert [r["median_step_s"] for r in again] == [r["median_step_s"] for r in rows if r["method"] == "lora"]
+
+
+def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, capsys: pytest.CaptureFixture) -> None:
+    assert {"quick", "full"} <= set(builtin_profiles())
+    for name in builtin_profiles():  # the shipped profiles validate (every run's options)
+        assert load_plan(name).runs()
+    config = write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['nope'\]"):
+        load_plan(str(config)).runs(methods=["nope"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tasks": {"t": {"task": "sst2"}}, "methods": {"m": {"method": "lora", "stepz": 3}}}))
+    with pytest.raises(ConfigError, match=r"task t, method m: unknown training option\(s\) \['stepz'\]"):
+        load_plan(str(bad))
+    assert main(["bench", "no-such-profile"]) == 2
+    assert "neither a built-in profile" in capsys.readouterr().err
+    assert main(["bench", str(config), "--dry-run", "--seeds", "3"]) == 0
+    assert "he-tiny · lora · seed 3" in capsys.readouterr().out
