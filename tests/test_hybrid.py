@@ -86,14 +86,18 @@ def test_share_rule_follows_the_gate_normalised_gradients() -> None:
 
 
 def test_sigmoid_rule_sends_loud_layers_to_the_low_rank_branch() -> None:
-    config = HybridConfig(rank=2, rule="sigmoid", temperature=0.5)
-    loud, calm = MIXING_RULES["sigmoid"](config, [0.5, 0.5], [BranchNorms(4.0, 0.0), BranchNorms(1.0, 0.0)])
+    config = HybridConfig(rank=2, rule="sigmoid", temperature=0.5, ema=0.0)
+    norms = [BranchNorms(4.0, 0.0), BranchNorms(1.0, 0.0)]
+    loud, calm = MIXING_RULES["sigmoid"](config, [0.5, 0.5], norms)
     # log-norms 2·log 2 and 0, mean log 2: λ = σ(±log 2 / 0.5) = σ(±log 4) = 4/5 and 1/5.
     assert loud == pytest.approx(0.8) and calm == pytest.approx(0.2)
+    smoothed = HybridConfig(rank=2, rule="sigmoid", temperature=0.5, ema=0.9)
+    loud, calm = MIXING_RULES["sigmoid"](smoothed, [0.5, 0.5], norms)  # one step of the moving average
+    assert loud == pytest.approx(0.9 * 0.5 + 0.1 * 0.8) and calm == pytest.approx(0.9 * 0.5 + 0.1 * 0.2)
 
 
 def test_update_mixing_clamps_and_records() -> None:
-    model = hybrid_model("sigmoid", temperature=1e-3, mix_min=0.1)
+    model = hybrid_model("sigmoid", temperature=1e-3, mix_min=0.1, ema=0.0)
     model(**random_batches(1)[0]).loss.backward()
     records = update_mixing(model)
     assert set(records) == set(hybrid_layers(model))

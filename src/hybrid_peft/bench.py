@@ -232,19 +232,32 @@ def run_bench(
     """Run (or reuse) every selected run, rewriting the outputs after each; returns the result rows."""
     runs = plan.runs(tasks, methods)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     started = time.perf_counter()
     for number, run in enumerate(runs, start=1):
         tick = time.perf_counter()
         row = execute(run, plan.run_timeout_s, rerun)
-        rows.append(row)
+        rows[run.task, run.method, run.seed] = row
         shown = "failed: " + row["error"] if row["status"] != "ok" else _describe(row)
         echo(
             f"[{number}/{len(runs)}] {run.task} · {run.method} · seed {run.seed}: {shown} "
             f"({time.perf_counter() - tick:.0f} s; bench {time.perf_counter() - started:.0f} s)"
         )
-        write_outputs(plan, rows)
-    return rows
+        write_outputs(plan, _with_finished_runs(plan, rows))
+    return list(rows.values())
+
+
+def _with_finished_runs(plan: BenchPlan, rows: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """This invocation's rows plus every other run of the plan that finished earlier (an earlier ``--tasks``
+    part), in the plan's order, so the tables always cover everything run so far."""
+    combined = []
+    for run in plan.runs():
+        key = (run.task, run.method, run.seed)
+        if key in rows:
+            combined.append(rows[key])
+        elif (run.folder / "summary.json").is_file():
+            combined.append(_row(run, json.loads((run.folder / "summary.json").read_text(encoding="utf-8")), None))
+    return combined
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -372,12 +385,20 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from hybrid_peft.methods.hybrid import plot_mixing_heatmap
 
     folder = plan.output_dir / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     table = aggregate(rows)
+    palette = plt.get_cmap("tab20").colors
+    markers = "osD^v<>Pp*hX"
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    style = {
+        m: {"color": "black" if m == FULL else palette[k % len(palette)], "marker": markers[k % len(markers)]}
+        for k, m in enumerate(methods)
+    }
     ok = [r for r in rows if r["status"] == "ok"]
     for task, entries in table.items():
         figure, axis = plt.subplots(figsize=(7, 4))
@@ -400,13 +421,13 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
                 label=entry["method"],
                 linewidth=1.2,
                 linestyle="--" if entry["method"] == FULL else "-",
+                color=style[entry["method"]]["color"],
             )
         axis.set_xlabel("step")
-        axis.set_ylabel(f"training loss (mean over seeds, moving average {max(1, 1)}+)")
         axis.set_ylabel("training loss (seed mean, smoothed)")
         axis.set_title(f"{task}: training loss")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, ncol=2)
+        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         figure.tight_layout()
         figure.savefig(folder / f"loss_{task}.png", dpi=120)
         plt.close(figure)
@@ -418,31 +439,36 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
         tasks = list(table)
         if not tasks:
             continue
-        figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
-        for axis, task in zip(axes[0], tasks, strict=True):
+        columns = min(3, len(tasks))
+        lines = math.ceil(len(tasks) / columns)
+        figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns + 2, 3.6 * lines), squeeze=False)
+        for axis in axes.flat[len(tasks) :]:
+            axis.set_visible(False)
+        for axis, task in zip(axes.flat, tasks, strict=False):
             for entry in table[task]:
                 if entry["metric"] is None or entry[key] is None:
                     continue
+                look = style[entry["method"]]
                 axis.errorbar(
                     entry[key][0],
                     entry["metric"][0],
                     yerr=entry["metric"][1],
-                    fmt="o",
+                    fmt=look["marker"],
+                    color=look["color"],
                     capsize=3,
-                    color="black" if entry["method"] == FULL else None,
+                    markersize=6,
+                    label=entry["method"],
                 )
-                axis.annotate(
-                    entry["method"],
-                    (entry[key][0], entry["metric"][0]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-            axis.set_xlabel(label)
+            axis.set_xscale("log")
+            axis.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+            axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            axis.set_xlabel(f"{label}, log scale")
             axis.set_ylabel(table[task][0]["metric_name"])
             axis.set_title(task)
-            axis.grid(alpha=0.3)
-        figure.tight_layout()
+            axis.grid(alpha=0.3, which="both")
+        handles = {h.get_label(): h for a in axes.flat for h in a.get_legend_handles_labels()[0]}
+        figure.legend(list(handles.values()), list(handles), fontsize=7, loc="center right")
+        figure.tight_layout(rect=(0, 0, 1 - 1.6 / figure.get_figwidth(), 1))
         figure.savefig(folder / name, dpi=120)
         plt.close(figure)
 

@@ -16,8 +16,9 @@ Activations per token per layer (decoder, ``h`` hidden, ``i`` MLP width, ``kv`` 
 inputs, the attention input, q/k/v, the attention output and the MLP input (6h + 2kv), and gate, up, act(gate),
 gate·up (4i), at the activation dtype. Adapters add what they save: LoRA the rank-r projection (r per adapted
 linear), BOFT and the hybrid the layer output (ScaledLinear saves it) and the rotated input, unitary the rotated
-input. Adapters target every linear (``all-linear``; unitary: the attention projections). Logits and the loss keep 2·V fp32 values per token. FLOPs per step: 6·P_linear per token for full
-fine-tuning; with frozen weights the weight-gradient matmuls are skipped, so 4·P_linear plus the adapter's own.
+input. Adapters target every linear (``all-linear``; unitary: the attention projections). Logits and the loss
+keep 2·V fp32 values per token. FLOPs per step: 6·P_linear per token for full fine-tuning; with frozen weights
+the weight-gradient matmuls are skipped, so 4·P_linear plus the adapter's own.
 
 ``benchmarks/estimate_check.py`` compares these numbers with measured peaks on the small default models.
 """

@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,7 +277,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
     from hybrid_peft.training import peak_rss_mb
 
     # Without an accelerator, say so: accelerate only sets up multi-process CPU training (gloo) when cpu=True.
-    accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+    accelerator = Accelerator(cpu=_cpu_only())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -483,6 +484,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
             "config": config.to_dict(),
             "task": task.name,
             "processes": world,
+            "distributed_type": str(accelerator.distributed_type.value),
             "ranks_in_sync": in_sync,
             "trainable_parameters": trainable,
             "total_parameters": total,
@@ -498,6 +500,21 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
         write_report(output_dir, summary, history)
     accelerator.wait_for_everyone()
     return summary
+
+
+def _cpu_only() -> bool:
+    """accelerate sets up multi-process CPU training (gloo) only with ``cpu=True``, and that mode is DDP: an FSDP or
+    DeepSpeed launch on a machine without an accelerator would otherwise run unsynchronised copies. Say so."""
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return False
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            warnings.warn(
+                f"{name} was requested but there is no GPU: accelerate trains on CPU with DDP (gloo) instead; "
+                "summary.json records the distributed_type used",
+                stacklevel=3,
+            )
+    return True
 
 
 def _median(values: list[float]) -> float | None:

@@ -13,8 +13,9 @@ that a rule sets from gradient norms::
 
 ``share``    g_lr = ‖∇_{A,B}‖/λ, g_orth = ‖∇_K‖/(1 − λ) (dividing out the gate so a small gate cannot starve its
              own branch), each RMS-normalised by its parameter count; λ ← EMA_β(g_lr / (g_lr + g_orth)).
-``sigmoid``  λℓ = σ((log‖gℓ‖ − mean_ℓ log‖gℓ‖)/τ): layers whose gradient is above the model's average lean to the
-             fast low-rank branch, calm layers to the stable orthogonal branch.
+``sigmoid``  λℓ ← EMA_β(σ((log‖gℓ‖ − mean_ℓ log‖gℓ‖)/τ)): layers whose gradient is above the model's average lean
+             to the fast low-rank branch, calm layers to the stable orthogonal branch. Without the moving average
+             (β = 0) λ jumps with each batch's gradient noise and, on SST-2, training stalls (docs/benchmarks.md).
 ``fixed``    λ stays at its initial value (ablation).
 
 Under DDP gradients are already averaged, so λ is identical on every rank; with sharded gradients (FSDP) pass
@@ -64,7 +65,7 @@ class HybridConfig(LoRAGAConfig):
         rule: ``share`` (default), ``sigmoid`` or ``fixed``.
         mix_init: λ0, the low-rank branch's initial share.
         mix_min: λmin; λ is clamped to [λmin, 1 − λmin], 0 < λmin < 0.5.
-        ema: β of the ``share`` rule's moving average (0 = no smoothing).
+        ema: β of the moving average of the ``share`` and ``sigmoid`` rules (0 = no smoothing).
         temperature: τ of the ``sigmoid`` rule, > 0.
     """
 
@@ -222,7 +223,10 @@ def _share_rule(config: HybridConfig, mixes: list[float], norms: list[BranchNorm
 def _sigmoid_rule(config: HybridConfig, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
     logs = [0.5 * math.log(n.low_rank**2 + n.orthogonal**2 + 1e-30) for n in norms]
     mean = sum(logs) / len(logs)
-    return [_sigmoid((value - mean) / config.temperature) for value in logs]
+    return [
+        config.ema * mix + (1 - config.ema) * _sigmoid((value - mean) / config.temperature)
+        for mix, value in zip(mixes, logs, strict=True)
+    ]
 
 
 def _sigmoid(z: float) -> float:
