@@ -28,7 +28,8 @@ def write_config(path: Path, model: str, output: Path) -> Path:
                     # diverges at once: a failed run must be recorded, not stop the bench
                     "broken": {"method": "lora", "learning_rate": 1e30, "tasks": {"he-tiny": {"max_grad_norm": 0.0}}},
                 },
-            }
+            },
+            sort_keys=False,
         )
     )
     return path
