@@ -243,6 +243,7 @@ def command_estimate(args: argparse.Namespace) -> int:
             zero=args.zero,
             world=args.world,
             quantised_base=args.quantised_base,
+            attention=args.attention,
         )
     )
     return 0
@@ -396,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage (DeepSpeed/FSDP)")
     estimate.add_argument("--world", type=int, default=1, help="processes the ZeRO stage shards over")
     estimate.add_argument("--quantised-base", type=int, choices=[4, 8], help="frozen base weights at 4 or 8 bits")
+    estimate.add_argument(
+        "--attention",
+        default="flash",
+        choices=["flash", "math"],
+        help="fused attention kernels (GPU) or materialised score matrices (CPU, eager)",
+    )
     estimate.set_defaults(handler=command_estimate)
 
     demo = commands.add_parser("demo", help="the main job: fine-tune the default model on HumanEval, offline")

@@ -9,16 +9,18 @@ Memory per process, in bytes, for a decoder (Llama layout: q, k, v, o, gate, up,
     trainable    T · 4                   (adapters in fp32; full fine-tuning: the weights themselves)
     gradients    T · b_g                 (b_g = b_w for full fine-tuning, 4 for adapters)
     optimiser    T · 8 (AdamW m, v)  + T · 4 fp32 master copy when full fine-tuning in 16-bit
-    activations  tokens · (layers · a + logits)    a: tensors autograd keeps per token per layer (below)
+    activations  tokens · (layers · a + logits)    a: what autograd keeps per token per layer (below)
     ZeRO         stage 1 divides the optimiser by --world, stage 2 also the gradients, stage 3 also the weights
 
-Activations per token per layer (decoder, ``h`` hidden, ``i`` MLP width, ``kv`` key/value width): the two norm
-inputs, the attention input, q/k/v, the attention output and the MLP input (6h + 2kv), and gate, up, act(gate),
-gate·up (4i), at the activation dtype. Adapters add what they save: LoRA the rank-r projection (r per adapted
-linear), BOFT and the hybrid the layer output (ScaledLinear saves it) and the rotated input, unitary the rotated
-input. Adapters target every linear (``all-linear``; unitary: the attention projections). Logits and the loss
-keep 2·V fp32 values per token. FLOPs per step: 6·P_linear per token for full fine-tuning; with frozen weights
-the weight-gradient matmuls are skipped, so 4·P_linear plus the adapter's own.
+Activations (see :func:`activation_elements`): per token per layer, the norm inputs, attention's q/k/v (and the
+score matrix with ``--attention math``, as on CPU), the MLP's nonlinearity, and the input of every linear that has
+a trainable weight or an adapter: a frozen linear without one keeps nothing. LoRA adds its rank-r projection; BOFT's
+ScaledLinear keeps the rotated input and the output in place of the input and x W0ᵀ; the unitary adapter is
+recomputed in backward. Logits: 3·V fp32 values per token. Peak = weights + adapters + optimiser + the larger of
+the activations (during backward) and twice the gradients (after it, with the optimiser's temporaries).
+Adapters target every linear (``all-linear``; unitary: the attention projections). FLOPs per step: 6·P_linear per
+token for full fine-tuning; with frozen weights the weight-gradient matmuls are skipped, so 4·P_linear plus the
+adapter's own.
 
 ``benchmarks/estimate_check.py`` compares these numbers with measured peaks on the small default models.
 """
@@ -136,6 +138,26 @@ def adapter_parameters(method: str, n: int, m: int, rank: int, block_size: int, 
     return {"lora": lora, "lora-ga": lora, "boft": boft, "unitary": 7 * (n // 2) + 2, "hybrid": lora + boft}[method]
 
 
+def activation_elements(arch: Architecture, adapted: set[str], *, full: bool, seq_len: int, attention: str) -> int:
+    """Elements autograd keeps per token per layer. A linear keeps its input only when it has a trainable weight or
+    an adapter (a frozen, unadapted linear needs only its weight in backward)."""
+    h, i = arch.hidden, arch.intermediate
+    scores = arch.heads * seq_len if attention == "math" else 0  # softmax output; fused kernels keep O(T)
+    if arch.decoder:
+        # two RMSNorm inputs, SDPA's q, k, v (after the key/value heads are repeated), SiLU input, act and up
+        # outputs; the norm outputs as well when the norm weights are trained
+        kept = 2 * h + 3 * h + scores + 3 * i + (2 * h if full else 0)
+        inputs = {"q_proj": h, "o_proj": h, "gate_proj": h, "down_proj": i}
+        shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # same input tensor
+    else:
+        # two LayerNorm inputs, q, k, v, the scores' dropout mask, GELU input, three dropout masks (1 byte each)
+        kept = 2 * h + 3 * h + scores + scores // 4 + i + (3 * h) // 4
+        inputs = {"query": h, "attention.output": h, "intermediate": h, "output": i}
+        shared = {"key": "query", "value": "query"}
+    needed = {shared.get(name, name) for name in adapted}
+    return kept + sum(size for name, size in inputs.items() if name in needed)
+
+
 @dataclass(frozen=True)
 class Estimate:
     method: str
@@ -149,7 +171,10 @@ class Estimate:
 
     @property
     def total(self) -> float:
-        return self.weights + self.trainable_copy + self.gradients + self.optimiser + self.activations
+        """The peak: during backward the activations are live while gradients are still being produced (each
+        layer frees more activations than its gradients take), after it the gradients and the optimiser's
+        temporaries (one more gradient-sized buffer) are live: whichever is larger."""
+        return self.weights + self.trainable_copy + self.optimiser + max(self.activations, 2 * self.gradients)
 
 
 def estimate(
@@ -165,6 +190,7 @@ def estimate(
     zero: int = 0,
     world: int = 1,
     quantised_base: int | None = None,
+    attention: str = "flash",
 ) -> Estimate:
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -172,19 +198,25 @@ def estimate(
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
     if zero not in (0, 1, 2, 3) or world < 1:
         raise ConfigError("--zero takes 0, 1, 2 or 3 and --world at least 1")
+    if attention not in ("flash", "math"):
+        raise ConfigError(f"attention: 'flash' (fused kernels) or 'math' (materialised scores), not {attention!r}")
     if quantised_base is not None and method == "full":
         raise ConfigError("a quantised base cannot be fully fine-tuned; --quantised-base is for adapter methods")
     b = DTYPE_BYTES[dtype]
     total_params = arch.parameters()
     linear_params = arch.linear_parameters()
     tokens = batch_size * seq_len
-    h, i, kv = arch.hidden, arch.intermediate, arch.kv
+    h = arch.hidden
 
     if quantised_base is not None:
         weights = linear_params * quantised_base / 8 + (total_params - linear_params) * b
     else:
         weights = total_params * b
-    per_token_layer = (6 * h + 2 * kv + 4 * i) if arch.decoder else (8 * h + 3 * i)
+    shapes = arch.linears()
+    if method == "unitary" and arch.decoder:
+        shapes = [s for s in shapes if s[0] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    adapted = {name for name, _, _ in shapes} if method != "full" else {name for name, _, _ in arch.linears()}
+    per_token_layer = activation_elements(arch, adapted, full=method == "full", seq_len=seq_len, attention=attention)
     if method == "full":
         trainable = total_params
         trainable_copy = 0.0  # the weights are the trainable parameters
@@ -192,9 +224,6 @@ def estimate(
         optimiser = trainable * 8 + (trainable * 4 if b < 4 else 0)
         flops = 6 * linear_params * tokens
     else:
-        shapes = arch.linears()
-        if method == "unitary" and arch.decoder:
-            shapes = [s for s in shapes if s[0] in ("q_proj", "k_proj", "v_proj", "o_proj")]
         per_layer = sum(adapter_parameters(method, n, m, rank, block_size, butterfly_factors) for _, n, m in shapes)
         trainable = arch.layers * per_layer
         if not arch.decoder and method != "unitary":  # "all-linear" also adapts BERT's pooler
@@ -204,14 +233,10 @@ def estimate(
             trainable_copy *= 2  # A0 and B0 are kept so the adapter loads onto the unmodified base
         gradients = trainable * 4.0
         optimiser = trainable * 8.0
-        extra = {
-            "lora": rank * len(shapes),
-            "lora-ga": rank * len(shapes),
-            "boft": sum(n + m for _, n, m in shapes),
-            "unitary": sum(n for _, n, _ in shapes),
-            "hybrid": sum(n + m for _, n, m in shapes) + rank * len(shapes),
-        }[method]
-        per_token_layer += extra
+        # What the adapters save beyond the layer input: LoRA the rank-r projection; BOFT's ScaledLinear saves
+        # the rotated input in place of x and the output in place of x W0ᵀ (no net change); the unitary adapter is
+        # recomputed in backward (checkpointed).
+        per_token_layer += rank * len(shapes) if method in ("lora", "lora-ga", "hybrid") else 0
         adapter_flops = (
             6
             * tokens
@@ -224,7 +249,9 @@ def estimate(
             )
         )
         flops = 4 * linear_params * tokens + adapter_flops
-    activations = tokens * (arch.layers * per_token_layer * b + 2 * arch.vocab * 4)
+    # Logits: the loss's log-softmax output, then the two vocabulary-sized gradients of the backward's first steps.
+    logits = 3 * arch.vocab * 4 if arch.decoder else 0
+    activations = tokens * (arch.layers * per_token_layer * b + logits)
     if zero >= 1:
         optimiser /= world
     if zero >= 2:

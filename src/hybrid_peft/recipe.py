@@ -2,9 +2,10 @@
 
     hybrid-peft train --config run.yaml --steps 200 --method hybrid --set rank=16
 
-Runs unchanged on one CPU, or on several processes/GPUs under ``torchrun`` / ``accelerate launch`` (DDP; FSDP and
-DeepSpeed through accelerate's config): only rank 0 writes files, every rank sees different batches, and the
-hybrid's λ stays identical across ranks (gradients are averaged before the rule runs).
+Runs unchanged on one CPU, or on several processes/GPUs under ``torchrun`` / ``accelerate launch`` (DDP, tested on
+CPU; FSDP and DeepSpeed through accelerate's config, GPU only and not yet tested): only rank 0 writes files, every
+rank sees different batches, and the hybrid's λ stays identical across ranks (gradients are averaged before the
+rule runs).
 
 Output folder::
 
@@ -397,6 +398,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
     mixing = bool(hybrid_layers(inner))
+    sharded = str(accelerator.distributed_type.value) == "FSDP"  # gradients are shards: all-reduce the norms
     telemetry = MixingTelemetry(output_dir / "mixing.jsonl") if mixing and main else None
     log_path = output_dir / "train_log.jsonl"
 
@@ -431,7 +433,7 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
             accelerator.backward(loss)
         record: dict[str, Any] = {"step": step, "loss": mean_loss_value, "lr": schedule.get_last_lr()[0]}
         if mixing:
-            records = update_mixing(inner)
+            records = update_mixing(inner, sharded=sharded)
             values = [r["lambda"] for r in records.values()]
             record["lambda"] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
             if telemetry is not None:
