@@ -23,7 +23,7 @@ def write_config(path: Path, model: str, output: Path) -> Path:
                 "defaults": {"threads": 1, "generate": False, "eval_examples": 4, "max_length": 48},
                 "tasks": {"he-tiny": {"task": "humaneval", "model": model, "steps": 3, "batch_size": 2}},
                 "methods": {
-                    "full": {"method": "full", "learning_rate": 1e-3},
+                    "full-ft": {"method": "full", "learning_rate": 1e-3},  # any name: the method makes it the baseline
                     "lora": {"method": "lora", "adapter": {"rank": 2, "alpha": 4}, "learning_rate": 1e-2},
                     # diverges at once: a failed run must be recorded, not stop the bench
                     "broken": {"method": "lora", "learning_rate": 1e30, "tasks": {"he-tiny": {"max_grad_norm": 0.0}}},
@@ -39,8 +39,8 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: 
     config = write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")
     plan = load_plan(str(config))
     assert [(r.task, r.method, r.seed) for r in plan.runs()][:3] == [
-        ("he-tiny", "full", 0),
-        ("he-tiny", "full", 1),
+        ("he-tiny", "full-ft", 0),
+        ("he-tiny", "full-ft", 1),
         ("he-tiny", "lora", 0),
     ]
     lines: list[str] = []
@@ -48,8 +48,8 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: 
     assert len(rows) == 6 and len(lines) == 6
     status = {(r["method"], r["seed"]): r["status"] for r in rows}
     assert status == {
-        ("full", 0): "ok",
-        ("full", 1): "ok",
+        ("full-ft", 0): "ok",
+        ("full-ft", 1): "ok",
         ("lora", 0): "ok",
         ("lora", 1): "ok",
         ("broken", 0): "failed",
@@ -59,14 +59,14 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: 
     assert "training loss is" in broken["error"]  # the run's own last message, not a traceback
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["median_step_s"] > 0 and r["peak_rss_mb"] > 0 and r["held_out_loss"] > 0 for r in ok)
-    full = next(r for r in ok if r["method"] == "full")
+    full = next(r for r in ok if r["method"] == "full-ft")
     lora = next(r for r in ok if r["method"] == "lora")
     assert full["trainable_parameters"] == full["total_parameters"] > lora["trainable_parameters"] > 0
 
     entries = {e["method"]: e for e in aggregate(rows)["he-tiny"]}
-    assert entries["full"]["time_x_full"] == pytest.approx(1.0)
+    assert entries["full-ft"]["time_x_full"] == pytest.approx(1.0)
     assert entries["lora"]["memory_x_full"] == pytest.approx(
-        entries["lora"]["peak_rss_mb"][0] / entries["full"]["peak_rss_mb"][0]
+        entries["lora"]["peak_rss_mb"][0] / entries["full-ft"]["peak_rss_mb"][0]
     )
     assert entries["broken"]["ok"] == 0 and entries["broken"]["metric"] is None
 
@@ -74,7 +74,7 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: 
     with open(out / "results.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 6
     table = (out / "results.md").read_text()
-    assert "| full |" in table and "| lora |" in table and "0/2" in table and "Failed: broken seed 0" in table
+    assert "| full-ft |" in table and "| lora |" in table and "0/2" in table and "Failed: broken seed 0" in table
     for plot in ("loss_he-tiny.png", "quality_vs_memory.png", "quality_vs_time.png"):
         assert (out / "plots" / plot).stat().st_size > 1000, plot
 

@@ -56,6 +56,7 @@ CSV_FIELDS = (
     "method",
     "seed",
     "status",
+    "recipe_method",
     "model",
     "base_task",
     "metric_name",
@@ -197,6 +198,7 @@ def _row(run: BenchRun, summary: dict[str, Any] | None, error: str | None) -> di
     row: dict[str, Any] = {
         "task": run.task,
         "method": run.method,
+        "recipe_method": run.config.method,
         "seed": run.seed,
         "model": run.config.model,
         "base_task": run.config.task,
@@ -297,7 +299,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
                 "runs": len(method_rows),
                 "ok": len(ok),
                 "metric_name": method_rows[0]["metric_name"],
-                "full": method_rows[0]["method"] == FULL or method == FULL,
+                "full": method_rows[0].get("recipe_method", method) == FULL,
             }
             for key in (
                 "metric",
@@ -310,7 +312,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
             ):
                 entry[key] = mean_std([r.get(key) for r in ok])
             entries.append(entry)
-        full = next((e for e in entries if e["method"] == FULL and e["ok"]), None)
+        full = next((e for e in entries if e["full"] and e["ok"]), None)
         for entry in entries:
             for key, ratio in (("median_step_s", "time_x_full"), ("peak_rss_mb", "memory_x_full")):
                 entry[ratio] = (
@@ -395,8 +397,9 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
     palette = plt.get_cmap("tab20").colors
     markers = "osD^v<>Pp*hX"
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    full_methods = {r["method"] for r in rows if r.get("recipe_method") == FULL}
     style = {
-        m: {"color": "black" if m == FULL else palette[k % len(palette)], "marker": markers[k % len(markers)]}
+        m: {"color": "black" if m in full_methods else palette[k % len(palette)], "marker": markers[k % len(markers)]}
         for k, m in enumerate(methods)
     }
     ok = [r for r in rows if r["status"] == "ok"]
@@ -420,7 +423,7 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
                 smooth,
                 label=entry["method"],
                 linewidth=1.2,
-                linestyle="--" if entry["method"] == FULL else "-",
+                linestyle="--" if entry["full"] else "-",
                 color=style[entry["method"]]["color"],
             )
         axis.set_xlabel("step")
