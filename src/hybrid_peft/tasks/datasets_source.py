@@ -11,6 +11,8 @@ reads (GLUE tasks: the sentence column(s) and an integer or string ``label``; GS
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +113,24 @@ def require_columns(source: str, records: list[dict[str, Any]], columns: tuple[s
     missing = [c for c in columns if c not in records[0]]
     if missing:
         raise TaskDataError(f"--dataset {source}: no column(s) {missing}; its columns are {sorted(records[0])}")
+
+
+class DatasetRows:
+    """A task's train and held-out rows from ``--dataset``: loaded once, on first use, and converted to the task's
+    row format by ``to_rows(source, records)`` (which checks the columns it needs)."""
+
+    def __init__(self, source: str, to_rows: Callable[[str, list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
+        self.source, self.to_rows = source, to_rows
+
+    @cached_property
+    def _splits(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        train, held_out = train_and_eval_records(self.source)
+        return self.to_rows(self.source, train), self.to_rows(self.source, held_out)
+
+    @property
+    def train(self) -> list[dict[str, Any]]:
+        return self._splits[0]
+
+    @property
+    def eval(self) -> list[dict[str, Any]]:
+        return self._splits[1]

@@ -25,6 +25,7 @@ from hybrid_peft.tasks.base import (
     classify,
     register_task,
 )
+from hybrid_peft.tasks.datasets_source import DatasetRows, require_columns
 from hybrid_peft.tasks.gsm8k import resolve_data_dir
 
 
@@ -64,8 +65,6 @@ BUILTIN_SPECS = {
 
 def glue_rows_from_records(source: str, records: list[dict[str, Any]], spec: GlueSpec) -> list[dict[str, Any]]:
     """Rows ``{"text", "text_pair", "label"}`` from dataset records: labels may be class indices or label names."""
-    from hybrid_peft.tasks.datasets_source import require_columns
-
     text_columns = spec.dataset_text_columns or tuple(str(c) for c in spec.text_columns)
     require_columns(source, records, (*text_columns, spec.dataset_label_column))
     label_index = {label: i for i, label in enumerate(spec.labels)}
@@ -142,18 +141,11 @@ class GlueTask:
         self.num_labels = len(spec.labels)
         self.dataset = dataset
         self.folder = resolve_data_dir(data_dir) / spec.folder if dataset is None else None
-        self._records: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
-
-    def _dataset_rows(self, which: int) -> list[dict[str, Any]]:
-        from hybrid_peft.tasks.datasets_source import train_and_eval_records
-
-        if self._records is None:
-            train, held_out = train_and_eval_records(self.dataset)
-            self._records = (
-                glue_rows_from_records(self.dataset, train, self.spec),
-                glue_rows_from_records(self.dataset, held_out, self.spec),
-            )
-        return self._records[which]
+        self.rows = (
+            DatasetRows(dataset, lambda source, records: glue_rows_from_records(source, records, spec))
+            if dataset is not None
+            else None
+        )
 
     @classmethod
     def from_spec_file(
@@ -166,13 +158,13 @@ class GlueTask:
         return cls(spec, data_dir, dataset)
 
     def train_rows(self) -> list[dict[str, Any]]:
-        if self.dataset is not None:
-            return self._dataset_rows(0)
+        if self.rows is not None:
+            return self.rows.train
         return read_glue_file(self.folder / self.spec.train_file, self.spec)
 
     def eval_rows(self) -> list[dict[str, Any]]:
-        if self.dataset is not None:
-            return self._dataset_rows(1)
+        if self.rows is not None:
+            return self.rows.eval
         return read_glue_file(self.folder / self.spec.eval_file, self.spec)
 
     def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:

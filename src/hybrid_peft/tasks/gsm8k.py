@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from hybrid_peft.tasks.base import TaskDataError, greedy_generate, held_out_loss, prompt_completion_batch, register_task
+from hybrid_peft.tasks.datasets_source import DatasetRows, require_columns
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -89,6 +90,11 @@ def final_number(text: str) -> str | None:
     return _normalise(numbers[-1]) if numbers else None
 
 
+def _gsm8k_rows_from_records(source: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    require_columns(source, records, ("question", "answer"))
+    return [{"question": r["question"], "answer": r["answer"]} for r in records]
+
+
 @register_task("gsm8k")
 class Gsm8kTask:
     name = "gsm8k"
@@ -98,26 +104,13 @@ class Gsm8kTask:
     def __init__(self, data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> None:
         self.data_dir = data_dir
         self.dataset = dataset
-        self._records: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
-
-    def _dataset_rows(self, which: int) -> list[dict[str, Any]]:
-        from hybrid_peft.tasks.datasets_source import require_columns, train_and_eval_records
-
-        if self._records is None:
-            train, held_out = train_and_eval_records(self.dataset)
-            for records in (train, held_out):
-                require_columns(self.dataset, records, ("question", "answer"))
-            self._records = (
-                [{"question": r["question"], "answer": r["answer"]} for r in train],
-                [{"question": r["question"], "answer": r["answer"]} for r in held_out],
-            )
-        return self._records[which]
+        self.rows = DatasetRows(dataset, _gsm8k_rows_from_records) if dataset is not None else None
 
     def train_rows(self) -> list[dict[str, Any]]:
-        return self._dataset_rows(0) if self.dataset is not None else load_gsm8k("train", self.data_dir)
+        return self.rows.train if self.rows is not None else load_gsm8k("train", self.data_dir)
 
     def eval_rows(self) -> list[dict[str, Any]]:
-        return self._dataset_rows(1) if self.dataset is not None else load_gsm8k("test", self.data_dir)
+        return self.rows.eval if self.rows is not None else load_gsm8k("test", self.data_dir)
 
     def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
         return prompt_completion_batch(
