@@ -36,6 +36,7 @@ METHOD_CASES: dict[str, AdapterConfig] = {
     "hybrid-fixed-sketch": HybridConfig(
         rank=2, alpha=4.0, block_size=4, rule="fixed", mix_init=0.3, estimator="sketch"
     ),
+    "hybrid-update-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="update", mix_init=0.4),
     "unitary": UnitaryConfig(),
     "unitary-all-linear": UnitaryConfig(targets="all-linear"),
 }
@@ -68,7 +69,10 @@ def prepare_lora_ga(model: torch.nn.Module) -> None:
     lora_ga_initialise(model, random_batches(), loss_fn=_classification_or_lm_loss)
 
 
-PREPARE: dict[str, Callable[[torch.nn.Module], None]] = {name: prepare_lora_ga for name in OFFSETS_BASE}
+# Methods that start from a LoRA-GA gradient estimate (the hybrid's update gate does, without offsetting the base).
+GRADIENT_START = OFFSETS_BASE | {"hybrid-update-gate"}
+
+PREPARE: dict[str, Callable[[torch.nn.Module], None]] = {name: prepare_lora_ga for name in GRADIENT_START}
 
 
 def prepare(method: str, model: torch.nn.Module) -> torch.nn.Module:

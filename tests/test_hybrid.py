@@ -62,6 +62,36 @@ def test_effective_weight_is_the_base_weight_at_step_zero(rule: str) -> None:
         torch.testing.assert_close(layer.merged_weight(), original.get_submodule(name).weight, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("gate", ["branch", "update"])
+def test_only_the_update_gate_lets_lambda_move_without_moving_the_output(gate: str, input_ids: torch.Tensor) -> None:
+    original = MODEL_FACTORIES["llama"]().eval()
+    model = hybrid_model("fixed", gate=gate).eval()
+    expected = model_output(original, input_ids)
+    torch.testing.assert_close(model_output(model, input_ids), expected, atol=1e-5, rtol=0)
+    for layer in hybrid_layers(model).values():
+        layer.mix.fill_(0.9)  # λ moves before any training
+    moved = model_output(model, input_ids)
+    if gate == "update":  # B A − B0 A0 = 0 at the start, whatever λ is
+        torch.testing.assert_close(moved, expected, atol=1e-5, rtol=0)
+        for name, layer in hybrid_layers(model).items():  # and the base weight was never offset
+            assert torch.equal(layer.base_weight, original.get_submodule(name).weight)
+    else:  # the whole branch is gated: (λ − λ0)·s·B0A0 reaches the output
+        assert (moved - expected).abs().max() > 1e-3
+
+
+def test_update_gate_learns_the_same_update_as_an_explicit_reference() -> None:
+    model = hybrid_model("share", gate="update")
+    train_steps(model, 3)
+    for name, layer in hybrid_layers(model).items():
+        rotation = layer.rotation_matrix()
+        update = layer.lora_B @ layer.lora_A - layer.lora_B0 @ layer.lora_A0
+        reference = (
+            layer.boft_scale[:, None] * (layer.base_weight @ rotation.T) + layer.mix * layer.lora_scaling * update
+        )
+        torch.testing.assert_close(layer.merged_weight(), reference, atol=1e-6, rtol=0, msg=name)
+        assert (update.abs().max() > 0) and (float(layer.mix) != 0.5), "training should have moved B A and λ"
+
+
 def test_mix_is_a_buffer_the_optimiser_never_sees() -> None:
     model = hybrid_model("fixed", mix_init=0.3)
     layer = next(iter(hybrid_layers(model).values()))
@@ -253,6 +283,7 @@ def test_lambda_identical_across_two_data_parallel_processes(tmp_path) -> None: 
         ({"temperature": -1.0}, "temperature"),
         ({"mix_init": 0.99, "mix_min": 0.05}, "mix_init"),
         ({"ema": 1.0}, "ema"),
+        ({"gate": "all"}, "gate"),
     ],
 )
 def test_bad_hybrid_config(kwargs: dict, field: str) -> None:

@@ -8,6 +8,15 @@ that a rule sets from gradient norms::
     B A    LoRA-GA initialised (A = A0, B = B0 at step 0; see methods/lora_ga.py)
     W0'    W0 − λ0 · s_lora · B0 A0, so W_eff = W0 at step 0
 
+That is ``gate="branch"``, DESIGN.md's reading: λ gates the whole low-rank branch. Because LoRA-GA starts B A at
+B0 A0 ≠ 0, every move of λ away from λ0 shifts the output by (λ − λ0)·s_lora·B0A0, a change no optimiser step
+asked for. ``gate="update"`` gates only what the low-rank branch has learnt, on the unmodified base::
+
+    W_eff = diag(s) · W0 · R((1 − λ) K)ᵀ  +  λ · s_lora · (B A − B0 A0)
+
+so λ can move freely (the output is W0's at step 0 for any λ), the base is never offset, and the branch costs one
+rank-2r product (x [A; A0]ᵀ [B, −B0]ᵀ) instead of rank r. The benchmark chooses between them (BENCHMARKS.md).
+
 λ is a buffer, never a parameter: no optimiser touches it. After each backward pass (before the optimiser step)
 :func:`update_mixing` sets every layer's λ with the config's rule, clamped to [λmin, 1 − λmin]:
 
@@ -55,6 +64,8 @@ from hybrid_peft.methods.boft import (
 from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
 from hybrid_peft.registry import register_method
 
+GATES = ("branch", "update")
+
 
 @dataclass(frozen=True)
 class HybridConfig(LoRAGAConfig):
@@ -67,6 +78,8 @@ class HybridConfig(LoRAGAConfig):
         mix_min: λmin; λ is clamped to [λmin, 1 − λmin], 0 < λmin < 0.5.
         ema: β of the moving average of the ``share`` and ``sigmoid`` rules (0 = no smoothing).
         temperature: τ of the ``sigmoid`` rule, > 0.
+        gate: what λ gates: ``branch`` (all of λ·s·B A, with the base offset by λ0·s·B0A0) or ``update`` (only
+            λ·s·(B A − B0A0); the base is never offset). See the module docstring.
     """
 
     method = "hybrid"
@@ -80,6 +93,7 @@ class HybridConfig(LoRAGAConfig):
     mix_min: float = 0.05
     ema: float = 0.9
     temperature: float = 1.0
+    gate: str = "branch"
 
     def validate(self) -> None:
         super().validate()
@@ -90,6 +104,7 @@ class HybridConfig(LoRAGAConfig):
         require_float("mix_init", self.mix_init, minimum=self.mix_min, maximum=1 - self.mix_min)
         require_float("ema", self.ema, minimum=0.0, maximum=1.0, max_inclusive=False)
         require_float("temperature", self.temperature, minimum=0.0, min_inclusive=False)
+        require_choice("gate", self.gate, GATES)
 
 
 @register_method(HybridConfig)
@@ -151,6 +166,11 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
         return self.mix_start * self.lora_scaling * (self.lora_B0.float() @ self.lora_A0.float())
 
     @torch.no_grad()
+    def _shift_base(self, sign: float) -> None:
+        if self.config.gate == "branch":  # the update gate subtracts B0A0 in the branch, never from the base
+            super()._shift_base(sign)
+
+    @torch.no_grad()
     def initialise(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
         if self.offset_applied:  # undo the previous offset with the λ0 it was made with
             self._shift_base(+1.0)
@@ -160,17 +180,30 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
 
     # --- maths ------------------------------------------------------------------------------------------------
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the gated low-rank term: ``A``, ``B`` (``branch``) or ``[A; A0]``, ``[B, −B0]`` (``update``,
+        so that ``B A`` of the pair is the learnt update ``B A − B0 A0``)."""
+        if self.config.gate == "branch":
+            return self.lora_A, self.lora_B
+        return (
+            torch.cat([self.lora_A, self.lora_A0.to(self.lora_A.dtype)]),
+            torch.cat([self.lora_B, -self.lora_B0.to(self.lora_B.dtype)], dim=1),
+        )
+
+    def low_rank_weight(self) -> torch.Tensor:
+        a, b = self.low_rank_factors()
+        return self.mix * self.lora_scaling * (b @ a)
+
     def merged_weight(self) -> torch.Tensor:
         base = self.base_weight
         rotation = self.rotation_matrix()
         orthogonal = self.boft_scale[:, None] * (base.to(rotation.dtype) @ rotation.T)
-        low_rank = self.mix * self.lora_scaling * (self.lora_B @ self.lora_A)
-        return (orthogonal + low_rank).to(base.dtype)
+        return (orthogonal + self.low_rank_weight()).to(base.dtype)
 
     def unmerged_weight(self) -> torch.Tensor:
         merged = self.base_weight
         rotation = self.rotation_matrix()
-        low_rank = self.mix * self.lora_scaling * (self.lora_B @ self.lora_A)
+        low_rank = self.low_rank_weight()
         return (((merged.to(rotation.dtype) - low_rank) / self.boft_scale[:, None]) @ rotation).to(merged.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +213,8 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
         dtype = self.boft_skew.dtype
         x2d = x.reshape(-1, self.in_features).to(dtype)
         rotated = ButterflyRotate.apply(x2d, self.rotations(), *self.plan)
-        low_rank_input = F.linear(self.lora_dropout(x2d), self.lora_A)  # (T, r)
+        lora_a, lora_b = self.low_rank_factors()
+        low_rank_input = F.linear(self.lora_dropout(x2d), lora_a)  # (T, r), or (T, 2r) with the update gate
         # The one base matmul, scaled, plus the low-rank branch; saves the output instead of x W0ᵀ.
         out = scaled_linear(
             rotated,
@@ -188,7 +222,7 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
             self.boft_scale,
             self.base_layer.bias,
             low_rank_input,
-            self.lora_B,
+            lora_b,
             self.mix * self.lora_scaling,
         )
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -196,7 +230,8 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, rank={self.config.rank}, block_size={self.block_size}, "
-            f"butterfly_factors={self.config.butterfly_factors}, rule={self.config.rule}, mix={float(self.mix):.3f}"
+            f"butterfly_factors={self.config.butterfly_factors}, rule={self.config.rule}, gate={self.config.gate}, "
+            f"mix={float(self.mix):.3f}"
         )
 
 
