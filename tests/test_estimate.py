@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from hybrid_peft import BOFTConfig, HybridConfig, LoRAConfig, LoRAGAConfig, UnitaryConfig, attach
 from hybrid_peft.adapters import parameter_counts
@@ -36,13 +37,49 @@ def test_parameter_counts_match_real_models(factory, method: str, tmp_path: Path
     model = factory()
     arch = architecture_of(model, tmp_path)
     assert arch.parameters() == sum(p.numel() for p in model.parameters())
-    if method == "unitary" and not arch.decoder:
-        pytest.skip("the unitary default targets are a decoder's attention projections")
     if method != "full":
         attach(model, CONFIGS[method]())
     trainable, _ = parameter_counts(model)
     guess = estimate(arch, method, rank=4, block_size=4, butterfly_factors=2, dtype="float32")
     assert guess.trainable == trainable
+
+
+def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves in one training forward, parameters and buffers excluded."""
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_bert_classifier], ids=["llama", "bert"])
+@pytest.mark.parametrize("method", ["full", *CONFIGS])
+def test_activations_match_what_autograd_saves(factory, method: str, tmp_path: Path) -> None:  # noqa: ANN001
+    torch.set_num_threads(1)
+    model = factory()
+    arch = architecture_of(model, tmp_path)
+    if method != "full":
+        attach(model, CONFIGS[method]())
+    batch_size, seq_len = 2, 32
+    ids = torch.randint(5, arch.vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    labels = ids if arch.decoder else torch.zeros(batch_size, dtype=torch.long)
+    measured = saved_activation_bytes(model.train(), {"input_ids": ids, "labels": labels})
+    # CPU attention: the fused kernel for the decoder (no dropout), the materialised scores for BERT (dropout).
+    attention = "flash" if arch.decoder else "math"
+    guess = estimate(arch, method, batch_size=batch_size, seq_len=seq_len, dtype="float32", rank=4, block_size=4,
+                     butterfly_factors=2, attention=attention)  # fmt: skip
+    # The estimate's logits term is the loss's peak (log-probabilities and two gradients); autograd saves one.
+    saved_logits = batch_size * seq_len * arch.vocab * 4 if arch.decoder else 0
+    logits = 3 * saved_logits
+    assert guess.activations - logits + saved_logits == pytest.approx(measured, rel=0.12)
 
 
 def test_memory_parts_follow_the_options() -> None:

@@ -12,9 +12,12 @@ Memory per process, in bytes, for a decoder (Llama layout: q, k, v, o, gate, up,
     activations  tokens · (layers · a + logits)    a: what autograd keeps per token per layer (below)
     ZeRO         stage 1 divides the optimiser by --world, stage 2 also the gradients, stage 3 also the weights
 
-Activations (see :func:`activation_elements`): per token per layer, the norm inputs, attention's q/k/v (and the
-score matrix with ``--attention math``, as on CPU), the MLP's nonlinearity, and the input of every linear that has
-a trainable weight or an adapter: a frozen linear without one keeps nothing. LoRA adds its rank-r projection; BOFT's
+Activations (see :func:`activation_elements`): per token per layer, the norm inputs, attention's q/k/v, the MLP's
+nonlinearity, dropout masks where the config has dropout, and the input of every linear that has a trainable weight
+or an adapter: a frozen linear without one keeps nothing. ``--attention math`` (what CPUs run) also keeps the score
+matrix, and with attention dropout its mask and the dropped scores; it applies dropout as a product with a noise
+tensor of the activations' width. ``--attention flash`` (fused GPU kernels) keeps none of the scores and 1-byte
+masks. LoRA adds its rank-r projection; BOFT's
 ScaledLinear keeps the rotated input and the output in place of the input and x W0ᵀ; the unitary adapter is
 recomputed in backward. Logits: 3·V fp32 values per token. Peak = weights + adapters + optimiser + the larger of
 the activations (during backward) and twice the gradients (after it, with the optimiser's temporaries).
@@ -62,6 +65,8 @@ class Architecture:
     positions: int = 0  # learned position embeddings (BERT layout)
     type_vocab: int = 0
     labels: int = 2
+    hidden_dropout: bool = False  # dropout after attention and MLP (and the embeddings, BERT layout)
+    attention_dropout: bool = False  # dropout on the attention probabilities
 
     @property
     def kv(self) -> int:
@@ -128,6 +133,8 @@ def load_architecture(model: str) -> Architecture:
         positions=data.get("max_position_embeddings", 0) if data.get("model_type") in ENCODER_TYPES else 0,
         type_vocab=data.get("type_vocab_size", 0),
         labels=len(data.get("id2label") or {}) or 2,
+        hidden_dropout=bool(data.get("hidden_dropout_prob") or data.get("hidden_dropout") or 0),
+        attention_dropout=bool(data.get("attention_probs_dropout_prob") or data.get("attention_dropout") or 0),
     )
 
 
@@ -138,24 +145,73 @@ def adapter_parameters(method: str, n: int, m: int, rank: int, block_size: int, 
     return {"lora": lora, "lora-ga": lora, "boft": boft, "unitary": 7 * (n // 2) + 2, "hybrid": lora + boft}[method]
 
 
-def activation_elements(arch: Architecture, adapted: set[str], *, full: bool, seq_len: int, attention: str) -> int:
-    """Elements autograd keeps per token per layer. A linear keeps its input only when it has a trainable weight or
-    an adapter (a frozen, unadapted linear needs only its weight in backward)."""
+def adapted_linears(arch: Architecture, method: str) -> list[tuple[str, int, int]]:
+    """``(name, in, out)`` of the linears a method adapts in one block: every one (``all-linear``), the attention
+    projections for the unitary adapter (its default targets)."""
+    shapes = arch.linears()
+    if method == "unitary":
+        attention = ("q_proj", "k_proj", "v_proj", "o_proj") if arch.decoder else ("query", "key", "value")
+        shapes = [s for s in shapes if s[0] in attention]
+    return shapes
+
+
+def activation_elements(
+    arch: Architecture,
+    adapted: set[str],
+    *,
+    full: bool,
+    seq_len: int,
+    attention: str,
+    dtype_bytes: int = 4,
+    keeps_output: bool = False,
+) -> float:
+    """Elements (of the activation dtype) autograd keeps per token per layer. A linear keeps its input only when it
+    has a trainable weight or an adapter (a frozen, unadapted linear needs only its weight in backward). With
+    ``keeps_output`` (BOFT's and the hybrid's ScaledLinear, which keeps y to recover x W0ᵀ for the scale's
+    gradient) an adapted linear also keeps its output where the next operation does not keep that same tensor:
+    q, k and v (rotated, scaled or copied into heads before attention) and the two outputs that feed residual
+    sums."""
     h, i = arch.hidden, arch.intermediate
-    scores = arch.heads * seq_len if attention == "math" else 0  # softmax output; fused kernels keep O(T)
+    math_attention = attention == "math"
+    # A dropout mask: a noise tensor of the activations' width on the math path (CPU), 1 byte with fused kernels.
+    mask = 1.0 if math_attention else 1.0 / dtype_bytes
+    scores = arch.heads * seq_len if math_attention else 0  # the softmax output; fused kernels keep O(T)
+    if arch.attention_dropout:
+        scores *= 3  # the probabilities, the mask and the dropped probabilities (the product with V needs them)
+    hidden_masks = 2 * h * mask if arch.hidden_dropout else 0  # after attention and after the MLP
     if arch.decoder:
-        # two RMSNorm inputs, SDPA's q, k, v (after the key/value heads are repeated), SiLU input, act and up
-        # outputs; the norm outputs as well when the norm weights are trained
-        kept = 2 * h + 3 * h + scores + 3 * i + (2 * h if full else 0)
-        inputs = {"q_proj": h, "o_proj": h, "gate_proj": h, "down_proj": i}
+        if math_attention:  # q, k and v repeated to every query head, the probabilities
+            attention_kept, o_input = 3 * h + scores, h
+        else:  # q, k and v at their own (grouped) width and the output, which is also o_proj's input
+            attention_kept, o_input = 2 * h + 2 * arch.kv, 0
+        # two RMSNorm inputs, attention, SiLU input, act and up outputs; the norm outputs as well when the norm
+        # weights are trained
+        kept = 2 * h + attention_kept + 3 * i + (2 * h if full else 0) + hidden_masks
+        inputs = {"q_proj": h, "o_proj": o_input, "gate_proj": h, "down_proj": i}
         shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # same input tensor
+        # q and k are rotated (RoPE), v is transposed into heads; gate and up feed SiLU and the product, which keep
+        # them
+        unshared_outputs = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
     else:
-        # two LayerNorm inputs, q, k, v, the scores' dropout mask, GELU input, three dropout masks (1 byte each)
-        kept = 2 * h + 3 * h + scores + scores // 4 + i + (3 * h) // 4
+        # two LayerNorm inputs, q, k, v, GELU input, dropout masks
+        kept = 2 * h + 3 * h + scores + i + hidden_masks
         inputs = {"query": h, "attention.output": h, "intermediate": h, "output": i}
         shared = {"key": "query", "value": "query"}
+        unshared_outputs = ("query", "key", "value", "attention.output", "output")  # GELU keeps "intermediate"
     needed = {shared.get(name, name) for name in adapted}
+    if keeps_output:
+        kept += sum(m for name, _, m in arch.linears() if name in adapted and name in unshared_outputs)
     return kept + sum(size for name, size in inputs.items() if name in needed)
+
+
+def model_level_elements(arch: Architecture, *, full: bool, attention: str, dtype_bytes: int = 4) -> float:
+    """Elements kept per token outside the blocks (besides the logits): the final RMSNorm's input (and, when its
+    weight and the head are trained, its output and the head's input), or BERT's embedding LayerNorm input and
+    dropout mask."""
+    if arch.decoder:
+        return arch.hidden * (3 if full else 1)
+    mask = (1.0 if attention == "math" else 1.0 / dtype_bytes) if arch.hidden_dropout else 0.0
+    return arch.hidden * (1 + mask)
 
 
 @dataclass(frozen=True)
@@ -212,11 +268,17 @@ def estimate(
         weights = linear_params * quantised_base / 8 + (total_params - linear_params) * b
     else:
         weights = total_params * b
-    shapes = arch.linears()
-    if method == "unitary" and arch.decoder:
-        shapes = [s for s in shapes if s[0] in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    adapted = {name for name, _, _ in shapes} if method != "full" else {name for name, _, _ in arch.linears()}
-    per_token_layer = activation_elements(arch, adapted, full=method == "full", seq_len=seq_len, attention=attention)
+    shapes = adapted_linears(arch, method) if method != "full" else arch.linears()
+    adapted = {name for name, _, _ in shapes}
+    per_token_layer = activation_elements(
+        arch,
+        adapted,
+        full=method == "full",
+        seq_len=seq_len,
+        attention=attention,
+        dtype_bytes=b,
+        keeps_output=method in ("boft", "hybrid"),
+    )
     if method == "full":
         trainable = total_params
         trainable_copy = 0.0  # the weights are the trainable parameters
@@ -229,13 +291,12 @@ def estimate(
         if not arch.decoder and method != "unitary":  # "all-linear" also adapts BERT's pooler
             trainable += adapter_parameters(method, h, h, rank, block_size, butterfly_factors)
         trainable_copy = trainable * 4.0
-        if method == "lora-ga":
-            trainable_copy *= 2  # A0 and B0 are kept so the adapter loads onto the unmodified base
+        if method in ("lora-ga", "hybrid"):  # A0 and B0 are kept so the adapter loads onto the unmodified base
+            trainable_copy += 4.0 * rank * sum(n + m for _, n, m in shapes) * arch.layers
         gradients = trainable * 4.0
         optimiser = trainable * 8.0
-        # What the adapters save beyond the layer input: LoRA the rank-r projection; BOFT's ScaledLinear saves
-        # the rotated input in place of x and the output in place of x W0ᵀ (no net change); the unitary adapter is
-        # recomputed in backward (checkpointed).
+        # What the adapters save beyond the layer input: LoRA the rank-r projection; BOFT's ScaledLinear the
+        # output (counted in activation_elements); the unitary adapter is recomputed in backward (checkpointed).
         per_token_layer += rank * len(shapes) if method in ("lora", "lora-ga", "hybrid") else 0
         adapter_flops = (
             6
@@ -251,7 +312,10 @@ def estimate(
         flops = 4 * linear_params * tokens + adapter_flops
     # Logits: the loss's log-softmax output, then the two vocabulary-sized gradients of the backward's first steps.
     logits = 3 * arch.vocab * 4 if arch.decoder else 0
-    activations = tokens * (arch.layers * per_token_layer * b + logits)
+    outside = model_level_elements(arch, full=method == "full", attention=attention, dtype_bytes=b)
+    activations = tokens * ((arch.layers * per_token_layer + outside) * b + logits)
+    if method in ("boft", "hybrid"):  # the b×b rotations of every factor, kept for the backward (fp32)
+        activations += 4 * arch.layers * sum(butterfly_factors * n * block_size for _, n, _ in shapes)
     if zero >= 1:
         optimiser /= world
     if zero >= 2:
