@@ -4,16 +4,17 @@
 
 Each (model, method) runs in its own process: imports, then the runtime's resident memory is read; the model is
 loaded and the adapter attached; the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and three
-AdamW training steps run. Measured = peak RSS during training − RSS before the model was loaded: weights,
-adapter, gradients, optimiser states and activations, which the estimate models, plus the runtime's fixed cost,
-which it does not: the model's Python objects, the allocator's and the math libraries' workspaces. The check
-measures that fixed cost on its own: RSS after the model is loaded, the adapter attached and one no-grad forward of
-8 tokens has run, less the bytes of its parameters and buffers (on a GPU the CUDA context plays this part). Workers
-run with
-MALLOC_MMAP_THRESHOLD_=65536 so glibc returns freed activations to the system and RSS follows live tensors. Prints
-a markdown table: the estimate (``--attention math``, as CPU attention is), the runtime's fixed cost, the
-measurement, and the ratios of the estimate alone and of the estimate plus the fixed cost to the measurement
-(target: within 15%). Linux only.
+AdamW training steps run. Measured = peak RSS during training − RSS before the model was loaded: weights, adapter,
+gradients, optimiser states and activations, which the estimate models, plus the runtime's fixed cost, which it
+does not: the model's Python objects, the allocator's and the math libraries' workspaces. The check measures that
+fixed cost on its own: RSS after the model is loaded, the adapter attached and one no-grad forward of 8 tokens has
+run, less the bytes of its parameters and buffers (on a GPU the CUDA context plays this part). Workers run with
+MALLOC_MMAP_THRESHOLD_=65536 so glibc returns freed activations to the system and RSS follows live tensors.
+
+Prints a markdown table: the estimate, the runtime's fixed cost, the measurement, and the ratios of the estimate
+alone and of the estimate plus the fixed cost to the measurement (target: within 15%). The estimate uses the
+attention CPUs run: PyTorch's fused kernel for the decoder, the materialised scores for BERT (the fused CPU kernel
+does not take attention dropout). Linux only.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def main() -> None:
                 fixed.append(result["fixed_mb"])
             value, runtime = statistics.median(measured), statistics.median(fixed)
             guess = estimate(arch, method, batch_size=args.batch_size, seq_len=args.seq_len, dtype="float32",
-                             rank=args.rank, block_size=args.block_size, attention="math").total / 2**20  # fmt: skip
+                             rank=args.rank, block_size=args.block_size,
+                             attention="flash" if arch.decoder else "math").total / 2**20  # fmt: skip
             print(
                 f"| {model} | {method} | {guess:,.0f} | {runtime:,.0f} | {value:,.0f} | {guess / value:.2f} "
                 f"| {(guess + runtime) / value:.2f} |",
