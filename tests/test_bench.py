@@ -84,6 +84,12 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: 
     again = run_bench(plan, methods=["lora"], echo=lambda _: None)
     assert log.stat().st_mtime_ns == stamp
     assert [r["median_step_s"] for r in again] == [r["median_step_s"] for r in rows if r["method"] == "lora"]
+    # A part (one method, one seed) still reports every finished run of the config.
+    part = run_bench(plan, methods=["lora"], seeds=[1], echo=lambda _: None)
+    assert [(r["method"], r["seed"]) for r in part] == [("lora", 1)]
+    with open(out / "results.csv", newline="") as handle:
+        reported = {(r["method"], r["seed"]) for r in csv.DictReader(handle)}
+    assert reported == {("full-ft", "0"), ("full-ft", "1"), ("lora", "0"), ("lora", "1")}
 
 
 def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, capsys: pytest.CaptureFixture) -> None:

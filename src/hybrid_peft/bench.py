@@ -96,8 +96,11 @@ class BenchPlan:
     defaults: dict[str, Any] = field(default_factory=dict)
     run_timeout_s: float = 3600.0
 
-    def runs(self, tasks: list[str] | None = None, methods: list[str] | None = None) -> list[BenchRun]:
-        """Every (task, method, seed) as a validated training config; ``tasks``/``methods`` select by key."""
+    def runs(
+        self, tasks: list[str] | None = None, methods: list[str] | None = None, seeds: list[int] | None = None
+    ) -> list[BenchRun]:
+        """Every (task, method, seed) as a validated training config; ``tasks``/``methods`` select by key, ``seeds``
+        replaces the config's seeds."""
         for chosen, known, kind in ((tasks, self.tasks, "task"), (methods, self.methods, "method")):
             unknown = sorted(set(chosen or []) - set(known))
             if unknown:
@@ -111,7 +114,7 @@ class BenchPlan:
                     continue
                 method_options = dict(method_options)
                 per_task = method_options.pop("tasks", {}) or {}
-                for seed in self.seeds:
+                for seed in self.seeds if seeds is None else seeds:
                     options = merge_options(self.defaults, task_options)
                     options = merge_options(options, method_options)
                     options = merge_options(options, per_task.get(task_key, {}))
@@ -130,7 +133,7 @@ def builtin_profiles() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_plan(config: str, output_dir: str | None = None, seeds: list[int] | None = None) -> BenchPlan:
+def load_plan(config: str, output_dir: str | None = None) -> BenchPlan:
     """A built-in profile name (``quick``, ``full``) or a YAML/JSON file."""
     import yaml
 
@@ -156,7 +159,7 @@ def load_plan(config: str, output_dir: str | None = None, seeds: list[int] | Non
     plan = BenchPlan(
         name=name,
         output_dir=Path(output_dir or data.get("output_dir") or f"runs/bench-{name}"),
-        seeds=tuple(seeds if seeds is not None else data.get("seeds", [0])),
+        seeds=tuple(data.get("seeds", [0])),
         tasks=data["tasks"],
         methods=data["methods"],
         defaults=data.get("defaults", {}) or {},
@@ -228,11 +231,13 @@ def run_bench(
     *,
     tasks: list[str] | None = None,
     methods: list[str] | None = None,
+    seeds: list[int] | None = None,
     rerun: bool = False,
     echo: Any = print,
 ) -> list[dict[str, Any]]:
-    """Run (or reuse) every selected run, rewriting the outputs after each; returns the result rows."""
-    runs = plan.runs(tasks, methods)
+    """Run (or reuse) every selected run, rewriting the outputs after each; returns the result rows. The outputs
+    cover every finished run of the config in the output folder, not only this selection."""
+    runs = plan.runs(tasks, methods, seeds)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     started = time.perf_counter()
@@ -245,15 +250,17 @@ def run_bench(
             f"[{number}/{len(runs)}] {run.task} · {run.method} · seed {run.seed}: {shown} "
             f"({time.perf_counter() - tick:.0f} s; bench {time.perf_counter() - started:.0f} s)"
         )
-        write_outputs(plan, _with_finished_runs(plan, rows))
+        write_outputs(plan, _with_finished_runs(plan, rows, seeds))
     return list(rows.values())
 
 
-def _with_finished_runs(plan: BenchPlan, rows: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
-    """This invocation's rows plus every other run of the plan that finished earlier (an earlier ``--tasks``
-    part), in the plan's order, so the tables always cover everything run so far."""
+def _with_finished_runs(
+    plan: BenchPlan, rows: dict[tuple[str, str, int], dict[str, Any]], seeds: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """This invocation's rows plus every other run of the config that finished earlier (an earlier ``--tasks``,
+    ``--methods`` or ``--seeds`` part), in the config's order, so the tables always cover everything run so far."""
     combined = []
-    for run in plan.runs():
+    for run in plan.runs(seeds=sorted(set(plan.seeds) | set(seeds or ()))):
         key = (run.task, run.method, run.seed)
         if key in rows:
             combined.append(rows[key])
@@ -331,9 +338,9 @@ def _fmt(value: tuple[float, float] | None, digits: int = 4, std: bool = True) -
 
 def markdown_table(plan: BenchPlan, rows: list[dict[str, Any]]) -> str:
     lines = [f"# Bench `{plan.name}`", ""]
-    seeds = ", ".join(str(s) for s in plan.seeds)
+    seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in rows}))
     lines += [
-        f"Seeds {seeds}; mean ± std over the seeds that finished. Time and memory ratios are to full "
+        f"Seeds {seeds or '–'}; mean ± std over the seeds that finished. Time and memory ratios are to full "
         "fine-tuning on the same task in the same bench (median training-step time; peak process RSS).",
         "",
     ]
@@ -475,9 +482,12 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
         figure.savefig(folder / name, dpi=120)
         plt.close(figure)
 
+    first_seed: dict[tuple[str, str], int] = {}
+    for row in ok:
+        first_seed.setdefault((row["task"], row["method"]), row["seed"])
     for row in ok:
         telemetry = plan.output_dir / "runs" / row["task"] / row["method"] / f"seed-{row['seed']}" / "mixing.jsonl"
-        if row["seed"] == plan.seeds[0] and telemetry.is_file():
+        if row["seed"] == first_seed[(row["task"], row["method"])] and telemetry.is_file():
             plot_mixing_heatmap(
                 telemetry,
                 folder / f"lambda_{row['task']}_{row['method']}.png",

@@ -203,11 +203,11 @@ def command_bench(args: argparse.Namespace) -> int:
     from hybrid_peft.bench import load_plan, run_bench
 
     seeds = [int(s) for s in _split_list(args.seeds)] if args.seeds else None
-    plan = load_plan(args.config, output_dir=args.output_dir, seeds=seeds)
-    runs = plan.runs(_split_list(args.tasks), _split_list(args.methods))
+    plan = load_plan(args.config, output_dir=args.output_dir)
+    runs = plan.runs(_split_list(args.tasks), _split_list(args.methods), seeds)
     print(
         f"bench {plan.name}: {len(runs)} runs ({len({r.task for r in runs})} task(s) × "
-        f"{len({r.method for r in runs})} method(s) × {len(plan.seeds)} seed(s)) -> {plan.output_dir}/",
+        f"{len({r.method for r in runs})} method(s) × {len({r.seed for r in runs})} seed(s)) -> {plan.output_dir}/",
         flush=True,
     )
     if args.dry_run:
@@ -218,6 +218,7 @@ def command_bench(args: argparse.Namespace) -> int:
         plan,
         tasks=_split_list(args.tasks),
         methods=_split_list(args.methods),
+        seeds=seeds,
         rerun=args.rerun,
         echo=lambda line: print(line, flush=True),
     )
