@@ -36,19 +36,13 @@ METHOD_CASES: dict[str, AdapterConfig] = {
     "hybrid-fixed-sketch": HybridConfig(
         rank=2, alpha=4.0, block_size=4, rule="fixed", mix_init=0.3, estimator="sketch"
     ),
-    "hybrid-update-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="update", mix_init=0.4),
+    "hybrid-branch-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="branch", mix_init=0.4),
     "unitary": UnitaryConfig(),
     "unitary-all-linear": UnitaryConfig(targets="all-linear"),
 }
 
 # Methods that change the base weight in place (and undo it on detach up to rounding, not bitwise).
-OFFSETS_BASE = {
-    "lora-ga-exact",
-    "lora-ga-sketch-peft-scale",
-    "hybrid-share",
-    "hybrid-sigmoid-m2",
-    "hybrid-fixed-sketch",
-}
+OFFSETS_BASE = {"lora-ga-exact", "lora-ga-sketch-peft-scale", "hybrid-branch-gate"}
 
 
 def random_batches(count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -69,8 +63,9 @@ def prepare_lora_ga(model: torch.nn.Module) -> None:
     lora_ga_initialise(model, random_batches(), loss_fn=_classification_or_lm_loss)
 
 
-# Methods that start from a LoRA-GA gradient estimate (the hybrid's update gate does, without offsetting the base).
-GRADIENT_START = OFFSETS_BASE | {"hybrid-update-gate"}
+# Methods that start from a LoRA-GA gradient estimate (the hybrid with its default update gate does so without
+# offsetting the base).
+GRADIENT_START = OFFSETS_BASE | {"hybrid-share", "hybrid-sigmoid-m2", "hybrid-fixed-sketch"}
 
 PREPARE: dict[str, Callable[[torch.nn.Module], None]] = {name: prepare_lora_ga for name in GRADIENT_START}
 

@@ -92,6 +92,26 @@ def test_update_gate_learns_the_same_update_as_an_explicit_reference() -> None:
         assert (update.abs().max() > 0) and (float(layer.mix) != 0.5), "training should have moved B A and λ"
 
 
+def test_adapters_saved_before_the_gate_option_load_with_the_branch_gate(input_ids: torch.Tensor, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    model = hybrid_model(gate="branch")
+    train_steps(model, 2)
+    model.eval()
+    expected = model_output(model, input_ids)
+    save_adapter(model, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    document = json.loads(config_file.read_text())
+    for config in document["configs"]:  # what format version 1 wrote: no gate field
+        del config["gate"]
+    document["format_version"] = 1
+    config_file.write_text(json.dumps(document))
+    fresh = load_adapter(MODEL_FACTORIES["llama"]().eval(), tmp_path / "adapter")
+    assert {layer.config.gate for layer in hybrid_layers(fresh).values()} == {"branch"}
+    torch.testing.assert_close(model_output(fresh, input_ids), expected, atol=1e-5, rtol=0)
+    assert HybridConfig().gate == "update"  # new adapters get the update gate
+
+
 def test_mix_is_a_buffer_the_optimiser_never_sees() -> None:
     model = hybrid_model("fixed", mix_init=0.3)
     layer = next(iter(hybrid_layers(model).values()))

@@ -36,6 +36,9 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    # Fields whose default changed, with the value that adapter files of older format versions (which did not store
+    # the field) meant: {format version that introduced the new default: {field: old value}}.
+    legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {}
 
     targets: str | tuple[str, ...] = ALL_LINEAR
     exclude: tuple[str, ...] = ()

@@ -297,7 +297,8 @@ def estimate(
         optimiser = trainable * 8.0
         # What the adapters save beyond the layer input: LoRA the rank-r projection; BOFT's ScaledLinear the
         # output (counted in activation_elements); the unitary adapter is recomputed in backward (checkpointed).
-        per_token_layer += rank * len(shapes) if method in ("lora", "lora-ga", "hybrid") else 0
+        # (the hybrid's default update gate projects onto [A; A0], rank 2r)
+        per_token_layer += {"lora": rank, "lora-ga": rank, "hybrid": 2 * rank}.get(method, 0) * len(shapes)
         adapter_flops = (
             6
             * tokens
@@ -316,6 +317,8 @@ def estimate(
     activations = tokens * ((arch.layers * per_token_layer + outside) * b + logits)
     if method in ("boft", "hybrid"):  # the b×b rotations of every factor, kept for the backward (fp32)
         activations += 4 * arch.layers * sum(butterfly_factors * n * block_size for _, n, _ in shapes)
+    if method == "hybrid":  # the update gate's concatenated factors [A; A0], [B, −B0] (fp32)
+        activations += 4 * arch.layers * sum(2 * rank * (n + m) for _, n, m in shapes)
     if zero >= 1:
         optimiser /= world
     if zero >= 2:

@@ -36,7 +36,7 @@ from hybrid_peft.targeting import linear_candidates
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_NAME = "hybrid-peft-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the hybrid's gate defaults to 'update'; version-1 files meant 'branch'
 TRAINED_PREFIX = "trained_base::"
 
 # Two fingerprints agree when every sampled value is within this fraction of the sample's largest magnitude:
@@ -117,6 +117,24 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return document
 
 
+def _with_legacy_defaults(data: dict[str, Any], version: int) -> dict[str, Any]:
+    """Fill fields a file of format ``version`` did not store with the defaults it was written under."""
+    from hybrid_peft.registry import get_method
+
+    if not isinstance(data, dict) or "method" not in data:
+        return data
+    try:
+        config_class = get_method(data["method"]).config_class
+    except ConfigError:  # an unknown method: from_dict reports it
+        return data
+    filled = dict(data)
+    for changed_in, old_defaults in config_class.legacy_defaults.items():
+        if version < changed_in:
+            for name, value in old_defaults.items():
+                filled.setdefault(name, value)
+    return filled
+
+
 def _read_weights(directory: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     if not path.is_file():
@@ -193,7 +211,10 @@ def load_adapter(
     if adapter_layers(model):
         raise HybridPeftError("the model already has adapters attached; call detach(model) before loading another")
     try:
-        configs = [AdapterConfig.from_dict(c, strict=False) for c in document["configs"]]
+        version = document.get("format_version", 1)
+        configs = [
+            AdapterConfig.from_dict(_with_legacy_defaults(c, version), strict=False) for c in document["configs"]
+        ]
     except (ConfigError, TypeError) as exc:
         raise AdapterFileError(f"{directory / CONFIG_NAME} holds an invalid config: {exc}") from exc
     tensors = _read_weights(directory, document["weights_sha256"])

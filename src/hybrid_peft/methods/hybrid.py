@@ -2,20 +2,22 @@
 LoRA-GA low-rank branch and a BOFT orthogonal branch over one frozen weight and one base matmul, mixed by a gate λ
 that a rule sets from gradient norms::
 
-    W_eff = diag(s) · W0' · R((1 − λ) K)ᵀ  +  λ · s_lora · B A          y = x W_effᵀ + b
+    W_eff = diag(s) · W0 · R((1 − λ) K)ᵀ  +  λ · s_lora · (B A − B0 A0)          y = x W_effᵀ + b
 
-    R(·)   BOFT's butterfly rotation with its skew parameters scaled by (1 − λ)   (see methods/boft.py)
-    B A    LoRA-GA initialised (A = A0, B = B0 at step 0; see methods/lora_ga.py)
-    W0'    W0 − λ0 · s_lora · B0 A0, so W_eff = W0 at step 0
+    R(·)    BOFT's butterfly rotation with its skew parameters scaled by (1 − λ)   (see methods/boft.py)
+    B A     LoRA-GA initialised: A = A0, B = B0 at step 0 (see methods/lora_ga.py), so W_eff = W0 at step 0
 
-That is ``gate="branch"``, DESIGN.md's reading: λ gates the whole low-rank branch. Because LoRA-GA starts B A at
-B0 A0 ≠ 0, every move of λ away from λ0 shifts the output by (λ − λ0)·s_lora·B0A0, a change no optimiser step
-asked for. ``gate="update"`` gates only what the low-rank branch has learnt, on the unmodified base::
+This is ``gate="update"`` (the default): λ gates what the low-rank branch has learnt, B A − B0 A0, computed as one
+rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the unmodified base. ``gate="branch"`` is DESIGN.md's formula, which gates
+the whole branch over an offset base::
 
-    W_eff = diag(s) · W0 · R((1 − λ) K)ᵀ  +  λ · s_lora · (B A − B0 A0)
+    W_eff = diag(s) · W0' · R((1 − λ) K)ᵀ  +  λ · s_lora · B A,      W0' = W0 − λ0 · s_lora · B0 A0
 
-so λ can move freely (the output is W0's at step 0 for any λ), the base is never offset, and the branch costs one
-rank-2r product (x [A; A0]ᵀ [B, −B0]ᵀ) instead of rank r. The benchmark chooses between them (BENCHMARKS.md).
+There B A starts at B0 A0 ≠ 0, so every move of λ away from λ0 shifts the output by (λ − λ0)·s_lora·B0A0, a change
+no optimiser step asked for; with the ``share`` and ``sigmoid`` rules one SST-2 seed in three stalled at the
+majority class. With the update gate no seed stalled and the spread across seeds fell sixfold
+(``benchmarks/hybrid_gate.yaml``, BENCHMARKS.md), so it is the default. Adapters saved before the option existed
+(format version 1) load as ``branch``.
 
 λ is a buffer, never a parameter: no optimiser touches it. After each backward pass (before the optimiser step)
 :func:`update_mixing` sets every layer's λ with the config's rule, clamped to [λmin, 1 − λmin]:
@@ -40,7 +42,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +80,9 @@ class HybridConfig(LoRAGAConfig):
         mix_min: λmin; λ is clamped to [λmin, 1 − λmin], 0 < λmin < 0.5.
         ema: β of the moving average of the ``share`` and ``sigmoid`` rules (0 = no smoothing).
         temperature: τ of the ``sigmoid`` rule, > 0.
-        gate: what λ gates: ``branch`` (all of λ·s·B A, with the base offset by λ0·s·B0A0) or ``update`` (only
-            λ·s·(B A − B0A0); the base is never offset). See the module docstring.
+        gate: what λ gates: ``update`` (default: only the learnt λ·s·(B A − B0A0); the base is never offset) or
+            ``branch`` (all of λ·s·B A, with the base offset by λ0·s·B0A0; DESIGN.md's formula). See the module
+            docstring and BENCHMARKS.md.
     """
 
     method = "hybrid"
@@ -93,7 +96,10 @@ class HybridConfig(LoRAGAConfig):
     mix_min: float = 0.05
     ema: float = 0.9
     temperature: float = 1.0
-    gate: str = "branch"
+    gate: str = "update"
+
+    # Adapter files of format version 1 predate the option and were trained with the whole branch gated.
+    legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {2: {"gate": "branch"}}
 
     def validate(self) -> None:
         super().validate()
