@@ -168,13 +168,10 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
 
     # --- GradientAlignedStart ---------------------------------------------------------------------------------
 
-    def base_offset(self) -> torch.Tensor:
+    def base_offset(self) -> torch.Tensor | None:
+        if self.config.gate == "update":  # B0A0 is subtracted in the branch, never from the base
+            return None
         return self.mix_start * self.lora_scaling * (self.lora_B0.float() @ self.lora_A0.float())
-
-    @torch.no_grad()
-    def _shift_base(self, sign: float) -> None:
-        if self.config.gate == "branch":  # the update gate subtracts B0A0 in the branch, never from the base
-            super()._shift_base(sign)
 
     @torch.no_grad()
     def initialise(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
@@ -191,10 +188,7 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
         so that ``B A`` of the pair is the learnt update ``B A − B0 A0``)."""
         if self.config.gate == "branch":
             return self.lora_A, self.lora_B
-        return (
-            torch.cat([self.lora_A, self.lora_A0.to(self.lora_A.dtype)]),
-            torch.cat([self.lora_B, -self.lora_B0.to(self.lora_B.dtype)], dim=1),
-        )
+        return self.update_factors()
 
     def low_rank_weight(self) -> torch.Tensor:
         a, b = self.low_rank_factors()

@@ -122,7 +122,7 @@ class GradientAlignedStart:
     :meth:`initialise` and on loading (adapters are saved against the *unmodified* base), removes it on release.
 
     The host class provides ``lora_A``, ``lora_B`` parameters and :meth:`base_offset` (the ``(out, in)`` amount
-    subtracted from the base weight)."""
+    subtracted from the base weight, or ``None`` when the host subtracts ``B0 A0`` in its own branch instead)."""
 
     needs_gradient_init = True
     offset_applied: bool
@@ -136,13 +136,23 @@ class GradientAlignedStart:
     def initialised(self) -> bool:
         return bool(self.lora_B0.any() or self.lora_A0.any())
 
-    def base_offset(self) -> torch.Tensor:
+    def base_offset(self) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-2r factors ``[A; A0]``, ``[B, −B0]`` whose product is the learnt update ``B A − B0 A0``."""
+        return (
+            torch.cat([self.lora_A, self.lora_A0.to(self.lora_A.dtype)]),
+            torch.cat([self.lora_B, -self.lora_B0.to(self.lora_B.dtype)], dim=1),
+        )
 
     @torch.no_grad()
     def _shift_base(self, sign: float) -> None:
+        offset = self.base_offset()
+        if offset is None:
+            return
         base = self.base_weight
-        self._write_base_weight((base.float() + sign * self.base_offset().float()).to(base.dtype))
+        self._write_base_weight((base.float() + sign * offset.float()).to(base.dtype))
 
     @torch.no_grad()
     def initialise(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
@@ -191,7 +201,7 @@ class LoRAGALayer(GradientAlignedStart, LoRALayer):
 
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank-2r factors on the unmodified base: ``W0 + s[B, −B0][A; A0] = W0' + s·B·A``."""
-        return torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1)
+        return self.update_factors()
 
 
 def lora_ga_factors_for(
