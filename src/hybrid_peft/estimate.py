@@ -155,6 +155,12 @@ def adapted_linears(arch: Architecture, method: str) -> list[tuple[str, int, int
     return shapes
 
 
+def dropout_mask_elements(attention: str, dtype_bytes: int) -> float:
+    """A dropout mask per element, in activation elements: a noise tensor of the activations' width on the math
+    path (CPU), 1 byte with fused kernels."""
+    return 1.0 if attention == "math" else 1.0 / dtype_bytes
+
+
 def activation_elements(
     arch: Architecture,
     adapted: set[str],
@@ -173,8 +179,7 @@ def activation_elements(
     sums."""
     h, i = arch.hidden, arch.intermediate
     math_attention = attention == "math"
-    # A dropout mask: a noise tensor of the activations' width on the math path (CPU), 1 byte with fused kernels.
-    mask = 1.0 if math_attention else 1.0 / dtype_bytes
+    mask = dropout_mask_elements(attention, dtype_bytes)
     scores = arch.heads * seq_len if math_attention else 0  # the softmax output; fused kernels keep O(T)
     if arch.attention_dropout:
         scores *= 3  # the probabilities, the mask and the dropped probabilities (the product with V needs them)
@@ -210,7 +215,7 @@ def model_level_elements(arch: Architecture, *, full: bool, attention: str, dtyp
     dropout mask."""
     if arch.decoder:
         return arch.hidden * (3 if full else 1)
-    mask = (1.0 if attention == "math" else 1.0 / dtype_bytes) if arch.hidden_dropout else 0.0
+    mask = dropout_mask_elements(attention, dtype_bytes) if arch.hidden_dropout else 0.0
     return arch.hidden * (1 + mask)
 
 
