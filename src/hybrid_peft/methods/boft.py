@@ -255,54 +255,60 @@ SMALL_SCALE = 1e-3
 
 class ScaledLinear(torch.autograd.Function):
     """:func:`scaled_linear_plain` for ``x (T, in)`` and a frozen ``W0``, saving the *output* ``y`` rather than the
-    product ``z = x W0ᵀ`` that the scale's gradient needs: ``z = (y − b − c·h Bᵀ) / s`` is recovered in backward
-    (``h Bᵀ`` is rank r, cheap). When the next operation saves ``y`` too (an activation, a product, attention's
-    values), the two share storage, so the scale costs no activation memory. The low-rank term is the hybrid's
-    LoRA branch (``h = x Aᵀ``, ``c = λ·s_lora``, no gradient for ``c``)."""
+    product ``z = x W0ᵀ`` that the scale's gradient needs. That gradient is a column sum, so it is recovered from
+    ``y = s ⊙ z + b + c·h Bᵀ`` without rebuilding ``z``::
+
+        ∂L/∂s = Σ_t g ⊙ z = (Σ_t g ⊙ y − b ⊙ Σ_t g − c · rowsum(B ⊙ gᵀh)) / s
+
+    where ``gᵀh`` is the product B's gradient needs anyway: no (T, out) temporary beyond ``g ⊙ y``. When the next
+    operation saves ``y`` too (an activation, a product, attention's values), the two share storage, so the scale
+    costs no activation memory. The low-rank term is the hybrid's LoRA branch (``h = x Aᵀ``, ``c = λ·s_lora``, no
+    gradient for ``c``); ``c`` is folded into the small ``B`` rather than applied to (T, out) tensors."""
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale):  # noqa: ANN001, ANN205
-        out = F.linear(x.to(weight.dtype), weight).to(scale.dtype)
-        product = out
-        out = out * scale
-        if bias is not None:
-            out = out + bias.to(out.dtype)
+        product = F.linear(x.to(weight.dtype), weight).to(scale.dtype)
+        out = product * scale if bias is None else torch.addcmul(bias.to(scale.dtype), product, scale)
+        scaled_weight = None
         if low_rank_input is not None:
-            out = out + low_rank_scale * F.linear(low_rank_input, low_rank_weight)
+            scaled_weight = low_rank_scale * low_rank_weight
+            out.addmm_(low_rank_input, scaled_weight.T)  # out is ours: fused, no (T, out) temporary
         ctx.keep_product = bool((scale.abs() < SMALL_SCALE).any())  # a host sync; exactness first
         ctx.has_bias = bias is not None
         ctx.save_for_backward(
-            weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale, product if ctx.keep_product else out
+            weight, scale, bias, low_rank_input, scaled_weight, low_rank_scale, product if ctx.keep_product else out
         )
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale, saved = ctx.saved_tensors
+        weight, scale, bias, low_rank_input, scaled_weight, low_rank_scale, saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if needs[1]:
             raise RuntimeError("ScaledLinear needs a frozen base weight; use scaled_linear_plain to train it")
         grad_x = grad_scale = grad_bias = grad_input = grad_low_rank = None
         if needs[0]:
             grad_x = ((grad * scale).to(weight.dtype) @ weight).to(grad.dtype)
+        has_low_rank = low_rank_input is not None
+        # gᵀh (out, r): B's gradient, and the low-rank part of the output the scale's gradient must take out.
+        grad_h_product = grad.T @ low_rank_input if has_low_rank and (needs[5] or needs[2]) else None
         if needs[2]:
             if ctx.keep_product:
-                product = saved
+                grad_scale = (grad * saved).sum(0)
             else:
-                rest = saved
+                column_sum = (grad * saved).sum(0)
                 if ctx.has_bias:
-                    rest = rest - bias.to(rest.dtype)
-                if low_rank_input is not None:
-                    rest = rest - low_rank_scale * F.linear(low_rank_input, low_rank_weight)
-                product = rest / scale
-            grad_scale = (grad * product).sum(0)
+                    column_sum = column_sum - bias.to(column_sum.dtype) * grad.sum(0)
+                if has_low_rank:
+                    column_sum = column_sum - (scaled_weight * grad_h_product).sum(1)
+                grad_scale = column_sum / scale
         if needs[3]:
             grad_bias = grad.sum(0).to(bias.dtype)
-        if low_rank_input is not None:
+        if has_low_rank:
             if needs[4]:
-                grad_input = low_rank_scale * (grad @ low_rank_weight)  # (T, out) @ (out, r)
+                grad_input = grad @ scaled_weight  # (T, out) @ (out, r)
             if needs[5]:
-                grad_low_rank = low_rank_scale * (grad.T @ low_rank_input)  # (out, T) @ (T, r)
+                grad_low_rank = low_rank_scale * grad_h_product
         return grad_x, None, grad_scale, grad_bias, grad_input, grad_low_rank, None
 
 
