@@ -94,6 +94,11 @@ def test_memory_parts_follow_the_options() -> None:
     assert estimate(arch, "full", zero=1, world=8).gradients == full.gradients
     lora = estimate(arch, "lora")
     assert lora.total < 0.5 * full.total and lora.flops < full.flops
+    # Frozen weights skip the weight-gradient matmul (4·P instead of 6·P per token); the hybrid's update gate runs
+    # the low-rank branch at rank 2r next to BOFT's rotation.
+    frozen = full.flops * 4 / 6
+    boft, hybrid = estimate(arch, "boft"), estimate(arch, "hybrid")
+    assert hybrid.flops - boft.flops == pytest.approx(2 * (lora.flops - frozen))
     quantised = estimate(arch, "lora", quantised_base=4)
     assert quantised.weights < 0.3 * lora.weights
     longer = estimate(arch, "lora", seq_len=1024)

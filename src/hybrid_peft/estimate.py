@@ -310,7 +310,7 @@ def estimate(
             * arch.layers
             * sum(
                 {"unitary": 14 * n, "boft": n * block_size * butterfly_factors}.get(method, 0)
-                + (rank * (n + m) if method in ("lora", "lora-ga", "hybrid") else 0)
+                + {"lora": rank, "lora-ga": rank, "hybrid": 2 * rank}.get(method, 0) * (n + m)  # update gate: 2r
                 + (n * block_size * butterfly_factors if method == "hybrid" else 0)
                 for _, n, m in shapes
             )
