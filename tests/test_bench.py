@@ -92,6 +92,36 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: 
     assert reported == {("full-ft", "0"), ("full-ft", "1"), ("lora", "0"), ("lora", "1")}
 
 
+def test_bench_reruns_runs_whose_options_changed(tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A finished run answers only for the options it ran with: spelling out an adapter default keeps it, changing
+    the task's steps makes it stale (left out of the tables, run again when selected)."""
+    path = write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")
+    run_bench(load_plan(str(path)), methods=["full-ft", "lora"], seeds=[0], echo=lambda _: None)
+    log = tmp_path / "out" / "runs" / "he-tiny" / "lora" / "seed-0" / "run.log"
+    stamp = log.stat().st_mtime_ns
+
+    config = yaml.safe_load(path.read_text())
+    config["methods"]["lora"]["adapter"]["dropout"] = 0.0  # LoRA's default, written out: the same training
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    lines: list[str] = []
+    run_bench(load_plan(str(path)), methods=["lora"], seeds=[0], echo=lines.append)
+    assert log.stat().st_mtime_ns == stamp and not any("other options" in line for line in lines)
+
+    config["tasks"]["he-tiny"]["steps"] = 4
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    capsys.readouterr()
+    assert main(["bench", str(path), "--seeds", "0", "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    assert "lora · seed 0: finished with other options, runs again" in listed and "broken · seed 0: to run" in listed
+    lines.clear()
+    rows = run_bench(load_plan(str(path)), methods=["lora"], seeds=[0], echo=lines.append)
+    assert "2 finished run(s) used other options" in lines[0] and "the 1 selected now run again" in lines[0]
+    assert log.stat().st_mtime_ns != stamp and rows[0]["status"] == "ok"
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        reported = {(r["method"], r["seed"]) for r in csv.DictReader(handle)}
+    assert reported == {("lora", "0")}  # full-ft seed 0 ran 3 steps: no longer reported
+
+
 def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, capsys: pytest.CaptureFixture) -> None:
     assert {"quick", "full"} <= set(builtin_profiles())
     for name in builtin_profiles():  # the shipped profiles validate (every run's options)

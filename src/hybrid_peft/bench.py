@@ -14,7 +14,9 @@ A bench config (YAML; ``quick`` and ``full`` are built in, see ``bench_profiles/
 
 Each (task, method, seed) is one ``hybrid-peft train`` in its own process (so peak memory is the run's own), in
 ``OUTPUT_DIR/runs/<task>/<method>/seed-<n>/``. A run whose ``summary.json`` exists is reused, so an interrupted
-bench continues where it stopped (``--rerun`` starts over). Options merge as defaults < task < method < the method's
+bench continues where it stopped (``--rerun`` starts over), but only if its saved ``run.json`` asks for the same
+training as the config does now: edit a task's steps or a method's rate and those runs are stale, left out of the
+tables and run again when selected. Options merge as defaults < task < method < the method's
 entry for that task. Outputs, rewritten after every run:
 
     results.csv      one row per run: metric, held-out loss, median step time, wall time, peak RSS, parameters
@@ -32,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from typing import Any
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.fileio import atomic_write_text
 from hybrid_peft.recipe import FULL, TrainConfig, merge_options
+from hybrid_peft.registry import available_methods
 
 # The task metric each task is ranked by (higher is better), from the run's "after" evaluation.
 PRIMARY_METRIC = {
@@ -172,10 +175,46 @@ def load_plan(config: str, output_dir: str | None = None) -> BenchPlan:
 # --- running -----------------------------------------------------------------------------------------------------
 
 
-def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, Any]:
-    """One run in its own ``hybrid-peft train`` process; its result row (reused when ``summary.json`` exists)."""
+def _comparable(config: TrainConfig) -> dict[str, Any]:
+    """What decides a run's result: every option but where it is written, with the adapter's defaults filled in (so
+    ``{rank: 8}`` and ``{rank: 8, gate: update}`` compare equal while the default gate is ``update``)."""
+    data = config.to_dict()
+    data.pop("output_dir")
+    if config.method in available_methods():
+        data["adapter"] = asdict(config.adapter_config())
+    return data
+
+
+def is_stale(run: BenchRun) -> bool:
+    """True when the run finished with other options than the config now gives it (or its ``run.json`` is gone or
+    unreadable): its numbers no longer answer for this config."""
+    try:
+        saved = TrainConfig.from_dict(json.loads((run.folder / "run.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, ConfigError):
+        return True
+    return _comparable(saved) != _comparable(run.config)
+
+
+def finished_summary(run: BenchRun) -> dict[str, Any] | None:
+    """The run's ``summary.json`` when it finished with the config's current options, else None."""
     summary_path = run.folder / "summary.json"
-    if rerun or not summary_path.is_file():
+    if not summary_path.is_file() or is_stale(run):
+        return None
+    return json.loads(summary_path.read_text(encoding="utf-8"))
+
+
+def run_state(run: BenchRun) -> str:
+    """``finished`` (reused), ``stale`` (finished with other options; runs again) or ``new``."""
+    if not (run.folder / "summary.json").is_file():
+        return "new"
+    return "stale" if is_stale(run) else "finished"
+
+
+def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, Any]:
+    """One run in its own ``hybrid-peft train`` process; its result row (reused when it finished with the same
+    options, see :func:`finished_summary`)."""
+    summary_path = run.folder / "summary.json"
+    if rerun or finished_summary(run) is None:
         run.folder.mkdir(parents=True, exist_ok=True)
         summary_path.unlink(missing_ok=True)
         atomic_write_text(run.folder / "run.json", json.dumps(run.config.to_dict(), indent=1) + "\n")
@@ -239,6 +278,15 @@ def run_bench(
     cover every finished run of the config in the output folder, not only this selection."""
     runs = plan.runs(tasks, methods, seeds)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
+    stale = [r for r in plan.runs(seeds=seeds) if run_state(r) == "stale"]
+    if stale:
+        selected = {(r.task, r.method, r.seed) for r in runs}
+        again = sum((r.task, r.method, r.seed) in selected for r in stale)
+        echo(
+            f"{len(stale)} finished run(s) used other options than the config now gives (e.g. {stale[0].task} · "
+            f"{stale[0].method} · seed {stale[0].seed}); they are left out of the tables"
+            + (f", and the {again} selected now run again" if again else "; select them to run them again")
+        )
     rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     started = time.perf_counter()
     for number, run in enumerate(runs, start=1):
@@ -264,8 +312,8 @@ def _with_finished_runs(
         key = (run.task, run.method, run.seed)
         if key in rows:
             combined.append(rows[key])
-        elif (run.folder / "summary.json").is_file():
-            combined.append(_row(run, json.loads((run.folder / "summary.json").read_text(encoding="utf-8")), None))
+        elif (summary := finished_summary(run)) is not None:
+            combined.append(_row(run, summary, None))
     return combined
 
 

@@ -200,7 +200,7 @@ def _split_list(text: str | None) -> list[str] | None:
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    from hybrid_peft.bench import load_plan, run_bench
+    from hybrid_peft.bench import load_plan, run_bench, run_state
 
     seeds = [int(s) for s in _split_list(args.seeds)] if args.seeds else None
     plan = load_plan(args.config, output_dir=args.output_dir)
@@ -212,7 +212,12 @@ def command_bench(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         for run in runs:
-            print(f"  {run.task} · {run.method} · seed {run.seed}: {run.folder}")
+            state = {
+                "finished": "runs again (--rerun)" if args.rerun else "finished, reused",
+                "stale": "finished with other options, runs again",
+                "new": "to run",
+            }[run_state(run)]
+            print(f"  {run.task} · {run.method} · seed {run.seed}: {state} ({run.folder})")
         return 0
     rows = run_bench(
         plan,
