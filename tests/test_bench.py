@@ -75,6 +75,7 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: 
         assert len(list(csv.DictReader(handle))) == 6
     table = (out / "results.md").read_text()
     assert "| full-ft |" in table and "| lora |" in table and "0/2" in table and "Failed: broken seed 0" in table
+    assert " ± " in next(line for line in table.splitlines() if line.startswith("| lora |"))  # two seeds: a spread
     for plot in ("loss_he-tiny.png", "quality_vs_memory.png", "quality_vs_time.png"):
         assert (out / "plots" / plot).stat().st_size > 1000, plot
 
@@ -120,6 +121,8 @@ def test_bench_reruns_runs_whose_options_changed(tiny_lm: str, tmp_path: Path, c
     with open(tmp_path / "out" / "results.csv", newline="") as handle:
         reported = {(r["method"], r["seed"]) for r in csv.DictReader(handle)}
     assert reported == {("lora", "0")}  # full-ft seed 0 ran 3 steps: no longer reported
+    lora_row = next(line for line in (tmp_path / "out" / "results.md").read_text().splitlines() if "| lora |" in line)
+    assert "±" not in lora_row and lora_row.endswith("| 1/1 |")  # one seed: a value, not "± 0"
 
 
 def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, capsys: pytest.CaptureFixture) -> None:

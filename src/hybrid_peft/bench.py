@@ -388,8 +388,9 @@ def markdown_table(plan: BenchPlan, rows: list[dict[str, Any]]) -> str:
     lines = [f"# Bench `{plan.name}`", ""]
     seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in rows}))
     lines += [
-        f"Seeds {seeds or '–'}; mean ± std over the seeds that finished. Time and memory ratios are to full "
-        "fine-tuning on the same task in the same bench (median training-step time; peak process RSS).",
+        f"Seeds {seeds or '–'}; mean ± std over the seeds that finished (a value without ± is one seed's). Time and "
+        "memory ratios are to full fine-tuning on the same task in the same bench (median training-step time; peak "
+        "process RSS; means over the finished seeds).",
         "",
     ]
     for task, entries in aggregate(rows).items():
@@ -404,9 +405,11 @@ def markdown_table(plan: BenchPlan, rows: list[dict[str, Any]]) -> str:
         for e in entries:
             ratio = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
             trainable = "–" if e["trainable_parameters"] is None else f"{e['trainable_parameters'][0]:,.0f}"
+            spread = e["ok"] > 1  # one seed has no spread: print the value alone, not "± 0"
             lines.append(
-                f"| {e['method']} | {_fmt(e['metric'])} | {_fmt(e['metric_before'], std=False)} | "
-                f"{_fmt(e['held_out_loss'])} | {_fmt(e['median_step_s'], 3, std=False)} | {ratio(e['time_x_full'])} | "
+                f"| {e['method']} | {_fmt(e['metric'], std=spread)} | {_fmt(e['metric_before'], std=False)} | "
+                f"{_fmt(e['held_out_loss'], std=spread)} | {_fmt(e['median_step_s'], 3, std=False)} | "
+                f"{ratio(e['time_x_full'])} | "
                 f"{_fmt(e['peak_rss_mb'], 0, std=False)} | {ratio(e['memory_x_full'])} | {trainable} | "
                 f"{e['ok']}/{e['runs']} |"
             )
