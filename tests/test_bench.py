@@ -59,6 +59,7 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: 
     assert "training loss is" in broken["error"]  # the run's own last message, not a traceback
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["median_step_s"] > 0 and r["peak_rss_mb"] > 0 and r["held_out_loss"] > 0 for r in ok)
+    assert all(r["finished_at"] and "commit" in r for r in ok)  # each row says when and from which source
     full = next(r for r in ok if r["method"] == "full-ft")
     lora = next(r for r in ok if r["method"] == "lora")
     assert full["trainable_parameters"] == full["total_parameters"] > lora["trainable_parameters"] > 0

@@ -4,6 +4,7 @@ overrides, two processes under torchrun. Tiny random models with MiniLM's tokeni
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,11 @@ def test_full_fine_tuning_and_report(tiny_lm: str, tmp_path: Path) -> None:
     assert summary["after"]["loss"] < summary["before"]["loss"]
     report = (tmp_path / "full" / "report.md").read_text()
     assert "| loss |" in report and "loss.png" in report
+    # Provenance: what produced the numbers, in the summary and the report.
+    environment = summary["environment"]
+    assert environment["torch"] == torch.__version__ and environment["threads"] >= 1
+    assert environment["commit"] is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", environment["commit"])
+    assert f"torch {torch.__version__}" in report and environment["finished_at"] in report
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "glue" / "SST-2" / "dev.tsv").is_file(), reason="needs ../shared/data (SST-2)")

@@ -73,6 +73,8 @@ CSV_FIELDS = (
     "peak_rss_mb",
     "trainable_parameters",
     "total_parameters",
+    "commit",
+    "finished_at",
     "error",
 )
 
@@ -261,6 +263,8 @@ def _row(run: BenchRun, summary: dict[str, Any] | None, error: str | None) -> di
             "peak_rss_mb": summary.get("peak_rss_mb"),
             "trainable_parameters": summary.get("trainable_parameters"),
             "total_parameters": summary.get("total_parameters"),
+            "commit": summary.get("environment", {}).get("commit"),
+            "finished_at": summary.get("environment", {}).get("finished_at"),
         }
     return row
 

@@ -497,11 +497,58 @@ def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = 
             "wall_s": time.perf_counter() - started,
             "peak_rss_mb": peak_rss_mb(),
             "resumed_from_step": start_step,
+            "environment": run_environment(threads=config.threads),
         }
         atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         write_report(output_dir, summary, history)
     accelerator.wait_for_everyone()
     return summary
+
+
+def source_commit() -> str | None:
+    """The git commit of the running ``hybrid_peft`` source (``+dirty`` when tracked files under it differ), or None
+    for an installed package."""
+    import subprocess
+
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        changed = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if changed.stdout.strip() else "")
+
+
+def run_environment(threads: int = 0) -> dict[str, Any]:
+    """What produced a run, for the reader of its numbers: versions, source commit, device, CPU threads, UTC time."""
+    import datetime
+    import platform
+
+    import transformers
+
+    from hybrid_peft import __version__
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+    return {
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hybrid_peft": __version__,
+        "commit": source_commit(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "threads": threads or torch.get_num_threads(),
+    }
 
 
 def _cpu_only() -> bool:
@@ -577,6 +624,17 @@ def write_report(output_dir: Path, summary: dict[str, Any], history: list[dict[s
         f"Wall time {summary['wall_s']:.0f} s, median step {summary['median_step_s'] or float('nan'):.2f} s, "
         f"peak RSS {summary['peak_rss_mb']:.0f} MB.",
         "",
+    ]
+    environment = summary.get("environment")
+    if environment:
+        lines += [
+            f"Run on {environment['device']} with {environment['threads']} thread(s), finished "
+            f"{environment['finished_at']}; hybrid-peft {environment['hybrid_peft']} (commit "
+            f"{environment['commit'] or 'unknown'}), torch {environment['torch']}, "
+            f"transformers {environment['transformers']}.",
+            "",
+        ]
+    lines += [
         "![training loss](loss.png)",
         "",
     ]
