@@ -216,7 +216,8 @@ def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, A
     """One run in its own ``hybrid-peft train`` process; its result row (reused when it finished with the same
     options, see :func:`finished_summary`)."""
     summary_path = run.folder / "summary.json"
-    if rerun or finished_summary(run) is None:
+    summary = None if rerun else finished_summary(run)
+    if summary is None:
         run.folder.mkdir(parents=True, exist_ok=True)
         summary_path.unlink(missing_ok=True)
         atomic_write_text(run.folder / "run.json", json.dumps(run.config.to_dict(), indent=1) + "\n")
@@ -234,7 +235,8 @@ def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, A
             lines = (run.folder / "run.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
             detail = next((line for line in reversed(lines) if line.strip()), "") if lines else ""
             return _row(run, None, f"{failure or 'no summary.json'}: {detail[-300:]}")
-    return _row(run, json.loads(summary_path.read_text(encoding="utf-8")), None)
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    return _row(run, summary, None)
 
 
 def _row(run: BenchRun, summary: dict[str, Any] | None, error: str | None) -> dict[str, Any]:

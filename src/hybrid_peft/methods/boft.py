@@ -290,20 +290,21 @@ class ScaledLinear(torch.autograd.Function):
         if needs[0]:
             grad_x = ((grad * scale).to(weight.dtype) @ weight).to(grad.dtype)
         has_low_rank = low_rank_input is not None
+        recover = needs[2] and not ctx.keep_product  # the scale's gradient from the saved output
         # gᵀh (out, r): B's gradient, and the low-rank part of the output the scale's gradient must take out.
-        grad_h_product = grad.T @ low_rank_input if has_low_rank and (needs[5] or needs[2]) else None
+        grad_h_product = grad.T @ low_rank_input if has_low_rank and (needs[5] or recover) else None
+        grad_sum = grad.sum(0) if needs[3] or (recover and ctx.has_bias) else None
         if needs[2]:
-            if ctx.keep_product:
-                grad_scale = (grad * saved).sum(0)
-            else:
-                column_sum = (grad * saved).sum(0)
+            column_sum = (grad * saved).sum(0)
+            if recover:
                 if ctx.has_bias:
-                    column_sum = column_sum - bias.to(column_sum.dtype) * grad.sum(0)
+                    column_sum = column_sum - bias.to(column_sum.dtype) * grad_sum
                 if has_low_rank:
                     column_sum = column_sum - (scaled_weight * grad_h_product).sum(1)
-                grad_scale = column_sum / scale
+                column_sum = column_sum / scale
+            grad_scale = column_sum
         if needs[3]:
-            grad_bias = grad.sum(0).to(bias.dtype)
+            grad_bias = grad_sum.to(bias.dtype)
         if has_low_rank:
             if needs[4]:
                 grad_input = grad @ scaled_weight  # (T, out) @ (out, r)
