@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +26,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 METHODS = ("lora", "lora-ga", "hybrid", "full")
+
+
+def tokenize_lm(tokenizer, texts: list[str], max_length: int) -> dict:  # noqa: ANN001
+    """Causal-LM batch: labels are the input ids, with padding masked out of the loss."""
+    batch = tokenizer(texts, max_length=max_length, truncation=True, padding=True, return_tensors="pt")
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return dict(batch)
+
+
+def shuffled_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, seed: int = 0):  # noqa: ANN001, ANN201
+    """Endless batches: each epoch is a fresh seeded shuffle of ``texts``."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += rng.sample(range(len(texts)), len(texts))
+        indices, order = order[:batch_size], order[batch_size:]
+        yield tokenize_lm(tokenizer, [texts[i] for i in indices], max_length)
+
+
+def fixed_batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[dict]:  # noqa: ANN001
+    return [tokenize_lm(tokenizer, texts[i : i + batch_size], max_length) for i in range(0, len(texts), batch_size)]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -38,8 +62,10 @@ def worker(args: argparse.Namespace) -> None:
         load_tokenizer,
         lora_ga_initialise,
     )
+    from hybrid_peft.run.loop import make_optimiser, training_steps
+    from hybrid_peft.run.provenance import peak_rss_mb
+    from hybrid_peft.tasks.base import mean_loss
     from hybrid_peft.tasks.gsm8k import gsm8k_text, load_gsm8k
-    from hybrid_peft.training import fixed_batches, mean_loss, peak_rss_mb, shuffled_batches, train
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -67,20 +93,26 @@ def worker(args: argparse.Namespace) -> None:
             lora_ga_initialise(model, init_batches)
             init_s = time.perf_counter() - tick
     before = mean_loss(model, eval_batches)
-    batches = shuffled_batches(tokenizer, train_texts, args.batch_size, args.seq_len, args.seed)
-    log = train(model, batches, steps=args.steps, learning_rate=lr, description=args.worker, progress=False)
+    batches = list(
+        islice(shuffled_batches(tokenizer, train_texts, args.batch_size, args.seq_len, args.seed), args.steps)
+    )
+    optimizer, schedule = make_optimiser(
+        model, learning_rate=lr, weight_decay=0.0, steps=args.steps, warmup_steps=max(1, args.steps // 10)
+    )
+    results = list(training_steps(model, batches.__getitem__, optimizer, schedule, start=0, stop=args.steps))
+    losses = [r.loss for r in results]
     result = {
         "method": args.worker,
         "lr": lr,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "first_loss": log.losses[0],
-        "last10_loss": sum(log.losses[-10:]) / len(log.losses[-10:]),
+        "first_loss": losses[0],
+        "last10_loss": sum(losses[-10:]) / len(losses[-10:]),
         "held_out_before": before,
         "held_out_after": mean_loss(model, eval_batches),
-        "median_step_s": log.median_step_s,
+        "median_step_s": statistics.median(r.seconds for r in results),
         "init_s": init_s,
         "peak_rss_mb": peak_rss_mb(),
-        "losses": log.losses,
+        "losses": losses,
     }
     print("RESULT " + json.dumps(result), flush=True)
 

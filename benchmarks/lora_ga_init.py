@@ -48,7 +48,7 @@ def gsm8k_batches(model_name: str, data: str | None, count: int, batch_size: int
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from hybrid_peft import LoRAGAConfig, attach, estimate_gradients, initialise_lora_ga, load_model
+    from hybrid_peft import LoRAGAConfig, apply_lora_ga_factors, attach, estimate_gradients, load_model
     from hybrid_peft.methods.lora_ga import lora_ga_factors_for
 
     torch.set_num_threads(args.threads)
@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
                 if tensor is not None and tensor.data_ptr() not in seen:
                     seen.add(tensor.data_ptr())
                     state_bytes += tensor.numel() * tensor.element_size()
-        initialise_lora_ga(model, lora_ga_factors_for(model, estimates))
+        apply_lora_ga_factors(model, lora_ga_factors_for(model, estimates))
     wall = time.perf_counter() - tick
     result = {
         "variant": args.worker,

@@ -18,7 +18,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from hybrid_peft import load_model
-    from hybrid_peft.methods.hybrid import hybrid_layers, update_mixing
+    from hybrid_peft.run.loop import make_optimiser, training_steps
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -96,40 +95,28 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    mixing = bool(hybrid_layers(model))  # the hybrid's rule runs after every backward, as in training
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    batches = [
-        torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
-        for _ in range(args.warmup + args.steps)
-    ]
+    batches = []
+    for _ in range(args.warmup + args.steps):
+        ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
+        batches.append({"input_ids": ids, "labels": ids})
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i, ids in enumerate(batches):
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        tick = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if mixing:
-            update_mixing(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - tick)
+    # The project's one training loop (the hybrid's rule runs after every backward, as in training).
+    optimizer, schedule = make_optimiser(
+        model, learning_rate=1e-5, weight_decay=0.0, steps=len(batches), warmup_steps=0
+    )
+    results = list(training_steps(model, batches.__getitem__, optimizer, schedule, start=0, stop=len(batches)))
+    times = [r.seconds for r in results[args.warmup :]]
     result = {
         "method": args.worker,
-        "trainable": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "median_step_s": statistics.median(times),
         "min_step_s": min(times),
         "max_step_s": max(times),
         "peak_mb": peak_memory_mb(args.device),
-        "loss": float(loss),
+        "loss": results[-1].loss,
     }
     print("RESULT " + json.dumps(result), flush=True)
 

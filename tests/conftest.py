@@ -7,6 +7,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
+# Small synthetic data in the real files' layout (tests/data/make_fixtures.py): tests never need a data folder.
+DATA = Path(__file__).resolve().parent / "data"
+os.environ["HYBRID_PEFT_DATA"] = str(DATA)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402

@@ -1,11 +1,10 @@
 """The conformance table: one row per method (and per notable option). A new method adds rows here.
 
-A row whose method needs a data-dependent start (LoRA-GA) also names a ``prepare`` step, run right after attach.
+Rows whose layers need a data-dependent start (the layer class says so: ``needs_gradient_init``) get a LoRA-GA
+initialisation from random batches right after attach.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -16,9 +15,10 @@ from hybrid_peft import (
     LoRAConfig,
     LoRAGAConfig,
     UnitaryConfig,
+    get_method,
     lora_ga_initialise,
 )
-from hybrid_peft.adapters import adapter_parameters
+from hybrid_peft.adapters import adapter_layers, adapter_parameters
 
 from conftest import VOCAB
 
@@ -41,9 +41,6 @@ METHOD_CASES: dict[str, AdapterConfig] = {
     "unitary-all-linear": UnitaryConfig(targets="all-linear"),
 }
 
-# Methods that change the base weight in place (and undo it on detach up to rounding, not bitwise).
-OFFSETS_BASE = {"lora-ga-exact", "lora-ga-sketch-peft-scale", "hybrid-branch-gate"}
-
 
 def random_batches(count: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
@@ -63,17 +60,16 @@ def prepare_lora_ga(model: torch.nn.Module) -> None:
     lora_ga_initialise(model, random_batches(), loss_fn=_classification_or_lm_loss)
 
 
-# Methods that start from a LoRA-GA gradient estimate (the hybrid with its default update gate does so without
-# offsetting the base).
-GRADIENT_START = OFFSETS_BASE | {"hybrid-share", "hybrid-sigmoid-m2", "hybrid-fixed-sketch"}
-
-PREPARE: dict[str, Callable[[torch.nn.Module], None]] = {name: prepare_lora_ga for name in GRADIENT_START}
-
-
 def prepare(method: str, model: torch.nn.Module) -> torch.nn.Module:
-    if method in PREPARE:
-        PREPARE[method](model)
+    if get_method(METHOD_CASES[method].method).layer_class.needs_gradient_init:
+        prepare_lora_ga(model)
     return model
+
+
+def offsets_base(model: torch.nn.Module) -> bool:
+    """True when an adapter has changed its base weight in place (LoRA-GA's offset), which detach undoes to
+    rounding rather than bitwise."""
+    return any(getattr(layer, "offset_applied", False) for layer in adapter_layers(model).values())
 
 
 def perturb_adapters(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hybrid_peft.tasks.base import TaskDataError, get_task
+from hybrid_peft.errors import TaskDataError
+from hybrid_peft.tasks import get_task
 
 datasets = pytest.importorskip("datasets")
 
@@ -112,7 +113,7 @@ def test_training_recipe_reads_a_dataset(tmp_path: Path) -> None:
     import transformers
 
     from hybrid_peft import load_tokenizer
-    from hybrid_peft.recipe import TrainConfig, run_training
+    from hybrid_peft.run import TrainConfig, run_training
 
     folder = tmp_path / "tiny-bert"
     tokenizer = load_tokenizer("minilm-l6")
@@ -136,5 +137,5 @@ def test_training_recipe_reads_a_dataset(tmp_path: Path) -> None:
         ),
         progress=False,
     )
-    assert summary["config"]["dataset"] == source
-    assert set(summary["after"]) == {"accuracy", "f1", "mcc", "loss"}
+    assert summary.config.dataset == source
+    assert set(summary.after) == {"accuracy", "f1", "mcc", "loss"}

@@ -16,23 +16,14 @@ from hybrid_peft import (
     attach,
     load_adapter,
     lora_ga_initialise,
-    plot_mixing_heatmap,
     save_adapter,
     update_mixing,
 )
-from hybrid_peft.methods.hybrid import (
-    MIXING_RULES,
-    BranchNorms,
-    HybridLayer,
-    MixingTelemetry,
-    hybrid_layers,
-    read_mixing_telemetry,
-)
+from hybrid_peft.methods.hybrid import MIXING_RULES, BranchNorms, HybridLayer, hybrid_layers
+from hybrid_peft.telemetry import MixingTelemetry, plot_mixing_heatmap, read_mixing_telemetry
 
-from conftest import MODEL_FACTORIES, model_output, run_torchrun
+from conftest import DATA, MODEL_FACTORIES, model_output, run_torchrun
 from method_cases import random_batches
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def hybrid_model(rule: str = "share", **kwargs) -> torch.nn.Module:  # noqa: ANN003
@@ -238,14 +229,13 @@ def test_hugging_face_trainer_callback(tmp_path) -> None:  # noqa: ANN001
 
 
 @pytest.mark.real_model
-@pytest.mark.skipif(not (SHARED_DATA / "glue" / "SST-2" / "train.tsv").is_file(), reason="needs ../shared/data (SST-2)")
 def test_share_rule_does_not_collapse_on_sst2() -> None:
     """MiniLM-L6 on SST-2, hybrid on every linear layer, share rule, 100 steps: λ stays strictly inside
     (λmin, 1 − λmin) in every layer and both branches' parameters have moved."""
     from hybrid_peft import load_model, load_tokenizer
 
     torch.manual_seed(0)
-    lines = (SHARED_DATA / "glue" / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    lines = (DATA / "glue" / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
     rows = [line.split("\t") for line in lines[:800]]
     tokenizer = load_tokenizer("minilm-l6")
     model = load_model("minilm-l6", task="sequence-classification", num_labels=2)
@@ -317,18 +307,17 @@ def test_layer_class_registered() -> None:
     assert get_method("hybrid").layer_class is HybridLayer
 
 
-def test_project_training_loop_applies_the_rule_and_logs(tmp_path) -> None:  # noqa: ANN001
-    from hybrid_peft.training import train
+def test_project_training_loop_applies_the_rule() -> None:
+    from hybrid_peft.run.loop import make_optimiser, training_steps
 
     model = hybrid_model()
-    log = train(
-        model,
-        iter(random_batches(4, seed=2)),
-        steps=4,
-        learning_rate=1e-2,
-        progress=False,
-        mixing_log=tmp_path / "mixing.jsonl",
+    batches = random_batches(4, seed=2)
+    optimizer, schedule = make_optimiser(model, learning_rate=1e-2, weight_decay=0.0, steps=4, warmup_steps=0)
+    results = list(training_steps(model, batches.__getitem__, optimizer, schedule, start=0, stop=4))
+    assert [r.step for r in results] == [0, 1, 2, 3]
+    assert all(set(r.mixing) == set(hybrid_layers(model)) for r in results)
+    last = results[-1].mixing
+    assert [last[name]["lambda"] for name in hybrid_layers(model)] == pytest.approx(
+        [float(m.mix) for m in hybrid_layers(model).values()]
     )
-    assert len(log.losses) == 4
-    assert [row["step"] for row in read_mixing_telemetry(tmp_path / "mixing.jsonl")] == [0, 1, 2, 3]
     assert any(abs(float(m.mix) - 0.5) > 1e-6 for m in hybrid_layers(model).values())

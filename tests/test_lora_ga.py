@@ -21,11 +21,10 @@ from hybrid_peft import (
 from hybrid_peft.gradient_estimation import ExactGradient, SketchGradient, load_estimates
 from hybrid_peft.methods.lora_ga import lora_ga_factors
 
-from conftest import MODEL_FACTORIES, model_output, run_torchrun
+from conftest import DATA, MODEL_FACTORIES, model_output, run_torchrun
 from method_cases import random_batches
 
 peft = pytest.importorskip("peft")
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def assert_equal_up_to_sign(ours: torch.Tensor, reference: torch.Tensor, dim: int, atol: float) -> None:
@@ -108,7 +107,6 @@ def test_sketch_recovers_a_low_rank_gradient_exactly() -> None:
 
 
 @pytest.mark.real_model
-@pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "train.jsonl").is_file(), reason="needs ../shared/data (GSM8K)")
 def test_sketch_quality_on_real_smollm2_gradients() -> None:
     """Default sketch (k = 16·2r, r = 8) on real gradients (GSM8K text, 8 batches of 4×128), every target layer:
     ‖G − Ĝ‖_F ≤ 1.10 · ‖G − G_2r‖_F, and the sketch's top-r right singular subspace agrees with the exact one
@@ -119,7 +117,7 @@ def test_sketch_quality_on_real_smollm2_gradients() -> None:
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer("smollm2-135m")
-    lines = (SHARED_DATA / "gsm8k" / "train.jsonl").read_text().splitlines()[:32]
+    lines = (DATA / "gsm8k" / "train.jsonl").read_text().splitlines()[:32]
     texts = [json.loads(line)["question"] + "\n" + json.loads(line)["answer"] for line in lines]
     batches = []
     for i in range(0, 32, 4):

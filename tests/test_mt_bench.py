@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import pytest
 
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.tasks.mt_bench import judge_answers, judge_prompt, load_mt_bench
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (SHARED_DATA / "mt_bench").is_dir(), reason="needs ../shared/data (MT-Bench)")
+from conftest import DATA
 
 
 class FakeJudge(BaseHTTPRequestHandler):
@@ -38,7 +36,7 @@ class FakeJudge(BaseHTTPRequestHandler):
 
 
 def test_judge_prompts_use_references_for_math() -> None:
-    questions, references, prompts = load_mt_bench(SHARED_DATA)
+    questions, references, prompts = load_mt_bench(DATA)
     assert len(questions) == 80
     math = next(q for q in questions if q["category"] == "math")
     writing = next(q for q in questions if q["category"] == "writing")
@@ -54,13 +52,11 @@ def test_judging_against_a_local_judge() -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        questions, _, _ = load_mt_bench(SHARED_DATA)
+        questions, _, _ = load_mt_bench(DATA)
         answers = [
             {"question_id": q["question_id"], "category": q["category"], "turns": ["a", "b"]} for q in questions[:3]
         ]
-        result = judge_answers(
-            answers, f"http://127.0.0.1:{server.server_port}/v1", "judge", SHARED_DATA, progress=False
-        )
+        result = judge_answers(answers, f"http://127.0.0.1:{server.server_port}/v1", "judge", DATA, progress=False)
     finally:
         server.shutdown()
     assert result["turn_1"] == 7 and result["turn_2"] == 4 and result["score"] == 5.5
@@ -69,7 +65,7 @@ def test_judging_against_a_local_judge() -> None:
 
 def test_no_judge_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(HybridPeftError, match="--judge-url"):
-        judge_answers([], None, "judge", SHARED_DATA)
+        judge_answers([], None, "judge", DATA)
     from hybrid_peft.cli import main
 
     assert main(["mt-bench", "--model", "smollm2-135m"]) == 2

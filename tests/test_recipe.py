@@ -12,12 +12,11 @@ import torch
 import transformers
 
 from hybrid_peft import load_tokenizer
-from hybrid_peft.errors import ConfigError
-from hybrid_peft.recipe import BatchDoesNotFitError, NonFiniteLossError, TrainConfig, batch_indices, run_training
+from hybrid_peft.errors import BatchDoesNotFitError, ConfigError, NonFiniteLossError
+from hybrid_peft.run import RunSummary, TrainConfig, run_training
+from hybrid_peft.run.loop import batch_indices
 
 from conftest import run_torchrun
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def config_for(model: str, output: Path, **options) -> TrainConfig:  # noqa: ANN003
@@ -59,7 +58,7 @@ def test_resume_continues_exactly(tiny_lm: str, tmp_path: Path, method: str, ada
         else:
             target.unlink()
     summary = run_training(interrupted, resume=True, progress=False)
-    assert summary["resumed_from_step"] == 3
+    assert summary.resumed_from_step == 3
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     assert len(losses(tmp_path / "straight")) == 6
     for name in ("summary.json", "report.md", "loss.png", "adapter/adapter_config.json"):
@@ -113,19 +112,18 @@ def test_full_fine_tuning_and_report(tiny_lm: str, tmp_path: Path) -> None:
     summary = run_training(
         config_for(tiny_lm, tmp_path / "full", method="full", steps=3, learning_rate=1e-3), progress=False
     )
-    assert summary["trainable_parameters"] == summary["total_parameters"]
+    assert summary.trainable_parameters == summary.total_parameters
     assert (tmp_path / "full" / "model" / "config.json").is_file()
-    assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert summary.after["loss"] < summary.before["loss"]
     report = (tmp_path / "full" / "report.md").read_text()
     assert "| loss |" in report and "loss.png" in report
     # Provenance: what produced the numbers, in the summary and the report.
-    environment = summary["environment"]
-    assert environment["torch"] == torch.__version__ and environment["threads"] >= 1
-    assert environment["commit"] is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", environment["commit"])
-    assert f"torch {torch.__version__}" in report and environment["finished_at"] in report
+    environment = summary.environment
+    assert environment.torch == torch.__version__ and environment.threads >= 1
+    assert environment.commit is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", environment.commit)
+    assert f"torch {torch.__version__}" in report and environment.finished_at in report
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "glue" / "SST-2" / "dev.tsv").is_file(), reason="needs ../shared/data (SST-2)")
 def test_classification_task_trains_head_and_adapter(tmp_path: Path) -> None:
     folder = tmp_path / "tiny-bert"
     tokenizer = load_tokenizer("minilm-l6")
@@ -143,7 +141,7 @@ def test_classification_task_trains_head_and_adapter(tmp_path: Path) -> None:
     summary = run_training(
         config_for(str(folder), tmp_path / "sst2", task="sst2", steps=4, eval_examples=32), progress=False
     )
-    assert set(summary["after"]) == {"accuracy", "f1", "mcc", "loss"}
+    assert set(summary.after) == {"accuracy", "f1", "mcc", "loss"}
     saved = json.loads((tmp_path / "sst2" / "adapter" / "adapter_config.json").read_text())
     assert saved["trained_base_parameters"] == ["classifier.weight", "classifier.bias"]
 
@@ -233,8 +231,8 @@ def test_two_processes_train_in_sync_and_only_rank_zero_writes(tiny_lm: str, tmp
             str(output),
         ]
     )
-    summary = json.loads((output / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["ranks_in_sync"] is True
+    summary = RunSummary.read(output)
+    assert summary.processes == 2 and summary.ranks_in_sync is True
     assert len(losses(output)) == 4, "one log line per step: only rank 0 writes"
     assert len((output / "mixing.jsonl").read_text().splitlines()) == 4
 
@@ -250,9 +248,9 @@ def test_peft_peers_train_through_the_same_recipe(tiny_lm: str, tmp_path: Path, 
     reference = run_training(
         config_for(tiny_lm, tmp_path / ours, method=ours, adapter=options, steps=3, init_batches=2), progress=False
     )
-    assert 0 < peer["trainable_parameters"] < peer["total_parameters"]
+    assert 0 < peer.trainable_parameters < peer.total_parameters
     # Every peer starts as the base model on the same first batch: same before-metrics and the same first loss.
-    assert peer["before"]["loss"] == pytest.approx(reference["before"]["loss"], rel=1e-6)
+    assert peer.before["loss"] == pytest.approx(reference.before["loss"], rel=1e-6)
     assert losses(tmp_path / method)[0] == pytest.approx(losses(tmp_path / ours)[0], rel=1e-4)
     assert all(torch.isfinite(torch.tensor(losses(tmp_path / method))))
     saved = list((tmp_path / method / "adapter").iterdir())

@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 
 from hybrid_peft import load_tokenizer
+from hybrid_peft.errors import TaskDataError
 from hybrid_peft.sandbox import run_python
-from hybrid_peft.tasks.base import TaskDataError, classification_metrics, get_task, matthews_corrcoef
+from hybrid_peft.tasks import get_task
+from hybrid_peft.tasks.base import classification_metrics, matthews_corrcoef
 from hybrid_peft.tasks.glue import BUILTIN_SPECS, GlueSpec, read_glue_file
 from hybrid_peft.tasks.gsm8k import final_number
 from hybrid_peft.tasks.humaneval import check_program, load_humaneval, truncate_completion
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
+from conftest import DATA
 
 
 def test_classification_metrics_known_values() -> None:
@@ -35,10 +36,9 @@ def test_gsm8k_final_number() -> None:
     assert final_number("no digits here") is None
 
 
-@needs_data
-@pytest.mark.parametrize(("name", "rows", "pair"), [("sst2", 872, False), ("mrpc", 408, True), ("cola", 1043, False)])
+@pytest.mark.parametrize(("name", "rows", "pair"), [("sst2", 48, False), ("mrpc", 24, True), ("cola", 30, False)])
 def test_builtin_glue_dev_files(name: str, rows: int, pair: bool) -> None:
-    task = get_task(name, data_dir=SHARED_DATA)
+    task = get_task(name, data_dir=DATA)
     data = task.eval_rows()
     assert len(data) == rows
     assert (data[0]["text_pair"] is not None) is pair
@@ -95,29 +95,27 @@ def test_humaneval_sandbox_runs_solutions() -> None:
     assert truncate_completion("    return x\n\n\ndef helper():\n    pass\n") == "    return x\n\n"
 
 
-@needs_data
 def test_xnli_few_shot_split_is_reproducible_and_disjoint() -> None:
-    task = get_task("xnli", data_dir=SHARED_DATA, examples_per_language=32)
+    task = get_task("xnli", data_dir=DATA, examples_per_language=32)
     assert len(task.languages) == 15 and len(task.train_rows()) == 32 * 15
-    again = get_task("xnli", data_dir=SHARED_DATA, examples_per_language=32)
+    again = get_task("xnli", data_dir=DATA, examples_per_language=32)
     assert task.train_rows() == again.train_rows()
-    other_seed = get_task("xnli", data_dir=SHARED_DATA, examples_per_language=32, seed=1)
+    other_seed = get_task("xnli", data_dir=DATA, examples_per_language=32, seed=1)
     assert task.train_rows() != other_seed.train_rows()
     for language in ("fr", "sw"):
         train = {(r["text"], r["text_pair"]) for r in task.train_rows() if r["language"] == language}
         held_out = {(r["text"], r["text_pair"]) for r in task.eval_rows() if r["language"] == language}
         assert len(train) == 32 and not train & held_out
     with pytest.raises(TaskDataError, match="no XNLI file for language"):
-        get_task("xnli", data_dir=SHARED_DATA, languages=["xx"])
+        get_task("xnli", data_dir=DATA, languages=["xx"])
 
 
-@needs_data
 def test_flores_pairs_prompts_and_metrics() -> None:
     import torch
 
     task = get_task(
         "flores",
-        data_dir=SHARED_DATA,
+        data_dir=DATA,
         examples_per_language=32,
         eval_per_language=2,
         languages=["fra_Latn", "zho_Hans"],
@@ -146,11 +144,10 @@ def test_flores_pairs_prompts_and_metrics() -> None:
     assert set(metrics) >= {"chrf++_fra_Latn", "bleu_zho_Hans"}
 
 
-@needs_data
 def test_xnli_evaluate_reports_per_language_accuracy() -> None:
     from hybrid_peft import load_model
 
-    task = get_task("xnli", data_dir=SHARED_DATA, eval_per_language=3, languages=["fr", "de"])
+    task = get_task("xnli", data_dir=DATA, eval_per_language=3, languages=["fr", "de"])
     model = load_model("minilm-l6", task="sequence-classification", num_labels=3)
     metrics = task.evaluate(model, load_tokenizer("minilm-l6"), task.eval_rows())
     assert set(metrics) == {"accuracy_de", "accuracy_fr", "accuracy", "loss"}

@@ -1,14 +1,13 @@
 """hybrid-peft: parameter-efficient fine-tuning on a small budget.
 
-Attach LoRA (and, as they land, LoRA-GA, BOFT, the unitary adapter and the hybrid) to any Hugging Face model by
-module name; save, load, merge and export them.
+Attach LoRA, LoRA-GA, BOFT, the unitary adapter and the hybrid to any Hugging Face model by module name; save,
+load, merge and export them. The training recipe, bench and estimator live in ``hybrid_peft.run``,
+``hybrid_peft.bench`` and ``hybrid_peft.estimate``.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from hybrid_peft.adapters import (  # noqa: E402
+from hybrid_peft.adapters import (
     adapter_layers,
     adapter_parameters,
     attach,
@@ -17,8 +16,8 @@ from hybrid_peft.adapters import (  # noqa: E402
     parameter_counts,
     unmerge,
 )
-from hybrid_peft.config import AdapterConfig  # noqa: E402
-from hybrid_peft.errors import (  # noqa: E402
+from hybrid_peft.config import AdapterConfig
+from hybrid_peft.errors import (
     AdapterFileError,
     BaseModelMismatchError,
     ConfigError,
@@ -26,10 +25,10 @@ from hybrid_peft.errors import (  # noqa: E402
     ModelLoadError,
     TargetError,
 )
-from hybrid_peft.export import export_peft, save_merged  # noqa: E402
-from hybrid_peft.gradient_estimation import estimate_gradients  # noqa: E402
-from hybrid_peft.layer import AdapterLayer  # noqa: E402
-from hybrid_peft.methods import (  # noqa: E402
+from hybrid_peft.export import export_peft, save_merged
+from hybrid_peft.gradient_estimation import estimate_gradients
+from hybrid_peft.layer import AdapterLayer
+from hybrid_peft.methods import (
     BOFTConfig,
     BOFTLayer,
     HybridConfig,
@@ -41,11 +40,13 @@ from hybrid_peft.methods import (  # noqa: E402
     UnitaryConfig,
     UnitaryLayer,
 )
-from hybrid_peft.methods.hybrid import mixing_callback, plot_mixing_heatmap, update_mixing  # noqa: E402
-from hybrid_peft.methods.lora_ga import initialise_lora_ga, lora_ga_factors_for, lora_ga_initialise  # noqa: E402
-from hybrid_peft.models import load_model, load_tokenizer  # noqa: E402
-from hybrid_peft.registry import available_methods, get_method, register_method  # noqa: E402
-from hybrid_peft.serialization import load_adapter, read_adapter_config, save_adapter  # noqa: E402
+from hybrid_peft.methods.hybrid import update_mixing
+from hybrid_peft.methods.lora_ga import apply_lora_ga_factors, lora_ga_factors_for, lora_ga_initialise
+from hybrid_peft.models import load_model, load_tokenizer
+from hybrid_peft.registry import available_methods, get_method, register_method
+from hybrid_peft.serialization import load_adapter, read_adapter_config, save_adapter
+from hybrid_peft.telemetry import mixing_callback, plot_mixing_heatmap
+from hybrid_peft.version import __version__
 
 __all__ = [
     "AdapterConfig",
@@ -69,13 +70,13 @@ __all__ = [
     "__version__",
     "adapter_layers",
     "adapter_parameters",
+    "apply_lora_ga_factors",
     "attach",
     "available_methods",
     "detach",
     "estimate_gradients",
     "export_peft",
     "get_method",
-    "initialise_lora_ga",
     "load_adapter",
     "load_model",
     "load_tokenizer",

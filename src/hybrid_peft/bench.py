@@ -41,19 +41,13 @@ from typing import Any
 
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.fileio import atomic_write_text
-from hybrid_peft.recipe import FULL, TrainConfig, merge_options
 from hybrid_peft.registry import available_methods
+from hybrid_peft.run import FULL, RunSummary, TrainConfig, merge_options
+from hybrid_peft.run.summary import SUMMARY_FILE
+from hybrid_peft.run.trainees import OwnAdapter
+from hybrid_peft.tasks import primary_metric
+from hybrid_peft.telemetry import plot_mixing_heatmap
 
-# The task metric each task is ranked by (higher is better), from the run's "after" evaluation.
-PRIMARY_METRIC = {
-    "sst2": "accuracy",
-    "mrpc": "f1",
-    "cola": "mcc",
-    "xnli": "accuracy",
-    "gsm8k": "exact_match",
-    "flores": "chrf++",
-    "humaneval": "pass@1",
-}
 CSV_FIELDS = (
     "task",
     "method",
@@ -183,7 +177,7 @@ def _comparable(config: TrainConfig) -> dict[str, Any]:
     data = config.to_dict()
     data.pop("output_dir")
     if config.method in available_methods():
-        data["adapter"] = asdict(config.adapter_config())
+        data["adapter"] = asdict(OwnAdapter.adapter_config(config))
     return data
 
 
@@ -197,17 +191,16 @@ def is_stale(run: BenchRun) -> bool:
     return _comparable(saved) != _comparable(run.config)
 
 
-def finished_summary(run: BenchRun) -> dict[str, Any] | None:
-    """The run's ``summary.json`` when it finished with the config's current options, else None."""
-    summary_path = run.folder / "summary.json"
-    if not summary_path.is_file() or is_stale(run):
+def finished_summary(run: BenchRun) -> RunSummary | None:
+    """The run's summary when it finished with the config's current options, else None."""
+    if not (run.folder / SUMMARY_FILE).is_file() or is_stale(run):
         return None
-    return json.loads(summary_path.read_text(encoding="utf-8"))
+    return RunSummary.read(run.folder)
 
 
 def run_state(run: BenchRun) -> str:
     """``finished`` (reused), ``stale`` (finished with other options; runs again) or ``new``."""
-    if not (run.folder / "summary.json").is_file():
+    if not (run.folder / SUMMARY_FILE).is_file():
         return "new"
     return "stale" if is_stale(run) else "finished"
 
@@ -215,7 +208,7 @@ def run_state(run: BenchRun) -> str:
 def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, Any]:
     """One run in its own ``hybrid-peft train`` process; its result row (reused when it finished with the same
     options, see :func:`finished_summary`)."""
-    summary_path = run.folder / "summary.json"
+    summary_path = run.folder / SUMMARY_FILE
     summary = None if rerun else finished_summary(run)
     if summary is None:
         run.folder.mkdir(parents=True, exist_ok=True)
@@ -235,12 +228,12 @@ def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, A
             lines = (run.folder / "run.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
             detail = next((line for line in reversed(lines) if line.strip()), "") if lines else ""
             return _row(run, None, f"{failure or 'no summary.json'}: {detail[-300:]}")
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary = RunSummary.read(run.folder)
     return _row(run, summary, None)
 
 
-def _row(run: BenchRun, summary: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
-    metric_name = PRIMARY_METRIC.get(run.config.task.removeprefix("glue-spec:"), "accuracy")
+def _row(run: BenchRun, summary: RunSummary | None, error: str | None) -> dict[str, Any]:
+    metric_name = primary_metric(run.config.task)
     row: dict[str, Any] = {
         "task": run.task,
         "method": run.method,
@@ -253,20 +246,20 @@ def _row(run: BenchRun, summary: dict[str, Any] | None, error: str | None) -> di
         "error": error or "",
     }
     if summary:
-        before, after = summary.get("before", {}), summary.get("after", {})
+        environment = summary.environment
         row |= {
-            "metric_before": before.get(metric_name),
-            "metric": after.get(metric_name),
-            "loss_before": before.get("loss"),
-            "held_out_loss": after.get("loss"),
-            "final_train_loss": summary.get("final_loss"),
-            "median_step_s": summary.get("median_step_s"),
-            "wall_s": summary.get("wall_s"),
-            "peak_rss_mb": summary.get("peak_rss_mb"),
-            "trainable_parameters": summary.get("trainable_parameters"),
-            "total_parameters": summary.get("total_parameters"),
-            "commit": summary.get("environment", {}).get("commit"),
-            "finished_at": summary.get("environment", {}).get("finished_at"),
+            "metric_before": summary.before.get(metric_name),
+            "metric": summary.after.get(metric_name),
+            "loss_before": summary.before.get("loss"),
+            "held_out_loss": summary.after.get("loss"),
+            "final_train_loss": summary.final_loss,
+            "median_step_s": summary.median_step_s,
+            "wall_s": summary.wall_s,
+            "peak_rss_mb": summary.peak_rss_mb,
+            "trainable_parameters": summary.trainable_parameters,
+            "total_parameters": summary.total_parameters,
+            "commit": environment.commit if environment else None,
+            "finished_at": environment.finished_at if environment else None,
         }
     return row
 
@@ -452,8 +445,6 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-
-    from hybrid_peft.methods.hybrid import plot_mixing_heatmap
 
     folder = plan.output_dir / "plots"
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,6 @@
-"""The ``hybrid-peft`` command line.
-
-hybrid-peft info --model smollm2-135m --targets all-linear     which modules an adapter would touch
-hybrid-peft demo                                                the main job on the offline defaults
+"""The ``hybrid-peft`` command line: ``info``, ``train``, ``eval``, ``mt-bench``, ``bench``, ``estimate``, ``demo``.
+Each command is a thin handler over the library (``hybrid_peft.run``, ``hybrid_peft.bench``, ...); errors the
+library raises on purpose print as one line.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from hybrid_peft import __version__
 from hybrid_peft.errors import ConfigError, HybridPeftError
+from hybrid_peft.version import __version__
 
 
 def _parse_targets(text: str) -> str | tuple[str, ...]:
@@ -122,7 +121,7 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from hybrid_peft.recipe import TrainConfig, merge_options, run_training
+    from hybrid_peft.run import TrainConfig, merge_options, run_training
 
     overrides = {
         name: getattr(args, name) for name in (f.name for f in dataclasses.fields(TrainConfig)) if hasattr(args, name)
@@ -134,8 +133,9 @@ def command_train(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig.from_dict(merge_options({}, overrides))
     summary = run_training(config, resume=args.resume)
-    if summary:
-        print(json.dumps({k: summary[k] for k in ("before", "after", "final_loss", "wall_s", "peak_rss_mb")}, indent=2))
+    if summary is not None:
+        shown = ("before", "after", "final_loss", "wall_s", "peak_rss_mb")
+        print(json.dumps({k: getattr(summary, k) for k in shown}, indent=2))
         print(f"wrote {config.output_dir}/ (summary.json, report.md, loss.png, train_log.jsonl)")
     return 0
 
@@ -145,7 +145,7 @@ def command_eval(args: argparse.Namespace) -> int:
 
     from hybrid_peft.models import load_model, load_tokenizer
     from hybrid_peft.serialization import load_adapter, read_adapter_config
-    from hybrid_peft.tasks.base import get_task
+    from hybrid_peft.tasks import get_task
 
     torch.set_num_threads(args.threads)
     task = get_task(args.task, data_dir=args.data_dir, dataset=args.dataset)
@@ -256,17 +256,18 @@ def command_estimate(args: argparse.Namespace) -> int:
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    from hybrid_peft.recipe import TrainConfig
+    from hybrid_peft.run import TrainConfig, training_methods
+    from hybrid_peft.tasks import available_tasks
 
     helps = {
         "model": "alias (smollm2-135m, minilm-l6), hub id or local folder",
-        "task": "humaneval, gsm8k, sst2, mrpc, cola, xnli, flores, or glue-spec:<spec.json>",
+        "task": f"{', '.join(available_tasks())}, or glue-spec:<spec.json>",
         "examples_per_language": "few-shot training examples per language (xnli, flores)",
         "eval_per_language": "held-out examples per language (xnli, flores; 0: the task's default)",
         "data_dir": "folder holding gsm8k/, glue/, ... (default: $HYBRID_PEFT_DATA or a shared/data folder nearby)",
         "dataset": "a Hugging Face dataset instead of the task's files: hub id (nyu-mll/glue:sst2), a save_to_disk "
         "folder, or train/validation data files (needs the 'datasets' package)",
-        "method": "lora, lora-ga, boft, unitary, hybrid, or full (full fine-tuning)",
+        "method": f"{', '.join(training_methods())} (full: full fine-tuning; peft-*: PEFT's own, as baselines)",
         "eval_every": "evaluate every N steps (0: only before and after)",
         "eval_examples": "evaluate on the first N held-out examples (0: all)",
         "generate": "include generation metrics (pass@1, exact match) in evaluations",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from hybrid_peft.errors import ConfigError
+from hybrid_peft.registry import get_method
 
 ConfigT = TypeVar("ConfigT", bound="AdapterConfig")
 
@@ -78,6 +79,31 @@ class AdapterConfig:
     def validate(self) -> None:
         """Check method-specific fields; subclasses raise :class:`ConfigError` naming the field."""
 
+    # --- costs of one adapted ``in → out`` linear layer, read by ``hybrid-peft estimate`` -----------------------
+
+    # The layer keeps its output for backward (BOFT's scaled linear recovers x W0ᵀ from it).
+    keeps_output: ClassVar[bool] = False
+
+    def parameter_count(self, in_features: int, out_features: int) -> int:
+        """Trainable numbers the layer adds."""
+        raise NotImplementedError(f"{type(self).__name__} does not state its parameter count")
+
+    def frozen_count(self, in_features: int, out_features: int) -> int:
+        """Numbers the layer keeps but does not train (LoRA-GA's start ``A0``, ``B0``)."""
+        return 0
+
+    def saved_per_token(self, in_features: int, out_features: int) -> int:
+        """Activations kept per token for backward beyond the layer's input (LoRA's rank-r projection)."""
+        return 0
+
+    def flops_per_token(self, in_features: int, out_features: int) -> int:
+        """Multiply-adds per token of the adapter's own forward pass (backward costs about twice that)."""
+        return 0
+
+    def fixed_activations(self, in_features: int, out_features: int) -> int:
+        """fp32 numbers kept for backward once per step whatever the batch (BOFT's b×b rotations)."""
+        return 0
+
     # --- serialisation -------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,8 +127,6 @@ class AdapterConfig:
         method = data.pop("method", None)
         target_cls: type[AdapterConfig] = cls
         if cls is AdapterConfig:
-            from hybrid_peft.registry import get_method
-
             if method is None:
                 raise ConfigError("config has no 'method' key; add one, e.g. {'method': 'lora', ...}")
             target_cls = get_method(method).config_class

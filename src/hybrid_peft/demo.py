@@ -1,7 +1,7 @@
 """The main job on the offline defaults: fine-tune SmolLM2-135M on HumanEval with the training recipe, then prove
 the outputs usable.
 
-1. ``run_training`` (see recipe.py): held-out loss and pass@1 (greedy, sandboxed) on HumanEval problems 132–163
+1. ``run_training`` (see ``run/recipe.py``): held-out loss and pass@1 (greedy, sandboxed) on HumanEval problems 132–163
    before and after fine-tuning on problems 0–131; report.md and loss.png in the output folder.
 2. The saved adapter, loaded onto a fresh base model, and the merged export, loaded by plain ``transformers``,
    give the trained model's held-out loss.
@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from hybrid_peft.models import load_model, load_tokenizer
-from hybrid_peft.recipe import TrainConfig, run_training
+from hybrid_peft.run import RunSummary, TrainConfig, run_training
 from hybrid_peft.serialization import load_adapter
-from hybrid_peft.tasks.base import get_task, held_out_loss
+from hybrid_peft.tasks import get_task
+from hybrid_peft.tasks.base import held_out_loss
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,14 @@ class DemoSettings:
     output_dir: str = "runs/demo"
 
 
-def run_demo(settings: DemoSettings) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DemoResult:
+    summary: RunSummary
+    loss_reloaded: float  # the saved adapter on a fresh base model
+    loss_merged: float  # the merged export loaded by plain transformers
+
+
+def run_demo(settings: DemoSettings) -> DemoResult:
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     config = TrainConfig(
@@ -75,22 +83,22 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     merged = AutoModelForCausalLM.from_pretrained(f"{settings.output_dir}/merged", dtype=torch.float32)
     loss_merged = held_out_loss(task, merged, tokenizer, rows, 8, settings.max_length)
 
-    before, after = summary["before"], summary["after"]
+    before, after = summary.before, summary.after
     print("\nSummary")
     print(
         f"  model / method            {settings.model} / {settings.method} {settings.adapter}, "
-        f"{summary['trainable_parameters']:,} trainable parameters"
+        f"{summary.trainable_parameters:,} trainable parameters"
     )
     print(
         f"  training                  {settings.steps} steps of {settings.batch_size} x <= {settings.max_length} "
-        f"tokens, median step {summary['median_step_s']:.2f} s"
+        f"tokens, median step {summary.median_step_s:.2f} s"
     )
     print(f"  held-out loss             {before['loss']:.4f} -> {after['loss']:.4f}")
     print(f"  held-out pass@1           {before['pass@1']:.3f} -> {after['pass@1']:.3f} ({len(rows)} problems)")
     print(f"  completions that parse    {before['parses']:.3f} -> {after['parses']:.3f}")
     print(f"  reloaded adapter / merged {loss_reloaded:.4f} / {loss_merged:.4f} (equal to the line above)")
-    print(f"  wall time, peak RSS       {time.perf_counter() - started:.0f} s, {summary['peak_rss_mb']:.0f} MB")
+    print(f"  wall time, peak RSS       {time.perf_counter() - started:.0f} s, {summary.peak_rss_mb:.0f} MB")
     print(f"  report                    {settings.output_dir}/report.md, loss.png, summary.json")
     if abs(loss_reloaded - after["loss"]) > 1e-4 or abs(loss_merged - after["loss"]) > 1e-3:
         raise RuntimeError("the reloaded or merged model disagrees with the trained one; please report this bug")
-    return summary | {"loss_reloaded": loss_reloaded, "loss_merged": loss_merged}
+    return DemoResult(summary, loss_reloaded, loss_merged)

@@ -25,3 +25,15 @@ class BaseModelMismatchError(HybridPeftError, ValueError):
 
 class ModelLoadError(HybridPeftError, OSError):
     """A model alias, hub id or folder could not be resolved or loaded."""
+
+
+class TaskDataError(HybridPeftError, ValueError):
+    """A task's data file is missing, empty or malformed."""
+
+
+class NonFiniteLossError(HybridPeftError, FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+class BatchDoesNotFitError(HybridPeftError, MemoryError):
+    """A training or evaluation batch ran out of (accelerator or host) memory."""

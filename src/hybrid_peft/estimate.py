@@ -17,11 +17,12 @@ nonlinearity, dropout masks where the config has dropout, and the input of every
 or an adapter: a frozen linear without one keeps nothing. ``--attention math`` (what CPUs run) also keeps the score
 matrix, and with attention dropout its mask and the dropped scores; it applies dropout as a product with a noise
 tensor of the activations' width. ``--attention flash`` (fused GPU kernels) keeps none of the scores and 1-byte
-masks. LoRA adds its rank-r projection; BOFT's
-ScaledLinear keeps the rotated input and the output in place of the input and x W0ᵀ; the unitary adapter is
-recomputed in backward. Logits: 3·V fp32 values per token. Peak = weights + adapters + optimiser + the larger of
+masks. What each method adds is stated by its config, in its own file (``parameter_count``, ``frozen_count``,
+``saved_per_token``, ``fixed_activations``, ``flops_per_token``, ``keeps_output``): LoRA keeps its rank-r projection,
+BOFT's scaled linear the output in place of x W0ᵀ and its b×b blocks, the unitary adapter nothing (it is recomputed
+in backward). Logits: 3·V fp32 values per token. Peak = weights + adapters + optimiser + the larger of
 the activations (during backward) and twice the gradients (after it, with the optimiser's temporaries).
-Adapters target every linear (``all-linear``; unitary: the attention projections). FLOPs per step: 6·P_linear per
+Adapters target what their config targets by default (``all-linear``; unitary: the attention projections). FLOPs per step: 6·P_linear per
 token for full fine-tuning; with frozen weights the weight-gradient matmuls are skipped, so 4·P_linear plus the
 adapter's own.
 
@@ -30,12 +31,17 @@ adapter's own.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hybrid_peft.config import ALL_LINEAR, AdapterConfig
 from hybrid_peft.errors import ConfigError
+from hybrid_peft.registry import available_methods, get_method
+from hybrid_peft.targeting import name_matches
 
 # Llama-class shapes (public configs): Llama-2-7B, Llama-2-70B, Llama-3.1-405B.
 BUILTIN_ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -138,21 +144,28 @@ def load_architecture(model: str) -> Architecture:
     )
 
 
-def adapter_parameters(method: str, n: int, m: int, rank: int, block_size: int, butterfly_factors: int) -> int:
-    """Trainable parameters of one adapted ``n → m`` linear (as hybrid-peft's layers hold them)."""
-    lora = rank * (n + m)
-    boft = butterfly_factors * (n // block_size) * block_size * (block_size - 1) // 2 + m
-    return {"lora": lora, "lora-ga": lora, "boft": boft, "unitary": 7 * (n // 2) + 2, "hybrid": lora + boft}[method]
+def method_config(method: str, rank: int = 8, block_size: int = 4, butterfly_factors: int = 1) -> AdapterConfig:
+    """The method's config with its defaults, ``rank``/``block_size``/``butterfly_factors`` where it has them. The
+    config states the method's costs per adapted layer (``parameter_count``, ``flops_per_token``, ...)."""
+    if method not in available_methods():
+        raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    config_class = get_method(method).config_class
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    options = {"rank": rank, "block_size": block_size, "butterfly_factors": butterfly_factors}
+    return config_class(**{k: v for k, v in options.items() if k in fields})
 
 
-def adapted_linears(arch: Architecture, method: str) -> list[tuple[str, int, int]]:
-    """``(name, in, out)`` of the linears a method adapts in one block: every one (``all-linear``), the attention
-    projections for the unitary adapter (its default targets)."""
+def adapted_linears(arch: Architecture, config: AdapterConfig) -> list[tuple[str, int, int]]:
+    """``(name, in, out)`` of the linears ``config``'s default targets adapt in one block (``all-linear``: every
+    one; the unitary adapter: the attention projections)."""
     shapes = arch.linears()
-    if method == "unitary":
-        attention = ("q_proj", "k_proj", "v_proj", "o_proj") if arch.decoder else ("query", "key", "value")
-        shapes = [s for s in shapes if s[0] in attention]
-    return shapes
+    if config.targets == ALL_LINEAR:
+        return shapes
+    full_name = "model.layers.0.{}".format
+    if isinstance(config.targets, str):
+        pattern = re.compile(config.targets)
+        return [s for s in shapes if pattern.fullmatch(full_name(s[0]))]
+    return [s for s in shapes if any(name_matches(full_name(s[0]), entry) for entry in config.targets)]
 
 
 def dropout_mask_elements(attention: str, dtype_bytes: int) -> float:
@@ -273,57 +286,42 @@ def estimate(
         weights = linear_params * quantised_base / 8 + (total_params - linear_params) * b
     else:
         weights = total_params * b
-    shapes = adapted_linears(arch, method) if method != "full" else arch.linears()
+    config = None if method == "full" else method_config(method, rank, block_size, butterfly_factors)
+    shapes = arch.linears() if config is None else adapted_linears(arch, config)
     adapted = {name for name, _, _ in shapes}
     per_token_layer = activation_elements(
         arch,
         adapted,
-        full=method == "full",
+        full=config is None,
         seq_len=seq_len,
         attention=attention,
         dtype_bytes=b,
-        keeps_output=method in ("boft", "hybrid"),
+        keeps_output=config is not None and config.keeps_output,
     )
-    if method == "full":
+    fixed_activations = 0.0
+    if config is None:
         trainable = total_params
         trainable_copy = 0.0  # the weights are the trainable parameters
         gradients = trainable * b
         optimiser = trainable * 8 + (trainable * 4 if b < 4 else 0)
         flops = 6 * linear_params * tokens
     else:
-        per_layer = sum(adapter_parameters(method, n, m, rank, block_size, butterfly_factors) for _, n, m in shapes)
-        trainable = arch.layers * per_layer
-        if not arch.decoder and method != "unitary":  # "all-linear" also adapts BERT's pooler
-            trainable += adapter_parameters(method, h, h, rank, block_size, butterfly_factors)
-        trainable_copy = trainable * 4.0
-        if method in ("lora-ga", "hybrid"):  # A0 and B0 are kept so the adapter loads onto the unmodified base
-            trainable_copy += 4.0 * rank * sum(n + m for _, n, m in shapes) * arch.layers
+        trainable = arch.layers * sum(config.parameter_count(n, m) for _, n, m in shapes)
+        if not arch.decoder and config.targets == ALL_LINEAR:  # "all-linear" also adapts BERT's pooler
+            trainable += config.parameter_count(h, h)
+        trainable_copy = trainable * 4.0 + 4.0 * arch.layers * sum(config.frozen_count(n, m) for _, n, m in shapes)
         gradients = trainable * 4.0
         optimiser = trainable * 8.0
-        # What the adapters save beyond the layer input: LoRA the rank-r projection; BOFT's ScaledLinear the
-        # output (counted in activation_elements); the unitary adapter is recomputed in backward (checkpointed).
-        # (the hybrid's default update gate projects onto [A; A0], rank 2r)
-        per_token_layer += {"lora": rank, "lora-ga": rank, "hybrid": 2 * rank}.get(method, 0) * len(shapes)
-        adapter_flops = (
-            6
-            * tokens
-            * arch.layers
-            * sum(
-                {"unitary": 14 * n, "boft": n * block_size * butterfly_factors}.get(method, 0)
-                + {"lora": rank, "lora-ga": rank, "hybrid": 2 * rank}.get(method, 0) * (n + m)  # update gate: 2r
-                + (n * block_size * butterfly_factors if method == "hybrid" else 0)
-                for _, n, m in shapes
-            )
-        )
+        # What the adapters keep for backward beyond the layer input (the output, for methods that keep it, is
+        # counted in activation_elements); per step, what they keep whatever the batch (fp32).
+        per_token_layer += sum(config.saved_per_token(n, m) for _, n, m in shapes)
+        fixed_activations = 4.0 * arch.layers * sum(config.fixed_activations(n, m) for _, n, m in shapes)
+        adapter_flops = 6 * tokens * arch.layers * sum(config.flops_per_token(n, m) for _, n, m in shapes)
         flops = 4 * linear_params * tokens + adapter_flops
     # Logits: the loss's log-softmax output, then the two vocabulary-sized gradients of the backward's first steps.
     logits = 3 * arch.vocab * 4 if arch.decoder else 0
     outside = model_level_elements(arch, full=method == "full", attention=attention, dtype_bytes=b)
-    activations = tokens * ((arch.layers * per_token_layer + outside) * b + logits)
-    if method in ("boft", "hybrid"):  # the b×b rotations of every factor, kept for the backward (fp32)
-        activations += 4 * arch.layers * sum(butterfly_factors * n * block_size for _, n, _ in shapes)
-    if method == "hybrid":  # the update gate's concatenated factors [A; A0], [B, −B0] (fp32)
-        activations += 4 * arch.layers * sum(2 * rank * (n + m) for _, n, m in shapes)
+    activations = tokens * ((arch.layers * per_token_layer + outside) * b + logits) + fixed_activations
     if zero >= 1:
         optimiser /= world
     if zero >= 2:

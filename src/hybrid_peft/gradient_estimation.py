@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from hybrid_peft.errors import HybridPeftError
-from hybrid_peft.layer import AdapterLayer, is_supported_base
+from hybrid_peft.fileio import atomic_write_with
+from hybrid_peft.layer import AdapterLayer, is_supported_base, linear_shape
 
 ESTIMATORS = ("exact", "sketch")
 
@@ -190,8 +191,6 @@ def resolve_target_modules(model: nn.Module, targets: Iterable[str] | None) -> d
 def _width(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, AdapterLayer):
         return module.out_features, module.in_features
-    from hybrid_peft.layer import linear_shape
-
     return linear_shape(module)
 
 
@@ -314,8 +313,6 @@ def estimate_gradients(
 def save_estimates(estimates: dict[str, GradientEstimate], path: str | os.PathLike) -> None:
     """Write estimates atomically to a safetensors file (gradient cache)."""
     from safetensors.torch import save_file
-
-    from hybrid_peft.fileio import atomic_write_with
 
     tensors: dict[str, torch.Tensor] = {}
     kinds = {}

@@ -1,4 +1,7 @@
-"""The method registry: adding a method is one file and one ``@register_method`` line."""
+"""The method registry: adding a method is one file and one ``@register_method`` line.
+
+The built-in methods register when ``hybrid_peft.methods`` is imported, which importing ``hybrid_peft`` does.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +44,6 @@ def register_method(config_class: type[AdapterConfig]):  # noqa: ANN201 - decora
 
 
 def get_method(name: str) -> MethodSpec:
-    _ensure_builtin_methods()
     try:
         return _METHODS[name]
     except KeyError:
@@ -49,9 +51,4 @@ def get_method(name: str) -> MethodSpec:
 
 
 def available_methods() -> list[str]:
-    _ensure_builtin_methods()
     return sorted(_METHODS)
-
-
-def _ensure_builtin_methods() -> None:
-    import hybrid_peft.methods  # noqa: F401  (importing registers the built-in methods)

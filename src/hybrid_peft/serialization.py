@@ -25,13 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hybrid_peft import __version__
-from hybrid_peft.adapters import adapter_layers, attach_state, fingerprint_weight, wrap_modules
+from hybrid_peft.adapters import adapter_layers, attach_state, detach, fingerprint_weight, wrap_modules
 from hybrid_peft.config import AdapterConfig
 from hybrid_peft.errors import AdapterFileError, BaseModelMismatchError, ConfigError, HybridPeftError
 from hybrid_peft.fileio import atomic_write_text, atomic_write_with, sha256_file
 from hybrid_peft.layer import linear_weight
+from hybrid_peft.registry import get_method
 from hybrid_peft.targeting import linear_candidates
+from hybrid_peft.version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -119,8 +120,6 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 def _with_legacy_defaults(data: dict[str, Any], version: int) -> dict[str, Any]:
     """Fill fields a file of format ``version`` did not store with the defaults it was written under."""
-    from hybrid_peft.registry import get_method
-
     if not isinstance(data, dict) or "method" not in data:
         return data
     try:
@@ -244,8 +243,6 @@ def load_adapter(
                 parameters[name].copy_(tensors[f"{TRAINED_PREFIX}{name}"])
                 parameters[name].requires_grad_(trainable)
     except (KeyError, ValueError, IndexError) as exc:
-        from hybrid_peft.adapters import detach
-
         detach(model)
         raise AdapterFileError(f"{directory} does not fit this model: {exc}") from exc
     return model

@@ -55,10 +55,25 @@ class BOFTConfig(AdapterConfig):
     dropout: float = 0.0
     apply_to: str = "auto"
 
+    keeps_output = True  # the scaled linear keeps y to recover x W0ᵀ for the scale's gradient
+
     def validate(self) -> None:
         validate_butterfly_fields(self)
         require_float("dropout", self.dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
         require_choice("apply_to", self.apply_to, ("auto", "input", "weight"))
+
+    def parameter_count(self, in_features: int, out_features: int) -> int:
+        return boft_parameter_count(in_features, out_features, _block_side(self, in_features), self.butterfly_factors)
+
+    def flops_per_token(self, in_features: int, out_features: int) -> int:
+        return in_features * _block_side(self, in_features) * self.butterfly_factors  # m block-diagonal products
+
+    def fixed_activations(self, in_features: int, out_features: int) -> int:
+        return self.butterfly_factors * in_features * _block_side(self, in_features)  # the b×b blocks Q
+
+
+def _block_side(config: AdapterConfig, in_features: int) -> int:
+    return config.block_size or in_features // config.block_num
 
 
 def validate_butterfly_fields(config: AdapterConfig) -> None:
@@ -354,8 +369,50 @@ def register_gather_plan(module: nn.Module, perms: list[torch.Tensor]) -> list[t
 # --- the layer ---------------------------------------------------------------------------------------------------
 
 
+class ButterflyBranch:
+    """The orthogonal branch, shared by :class:`BOFTLayer` and the hybrid: ``m × N`` Cayley blocks stored as their
+    skew parts (``boft_skew``), a per-output scale (``boft_scale``) and the gather plan. The host is an
+    :class:`AdapterLayer`; it may scale the skew parameters (:meth:`rotation_skew`) and names its dropout rate."""
+
+    boft_skew: nn.Parameter
+    boft_scale: nn.Parameter
+    rotation_dropout: float = 0.0
+
+    def _init_butterfly(self, config: AdapterConfig, factory: dict) -> None:
+        self.butterfly_factors = m = config.butterfly_factors
+        self.block_size, self.block_num = resolve_blocks(self.in_features, config.block_size, config.block_num, m)
+        free = self.block_size * (self.block_size - 1) // 2
+        self.boft_skew = nn.Parameter(torch.zeros(m, self.block_num, free, **factory))
+        self.boft_scale = nn.Parameter(torch.ones(self.out_features, **factory))
+        self._perms = register_gather_plan(self, butterfly_permutations(self.in_features, self.block_size, m))
+
+    @property
+    def plan(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f"_gather_{k}") for k in range(self.butterfly_factors + 1)]
+
+    def rotation_skew(self) -> torch.Tensor:
+        """The free skew-symmetric entries the rotation is built from, ``(m, N, b(b−1)/2)``."""
+        return self.boft_skew
+
+    def rotations(self) -> torch.Tensor:
+        """The orthogonal blocks ``Q`` as ``(m, N, b, b)``, with dropout applied in training."""
+        rotations = cayley(skew_symmetric(self.rotation_skew(), self.block_size))
+        if self.training and self.rotation_dropout > 0:
+            rotations = multiplicative_dropout(rotations, self.rotation_dropout)
+        return rotations
+
+    def rotation_matrix(self) -> torch.Tensor:
+        """Dense ``M`` (``in × in``)."""
+        return butterfly_dense(cayley(skew_symmetric(self.rotation_skew(), self.block_size)), self._perms)
+
+    def orthogonal_weight(self) -> torch.Tensor:
+        """``diag(s) · W0 · Mᵀ`` in the adapter's dtype."""
+        rotation = self.rotation_matrix()
+        return self.boft_scale[:, None] * (self.base_weight.to(rotation.dtype) @ rotation.T)
+
+
 @register_method(BOFTConfig)
-class BOFTLayer(AdapterLayer):
+class BOFTLayer(ButterflyBranch, AdapterLayer):
     """``y = s ⊙ ((x M) W0ᵀ) + b``; see the module docstring."""
 
     config: BOFTConfig
@@ -363,35 +420,11 @@ class BOFTLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: BOFTConfig) -> None:
         super().__init__(base_layer, config)
         weight = self.base_weight
-        dtype = adapter_dtype_for(weight.dtype)
-        self.block_size, self.block_num = resolve_blocks(
-            self.in_features, config.block_size, config.block_num, config.butterfly_factors
-        )
-        free = self.block_size * (self.block_size - 1) // 2
-        m = config.butterfly_factors
-        self.boft_skew = nn.Parameter(torch.zeros(m, self.block_num, free, device=weight.device, dtype=dtype))
-        self.boft_scale = nn.Parameter(torch.ones(self.out_features, device=weight.device, dtype=dtype))
-        self._perms = register_gather_plan(self, butterfly_permutations(self.in_features, self.block_size, m))
-
-    @property
-    def plan(self) -> list[torch.Tensor | None]:
-        return [getattr(self, f"_gather_{k}") for k in range(self.config.butterfly_factors + 1)]
-
-    def rotations(self) -> torch.Tensor:
-        """The orthogonal blocks ``Q`` as ``(m, N, b, b)``, with dropout applied in training."""
-        rotations = cayley(skew_symmetric(self.boft_skew, self.block_size))
-        if self.training and self.config.dropout > 0:
-            rotations = multiplicative_dropout(rotations, self.config.dropout)
-        return rotations
-
-    def rotation_matrix(self) -> torch.Tensor:
-        """Dense ``M`` (``in × in``)."""
-        return butterfly_dense(cayley(skew_symmetric(self.boft_skew, self.block_size)), self._perms)
+        self._init_butterfly(config, {"device": weight.device, "dtype": adapter_dtype_for(weight.dtype)})
+        self.rotation_dropout = config.dropout
 
     def merged_weight(self) -> torch.Tensor:
-        base = self.base_weight
-        rotation = self.rotation_matrix()
-        return (self.boft_scale[:, None] * (base.to(rotation.dtype) @ rotation.T)).to(base.dtype)
+        return self.orthogonal_weight().to(self.base_weight.dtype)
 
     def unmerged_weight(self) -> torch.Tensor:
         base = self.base_weight
@@ -452,4 +485,5 @@ def _reverse_plan(plan: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
 
 
 def boft_parameter_count(in_features: int, out_features: int, block_size: int, butterfly_factors: int) -> int:
+    """Trainable numbers of one adapted ``in → out`` layer: the skew parts of ``m × in/b`` blocks and the scale."""
     return butterfly_factors * (in_features // block_size) * math.comb(block_size, 2) + out_features

@@ -36,12 +36,9 @@ saved with the adapter. Merging is exact: the merged weight is W_eff.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -51,18 +48,8 @@ from torch import nn
 from hybrid_peft.config import require_choice, require_float
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
-from hybrid_peft.methods.boft import (
-    ButterflyRotate,
-    butterfly_dense,
-    butterfly_permutations,
-    cayley,
-    multiplicative_dropout,
-    register_gather_plan,
-    resolve_blocks,
-    scaled_linear,
-    skew_symmetric,
-    validate_butterfly_fields,
-)
+from hybrid_peft.methods.boft import BOFTConfig, ButterflyBranch, ButterflyRotate, scaled_linear, validate_butterfly_fields
+from hybrid_peft.methods.lora import LowRankBranch
 from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
 from hybrid_peft.registry import register_method
 
@@ -112,9 +99,33 @@ class HybridConfig(LoRAGAConfig):
         require_float("temperature", self.temperature, minimum=0.0, min_inclusive=False)
         require_choice("gate", self.gate, GATES)
 
+    keeps_output = True  # one scaled linear for both branches, as BOFT's
+
+    @property
+    def low_rank_width(self) -> int:
+        """The update gate projects onto ``[A; A0]`` (rank 2r), the branch gate onto ``A`` (rank r)."""
+        return 2 * self.rank if self.gate == "update" else self.rank
+
+    def parameter_count(self, in_features: int, out_features: int) -> int:
+        return super().parameter_count(in_features, out_features) + BOFTConfig.parameter_count(
+            self, in_features, out_features
+        )
+
+    def saved_per_token(self, in_features: int, out_features: int) -> int:
+        return self.low_rank_width
+
+    def flops_per_token(self, in_features: int, out_features: int) -> int:
+        low_rank = self.low_rank_width * (in_features + out_features)
+        return low_rank + BOFTConfig.flops_per_token(self, in_features, out_features)
+
+    def fixed_activations(self, in_features: int, out_features: int) -> int:
+        rotations = BOFTConfig.fixed_activations(self, in_features, out_features)
+        concatenated = self.low_rank_width * (in_features + out_features) if self.gate == "update" else 0
+        return rotations + concatenated  # with the update gate, [A; A0] and [B, −B0] are kept too
+
 
 @register_method(HybridConfig)
-class HybridLayer(GradientAlignedStart, AdapterLayer):
+class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterLayer):
     """Both branches over one frozen weight; see the module docstring."""
 
     config: HybridConfig
@@ -122,25 +133,15 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: HybridConfig) -> None:
         super().__init__(base_layer, config)
         weight = self.base_weight
-        dtype = adapter_dtype_for(weight.dtype)
-        factory = {"device": weight.device, "dtype": dtype}
-        # Low-rank branch (LoRA-GA start).
-        self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        factory = {"device": weight.device, "dtype": adapter_dtype_for(weight.dtype)}
+        # Low-rank branch (LoRA-GA start): A, B, and the start A0, B0.
+        self._init_low_rank(config.rank)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.lora_scaling = config.scaling
         self._register_start_buffers()
-        # Orthogonal branch (BOFT).
-        self.block_size, self.block_num = resolve_blocks(
-            self.in_features, config.block_size, config.block_num, config.butterfly_factors
-        )
-        free = self.block_size * (self.block_size - 1) // 2
-        self.boft_skew = nn.Parameter(torch.zeros(config.butterfly_factors, self.block_num, free, **factory))
-        self.boft_scale = nn.Parameter(torch.ones(self.out_features, **factory))
-        self._perms = register_gather_plan(
-            self, butterfly_permutations(self.in_features, self.block_size, config.butterfly_factors)
-        )
+        # Orthogonal branch (BOFT), its skew parameters scaled by 1 − λ (rotation_skew).
+        self._init_butterfly(config, factory)
+        self.rotation_dropout = config.boft_dropout
         # The gate and the rule's state: buffers (saved, never optimised).
         self.register_buffer("mix", torch.tensor(config.mix_init, **factory))
         self.register_buffer("mix_start", torch.tensor(config.mix_init, **factory))  # λ0 of the base offset
@@ -153,18 +154,8 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
     def orthogonal_parameters(self) -> list[nn.Parameter]:
         return [self.boft_skew]
 
-    @property
-    def plan(self) -> list[torch.Tensor | None]:
-        return [getattr(self, f"_gather_{k}") for k in range(self.config.butterfly_factors + 1)]
-
-    def rotations(self) -> torch.Tensor:
-        rotations = cayley(skew_symmetric((1 - self.mix) * self.boft_skew, self.block_size))
-        if self.training and self.config.boft_dropout > 0:
-            rotations = multiplicative_dropout(rotations, self.config.boft_dropout)
-        return rotations
-
-    def rotation_matrix(self) -> torch.Tensor:
-        return butterfly_dense(cayley(skew_symmetric((1 - self.mix) * self.boft_skew, self.block_size)), self._perms)
+    def rotation_skew(self) -> torch.Tensor:
+        return (1 - self.mix) * self.boft_skew
 
     # --- GradientAlignedStart ---------------------------------------------------------------------------------
 
@@ -195,10 +186,7 @@ class HybridLayer(GradientAlignedStart, AdapterLayer):
         return self.mix * self.lora_scaling * (b @ a)
 
     def merged_weight(self) -> torch.Tensor:
-        base = self.base_weight
-        rotation = self.rotation_matrix()
-        orthogonal = self.boft_scale[:, None] * (base.to(rotation.dtype) @ rotation.T)
-        return (orthogonal + self.low_rank_weight()).to(base.dtype)
+        return (self.orthogonal_weight() + self.low_rank_weight()).to(self.base_weight.dtype)
 
     def unmerged_weight(self) -> torch.Tensor:
         merged = self.base_weight
@@ -327,79 +315,3 @@ def update_mixing(model: nn.Module, *, sharded: bool = False) -> dict[str, dict[
                 "grad_orthogonal": norms[name].orthogonal,
             }
     return records
-
-
-# --- telemetry -------------------------------------------------------------------------------------------------
-
-
-class MixingTelemetry:
-    """Appends one JSON line per step: ``{"step": t, "layers": {name: {"lambda", "grad_low_rank", ...}}}``."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(self, step: int, records: dict[str, dict[str, float]]) -> None:
-        if not records:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": step, "layers": records}) + "\n")
-
-
-def read_mixing_telemetry(path: str | os.PathLike) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def plot_mixing_heatmap(telemetry: str | os.PathLike, output: str | os.PathLike, title: str | None = None) -> Path:
-    """A layers × steps heatmap of λ from a telemetry JSONL file, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_mixing_telemetry(telemetry)
-    if not rows:
-        raise HybridPeftError(f"{telemetry} holds no telemetry rows")
-    names = list(rows[0]["layers"])
-    values = [[row["layers"].get(name, {}).get("lambda", float("nan")) for row in rows] for name in names]
-    steps = [row["step"] for row in rows]
-    figure, axis = plt.subplots(figsize=(min(14, 4 + len(steps) / 10), min(12, 2 + len(names) / 6)))
-    image = axis.imshow(
-        values,
-        aspect="auto",
-        cmap="viridis",
-        vmin=0.0,
-        vmax=1.0,
-        interpolation="nearest",
-        extent=(steps[0] - 0.5, steps[-1] + 0.5, len(names) - 0.5, -0.5),
-    )
-    axis.set_xlabel("step")
-    axis.set_ylabel("layer")
-    if len(names) <= 40:
-        axis.set_yticks(range(len(names)), [n.removeprefix("model.") for n in names], fontsize=6)
-    axis.set_title(title or "λ per layer (1 = low-rank LoRA-GA branch, 0 = orthogonal BOFT branch)")
-    figure.colorbar(image, ax=axis, label="λ")
-    figure.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=120)
-    plt.close(figure)
-    return output
-
-
-# --- Hugging Face Trainer ----------------------------------------------------------------------------------------
-
-
-def mixing_callback(telemetry_path: str | os.PathLike | None = None, *, sharded: bool = False) -> Any:
-    """A ``transformers.TrainerCallback`` that runs :func:`update_mixing` before every optimiser step (and logs)."""
-    from transformers import TrainerCallback
-
-    telemetry = MixingTelemetry(telemetry_path) if telemetry_path else None
-
-    class HybridMixingCallback(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
-            records = update_mixing(model, sharded=sharded)
-            if telemetry is not None and state.is_world_process_zero:
-                telemetry.log(state.global_step, records)
-
-    return HybridMixingCallback()

@@ -52,6 +52,15 @@ class LoRAConfig(AdapterConfig):
     def scaling(self) -> float:
         return lora_scaling(self.rank, self.alpha, self.use_rslora)
 
+    def parameter_count(self, in_features: int, out_features: int) -> int:
+        return self.rank * (in_features + out_features)
+
+    def saved_per_token(self, in_features: int, out_features: int) -> int:
+        return self.rank
+
+    def flops_per_token(self, in_features: int, out_features: int) -> int:
+        return self.rank * (in_features + out_features)
+
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -67,19 +76,30 @@ def lora_forward_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     return scaling * F.linear(F.linear(x, lora_A), lora_B)  # (..., r) -> (..., out)
 
 
+class LowRankBranch:
+    """The low-rank pair ``A (r, in)`` (Kaiming-uniform, PEFT's default) and ``B (out, r)`` (zeros), shared by
+    :class:`LoRALayer` and the hybrid. The host is an :class:`AdapterLayer`."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+    def _init_low_rank(self, rank: int) -> None:
+        weight = self.base_weight
+        factory = {"device": weight.device, "dtype": adapter_dtype_for(weight.dtype)}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+
 @register_method(LoRAConfig)
-class LoRALayer(AdditiveAdapterLayer):
+class LoRALayer(LowRankBranch, AdditiveAdapterLayer):
     """``y = base(x) + s · dropout(x) Aᵀ Bᵀ``; see the module docstring."""
 
     config: LoRAConfig
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig) -> None:
         super().__init__(base_layer, config)
-        weight = self.base_weight
-        dtype = adapter_dtype_for(weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, device=weight.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, device=weight.device, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default
+        self._init_low_rank(config.rank)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling = config.scaling
 

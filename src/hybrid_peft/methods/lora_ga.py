@@ -12,7 +12,7 @@ The explicit steps, which a training recipe and a plain script call alike::
 
     attach(model, LoRAGAConfig(rank=8))
     estimates = estimate_gradients(model, batches, estimator="sketch")    # hybrid_peft.gradient_estimation
-    initialise_lora_ga(model, lora_ga_factors_for(model, estimates))      # or: lora_ga_initialise(model, batches)
+    apply_lora_ga_factors(model, lora_ga_factors_for(model, estimates))      # or: lora_ga_initialise(model, batches)
 
 The adapter stores ``A0`` and ``B0`` beside ``A`` and ``B``, so a saved LoRA-GA adapter loads onto the *unmodified*
 base (loading re-applies the offset) and exports to PEFT as the rank-2r LoRA ``[A; A0]``, ``[B, −B0]``.
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.config import require_choice, require_float, require_int
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.gradient_estimation import (
@@ -79,6 +80,9 @@ class LoRAGAConfig(LoRAConfig):
         require_int("oversampling", self.oversampling, minimum=1)
         require_choice("svd", self.svd, ("exact", "lowrank"))
         require_int("seed", self.seed, minimum=0)
+
+    def frozen_count(self, in_features: int, out_features: int) -> int:
+        return self.rank * (in_features + out_features)  # A0, B0: the adapter loads onto the unmodified base
 
 
 def lora_ga_factors(
@@ -208,8 +212,6 @@ def lora_ga_factors_for(
     model: nn.Module, estimates: dict[str, GradientEstimate]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: (A0, B0)}`` for every LoRA-GA layer of ``model``, from its gradient estimate and its config."""
-    from hybrid_peft.adapters import adapter_layers
-
     layers = {n: layer for n, layer in adapter_layers(model).items() if layer.needs_gradient_init}
     missing = sorted(set(layers) - set(estimates))
     if missing:
@@ -228,10 +230,8 @@ def lora_ga_factors_for(
     return factors
 
 
-def initialise_lora_ga(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def apply_lora_ga_factors(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Apply ``{name: (A0, B0)}`` (see :func:`lora_ga_factors_for`) to the model's LoRA-GA layers."""
-    from hybrid_peft.adapters import adapter_layers
-
     layers = adapter_layers(model)
     for name, (a0, b0) in factors.items():
         layer = layers.get(name)
@@ -250,8 +250,6 @@ def lora_ga_initialise(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Estimate, factor and apply in one call, using the attached LoRA-GA layers' configs. With ``cache_file`` the
     gradient estimates are read from it if it exists, else computed and written there. Returns the factors."""
-    from hybrid_peft.adapters import adapter_layers
-
     configs = {layer.config for layer in adapter_layers(model).values() if layer.needs_gradient_init}
     if not configs:
         raise HybridPeftError("the model has no LoRA-GA layers; attach(model, LoRAGAConfig(...)) first")
@@ -274,5 +272,5 @@ def lora_ga_initialise(
         if cache_file is not None:
             save_estimates(estimates, cache_file)
     factors = lora_ga_factors_for(model, estimates)
-    initialise_lora_ga(model, factors)
+    apply_lora_ga_factors(model, factors)
     return factors

@@ -41,6 +41,12 @@ class UnitaryConfig(AdapterConfig):
 
     targets: str | tuple[str, ...] = ATTENTION_PROJECTIONS
 
+    def parameter_count(self, in_features: int, out_features: int) -> int:
+        return 7 * (in_features // 2) + 2  # three phase vectors, two complex reflection vectors, two angles
+
+    def flops_per_token(self, in_features: int, out_features: int) -> int:
+        return 14 * in_features  # two FFTs, three diagonals, two reflections on in/2 complex features
+
 
 # --- the maths, as free functions ------------------------------------------------------------------------------
 

@@ -1,30 +1,28 @@
-"""What a task is to the training recipe: its data splits, how to batch them, how to score a model on them.
+"""What a task is to the training recipe (the :class:`Task` protocol) and the helpers tasks share: batching,
+classification and generation loops, metrics.
 
 A task is a small object with a name, the kind of model it needs (``causal-lm`` or ``sequence-classification``),
-``train_rows()`` / ``eval_rows()``, ``batch(tokenizer, rows, max_length)`` and ``evaluate(model, tokenizer, rows)``.
-Tasks are looked up by name in :data:`TASKS` (``register_task`` adds one).
+the metric it is ranked by (``primary_metric``, higher is better) and where its data lives (``data_folder``, under
+the data folder; ``None`` for data a package ships), ``train_rows()`` / ``eval_rows()``,
+``batch(tokenizer, rows, max_length)`` and ``evaluate(model, tokenizer, rows)``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-
-from hybrid_peft.errors import HybridPeftError
-
-
-class TaskDataError(HybridPeftError, ValueError):
-    """A task's data file is missing, empty or malformed."""
 
 
 class Task(Protocol):
     name: str
     model_task: str  # "causal-lm" or "sequence-classification"
     num_labels: int | None
+    primary_metric: str  # the key of evaluate()'s result a benchmark ranks by (higher is better)
+    data_folder: str | None  # under the data folder (--data-dir); None when a package ships the data
 
     def train_rows(self) -> list[dict[str, Any]]: ...
 
@@ -35,41 +33,6 @@ class Task(Protocol):
     def evaluate(
         self, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], **options: Any
     ) -> dict[str, float]: ...
-
-
-TASKS: dict[str, Callable[..., Task]] = {}
-
-
-def register_task(name: str) -> Callable:
-    def decorator(factory: Callable[..., Task]) -> Callable[..., Task]:
-        TASKS[name] = factory
-        return factory
-
-    return decorator
-
-
-def get_task(name: str, **options: Any) -> Task:
-    """Build a task by name. ``options`` a task does not take (e.g. ``examples_per_language`` for GLUE) are ignored,
-    so one recipe config serves every task."""
-    import inspect
-
-    import hybrid_peft.tasks.glue  # noqa: F401  (registers)
-    import hybrid_peft.tasks.gsm8k  # noqa: F401
-    import hybrid_peft.tasks.humaneval  # noqa: F401
-    import hybrid_peft.tasks.multilingual  # noqa: F401
-
-    if name.startswith("glue-spec:"):
-        from hybrid_peft.tasks.glue import GlueTask
-
-        return GlueTask.from_spec_file(name.removeprefix("glue-spec:"), options.get("data_dir"), options.get("dataset"))
-    if name not in TASKS:
-        raise TaskDataError(f"unknown task {name!r}; choose one of {sorted(TASKS)} or glue-spec:<spec.json>")
-    factory = TASKS[name]
-    accepted = inspect.signature(factory).parameters
-    if options.get("dataset") is not None and "dataset" not in accepted:
-        supported = sorted(n for n, f in TASKS.items() if "dataset" in inspect.signature(f).parameters)
-        raise TaskDataError(f"task {name!r} reads only its own files; --dataset works with {supported} and glue-spec:")
-    return factory(**{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
 # --- batching helpers -------------------------------------------------------------------------------------------

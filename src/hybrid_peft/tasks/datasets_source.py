@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from hybrid_peft.tasks.base import TaskDataError
+from hybrid_peft.errors import TaskDataError
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
 EVAL_SPLITS = ("validation", "test", "dev")

@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
+from hybrid_peft.errors import TaskDataError
 from hybrid_peft.tasks.base import (
-    TaskDataError,
     classification_batch,
     classification_metrics,
     classify,
-    register_task,
 )
+from hybrid_peft.tasks.data import resolve_data_dir
 from hybrid_peft.tasks.datasets_source import DatasetRows, require_columns
-from hybrid_peft.tasks.gsm8k import resolve_data_dir
+from hybrid_peft.tasks.registry import register_task
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class GlueSpec:
     train_file: str = "train.tsv"
     eval_file: str = "dev.tsv"
     metrics: tuple[str, ...] = field(default=("accuracy", "f1", "mcc"))
+    primary_metric: str = "accuracy"  # what a benchmark ranks this task by; one of ``metrics``
     # Column names in a Hugging Face dataset given by --dataset (default: text_columns / "label")
     dataset_text_columns: tuple[str, ...] = ()
     dataset_label_column: str = "label"
@@ -52,14 +53,24 @@ class GlueSpec:
             raise TaskDataError(f"{self.name}: text_columns must name one or two columns, got {self.text_columns}")
         if len(self.labels) < 2:
             raise TaskDataError(f"{self.name}: labels must list at least two classes, got {self.labels}")
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        if self.primary_metric not in self.metrics:
+            raise TaskDataError(f"{self.name}: primary_metric {self.primary_metric!r} is not one of {self.metrics}")
 
 
 BUILTIN_SPECS = {
     "sst2": GlueSpec("sst2", "glue/SST-2", ("sentence",), "label"),
     "mrpc": GlueSpec(
-        "mrpc", "glue/MRPC", ("#1 String", "#2 String"), "Quality", dataset_text_columns=("sentence1", "sentence2")
+        "mrpc",
+        "glue/MRPC",
+        ("#1 String", "#2 String"),
+        "Quality",
+        dataset_text_columns=("sentence1", "sentence2"),
+        primary_metric="f1",
     ),
-    "cola": GlueSpec("cola", "glue/CoLA", (3,), 1, header=False, dataset_text_columns=("sentence",)),
+    "cola": GlueSpec(
+        "cola", "glue/CoLA", (3,), 1, header=False, dataset_text_columns=("sentence",), primary_metric="mcc"
+    ),
 }
 
 
@@ -132,6 +143,14 @@ def read_glue_file(path: Path, spec: GlueSpec) -> list[dict[str, Any]]:
     return rows
 
 
+def read_spec(path: str | os.PathLike) -> GlueSpec:
+    """A :class:`GlueSpec` from a JSON file."""
+    try:
+        return GlueSpec(**json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise TaskDataError(f"could not read the task spec {path}: {exc}") from exc
+
+
 class GlueTask:
     model_task = "sequence-classification"
 
@@ -139,7 +158,8 @@ class GlueTask:
         self.spec = spec
         self.name = spec.name
         self.num_labels = len(spec.labels)
-        self.dataset = dataset
+        self.primary_metric = spec.primary_metric
+        self.data_folder = spec.folder
         self.folder = resolve_data_dir(data_dir) / spec.folder if dataset is None else None
         self.rows = (
             DatasetRows(dataset, lambda source, records: glue_rows_from_records(source, records, spec))
@@ -151,11 +171,7 @@ class GlueTask:
     def from_spec_file(
         cls, path: str | os.PathLike, data_dir: str | os.PathLike | None = None, dataset: str | None = None
     ) -> GlueTask:
-        try:
-            spec = GlueSpec(**json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
-            raise TaskDataError(f"could not read the task spec {path}: {exc}") from exc
-        return cls(spec, data_dir, dataset)
+        return cls(read_spec(path), data_dir, dataset)
 
     def train_rows(self) -> list[dict[str, Any]]:
         if self.rows is not None:
@@ -185,5 +201,13 @@ class GlueTask:
         return {**{k: metrics[k] for k in self.spec.metrics}, "loss": loss}
 
 
-for _name, _spec in BUILTIN_SPECS.items():
-    register_task(_name)(lambda data_dir=None, dataset=None, _spec=_spec: GlueTask(_spec, data_dir, dataset))
+def _register(spec: GlueSpec) -> None:
+    def factory(data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> GlueTask:
+        return GlueTask(spec, data_dir, dataset)
+
+    factory.primary_metric = spec.primary_metric  # readable without building the task (bench tables)
+    register_task(spec.name)(factory)
+
+
+for _spec in BUILTIN_SPECS.values():
+    _register(_spec)

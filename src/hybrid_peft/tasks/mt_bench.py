@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from hybrid_peft.errors import HybridPeftError
-from hybrid_peft.tasks.base import TaskDataError
-from hybrid_peft.tasks.gsm8k import resolve_data_dir
+from hybrid_peft.errors import HybridPeftError, TaskDataError
+from hybrid_peft.tasks.data import resolve_data_dir
 
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")

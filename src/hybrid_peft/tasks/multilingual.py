@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
+from hybrid_peft.errors import TaskDataError
 from hybrid_peft.tasks.base import (
-    TaskDataError,
     classification_batch,
     classify,
     greedy_generate,
     held_out_loss,
     prompt_completion_batch,
-    register_task,
 )
-from hybrid_peft.tasks.gsm8k import resolve_data_dir
+from hybrid_peft.tasks.data import resolve_data_dir
+from hybrid_peft.tasks.registry import register_task
 
 XNLI_LABELS = ("entailment", "neutral", "contradiction")
 FLORES_NAMES = {
@@ -55,6 +55,8 @@ class XnliTask:
     name = "xnli"
     model_task = "sequence-classification"
     num_labels = len(XNLI_LABELS)
+    primary_metric = "accuracy"
+    data_folder = "xnli"
 
     def __init__(
         self,
@@ -129,6 +131,8 @@ class FloresTask:
     name = "flores"
     model_task = "causal-lm"
     num_labels = None
+    primary_metric = "chrf++"
+    data_folder = "flores"
 
     def __init__(
         self,

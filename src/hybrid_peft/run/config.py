@@ -1,0 +1,112 @@
+"""A training run's options: :class:`TrainConfig`, a frozen dataclass whose field names are the command-line flags
+(``--learning-rate``) and the YAML/JSON keys of ``--config``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hybrid_peft.config import require_float, require_int
+from hybrid_peft.errors import ConfigError
+from hybrid_peft.run.trainees import trainee_for
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs. ``method`` is one of hybrid-peft's adapters, ``full`` (full fine-tuning) or a PEFT
+    baseline (``peft-lora`` ...); ``adapter`` holds the method's options (``--set KEY=VALUE``)."""
+
+    model: str = "smollm2-135m"
+    task: str = "humaneval"
+    data_dir: str | None = None
+    dataset: str | None = None
+    method: str = "lora"
+    adapter: dict[str, Any] = field(default_factory=dict)
+    steps: int = 30
+    batch_size: int = 4
+    max_length: int = 256
+    learning_rate: float = 1e-3
+    warmup_steps: int = 3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
+    seed: int = 0
+    examples_per_language: int = 32
+    eval_per_language: int = 0
+    init_batches: int = 8
+    eval_every: int = 0
+    eval_examples: int = 0
+    eval_batch_size: int = 8
+    generate: bool = True
+    save_every: int = 0
+    output_dir: str = "runs/train"
+    merge: bool = False
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length"):
+            require_int(name, getattr(self, name), minimum=1)
+        for name in (
+            "warmup_steps",
+            "seed",
+            "init_batches",
+            "eval_every",
+            "eval_examples",
+            "save_every",
+            "threads",
+            "examples_per_language",
+            "eval_per_language",
+        ):
+            require_int(name, getattr(self, name), minimum=0)
+        require_int("eval_batch_size", self.eval_batch_size, minimum=1)
+        require_float("learning_rate", self.learning_rate, minimum=0.0, min_inclusive=False)
+        require_float("weight_decay", self.weight_decay, minimum=0.0)
+        require_float("max_grad_norm", self.max_grad_norm, minimum=0.0)
+        if not isinstance(self.adapter, dict):
+            raise ConfigError(f"adapter: expected a mapping of the method's options, got {self.adapter!r}")
+        trainee_for(self.method).validate(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; valid options are {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """A YAML or JSON file, then ``overrides`` on top (``adapter`` options are merged, not replaced)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - yaml and json raise different types
+            raise ConfigError(f"config file {path} could not be parsed: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of options")
+        return cls.from_dict(merge_options(data, overrides or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def merge_options(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top; the ``adapter`` mapping is merged key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if key == "adapter" and isinstance(value, dict):
+            merged["adapter"] = {**merged.get("adapter", {}), **value}
+        else:
+            merged[key] = value
+    return merged

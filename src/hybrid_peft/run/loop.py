@@ -1,0 +1,146 @@
+"""The one training loop, used by the recipe, the benchmarks and the tests alike.
+
+Each step: forward, check the loss, backward, the hybrid's mixing rule (λ per layer from the gradient norms), clip,
+optimiser step, schedule step. :func:`training_steps` yields a :class:`StepResult` after each step and leaves
+logging, evaluation and checkpoints to its caller. The batches are a pure function of the step
+(:func:`batch_indices`), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybrid_peft.errors import BatchDoesNotFitError, HybridPeftError, NonFiniteLossError
+from hybrid_peft.methods.hybrid import hybrid_layers, update_mixing
+
+OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
+
+
+def batch_indices(step: int, count: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Indices of this rank's examples at ``step``: each epoch is a seeded permutation, the global batch is
+    ``batch_size × world`` consecutive entries, each rank takes its own slice."""
+    global_batch = batch_size * world
+    start = step * global_batch + rank * batch_size
+    indices = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, count)
+        order = list(range(count))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def make_optimiser(
+    model: nn.Module, *, learning_rate: float, weight_decay: float, steps: int, warmup_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the parameters that require grad, with :func:`warmup_cosine`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise HybridPeftError("no parameter requires grad: attach an adapter or unfreeze the model first")
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    warmup = min(warmup_steps, steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
+    return optimizer, schedule
+
+
+class batch_must_fit:  # noqa: N801 - used as a context manager, like contextlib's
+    """Inside ``with batch_must_fit(what, fix):`` an out-of-memory failure becomes one sentence naming the batch
+    and the fix. Reusable (the training loop wraps forward and backward with the same instance)."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        self.what, self.fix = what, fix
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, traceback: object) -> bool:
+        if exc is None or isinstance(exc, HybridPeftError):
+            return False
+        out_of_memory = isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
+            isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OUT_OF_MEMORY_MARKERS)
+        )
+        if not out_of_memory:
+            return False
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BatchDoesNotFitError(f"{self.what} does not fit in memory ({first_line[:200]}); {self.fix}") from None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    loss: float  # mean over processes
+    learning_rate: float  # the rate this step used
+    seconds: float  # forward to optimiser step, this process
+    tokens: int  # attention-masked tokens in this process's batch
+    mixing: dict[str, dict[str, float]] = field(default_factory=dict)  # the hybrid's λ and branch norms per layer
+
+
+def training_steps(
+    model: nn.Module,
+    batch_at: Callable[[int], dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    start: int,
+    stop: int,
+    max_grad_norm: float = 0.0,
+    accelerator: Any = None,
+) -> Iterator[StepResult]:
+    """Train steps ``start .. stop-1``, yielding after each. Under ``accelerate`` pass the prepared model and
+    optimiser and the ``accelerator``: it does the backward pass, the clipping and the loss's mean over
+    processes; the hybrid's λ is then set from the averaged gradients (all-reduced norms under FSDP)."""
+    inner = accelerator.unwrap_model(model) if accelerator is not None else model
+    mixing = bool(hybrid_layers(inner))
+    sharded = accelerator is not None and str(accelerator.distributed_type.value) == "FSDP"
+    device = accelerator.device if accelerator is not None else None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    model.train()
+    for step in range(start, stop):
+        batch = batch_at(step)
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        tick = time.perf_counter()
+        fits = batch_must_fit(
+            f"step {step}: a batch of {batch['input_ids'].shape[0]} × {batch['input_ids'].shape[-1]} tokens",
+            "lower --batch-size or --max-length (or train on a machine with more memory)",
+        )
+        with fits:
+            loss = model(**batch).loss
+        if accelerator is not None:
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        else:
+            loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"step {step}: the training loss is {loss_value}")
+        with fits:
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
+        learning_rate = schedule.get_last_lr()[0]
+        records = update_mixing(inner, sharded=sharded) if mixing else {}
+        if max_grad_norm:
+            if accelerator is not None:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if loss.is_cuda:
+            torch.cuda.synchronize()  # time the step, not the launch of its kernels
+        seconds = time.perf_counter() - tick
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        yield StepResult(step, loss_value, learning_rate, seconds, tokens, records)

@@ -1,0 +1,320 @@
+"""The training recipe: one run of any method (full fine-tuning and the PEFT baselines included), driven by a
+:class:`~hybrid_peft.run.config.TrainConfig`::
+
+    hybrid-peft train --config run.yaml --steps 200 --method hybrid --set rank=16
+
+:class:`Recipe`'s methods are the stages, in order: ``setup_data``, ``setup_model`` (attach, first evaluation,
+data-dependent initialisation, or restore from a checkpoint), ``setup_optimiser``, ``train`` (the loop of
+``loop.py``, with logging, periodic evaluation and checkpoints), ``finish`` (final evaluation, saved result,
+summary, report). Runs unchanged on one CPU or on several processes under ``torchrun`` / ``accelerate launch``:
+only rank 0 writes files, each rank sees its own slice of every global batch.
+
+Output folder::
+
+    train_log.jsonl          one line per step (loss, lr, tokens/s, λ summary) and per periodic evaluation
+    mixing.jsonl             the hybrid's λ and branch gradient norms per layer per step
+    checkpoints/step-N/      written atomically every ``save_every`` steps; ``--resume`` continues from the last
+    adapter/                 the final adapter (model/ for full fine-tuning), merged/ on request
+    summary.json, report.md, loss.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from hybrid_peft.adapters import parameter_counts
+from hybrid_peft.errors import ConfigError, HybridPeftError, NonFiniteLossError
+from hybrid_peft.fileio import atomic_write_text
+from hybrid_peft.methods.hybrid import hybrid_layers
+from hybrid_peft.models import load_model, load_tokenizer
+from hybrid_peft.run.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    read_trainer_state,
+    restore_training_state,
+    save_checkpoint,
+)
+from hybrid_peft.run.config import TrainConfig
+from hybrid_peft.run.loop import StepResult, batch_indices, batch_must_fit, make_optimiser, training_steps
+from hybrid_peft.run.provenance import peak_rss_mb, run_environment
+from hybrid_peft.run.report import write_report
+from hybrid_peft.run.summary import RunSummary
+from hybrid_peft.run.trainees import trainee_for
+from hybrid_peft.tasks import get_task
+from hybrid_peft.telemetry import MixingTelemetry
+
+LOG_FILE = "train_log.jsonl"
+MIXING_FILE = "mixing.jsonl"
+
+
+class Recipe:
+    """One training run; :meth:`run` goes through every stage and returns the summary (``None`` on ranks > 0)."""
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config, self.resume, self.progress = config, resume, progress
+        self.trainee = trainee_for(config.method)
+        self.output_dir = Path(config.output_dir)
+        self.started = time.perf_counter()
+        # Without an accelerator, say so: accelerate sets up multi-process CPU training (gloo) only with cpu=True.
+        self.accelerator = Accelerator(cpu=_cpu_only())
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.main = self.accelerator.is_main_process
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        set_seed(config.seed)
+        self.history: list[dict[str, Any]] = []
+        self.start_step = 0
+        self.metrics_before: dict[str, float] = {}
+        self.last_good: Path | None = None
+
+    def run(self) -> RunSummary | None:
+        self.setup_data()
+        self.setup_model()
+        self.setup_optimiser()
+        self.train()
+        return self.finish()
+
+    # --- stages -------------------------------------------------------------------------------------------------
+
+    def setup_data(self) -> None:
+        config = self.config
+        self.task = get_task(
+            config.task,
+            data_dir=config.data_dir,
+            dataset=config.dataset,
+            examples_per_language=config.examples_per_language,
+            eval_per_language=config.eval_per_language or None,
+        )
+        self.train_rows, self.eval_rows = self.task.train_rows(), self.task.eval_rows()
+        if config.eval_examples:
+            self.eval_rows = self.eval_rows[: config.eval_examples]
+        if not self.train_rows:
+            raise HybridPeftError(f"task {self.task.name} has no training examples")
+        self.tokenizer = load_tokenizer(config.model)
+
+    def setup_model(self) -> None:
+        config, trainee = self.config, self.trainee
+        classifier = self.task.model_task == "sequence-classification"
+        options = {"num_labels": self.task.num_labels} if classifier else {}
+        if self.resume and not trainee.resumable:
+            raise ConfigError(f"--resume is not offered for the PEFT baseline {config.method}")
+        model = load_model(config.model, task=self.task.model_task, **options)
+        checkpoint = latest_checkpoint(self.output_dir) if self.resume else None
+        if self.resume and checkpoint is None:
+            raise HybridPeftError(f"--resume: no complete checkpoint under {self.output_dir / 'checkpoints'}")
+        if checkpoint is not None:
+            model = trainee.restore(model, checkpoint)
+            state = read_trainer_state(checkpoint)
+            self.start_step, self.history, self.metrics_before = state.step, state.history, state.before
+            self.last_good = checkpoint
+            if self.main:  # drop log lines written after the checkpoint by the interrupted run
+                for name in (LOG_FILE, MIXING_FILE):
+                    kept = [r for r in _read_log(self.output_dir / name) if r.get("step", -1) < self.start_step]
+                    if (self.output_dir / name).is_file():
+                        atomic_write_text(self.output_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
+        else:
+            model = self.model = trainee.attach(model, config, classifier)
+            if self.main:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                for stale in (LOG_FILE, MIXING_FILE):
+                    (self.output_dir / stale).unlink(missing_ok=True)
+                self.metrics_before = self.evaluate("before")
+            model = trainee.initialise(model, config, classifier, lambda: self.initial_batches())
+        self.model = model
+        self.checkpoint = checkpoint
+        self.accelerator.wait_for_everyone()
+
+    def setup_optimiser(self) -> None:
+        config = self.config
+        self.trainable, self.total = parameter_counts(self.model)
+        self.optimizer, self.schedule = make_optimiser(
+            self.model,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            steps=config.steps,
+            warmup_steps=config.warmup_steps,
+        )
+        if self.checkpoint is not None:
+            restore_training_state(self.checkpoint, self.optimizer, self.schedule)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.inner = self.accelerator.unwrap_model(self.model)
+
+    def train(self) -> None:
+        config = self.config
+        mixing = bool(hybrid_layers(self.inner))
+        telemetry = MixingTelemetry(self.output_dir / MIXING_FILE) if mixing and self.main else None
+        bar = tqdm(
+            total=config.steps,
+            initial=self.start_step,
+            desc=config.method,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.progress and self.main),
+        )
+        steps = training_steps(
+            self.model,
+            self.batch_at,
+            self.optimizer,
+            self.schedule,
+            start=self.start_step,
+            stop=config.steps,
+            max_grad_norm=config.max_grad_norm,
+            accelerator=self.accelerator,
+        )
+        try:
+            for result in steps:
+                if telemetry is not None:
+                    telemetry.log(result.step, result.mixing)
+                self.log_step(result, bar)
+                done = result.step + 1
+                if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                    if self.main:
+                        self.append_log({"step": result.step, "eval": self.evaluate(f"step {done}")})
+                    self.accelerator.wait_for_everyone()
+                if config.save_every and done % config.save_every == 0 and done < config.steps:
+                    if self.main:
+                        self.last_good = self.save_checkpoint(done)
+                    self.accelerator.wait_for_everyone()
+        except NonFiniteLossError as exc:
+            where = (
+                f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
+            )
+            raise NonFiniteLossError(
+                f"{exc}; stopped ({where}). Lower --learning-rate, set --max-grad-norm, or check the data"
+            ) from None
+        finally:
+            bar.close()
+
+    def finish(self) -> RunSummary | None:
+        in_sync = _ranks_in_sync(self.accelerator, self.inner)
+        metrics_after = self.evaluate("after") if self.main else {}
+        summary = None
+        if self.main:
+            self.trainee.save_result(self.inner, self.output_dir, self.tokenizer, self.config.merge)
+            summary = RunSummary(
+                config=self.config,
+                task=self.task.name,
+                processes=self.world,
+                distributed_type=str(self.accelerator.distributed_type.value),
+                ranks_in_sync=in_sync,
+                trainable_parameters=self.trainable,
+                total_parameters=self.total,
+                before=self.metrics_before,
+                after=metrics_after,
+                final_loss=self.history[-1]["loss"] if self.history else None,
+                median_step_s=_median([r["seconds"] for r in _read_log(self.output_dir / LOG_FILE) if "seconds" in r]),
+                wall_s=time.perf_counter() - self.started,
+                peak_rss_mb=peak_rss_mb(),
+                resumed_from_step=self.start_step,
+                environment=run_environment(threads=self.config.threads),
+            )
+            summary.write(self.output_dir)
+            write_report(self.output_dir, summary, self.history)
+        self.accelerator.wait_for_everyone()
+        return summary
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+
+    def batch_at(self, step: int) -> dict[str, torch.Tensor]:
+        config = self.config
+        indices = batch_indices(step, len(self.train_rows), config.batch_size, config.seed, self.rank, self.world)
+        return self.task.batch(self.tokenizer, [self.train_rows[i] for i in indices], config.max_length)
+
+    def initial_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The first ``init_batches`` training batches, for LoRA-GA's gradient estimate."""
+        return [self.batch_at(i) for i in range(self.config.init_batches)]
+
+    def evaluate(self, label: str) -> dict[str, float]:
+        config = self.config
+        model = self.accelerator.unwrap_model(self.model)
+        with batch_must_fit(
+            f"evaluation ({label}) with --eval-batch-size {config.eval_batch_size}",
+            "lower --eval-batch-size or --max-length",
+        ):
+            return self.task.evaluate(
+                model,
+                self.tokenizer,
+                self.eval_rows,
+                batch_size=config.eval_batch_size,
+                max_length=config.max_length,
+                generate=config.generate,
+            )
+
+    def log_step(self, result: StepResult, bar: tqdm) -> None:
+        tokens = result.tokens * self.world
+        record: dict[str, Any] = {"step": result.step, "loss": result.loss, "lr": result.learning_rate}
+        postfix = {"loss": f"{result.loss:.3f}", "tok/s": f"{tokens / result.seconds:.0f}"}
+        if result.mixing:
+            values = [r["lambda"] for r in result.mixing.values()]
+            record["lambda"] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+            postfix["λ"] = f"{record['lambda']['mean']:.2f}"
+        record |= {"seconds": result.seconds, "tokens_per_s": tokens / result.seconds}
+        self.history.append({"step": result.step, "loss": result.loss})
+        bar.set_postfix(postfix)
+        bar.update(1)
+        self.append_log(record)
+
+    def append_log(self, record: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self, step: int) -> Path:
+        state = TrainerState(step, self.history, self.metrics_before, self.config.to_dict())
+        return save_checkpoint(
+            self.output_dir,
+            state,
+            lambda folder: self.trainee.save_weights(self.inner, folder),
+            self.optimizer,
+            self.schedule,
+        )
+
+
+def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> RunSummary | None:
+    """Train, evaluate and save as ``config`` says; returns the summary (also written to ``summary.json``), or None
+    on processes other than rank 0."""
+    return Recipe(config, resume=resume, progress=progress).run()
+
+
+def _cpu_only() -> bool:
+    """accelerate sets up multi-process CPU training (gloo) only with ``cpu=True``, and that mode is DDP: an FSDP or
+    DeepSpeed launch on a machine without an accelerator would otherwise run unsynchronised copies. Say so."""
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return False
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            warnings.warn(
+                f"{name} was requested but there is no GPU: accelerate trains on CPU with DDP (gloo) instead; "
+                "summary.json records the distributed_type used",
+                stacklevel=3,
+            )
+    return True
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return values[len(values) // 2] if values else None
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _ranks_in_sync(accelerator: Any, model: torch.nn.Module) -> bool:
+    """True when every rank holds the same trainable weights (a checksum all-gathered from each)."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
+    gathered = accelerator.gather(checksum.reshape(1).to(accelerator.device))
+    return bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9))

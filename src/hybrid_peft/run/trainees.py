@@ -1,0 +1,182 @@
+"""What is trained, as one strategy per kind of trainee, so that the training loop never asks which kind it has:
+
+============  =====================================================================================================
+own adapter   hybrid-peft's methods (``lora``, ``lora-ga``, ``boft``, ``unitary``, ``hybrid``): attached in place; a
+              new classification head trains fully and is saved with the adapter; LoRA-GA (and the hybrid's low-rank
+              branch) initialised from a gradient estimate; checkpoints and the result are adapter folders
+full          full fine-tuning: every parameter trains; checkpoints are one safetensors file, the result a
+              ``save_pretrained`` folder
+PEFT peer     PEFT 0.21's own methods as baselines (``peft-lora`` ..., see ``peers.py``): wrapped by PEFT after the
+              first evaluation; no checkpoints
+============  =====================================================================================================
+
+Each run goes through the same stages: ``attach`` (before the first evaluation), ``initialise`` (after it, with
+the batches for a gradient estimate), or ``restore`` from a checkpoint instead of both; ``save_weights`` /
+``load_weights`` for checkpoints; ``save_result`` at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+from hybrid_peft import peers
+from hybrid_peft.adapters import adapter_layers, attach
+from hybrid_peft.config import AdapterConfig
+from hybrid_peft.errors import ConfigError
+from hybrid_peft.methods.lora_ga import lora_ga_initialise
+from hybrid_peft.registry import available_methods
+from hybrid_peft.serialization import load_adapter, save_adapter
+
+if TYPE_CHECKING:
+    from hybrid_peft.run.config import TrainConfig
+
+FULL = "full"
+Batches = Callable[[], list[dict[str, torch.Tensor]]]
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+class Trainee(Protocol):
+    resumable: bool
+
+    def validate(self, config: TrainConfig) -> None: ...
+
+    def attach(self, model: nn.Module, config: TrainConfig, classifier: bool) -> nn.Module: ...
+
+    def initialise(self, model: nn.Module, config: TrainConfig, classifier: bool, batches: Batches) -> nn.Module: ...
+
+    def restore(self, model: nn.Module, checkpoint: Path) -> nn.Module: ...
+
+    def save_weights(self, model: nn.Module, folder: Path) -> None: ...
+
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, merge: bool) -> None: ...
+
+
+def _head(model: nn.Module) -> str | None:
+    return next((name for name in CLASSIFIER_HEADS if getattr(model, name, None) is not None), None)
+
+
+class OwnAdapter:
+    """One of hybrid-peft's methods, attached in place."""
+
+    resumable = True
+
+    def validate(self, config: TrainConfig) -> None:
+        self.adapter_config(config)  # the method name and its options, checked before any model loads
+
+    @staticmethod
+    def adapter_config(config: TrainConfig) -> AdapterConfig:
+        return AdapterConfig.from_dict({"method": config.method, **config.adapter})
+
+    def attach(self, model: nn.Module, config: TrainConfig, classifier: bool) -> nn.Module:
+        attach(model, self.adapter_config(config))
+        head = _head(model) if classifier else None
+        for p in getattr(model, head).parameters() if head else []:
+            p.requires_grad_(True)  # a new head is trained fully and saved with the adapter
+        return model
+
+    def initialise(self, model: nn.Module, config: TrainConfig, classifier: bool, batches: Batches) -> nn.Module:
+        if any(layer.needs_gradient_init for layer in adapter_layers(model).values()):
+            lora_ga_initialise(model, batches())
+        return model
+
+    def restore(self, model: nn.Module, checkpoint: Path) -> nn.Module:
+        return load_adapter(model, checkpoint / "adapter", trainable=True)
+
+    def save_weights(self, model: nn.Module, folder: Path) -> None:
+        save_adapter(model, folder / "adapter")
+
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, merge: bool) -> None:
+        save_adapter(model, output_dir / "adapter")
+        if merge:
+            from hybrid_peft.export import save_merged
+
+            save_merged(model, output_dir / "merged", tokenizer=tokenizer)
+
+
+class FullFineTuning:
+    """Every parameter trains."""
+
+    resumable = True
+    WEIGHTS = "model.safetensors"
+
+    def validate(self, config: TrainConfig) -> None:
+        return None
+
+    def attach(self, model: nn.Module, config: TrainConfig, classifier: bool) -> nn.Module:
+        return model
+
+    def initialise(self, model: nn.Module, config: TrainConfig, classifier: bool, batches: Batches) -> nn.Module:
+        return model
+
+    def restore(self, model: nn.Module, checkpoint: Path) -> nn.Module:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(checkpoint / self.WEIGHTS)))
+        return model
+
+    def save_weights(self, model: nn.Module, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(folder / self.WEIGHTS))
+
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, merge: bool) -> None:
+        model.save_pretrained(output_dir / "model")
+        tokenizer.save_pretrained(output_dir / "model")
+
+
+class PeftPeer:
+    """A PEFT baseline: the model is wrapped by PEFT once the first evaluation has run."""
+
+    resumable = False
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def validate(self, config: TrainConfig) -> None:
+        peers.peer_options(self.method, config.adapter)
+        if config.save_every or config.merge:
+            raise ConfigError(
+                f"{self.method} is a PEFT baseline for benchmarks: --save-every and --merge are offered for "
+                "hybrid-peft's own methods only"
+            )
+
+    def attach(self, model: nn.Module, config: TrainConfig, classifier: bool) -> nn.Module:
+        if classifier and _head(model) is None:
+            raise ConfigError(f"{self.method}: the model has no 'classifier' or 'score' head to train")
+        return model
+
+    def initialise(self, model: nn.Module, config: TrainConfig, classifier: bool, batches: Batches) -> nn.Module:
+        return peers.attach_peer(
+            model, self.method, config.adapter, gradient_batches=batches, head=_head(model) if classifier else None
+        )
+
+    def restore(self, model: nn.Module, checkpoint: Path) -> nn.Module:
+        raise ConfigError(f"--resume is not offered for the PEFT baseline {self.method}")
+
+    def save_weights(self, model: nn.Module, folder: Path) -> None:
+        raise ConfigError(f"checkpoints are not offered for the PEFT baseline {self.method}")
+
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, merge: bool) -> None:
+        peers.save_peer(model, output_dir / "adapter")
+
+
+def trainee_for(method: str) -> Trainee:
+    """The strategy that trains ``method``; an unknown method is an error listing every method the recipe takes."""
+    if method == FULL:
+        return FullFineTuning()
+    if peers.is_peer(method):
+        return PeftPeer(method)
+    if method not in available_methods():
+        raise ConfigError(f"unknown method {method!r}; choose one of {training_methods()}")
+    return OwnAdapter()
+
+
+def training_methods() -> list[str]:
+    """Every ``--method`` the recipe accepts: hybrid-peft's adapters, ``full`` and the PEFT baselines."""
+    return [*available_methods(), FULL, *sorted(peers.PEER_DEFAULTS)]
