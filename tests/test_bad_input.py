@@ -76,9 +76,12 @@ def test_adapter_for_another_model(tmp_path) -> None:  # noqa: ANN001
     assert adapter_layers(other)
 
 
-def test_same_model_in_bf16_is_accepted(tmp_path) -> None:  # noqa: ANN001
+def test_same_model_in_bf16_is_accepted(tmp_path, input_ids: torch.Tensor) -> None:  # noqa: ANN001
     directory = saved_adapter(tmp_path)
-    load_adapter(tiny_llama().to(torch.bfloat16), directory)
+    reference = model_output(load_adapter(tiny_llama().eval(), directory), input_ids)
+    model = load_adapter(tiny_llama().to(torch.bfloat16).eval(), directory)
+    assert adapter_layers(model), "the adapter was not attached"
+    torch.testing.assert_close(model_output(model, input_ids).float(), reference, atol=0.1, rtol=0.05)
 
 
 def test_truncated_weights_file(tmp_path) -> None:  # noqa: ANN001

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,105 @@ def test_no_judge_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
 
     assert main(["mt-bench", "--model", "smollm2-135m"]) == 2
     assert "--answers-only" in capsys.readouterr().err
+
+
+class ScriptedJudge(BaseHTTPRequestHandler):
+    """Answers from a script, one entry per request: ("ok", rating), ("status", code), ("close",), ("empty",),
+    ("null",); records the Authorization header it saw."""
+
+    script: list[tuple] = []
+    seen: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        ScriptedJudge.seen.append({"authorization": self.headers.get("Authorization")})
+        step = ScriptedJudge.script.pop(0) if ScriptedJudge.script else ("ok", 6)
+        if step[0] == "close":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if step[0] == "status":
+            self.send_response(step[1])
+            self.send_header("Content-Length", "0")
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+            return
+        choices = {
+            "ok": [{"message": {"content": f"Rating: [[{step[-1]}]]"}}],
+            "empty": [],
+            "null": [{"message": {"content": None}}],
+        }[step[0]]
+        data = json.dumps({"choices": choices}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:  # noqa: ANN002
+        pass
+
+
+@pytest.fixture
+def scripted_judge():  # noqa: ANN201
+    ScriptedJudge.script, ScriptedJudge.seen = [], []
+    server = HTTPServer(("127.0.0.1", 0), ScriptedJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def some_answers(count: int = 2) -> list[dict]:
+    questions, _, _ = load_mt_bench(DATA)
+    chosen = questions[:count]
+    return [{"question_id": q["question_id"], "category": q["category"], "turns": ["a", "b"]} for q in chosen]
+
+
+def test_scores_outside_one_to_ten_are_not_counted(scripted_judge: str) -> None:
+    ScriptedJudge.script = [("ok", 42), ("ok", 8), ("ok", 0), ("ok", 4)]
+    result = judge_answers(some_answers(), scripted_judge, "judge", DATA, progress=False, backoff_s=0)
+    assert result["unparsed"] == 2 and result["score"] == 6.0
+    assert [v["score"] for v in result["verdicts"]] == [None, 8.0, None, 4.0]
+
+
+def test_transient_failures_are_retried(scripted_judge: str) -> None:
+    ScriptedJudge.script = [("status", 429), ("status", 503), ("close",), ("ok", 7)]
+    result = judge_answers(some_answers(1), scripted_judge, "judge", DATA, progress=False, backoff_s=0)
+    assert result["verdicts"][0]["score"] == 7.0 and len(ScriptedJudge.seen) == 5
+
+
+@pytest.mark.parametrize(("failure", "message"), [("empty", "without choices"), ("null", "empty message")])
+def test_a_reply_without_a_verdict_is_a_clear_error(scripted_judge: str, failure: str, message: str) -> None:
+    from hybrid_peft.tasks.mt_bench import JudgeError
+
+    ScriptedJudge.script = [(failure,)]
+    with pytest.raises(JudgeError, match=message):
+        judge_answers(some_answers(1), scripted_judge, "judge", DATA, progress=False, backoff_s=0)
+
+
+def test_verdicts_survive_a_failing_judge_and_judging_resumes(scripted_judge: str, tmp_path: Path) -> None:
+    from hybrid_peft.tasks.mt_bench import JudgeError, read_verdicts
+
+    verdicts = tmp_path / "verdicts.jsonl"
+    ScriptedJudge.script = [("ok", 5), ("ok", 6), *[("status", 500)] * 5]
+    with pytest.raises(JudgeError, match="--judge-only"):
+        judge_answers(
+            some_answers(), scripted_judge, "judge", DATA, progress=False, verdicts_file=verdicts, backoff_s=0
+        )
+    assert [v["score"] for v in read_verdicts(verdicts)] == [5.0, 6.0]
+    ScriptedJudge.script, ScriptedJudge.seen = [("ok", 7), ("ok", 8)], []
+    result = judge_answers(
+        some_answers(), scripted_judge, "judge", DATA, progress=False, verdicts_file=verdicts, backoff_s=0
+    )
+    assert len(ScriptedJudge.seen) == 2, "verdicts already received were asked for again"
+    assert [v["score"] for v in result["verdicts"]] == [5.0, 6.0, 7.0, 8.0]
+
+
+def test_api_key_only_over_https_unless_allowed(scripted_judge: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    judge_answers(some_answers(1), scripted_judge, "judge", DATA, progress=False)
+    assert all(seen["authorization"] is None for seen in ScriptedJudge.seen)
+    ScriptedJudge.seen = []
+    judge_answers(some_answers(1), scripted_judge, "judge", DATA, progress=False, allow_insecure_key=True)
+    assert all(seen["authorization"] == "Bearer sk-test" for seen in ScriptedJudge.seen)

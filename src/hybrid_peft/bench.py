@@ -12,10 +12,10 @@ A bench config (YAML; ``quick`` and ``full`` are built in, see ``bench_profiles/
       lora: {method: lora, adapter: {rank: 8, alpha: 16}}
       hybrid-share: {method: hybrid, adapter: {rank: 8, block_size: 4, rule: share}, tasks: {gsm8k-smollm2: {...}}}
 
-Each (task, method, seed) is one ``hybrid-peft train`` in its own process (so peak memory is the run's own), in
-``OUTPUT_DIR/runs/<task>/<method>/seed-<n>/``. A run whose ``summary.json`` exists is reused, so an interrupted
-bench continues where it stopped (``--rerun`` starts over), but only if its saved ``run.json`` asks for the same
-training as the config does now: edit a task's steps or a method's rate and those runs are stale, left out of the
+Each (task, method, seed) is one ``hybrid-peft train --config run.json`` in its own process (so peak memory is the
+run's own), in ``OUTPUT_DIR/runs/<task>/<method>/seed-<n>/``. A run whose ``summary.json`` exists is reused, so an
+interrupted bench continues where it stopped (``--rerun`` starts over), but only if the summary records the same
+training as the config asks for now: edit a task's steps or a method's rate and those runs are stale, left out of the
 tables and run again when selected. Options merge as defaults < task < method < the method's
 entry for that task. Outputs, rewritten after every run:
 
@@ -181,28 +181,29 @@ def _comparable(config: TrainConfig) -> dict[str, Any]:
     return data
 
 
-def is_stale(run: BenchRun) -> bool:
-    """True when the run finished with other options than the config now gives it (or its ``run.json`` is gone or
-    unreadable): its numbers no longer answer for this config."""
+def _read_summary(run: BenchRun) -> RunSummary | None:
+    """The run's summary, or None when it has not finished (or its summary is unreadable)."""
     try:
-        saved = TrainConfig.from_dict(json.loads((run.folder / "run.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError, ConfigError):
-        return True
-    return _comparable(saved) != _comparable(run.config)
+        return RunSummary.read(run.folder)
+    except (OSError, ValueError, TypeError, KeyError, ConfigError):
+        return None
 
 
 def finished_summary(run: BenchRun) -> RunSummary | None:
-    """The run's summary when it finished with the config's current options, else None."""
-    if not (run.folder / SUMMARY_FILE).is_file() or is_stale(run):
+    """The run's summary when it finished with the options the config gives it now, else None: a run that finished
+    with other options (a task's steps or a method's rate edited since) is stale, its numbers no longer answer for
+    this config."""
+    summary = _read_summary(run)
+    if summary is None or _comparable(summary.config) != _comparable(run.config):
         return None
-    return RunSummary.read(run.folder)
+    return summary
 
 
 def run_state(run: BenchRun) -> str:
     """``finished`` (reused), ``stale`` (finished with other options; runs again) or ``new``."""
-    if not (run.folder / SUMMARY_FILE).is_file():
+    if _read_summary(run) is None:
         return "new"
-    return "stale" if is_stale(run) else "finished"
+    return "finished" if finished_summary(run) is not None else "stale"
 
 
 def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, Any]:
@@ -214,7 +215,8 @@ def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, A
         run.folder.mkdir(parents=True, exist_ok=True)
         summary_path.unlink(missing_ok=True)
         atomic_write_text(run.folder / "run.json", json.dumps(run.config.to_dict(), indent=1) + "\n")
-        command = [sys.executable, "-m", "hybrid_peft.cli", "train", "--config", str(run.folder / "run.json")]
+        config_file = str(run.folder / "run.json")
+        command = [sys.executable, "-m", "hybrid_peft.cli", "train", "--config", config_file, "--overwrite"]
         env = os.environ | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TQDM_DISABLE": "1"}
         with open(run.folder / "run.log", "w", encoding="utf-8") as log:
             try:

@@ -132,7 +132,7 @@ def command_train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_file(args.config, overrides)
     else:
         config = TrainConfig.from_dict(merge_options({}, overrides))
-    summary = run_training(config, resume=args.resume)
+    summary = run_training(config, resume=args.resume, overwrite=args.overwrite)
     if summary is not None:
         shown = ("before", "after", "final_loss", "wall_s", "peak_rss_mb")
         print(json.dumps({k: getattr(summary, k) for k in shown}, indent=2))
@@ -144,11 +144,14 @@ def command_eval(args: argparse.Namespace) -> int:
     import torch
 
     from hybrid_peft.models import load_model, load_tokenizer
+    from hybrid_peft.sandbox import require_sandbox
     from hybrid_peft.serialization import load_adapter, read_adapter_config
     from hybrid_peft.tasks import get_task
 
     torch.set_num_threads(args.threads)
     task = get_task(args.task, data_dir=args.data_dir, dataset=args.dataset)
+    if args.generate and getattr(task, "runs_model_code", False):
+        require_sandbox(args.unsafe_unsandboxed)
     rows = task.eval_rows()[: args.eval_examples or None]
     options = {"num_labels": task.num_labels} if task.model_task == "sequence-classification" else {}
     model = load_model(args.model, task=task.model_task, **options)
@@ -162,6 +165,7 @@ def command_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         generate=args.generate,
+        allow_unsandboxed=args.unsafe_unsandboxed,
     )
     print(json.dumps({"task": task.name, "examples": len(rows), **metrics}, indent=2))
     return 0
@@ -177,19 +181,35 @@ def command_mt_bench(args: argparse.Namespace) -> int:
 
     if not args.judge_url and not args.answers_only:
         raise HybridPeftError(NO_JUDGE)  # before spending an hour generating answers
-    torch.set_num_threads(args.threads)
+    if args.judge_only and args.answers_only:
+        raise HybridPeftError("--judge-only and --answers-only exclude each other")
     output = Path(args.output_dir)
-    questions, _, _ = load_mt_bench(args.data_dir)
-    questions = questions[: args.limit or None]
-    model = load_model(args.model)
-    if args.adapter:
-        load_adapter(model, args.adapter)
-    answers = generate_answers(model, load_tokenizer(args.model), questions, args.max_new_tokens)
-    atomic_write_text(output / "mt_bench_answers.jsonl", "".join(json.dumps(a) + "\n" for a in answers))
-    print(f"wrote {len(answers)} answers to {output / 'mt_bench_answers.jsonl'}")
+    answers_file, verdicts_file = output / "mt_bench_answers.jsonl", output / "mt_bench_verdicts.jsonl"
+    if args.judge_only:
+        if not answers_file.is_file():
+            raise HybridPeftError(f"--judge-only: no answers at {answers_file}; generate them first")
+        answers = [json.loads(line) for line in answers_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        torch.set_num_threads(args.threads)
+        questions, _, _ = load_mt_bench(args.data_dir)
+        questions = questions[: args.limit or None]
+        model = load_model(args.model)
+        if args.adapter:
+            load_adapter(model, args.adapter)
+        answers = generate_answers(model, load_tokenizer(args.model), questions, args.max_new_tokens)
+        atomic_write_text(answers_file, "".join(json.dumps(a) + "\n" for a in answers))
+        verdicts_file.unlink(missing_ok=True)  # verdicts of earlier answers no longer apply
+        print(f"wrote {len(answers)} answers to {answers_file}")
     if args.answers_only:
         return 0
-    result = judge_answers(answers, args.judge_url, args.judge_model, args.data_dir)
+    result = judge_answers(
+        answers,
+        args.judge_url,
+        args.judge_model,
+        args.data_dir,
+        verdicts_file=verdicts_file,
+        allow_insecure_key=args.judge_insecure_key,
+    )
     atomic_write_text(output / "mt_bench_scores.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "verdicts"}, indent=2))
     return 0
@@ -275,6 +295,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "init_batches": "batches for LoRA-GA's gradient estimate (lora-ga, hybrid)",
         "merge": "also export the merged model to OUTPUT_DIR/merged",
         "threads": "torch CPU threads (0: torch's default)",
+        "unsafe_unsandboxed": "run model-written code (HumanEval pass@1) even where it cannot be sandboxed: it then "
+        "isolates nothing",
     }
     for f in dataclasses.fields(TrainConfig):
         if f.name == "adapter":
@@ -300,6 +322,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hybrid_peft.estimate import METHODS
+    from hybrid_peft.registry import available_methods
+
     parser = argparse.ArgumentParser(
         prog="hybrid-peft",
         description="Parameter-efficient fine-tuning on a small budget (LoRA, LoRA-GA, BOFT, unitary, hybrid).",
@@ -316,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all-linear",
         help="'all-linear', comma-separated names (q_proj,v_proj) or 're:<regex>' on full names",
     )
-    info.add_argument("--method", default="lora", help="adapter method (lora, lora-ga, boft, unitary, hybrid)")
+    info.add_argument("--method", default="lora", help=f"adapter method ({', '.join(available_methods())})")
     info.add_argument(
         "--set",
         action="append",
@@ -338,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML or JSON file with any of the options below")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in --output-dir (default: refuse)"
+    )
     _add_train_options(train)
     train.set_defaults(handler=command_train)
 
@@ -351,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-length", type=int, default=256)
     evaluate.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True)
+    evaluate.add_argument(
+        "--unsafe-unsandboxed",
+        action="store_true",
+        help="run model-written code (HumanEval) even where it cannot be sandboxed: it then isolates nothing",
+    )
     evaluate.add_argument("--threads", type=int, default=default_threads)
     evaluate.set_defaults(handler=command_eval)
 
@@ -362,6 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     mt_bench.add_argument("--judge-url", help="OpenAI-compatible API base of the judge, e.g. http://127.0.0.1:8000/v1")
     mt_bench.add_argument("--judge-model", default="judge", help="model name to send to the judge API")
     mt_bench.add_argument("--answers-only", action="store_true", help="generate the answers, do not judge")
+    mt_bench.add_argument(
+        "--judge-only",
+        action="store_true",
+        help="judge the answers already in --output-dir, keeping the verdicts already received (to continue)",
+    )
+    mt_bench.add_argument(
+        "--judge-insecure-key",
+        action="store_true",
+        help="send $OPENAI_API_KEY to a plain-http judge too (by default only over https)",
+    )
     mt_bench.add_argument("--limit", type=int, default=0, help="first N questions only (0: all 80)")
     mt_bench.add_argument("--max-new-tokens", type=int, default=256)
     mt_bench.add_argument("--data-dir")
@@ -394,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument(
         "--model", default="7b", help="7b, 70b, 405b (Llama-class), a model alias/folder, or a config.json path"
     )
-    estimate.add_argument("--methods", help="comma-separated (default: full,lora,lora-ga,boft,unitary,hybrid)")
+    estimate.add_argument("--methods", help=f"comma-separated (default: {','.join(METHODS)})")
     estimate.add_argument("--batch-size", type=int, default=4)
     estimate.add_argument("--seq-len", type=int, default=512)
     estimate.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

@@ -25,8 +25,7 @@ from hybrid_peft.tasks.base import held_out_loss
 @dataclass(frozen=True)
 class DemoSettings:
     model: str = "smollm2-135m"
-    # The best method measured so far (benchmarks/gsm8k_loss.py: LoRA-GA reaches a lower loss than LoRA and than
-    # full fine-tuning in the same steps); update as the benchmark says otherwise.
+    # The default method: see BENCHMARKS.md for how it was chosen.
     method: str = "lora-ga"
     adapter: dict[str, Any] = field(default_factory=lambda: {"rank": 8, "alpha": 16.0})
     steps: int = 30

@@ -22,9 +22,9 @@ masks. What each method adds is stated by its config, in its own file (``paramet
 BOFT's scaled linear the output in place of x W0ᵀ and its b×b blocks, the unitary adapter nothing (it is recomputed
 in backward). Logits: 3·V fp32 values per token. Peak = weights + adapters + optimiser + the larger of
 the activations (during backward) and twice the gradients (after it, with the optimiser's temporaries).
-Adapters target what their config targets by default (``all-linear``; unitary: the attention projections). FLOPs per step: 6·P_linear per
-token for full fine-tuning; with frozen weights the weight-gradient matmuls are skipped, so 4·P_linear plus the
-adapter's own.
+Adapters target what their config targets by default (``all-linear``; unitary: the attention projections).
+FLOPs per step: 6·P_linear per token for full fine-tuning; with frozen weights the weight-gradient matmuls are
+skipped, so 4·P_linear plus the adapter's own.
 
 ``benchmarks/estimate_check.py`` compares these numbers with measured peaks on the small default models.
 """
@@ -40,7 +40,7 @@ from typing import Any
 
 from hybrid_peft.config import ALL_LINEAR, AdapterConfig
 from hybrid_peft.errors import ConfigError
-from hybrid_peft.registry import available_methods, get_method
+from hybrid_peft.registry import available_methods, get_method, methods_in_registration_order
 from hybrid_peft.targeting import name_matches
 
 # Llama-class shapes (public configs): Llama-2-7B, Llama-2-70B, Llama-3.1-405B.
@@ -53,7 +53,7 @@ BUILTIN_ARCHITECTURES: dict[str, dict[str, Any]] = {
              "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "model_type": "llama"},
 }  # fmt: skip
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
-METHODS = ("full", "lora", "lora-ga", "boft", "unitary", "hybrid")
+METHODS = ("full", *methods_in_registration_order())
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 

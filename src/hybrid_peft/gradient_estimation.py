@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,6 @@ class SketchGradient:
     y: torch.Tensor  # (out, k)
     z: torch.Tensor  # (l, in)
     count: int = 0
-    shared: set[str] = field(default_factory=set)
 
     def accumulate(self, x: torch.Tensor, delta: torch.Tensor) -> None:
         self.y.addmm_(delta.T, x @ self.omega)  # (out, T) @ (T, k)

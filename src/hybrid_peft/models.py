@@ -30,7 +30,7 @@ from hybrid_peft.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("causal-lm", "sequence-classification", "base")
+MODEL_KINDS = ("causal-lm", "sequence-classification", "base")
 
 
 def cache_root() -> Path:
@@ -134,7 +134,7 @@ def _auto_class(task: str) -> Any:
         "base": transformers.AutoModel,
     }
     if task not in classes:
-        raise ModelLoadError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+        raise ModelLoadError(f"unknown task {task!r}; choose one of {list(MODEL_KINDS)}")
     return classes[task]
 
 

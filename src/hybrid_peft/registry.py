@@ -52,3 +52,8 @@ def get_method(name: str) -> MethodSpec:
 
 def available_methods() -> list[str]:
     return sorted(_METHODS)
+
+
+def methods_in_registration_order() -> list[str]:
+    """The methods in the order they registered (``methods/__init__.py`` imports the built-in ones simplest first)."""
+    return list(_METHODS)

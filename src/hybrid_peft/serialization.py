@@ -107,6 +107,25 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         hint = " (it looks like a PEFT adapter: load it with peft.PeftModel)" if "peft_type" in document else ""
         raise AdapterFileError(f"{path} is not a hybrid-peft adapter config{hint}")
+    expected_types = {
+        "format_version": int,
+        "configs": list,
+        "modules": dict,
+        "weights_sha256": str,
+        "trained_base_parameters": list,
+    }
+    for key, kind in expected_types.items():
+        value = document.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise AdapterFileError(
+                f"{path}: {key!r} should be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}; the file "
+                "was edited or is corrupt, save the adapter again"
+            )
+    if not all(isinstance(c, dict) for c in document.get("configs", [])):
+        raise AdapterFileError(f"{path}: every entry of 'configs' should be a mapping; save the adapter again")
+    modules = document.get("modules", {})
+    if not all(isinstance(i, int) and 0 <= i < len(document.get("configs", [])) for i in modules.values()):
+        raise AdapterFileError(f"{path}: 'modules' should map module names to config indices; save the adapter again")
     if document.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterFileError(
             f"{path} has format version {document['format_version']}, newer than this hybrid-peft "

@@ -14,10 +14,8 @@ the whole branch over an offset base::
     W_eff = diag(s) · W0' · R((1 − λ) K)ᵀ  +  λ · s_lora · B A,      W0' = W0 − λ0 · s_lora · B0 A0
 
 There B A starts at B0 A0 ≠ 0, so every move of λ away from λ0 shifts the output by (λ − λ0)·s_lora·B0A0, a change
-no optimiser step asked for; with the ``share`` and ``sigmoid`` rules one SST-2 seed in three stalled at the
-majority class. With the update gate no seed stalled and the spread across seeds fell sixfold
-(``benchmarks/hybrid_gate.yaml``, BENCHMARKS.md), so it is the default. Adapters saved before the option existed
-(format version 1) load as ``branch``.
+no optimiser step asked for; the update gate has no such shift (BENCHMARKS.md compares the two). Adapters saved
+before the option existed (format version 1) load as ``branch``.
 
 λ is a buffer, never a parameter: no optimiser touches it. After each backward pass (before the optimiser step)
 :func:`update_mixing` sets every layer's λ with the config's rule, clamped to [λmin, 1 − λmin]:
@@ -26,7 +24,7 @@ majority class. With the update gate no seed stalled and the spread across seeds
              own branch), each RMS-normalised by its parameter count; λ ← EMA_β(g_lr / (g_lr + g_orth)).
 ``sigmoid``  λℓ ← EMA_β(σ((log‖gℓ‖ − mean_ℓ log‖gℓ‖)/τ)): layers whose gradient is above the model's average lean
              to the fast low-rank branch, calm layers to the stable orthogonal branch. Without the moving average
-             (β = 0) λ jumps with each batch's gradient noise and, on SST-2, training stalls (docs/benchmarks.md).
+             (β = 0) λ follows each batch's gradient noise.
 ``fixed``    λ stays at its initial value (ablation).
 
 Under DDP gradients are already averaged, so λ is identical on every rank; with sharded gradients (FSDP) pass
@@ -48,7 +46,13 @@ from torch import nn
 from hybrid_peft.config import require_choice, require_float
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
-from hybrid_peft.methods.boft import BOFTConfig, ButterflyBranch, ButterflyRotate, scaled_linear, validate_butterfly_fields
+from hybrid_peft.methods.boft import (
+    BOFTConfig,
+    ButterflyBranch,
+    ButterflyRotate,
+    scaled_linear,
+    validate_butterfly_fields,
+)
 from hybrid_peft.methods.lora import LowRankBranch
 from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
 from hybrid_peft.registry import register_method

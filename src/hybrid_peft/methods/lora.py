@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid_peft.config import AdapterConfig, require_bool, require_float, require_int
+from hybrid_peft.errors import ConfigError
 from hybrid_peft.layer import AdditiveAdapterLayer, adapter_dtype_for
 from hybrid_peft.registry import register_method
 
@@ -84,6 +85,12 @@ class LowRankBranch:
     lora_B: nn.Parameter
 
     def _init_low_rank(self, rank: int) -> None:
+        if rank > min(self.in_features, self.out_features):
+            raise ConfigError(
+                f"rank {rank} is larger than the layer ({self.out_features}×{self.in_features}): above "
+                f"min(in, out) = {min(self.in_features, self.out_features)} a low-rank update only adds parameters; "
+                "use a smaller rank, or exclude this layer"
+            )
         weight = self.base_weight
         factory = {"device": weight.device, "dtype": adapter_dtype_for(weight.dtype)}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))

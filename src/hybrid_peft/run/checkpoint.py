@@ -46,6 +46,32 @@ class TrainerState:
     config: dict[str, Any]
 
 
+# Options a resumed run may change: they extend or observe the run, they do not change what was trained so far.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps",  # to extend a run (the cosine schedule follows the new total)
+        "learning_rate",  # e.g. lower after a non-finite loss; the optimiser and schedule take the new rate
+        "save_every",
+        "eval_every",
+        "eval_examples",
+        "eval_batch_size",
+        "generate",
+        "merge",
+        "threads",
+        "data_dir",
+        "output_dir",
+        "unsafe_unsandboxed",
+    }
+)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The options that define the run (all but :data:`RESUMABLE_CHANGES`) on which ``saved`` and ``current``
+    differ, as ``key: saved -> current``."""
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
 def checkpoint_folders(output_dir: Path) -> list[Path]:
     """Complete checkpoints (those with their state file), oldest first."""
     folder = output_dir / "checkpoints"

@@ -20,8 +20,10 @@ Output folder::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +38,9 @@ from hybrid_peft.fileio import atomic_write_text
 from hybrid_peft.methods.hybrid import hybrid_layers
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.run.checkpoint import (
+    RESUMABLE_CHANGES,
     TrainerState,
+    config_differences,
     latest_checkpoint,
     read_trainer_state,
     restore_training_state,
@@ -48,21 +52,40 @@ from hybrid_peft.run.provenance import peak_rss_mb, run_environment
 from hybrid_peft.run.report import write_report
 from hybrid_peft.run.summary import RunSummary
 from hybrid_peft.run.trainees import trainee_for
+from hybrid_peft.sandbox import require_sandbox
 from hybrid_peft.tasks import get_task
 from hybrid_peft.telemetry import MixingTelemetry
 
 LOG_FILE = "train_log.jsonl"
 MIXING_FILE = "mixing.jsonl"
+LOCK_FILE = ".lock"
+LOSS_GROWTH_WARNING = 100.0  # warn once when the loss exceeds this multiple of the first step's
+# What a run writes into its folder (besides the lock): a folder holding any of these holds a run.
+RUN_OUTPUTS = (
+    "checkpoints",
+    LOG_FILE,
+    MIXING_FILE,
+    "adapter",
+    "model",
+    "merged",
+    "summary.json",
+    "report.md",
+    "loss.png",
+)
 
 
 class Recipe:
     """One training run; :meth:`run` goes through every stage and returns the summary (``None`` on ranks > 0)."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+    ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.config, self.resume, self.progress = config, resume, progress
+        if resume and overwrite:
+            raise ConfigError("--resume continues the run in --output-dir and --overwrite discards it: choose one")
+        self.config, self.resume, self.overwrite, self.progress = config, resume, overwrite, progress
         self.trainee = trainee_for(config.method)
         self.output_dir = Path(config.output_dir)
         self.started = time.perf_counter()
@@ -76,16 +99,49 @@ class Recipe:
         self.history: list[dict[str, Any]] = []
         self.start_step = 0
         self.metrics_before: dict[str, float] = {}
+        # A checkpoint is good once the step after it had a finite loss; until then it is pending.
         self.last_good: Path | None = None
+        self.pending: Path | None = None
+        self.warned_growth = False
 
     def run(self) -> RunSummary | None:
-        self.setup_data()
-        self.setup_model()
-        self.setup_optimiser()
-        self.train()
-        return self.finish()
+        try:
+            with RunFolderLock(self.output_dir, enabled=self.main):
+                self.prepare_output_dir()
+                self.setup_data()
+                self.setup_model()
+                self.setup_optimiser()
+                self.train()
+                return self.finish()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was kept"
+            raise HybridPeftError(
+                f"no space left on the device holding {self.output_dir} ({exc.filename or exc.strerror}); {kept}. "
+                "Free space (or choose another --output-dir, or save less often with --save-every), then continue "
+                "with --resume"
+            ) from None
 
     # --- stages -------------------------------------------------------------------------------------------------
+
+    def prepare_output_dir(self) -> None:
+        """A fresh run needs a folder without another run's outputs (``--overwrite`` removes them), so that no old
+        checkpoint can later be resumed as if it were this run's; ``--resume`` needs the folder's run to be this
+        one."""
+        if not self.main:
+            return
+        found = [name for name in RUN_OUTPUTS if (self.output_dir / name).exists()]
+        if self.resume or not found:
+            return
+        if not self.overwrite:
+            raise HybridPeftError(
+                f"{self.output_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --output-dir"
+            )
+        for name in found:
+            path = self.output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def setup_data(self) -> None:
         config = self.config
@@ -101,6 +157,8 @@ class Recipe:
             self.eval_rows = self.eval_rows[: config.eval_examples]
         if not self.train_rows:
             raise HybridPeftError(f"task {self.task.name} has no training examples")
+        if config.generate and getattr(self.task, "runs_model_code", False):
+            require_sandbox(config.unsafe_unsandboxed)
         self.tokenizer = load_tokenizer(config.model)
 
     def setup_model(self) -> None:
@@ -110,14 +168,27 @@ class Recipe:
         if self.resume and not trainee.resumable:
             raise ConfigError(f"--resume is not offered for the PEFT baseline {config.method}")
         model = load_model(config.model, task=self.task.model_task, **options)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and config.max_length > positions:
+            raise ConfigError(
+                f"--max-length {config.max_length} is beyond the {positions} positions {config.model} was trained "
+                f"for; use --max-length {positions} or less"
+            )
         checkpoint = latest_checkpoint(self.output_dir) if self.resume else None
         if self.resume and checkpoint is None:
             raise HybridPeftError(f"--resume: no complete checkpoint under {self.output_dir / 'checkpoints'}")
         if checkpoint is not None:
-            model = trainee.restore(model, checkpoint)
             state = read_trainer_state(checkpoint)
+            differences = config_differences(state.config, config.to_dict())
+            if differences:
+                raise HybridPeftError(
+                    f"--resume: {checkpoint} was written by a run with other options ({'; '.join(differences)}). "
+                    f"Only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume; restore the others, or "
+                    "start a new run with --overwrite or another --output-dir"
+                )
+            model = trainee.restore(model, checkpoint)
             self.start_step, self.history, self.metrics_before = state.step, state.history, state.before
-            self.last_good = checkpoint
+            self.pending = checkpoint
             if self.main:  # drop log lines written after the checkpoint by the interrupted run
                 for name in (LOG_FILE, MIXING_FILE):
                     kept = [r for r in _read_log(self.output_dir / name) if r.get("step", -1) < self.start_step]
@@ -147,6 +218,21 @@ class Recipe:
         )
         if self.checkpoint is not None:
             restore_training_state(self.checkpoint, self.optimizer, self.schedule)
+            saved_rate = read_trainer_state(self.checkpoint).config.get("learning_rate")
+            if saved_rate != config.learning_rate:  # asked for a new rate: the optimiser and schedule take it
+                for group in self.optimizer.param_groups:
+                    group["initial_lr"] = config.learning_rate
+                self.schedule.base_lrs = [config.learning_rate for _ in self.optimizer.param_groups]
+                factor = self.schedule.lr_lambdas[0](self.schedule.last_epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = config.learning_rate * factor
+                self.schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+                if self.main:
+                    print(
+                        f"resuming at step {self.start_step} with learning rate {config.learning_rate:g} (the "
+                        f"checkpoint's run used {saved_rate:g})",
+                        flush=True,
+                    )
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.inner = self.accelerator.unwrap_model(self.model)
 
@@ -174,6 +260,8 @@ class Recipe:
         )
         try:
             for result in steps:
+                if self.pending is not None:  # its next step trained with a finite loss
+                    self.last_good, self.pending = self.pending, None
                 if telemetry is not None:
                     telemetry.log(result.step, result.mixing)
                 self.log_step(result, bar)
@@ -184,24 +272,24 @@ class Recipe:
                     self.accelerator.wait_for_everyone()
                 if config.save_every and done % config.save_every == 0 and done < config.steps:
                     if self.main:
-                        self.last_good = self.save_checkpoint(done)
+                        self.pending = self.save_checkpoint(done)
                     self.accelerator.wait_for_everyone()
-        except NonFiniteLossError as exc:
-            where = (
-                f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
-            )
-            raise NonFiniteLossError(
-                f"{exc}; stopped ({where}). Lower --learning-rate, set --max-grad-norm, or check the data"
-            ) from None
+        except NonFiniteLossError as exc:  # from the loop, or from a checkpoint that would hold non-finite weights
+            if self.pending is not None and self.main:  # its weights gave a non-finite loss: keep it out of --resume
+                os.replace(self.pending, self.pending.with_name(self.pending.name + ".nonfinite"))
+            raise NonFiniteLossError(f"{exc}; {self.stopped_advice()}") from None
         finally:
             bar.close()
 
     def finish(self) -> RunSummary | None:
         in_sync = _ranks_in_sync(self.accelerator, self.inner)
-        metrics_after = self.evaluate("after") if self.main else {}
         summary = None
+        if self.main:  # save before the final evaluation: an error or Ctrl-C there loses no training
+            self.trainee.save_result(self.inner, self.output_dir, self.tokenizer)
+        metrics_after = self.evaluate("after") if self.main else {}
         if self.main:
-            self.trainee.save_result(self.inner, self.output_dir, self.tokenizer, self.config.merge)
+            if self.config.merge:
+                self.trainee.save_merged(self.inner, self.output_dir, self.tokenizer)
             summary = RunSummary(
                 config=self.config,
                 task=self.task.name,
@@ -249,7 +337,16 @@ class Recipe:
                 batch_size=config.eval_batch_size,
                 max_length=config.max_length,
                 generate=config.generate,
+                allow_unsandboxed=config.unsafe_unsandboxed,
             )
+
+    def stopped_advice(self) -> str:
+        if self.last_good is None:
+            return "stopped (no good checkpoint yet). Lower --learning-rate, set --max-grad-norm, or check the data"
+        return (
+            f"stopped (the last good checkpoint is {self.last_good}). Lower the rate and continue from there with "
+            "--resume --learning-rate RATE, set --max-grad-norm, or check the data"
+        )
 
     def log_step(self, result: StepResult, bar: tqdm) -> None:
         tokens = result.tokens * self.world
@@ -261,6 +358,15 @@ class Recipe:
             postfix["λ"] = f"{record['lambda']['mean']:.2f}"
         record |= {"seconds": result.seconds, "tokens_per_s": tokens / result.seconds}
         self.history.append({"step": result.step, "loss": result.loss})
+        first = self.history[0]["loss"]
+        if not self.warned_growth and first > 0 and result.loss > LOSS_GROWTH_WARNING * first:
+            self.warned_growth = True
+            warnings.warn(
+                f"step {result.step}: the training loss {result.loss:.3g} is over {LOSS_GROWTH_WARNING:g}× the first "
+                f"step's ({first:.3g}); training is diverging: lower --learning-rate "
+                f"(now {self.config.learning_rate:g})",
+                stacklevel=2,
+            )
         bar.set_postfix(postfix)
         bar.update(1)
         self.append_log(record)
@@ -271,6 +377,11 @@ class Recipe:
                 handle.write(json.dumps(record) + "\n")
 
     def save_checkpoint(self, step: int) -> Path:
+        bad = [n for n, p in self.inner.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:  # never write (or name as good) a checkpoint that cannot be resumed usefully
+            raise NonFiniteLossError(
+                f"step {step}: the weights became non-finite ({bad[0]}{' and others' if len(bad) > 1 else ''})"
+            )
         state = TrainerState(step, self.history, self.metrics_before, self.config.to_dict())
         return save_checkpoint(
             self.output_dir,
@@ -281,10 +392,13 @@ class Recipe:
         )
 
 
-def run_training(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> RunSummary | None:
+def run_training(
+    config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> RunSummary | None:
     """Train, evaluate and save as ``config`` says; returns the summary (also written to ``summary.json``), or None
-    on processes other than rank 0."""
-    return Recipe(config, resume=resume, progress=progress).run()
+    on processes other than rank 0. ``resume`` continues the folder's run from its last checkpoint; ``overwrite``
+    replaces a run already in the folder (without either, a folder holding a run is an error)."""
+    return Recipe(config, resume=resume, overwrite=overwrite, progress=progress).run()
 
 
 def _cpu_only() -> bool:
@@ -308,9 +422,49 @@ def _median(values: list[float]) -> float | None:
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log; a line torn by a crash mid-write (only ever the last) is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class RunFolderLock:
+    """An exclusive lock on the run folder for the run's duration, so that two runs cannot interleave their logs
+    and checkpoints in one folder (released by the operating system if the process dies)."""
+
+    def __init__(self, folder: Path, *, enabled: bool = True) -> None:
+        self.path, self.enabled, self.handle = folder / LOCK_FILE, enabled, None
+
+    def __enter__(self) -> RunFolderLock:
+        if self.enabled:
+            import fcntl
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.handle.seek(0)
+                owner = self.handle.read().strip() or "another process"
+                self.handle.close()
+                raise HybridPeftError(
+                    f"{self.path.parent} is in use by another run ({owner}); wait for it or choose another --output-dir"
+                ) from None
+            self.handle.seek(0)
+            self.handle.truncate()
+            self.handle.write(f"pid {os.getpid()}\n")
+            self.handle.flush()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing releases the lock
 
 
 def _ranks_in_sync(accelerator: Any, model: torch.nn.Module) -> bool:

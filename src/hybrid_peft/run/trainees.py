@@ -28,6 +28,7 @@ from hybrid_peft import peers
 from hybrid_peft.adapters import adapter_layers, attach
 from hybrid_peft.config import AdapterConfig
 from hybrid_peft.errors import ConfigError
+from hybrid_peft.export import save_merged
 from hybrid_peft.methods.lora_ga import lora_ga_initialise
 from hybrid_peft.registry import available_methods
 from hybrid_peft.serialization import load_adapter, save_adapter
@@ -53,7 +54,9 @@ class Trainee(Protocol):
 
     def save_weights(self, model: nn.Module, folder: Path) -> None: ...
 
-    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, merge: bool) -> None: ...
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None: ...
+
+    def save_merged(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None: ...
 
 
 def _head(model: nn.Module) -> str | None:
@@ -90,12 +93,11 @@ class OwnAdapter:
     def save_weights(self, model: nn.Module, folder: Path) -> None:
         save_adapter(model, folder / "adapter")
 
-    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, merge: bool) -> None:
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
         save_adapter(model, output_dir / "adapter")
-        if merge:
-            from hybrid_peft.export import save_merged
 
-            save_merged(model, output_dir / "merged", tokenizer=tokenizer)
+    def save_merged(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
+        save_merged(model, output_dir / "merged", tokenizer=tokenizer)
 
 
 class FullFineTuning:
@@ -105,7 +107,11 @@ class FullFineTuning:
     WEIGHTS = "model.safetensors"
 
     def validate(self, config: TrainConfig) -> None:
-        return None
+        if config.adapter:  # refused rather than recorded as if they had been used
+            raise ConfigError(
+                f"--method full trains every weight and takes no method options, got {sorted(config.adapter)} "
+                "(from --set or 'adapter:'); remove them"
+            )
 
     def attach(self, model: nn.Module, config: TrainConfig, classifier: bool) -> nn.Module:
         return model
@@ -125,9 +131,12 @@ class FullFineTuning:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(folder / self.WEIGHTS))
 
-    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, merge: bool) -> None:
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
         model.save_pretrained(output_dir / "model")
         tokenizer.save_pretrained(output_dir / "model")
+
+    def save_merged(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
+        return None  # model/ is already a plain transformers checkpoint
 
 
 class PeftPeer:
@@ -162,8 +171,11 @@ class PeftPeer:
     def save_weights(self, model: nn.Module, folder: Path) -> None:
         raise ConfigError(f"checkpoints are not offered for the PEFT baseline {self.method}")
 
-    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, merge: bool) -> None:
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
         peers.save_peer(model, output_dir / "adapter")
+
+    def save_merged(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
+        raise ConfigError(f"--merge is not offered for the PEFT baseline {self.method}")
 
 
 def trainee_for(method: str) -> Trainee:

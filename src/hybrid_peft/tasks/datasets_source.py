@@ -52,6 +52,9 @@ def load_splits(source: str) -> dict[str, list[dict[str, Any]]]:
                 loaded = datasets.DatasetDict({"train": loaded})
         elif path.is_dir():
             files = _local_data_files(path)
+            empty = sorted(f for names in files.values() for f in names if Path(f).stat().st_size == 0)
+            if empty:
+                raise TaskDataError(f"--dataset {source}: {empty[0]} is empty; every split file needs examples")
             if not files:
                 raise TaskDataError(
                     f"--dataset {source}: the folder holds neither a saved dataset (save_to_disk) nor files named "
@@ -68,6 +71,8 @@ def load_splits(source: str) -> dict[str, list[dict[str, Any]]]:
                 for split, names in files.items()
             }
         elif path.suffix in DATA_FILE_BUILDERS and path.is_file():
+            if path.stat().st_size == 0:
+                raise TaskDataError(f"--dataset {source}: the file is empty")
             options = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
             loaded = datasets.load_dataset(DATA_FILE_BUILDERS[path.suffix], data_files={"train": str(path)}, **options)
         elif path.exists() or source.startswith((".", "/")) or Path(source).suffix in DATA_FILE_BUILDERS:

@@ -24,7 +24,7 @@ from hybrid_peft.tasks.base import (
     classification_metrics,
     classify,
 )
-from hybrid_peft.tasks.data import resolve_data_dir
+from hybrid_peft.tasks.data import read_text, resolve_data_dir
 from hybrid_peft.tasks.datasets_source import DatasetRows, require_columns
 from hybrid_peft.tasks.registry import register_task
 
@@ -54,6 +54,14 @@ class GlueSpec:
         if len(self.labels) < 2:
             raise TaskDataError(f"{self.name}: labels must list at least two classes, got {self.labels}")
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        if not self.header:
+            named = [c for c in (*self.text_columns, self.label_column) if not str(c).isdigit()]
+            if named:
+                raise TaskDataError(
+                    f"{self.name}: with header: false the columns are numbered from 0, but text_columns/label_column "
+                    f"name {named}; give their positions (e.g. text_columns: [3], label_column: 1), or set "
+                    "header: true if the file's first line names the columns"
+                )
         if self.primary_metric not in self.metrics:
             raise TaskDataError(f"{self.name}: primary_metric {self.primary_metric!r} is not one of {self.metrics}")
 
@@ -107,7 +115,7 @@ def read_glue_file(path: Path, spec: GlueSpec) -> list[dict[str, Any]]:
     """Rows ``{"text", "text_pair", "label"}`` of one TSV file, with errors that name the file and line."""
     if not path.is_file():
         raise TaskDataError(f"{spec.name}: {path} does not exist (expected a GLUE-format TSV file)")
-    lines = path.read_text(encoding="utf-8-sig").splitlines()  # utf-8-sig: MRPC starts with a BOM
+    lines = read_text(path, spec.name).splitlines()  # MRPC starts with a byte-order mark: read_text drops it
     if spec.header:
         if not lines:
             raise TaskDataError(f"{spec.name}: {path} is empty")

@@ -17,7 +17,7 @@ import torch
 
 from hybrid_peft.errors import TaskDataError
 from hybrid_peft.tasks.base import greedy_generate, held_out_loss, prompt_completion_batch
-from hybrid_peft.tasks.data import resolve_data_dir
+from hybrid_peft.tasks.data import read_text, resolve_data_dir
 from hybrid_peft.tasks.datasets_source import DatasetRows, require_columns
 from hybrid_peft.tasks.registry import register_task
 
@@ -30,7 +30,7 @@ def load_gsm8k(split: str = "train", data_dir: str | os.PathLike | None = None) 
     if not path.is_file():
         raise TaskDataError(f"{path} does not exist; GSM8K's {split}.jsonl is expected there")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "gsm8k").splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -56,6 +56,7 @@ class HumanEvalTask:
     held-out loss and pass@1 of greedy completions, each run in the sandbox (time and memory limits, no network)."""
 
     name = "humaneval"
+    runs_model_code = True  # pass@1 runs the completions (in the sandbox)
     model_task = "causal-lm"
     num_labels = None
     primary_metric = "pass@1"
@@ -86,6 +87,7 @@ class HumanEvalTask:
         max_new_tokens: int = 160,
         generate: bool = True,
         timeout: float = 10.0,
+        allow_unsandboxed: bool = False,
         **_: Any,
     ) -> dict[str, float]:
         metrics = {"loss": held_out_loss(self, model, tokenizer, rows, batch_size, max_length)}
@@ -93,7 +95,12 @@ class HumanEvalTask:
             completions = greedy_generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
             programs = [check_program(r, truncate_completion(c)) for r, c in zip(rows, completions, strict=True)]
             with ThreadPoolExecutor(max_workers=2) as pool:
-                results = list(pool.map(lambda source: run_python(source, timeout=timeout), programs))
+                results = list(
+                    pool.map(
+                        lambda source: run_python(source, timeout=timeout, allow_unsandboxed=allow_unsandboxed),
+                        programs,
+                    )
+                )
             metrics["pass@1"] = sum(r.passed for r in results) / len(rows)
             # A weaker signal than pass@1 that still moves for small models: does the completion parse as Python?
             metrics["parses"] = sum(_parses(source) for source in programs) / len(rows)

@@ -8,9 +8,11 @@ reasoning and coding categories.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from hybrid_peft.errors import HybridPeftError, TaskDataError
-from hybrid_peft.tasks.data import resolve_data_dir
+from hybrid_peft.tasks.data import read_text, resolve_data_dir
 
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -35,7 +37,7 @@ NO_JUDGE = (
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise TaskDataError(f"{path} does not exist")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in read_text(path, "mt-bench").splitlines() if line.strip()]
 
 
 def load_mt_bench(data_dir: Any = None) -> tuple[list[dict], dict[int, list[str]], dict[str, dict]]:
@@ -99,7 +101,27 @@ def judge_prompt(
     return template["system_prompt"], template["prompt_template"].format(**fields)
 
 
-def call_judge(url: str, model: str, system: str, user: str, timeout: float = 120.0) -> str:
+class JudgeError(HybridPeftError):
+    """The judge could not be reached, or answered with something that is not a verdict."""
+
+
+RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+def call_judge(
+    url: str,
+    model: str,
+    system: str,
+    user: str,
+    *,
+    deadline_s: float = 300.0,
+    attempts: int = 5,
+    backoff_s: float = 2.0,
+    allow_insecure_key: bool = False,
+) -> str:
+    """The judge's reply to one grading prompt. Retries with exponential backoff (honouring ``Retry-After``) on
+    429, 5xx and dropped connections, within one overall ``deadline_s``. ``$OPENAI_API_KEY`` is sent only over
+    https (or to a plain-http judge when ``allow_insecure_key``)."""
     body = json.dumps(
         {
             "model": model,
@@ -107,16 +129,78 @@ def call_judge(url: str, model: str, system: str, user: str, timeout: float = 12
             "max_tokens": 1024,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
         }
-    )
+    ).encode()
     headers = {"Content-Type": "application/json"}
-    if key := os.environ.get("OPENAI_API_KEY"):
+    key = os.environ.get("OPENAI_API_KEY")
+    if key and (url.lower().startswith("https://") or allow_insecure_key):
         headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=body.encode(), headers=headers)
+    endpoint = url.rstrip("/") + "/chat/completions"
+    deadline = time.monotonic() + deadline_s
+    problem = "no attempt made"
+    for attempt in range(attempts):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        wait = backoff_s * 2**attempt
+        try:
+            request = urllib.request.Request(endpoint, data=body, headers=headers)
+            with urllib.request.urlopen(request, timeout=remaining) as response:
+                return _reply_text(response.read(), url)
+        except urllib.error.HTTPError as exc:
+            problem = f"HTTP {exc.code} {exc.reason}"
+            if exc.code not in RETRY_STATUS:
+                raise JudgeError(
+                    f"the judge at {url} refused the request ({problem}); check --judge-url, "
+                    "--judge-model and the API key"
+                ) from None
+            retry_after = exc.headers.get("Retry-After") if exc.headers else None
+            if retry_after and retry_after.strip().isdigit():
+                wait = max(wait, float(retry_after))
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        if attempt + 1 < attempts:
+            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
+    raise JudgeError(
+        f"the judge at {url} did not answer ({problem}) after {attempts} attempts within {deadline_s:.0f} s; "
+        "check that it is running, then continue with --judge-only (verdicts received so far are kept)"
+    )
+
+
+def _reply_text(raw: bytes, url: str) -> str:
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())["choices"][0]["message"]["content"]
-    except (urllib.error.URLError, TimeoutError, KeyError, json.JSONDecodeError) as exc:
-        raise HybridPeftError(f"the judge at {url} did not answer usefully ({exc}); check --judge-url") from exc
+        reply = json.loads(raw)
+    except json.JSONDecodeError:
+        raise JudgeError(f"the judge at {url} answered with something that is not JSON: {raw[:200]!r}") from None
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise JudgeError(f"the judge at {url} answered without choices: {str(reply)[:200]}")
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str) or not content.strip():
+        raise JudgeError(f"the judge at {url} answered with an empty message: {str(choices[0])[:200]}")
+    return content
+
+
+def parse_rating(text: str) -> float | None:
+    """The ``[[rating]]`` of a verdict when it is a score from 1 to 10, else None."""
+    match = RATING.search(text)
+    if not match:
+        return None
+    score = float(match.group(1))
+    return score if 1.0 <= score <= 10.0 else None
+
+
+def read_verdicts(path: Path) -> list[dict[str, Any]]:
+    """Verdicts already received (one JSON line each); a line torn by an interruption is dropped."""
+    if not path.is_file():
+        return []
+    verdicts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            verdicts.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return verdicts
 
 
 def judge_answers(
@@ -125,33 +209,55 @@ def judge_answers(
     judge_model: str,
     data_dir: Any = None,
     progress: bool = True,
+    *,
+    verdicts_file: str | os.PathLike | None = None,
+    allow_insecure_key: bool = False,
+    deadline_s: float = 300.0,
+    backoff_s: float = 2.0,
 ) -> dict[str, Any]:
-    """Scores 1–10 per turn from the judge; returns the mean per turn, overall and per category, and each verdict."""
+    """Scores 1–10 per turn from the judge; returns the mean per turn, overall and per category, and each verdict.
+    With ``verdicts_file`` each verdict is appended there as it arrives, and verdicts already there are reused, so
+    an interrupted judging continues where it stopped."""
     from tqdm.auto import tqdm
 
     if not judge_url:
         raise HybridPeftError(NO_JUDGE)
     questions, references, prompts = load_mt_bench(data_dir)
     by_id = {q["question_id"]: q for q in questions}
+    path = Path(verdicts_file) if verdicts_file is not None else None
+    received = {(v["question_id"], v["turn"]): v for v in read_verdicts(path)} if path else {}
     verdicts = []
     for answer in tqdm(answers, desc="MT-Bench judging", unit="question", disable=not progress):
         question = by_id[answer["question_id"]]
         for turn in (1, 2):
+            if (question["question_id"], turn) in received:
+                verdicts.append(received[question["question_id"], turn])
+                continue
             system, user = judge_prompt(question, answer, turn, references, prompts)
-            text = call_judge(judge_url, judge_model, system, user)
-            match = RATING.search(text)
-            verdicts.append(
-                {
-                    "question_id": question["question_id"],
-                    "category": question["category"],
-                    "turn": turn,
-                    "score": float(match.group(1)) if match else None,
-                    "judgment": text,
-                }
+            text = call_judge(
+                judge_url,
+                judge_model,
+                system,
+                user,
+                deadline_s=deadline_s,
+                backoff_s=backoff_s,
+                allow_insecure_key=allow_insecure_key,
             )
+            verdict = {
+                "question_id": question["question_id"],
+                "category": question["category"],
+                "turn": turn,
+                "score": parse_rating(text),
+                "judgment": text,
+            }
+            verdicts.append(verdict)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(verdict) + "\n")
     scored = [v for v in verdicts if v["score"] is not None]
     if not scored:
-        raise HybridPeftError("the judge never answered in the [[rating]] format; is it an instruction-tuned model?")
+        raise HybridPeftError("the judge never gave a [[rating]] from 1 to 10; is it an instruction-tuned model?")
 
     def mean(items: list[dict]) -> float:
         return sum(v["score"] for v in items) / len(items) if items else float("nan")

@@ -23,7 +23,7 @@ from hybrid_peft.tasks.base import (
     held_out_loss,
     prompt_completion_batch,
 )
-from hybrid_peft.tasks.data import resolve_data_dir
+from hybrid_peft.tasks.data import read_text, resolve_data_dir
 from hybrid_peft.tasks.registry import register_task
 
 XNLI_LABELS = ("entailment", "neutral", "contradiction")
@@ -84,7 +84,7 @@ class XnliTask:
     @staticmethod
     def _read(path: Path, language: str) -> list[dict[str, Any]]:
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_text(path, "xnli").splitlines(), start=1):
             if not line.strip():
                 continue
             fields = line.split("\t")
@@ -165,7 +165,7 @@ class FloresTask:
     def _lines(path: Path, expected: int | None = None) -> list[str]:
         if not path.is_file():
             raise TaskDataError(f"{path} does not exist")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text(path, "flores").splitlines()
         if expected is not None and len(lines) != expected:
             raise TaskDataError(f"{path} has {len(lines)} lines but the English file has {expected}; not aligned")
         return lines

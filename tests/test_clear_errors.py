@@ -1,0 +1,135 @@
+"""Bad input gets one clear error that names the problem and the fix (or, for a diverging run, a warning)."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from hybrid_peft import LoRAConfig, attach, save_adapter
+from hybrid_peft.errors import AdapterFileError, ConfigError, HybridPeftError, TaskDataError
+from hybrid_peft.run import TrainConfig, run_training
+from hybrid_peft.serialization import CONFIG_NAME, load_adapter
+from hybrid_peft.tasks import get_task
+from hybrid_peft.tasks.glue import GlueSpec, read_glue_file
+
+from conftest import tiny_llama
+
+
+def config_for(model: str, output: Path, **options) -> TrainConfig:  # noqa: ANN003
+    base = {
+        "model": model,
+        "task": "humaneval",
+        "steps": 3,
+        "batch_size": 2,
+        "max_length": 48,
+        "warmup_steps": 1,
+        "eval_examples": 2,
+        "generate": False,
+        "output_dir": str(output),
+        "threads": 2,
+    }
+    return TrainConfig.from_dict(base | options)
+
+
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.tsv"
+    path.write_bytes("sentence\tlabel\ngood\t1\nna\xefve\t0\n".encode("latin-1"))
+    with pytest.raises(TaskDataError, match=r"train.tsv:3 is not UTF-8 text.*iconv"):
+        read_glue_file(path, GlueSpec("toy", "toy", ("sentence",), "label"))
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_bytes(b'{"question": "q", "answer": "\xff"}\n')
+    with pytest.raises(TaskDataError, match=r"train.jsonl:1 is not UTF-8"):
+        get_task("gsm8k", data_dir=tmp_path).train_rows()
+
+
+def test_empty_json_lines_files(tmp_path: Path) -> None:
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text("")
+    with pytest.raises(TaskDataError, match="has no examples"):
+        get_task("gsm8k", data_dir=tmp_path).train_rows()
+    pytest.importorskip("datasets")
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("")
+    (folder / "validation.jsonl").write_text('{"sentence": "fine", "label": 1}\n')
+    with pytest.raises(TaskDataError, match=r"train.jsonl is empty"):
+        get_task("sst2", dataset=str(folder)).train_rows()
+
+
+def test_a_headerless_spec_must_number_its_columns() -> None:
+    with pytest.raises(TaskDataError, match=r"header: false.*numbered.*\['sentence', 'label'\]"):
+        GlueSpec("toy", "toy", ("sentence",), "label", header=False)
+    assert GlueSpec("toy", "toy", (3,), 1, header=False).text_columns == (3,)
+
+
+def test_a_full_disk_names_the_folder_and_how_to_continue(
+    tiny_lm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hybrid_peft.run.checkpoint as checkpoint
+
+    def no_space(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        raise OSError(errno.ENOSPC, "No space left on device", "training_state.safetensors")
+
+    monkeypatch.setattr(checkpoint, "save_file", no_space)
+    with pytest.raises(HybridPeftError, match=r"no space left on the device holding .*run.*--resume"):
+        run_training(config_for(tiny_lm, tmp_path / "run", save_every=1), progress=False)
+
+
+def test_max_length_beyond_the_models_positions(tiny_lm: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--max-length 300 is beyond the 256 positions.*--max-length 256"):
+        run_training(config_for(tiny_lm, tmp_path / "run", max_length=300), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("format_version", "2", r"'format_version' should be an int, got '2'"),
+        ("configs", {"method": "lora"}, r"'configs' should be a list"),
+        ("modules", {"model.layers.0.self_attn.q_proj": "0"}, r"'modules' should map module names"),
+    ],
+)
+def test_adapter_configs_with_wrong_types(tmp_path: Path, field: str, value: object, message: str) -> None:
+    save_adapter(attach(tiny_llama(), LoRAConfig(rank=2)), tmp_path / "adapter")
+    path = tmp_path / "adapter" / CONFIG_NAME
+    document = json.loads(path.read_text())
+    document[field] = value
+    path.write_text(json.dumps(document))
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(tiny_llama(), tmp_path / "adapter")
+
+
+def test_options_a_method_would_ignore_are_refused(tiny_lm: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--method full .* takes no method options, got \['rank'\]"):
+        config_for(tiny_lm, tmp_path, method="full", adapter={"rank": 8})
+    with pytest.raises(ConfigError, match=r"unknown lora config field\(s\) \['block_size'\]"):
+        config_for(tiny_lm, tmp_path, method="lora", adapter={"block_size": 4})
+
+
+def test_a_rank_larger_than_the_layer_is_refused() -> None:
+    model = tiny_llama()  # k_proj and v_proj are 32 -> 16
+    with pytest.raises(ConfigError, match=r"k_proj: rank 20 is larger than the layer \(16×32\)"):
+        attach(model, LoRAConfig(rank=20))
+    assert not any("lora" in n for n, _ in model.named_parameters()), "a refused attach leaves the model untouched"
+
+
+def test_a_diverging_loss_gets_a_warning(tmp_path: Path) -> None:
+    import torch
+    import transformers
+
+    from hybrid_peft import load_tokenizer
+
+    folder = tmp_path / "tiny-bert"
+    tokenizer = load_tokenizer("minilm-l6")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    run = config_for(str(folder), tmp_path / "run", task="sst2", learning_rate=1e6, batch_size=8, steps=4)
+    with pytest.warns(UserWarning, match=r"over 100× the first step's.*diverging.*--learning-rate \(now 1e\+06\)"):
+        summary = run_training(run, progress=False)
+    assert summary.final_loss > 100  # finite, and far above the first step's ~0.69
