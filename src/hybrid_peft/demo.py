@@ -68,7 +68,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         "132–163 (held-out loss, pass@1 of greedy completions run in a sandbox) before and after.",
         flush=True,
     )
-    summary = run_training(config)
+    summary = run_training(config, overwrite=True)  # the demo rewrites its own folder each time
 
     print("Checking the saved adapter (fresh base) and the merged export (plain transformers) ...", flush=True)
     task = get_task("humaneval")
