@@ -150,13 +150,14 @@ def test_after_a_non_finite_loss_resume_continues_from_a_good_checkpoint_at_a_ne
     )
     assert summary.resumed_from_step == 2 and summary.config.learning_rate == 5e-3
     assert "with learning rate 0.005 (the checkpoint's run used 0.01)" in capsys.readouterr().out
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == [0, 1, 2, 3, 4, 5]
     from hybrid_peft.run.loop import warmup_cosine
 
-    for record in log[2:]:  # the resumed steps run at the new rate, on the same schedule
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    training = [r for r in log if "loss" in r]
+    assert [r["step"] for r in training] == [0, 1, 2, 3, 4, 5]
+    for record in training[2:]:  # the resumed steps run at the new rate, on the same schedule
         assert record["lr"] == pytest.approx(5e-3 * warmup_cosine(record["step"], 6, 1), rel=1e-9)
-    assert log[1]["lr"] == pytest.approx(1e-2 * warmup_cosine(1, 6, 1), rel=1e-9)
+    assert training[1]["lr"] == pytest.approx(1e-2 * warmup_cosine(1, 6, 1), rel=1e-9)
 
 
 def test_two_runs_cannot_share_a_folder(tiny_lm: str, tmp_path: Path) -> None:

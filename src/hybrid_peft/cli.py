@@ -10,11 +10,12 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from hybrid_peft.errors import ConfigError, HybridPeftError
+from hybrid_peft.errors import BaseModelMismatchError, ConfigError, HybridPeftError
 from hybrid_peft.version import __version__
 
 
@@ -153,11 +154,24 @@ def command_eval(args: argparse.Namespace) -> int:
     if args.generate and getattr(task, "runs_model_code", False):
         require_sandbox(args.unsafe_unsandboxed)
     rows = task.eval_rows()[: args.eval_examples or None]
-    options = {"num_labels": task.num_labels} if task.model_task == "sequence-classification" else {}
-    model = load_model(args.model, task=task.model_task, **options)
+    classifier = task.model_task == "sequence-classification"
+    options = {"num_labels": task.num_labels} if classifier else {}
+    restored_later = (lambda names: None) if args.adapter else None  # the adapter holds the head: checked below
+    model = load_model(args.model, task=task.model_task, report_new=restored_later, **options)
     if args.adapter:
-        read_adapter_config(args.adapter)
-        load_adapter(model, args.adapter)
+        document = read_adapter_config(args.adapter)
+        try:
+            load_adapter(model, args.adapter)
+        except BaseModelMismatchError as exc:
+            raise BaseModelMismatchError(
+                f"{exc}\n(--model is {args.model}: pass the --model the adapter was trained on)"
+            ) from None
+        heads = [p for p in document.get("trained_base_parameters", []) if p.startswith(("classifier.", "score."))]
+        if classifier and not heads:
+            warnings.warn(
+                f"{args.adapter} holds no classification head, so the head is random and the metrics are chance",
+                stacklevel=1,
+            )
     metrics = task.evaluate(
         model,
         load_tokenizer(args.model),
@@ -275,6 +289,36 @@ def command_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpSpec(argparse.Action):
+    """``--help-spec``: print the keys of a GLUE-format task spec and exit."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        import inspect
+
+        from hybrid_peft.tasks.glue import GlueSpec
+
+        print("A GLUE-format task: --task glue-spec:spec.json, where spec.json is a JSON object.\n")
+        print(inspect.getdoc(GlueSpec))
+        print(
+            '\nExample: {"name": "rte", "folder": "glue/RTE", "text_columns": ["sentence1", "sentence2"], '
+            '"label_column": "label", "labels": ["not_entailment", "entailment"]}'
+        )
+        parser.exit()
+
+
+def learning_rate_defaults() -> str:
+    from hybrid_peft.peers import PEER_LEARNING_RATES
+    from hybrid_peft.registry import available_methods, get_method
+
+    by_rate: dict[float, list[str]] = defaultdict(list)
+    for method in available_methods():
+        by_rate[get_method(method).config_class.default_learning_rate].append(method)
+    for method, rate in PEER_LEARNING_RATES.items():
+        by_rate[rate].append(method)
+    adapters = "; ".join(f"{', '.join(methods)} {rate:g}" for rate, methods in sorted(by_rate.items()))
+    return f"{adapters}; full 2e-4 up to 50M parameters, else 3e-5"
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     from hybrid_peft.run import TrainConfig, training_methods
     from hybrid_peft.tasks import available_tasks
@@ -295,6 +339,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "init_batches": "batches for LoRA-GA's gradient estimate (lora-ga, hybrid)",
         "merge": "also export the merged model to OUTPUT_DIR/merged",
         "threads": "torch CPU threads (0: torch's default)",
+        "learning_rate": "peak AdamW rate (default: the method's, the rate it did best at in the benchmark, "
+        f"BENCHMARKS.md: {learning_rate_defaults()})",
         "unsafe_unsandboxed": "run model-written code (HumanEval pass@1) even where it cannot be sandboxed: it then "
         "isolates nothing",
     }
@@ -311,13 +357,15 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                 help=f"{helps.get(f.name, '')} (default {default})",
             )
         else:
-            kind = type(default) if default is not None else str
+            kind = type(default) if default is not None else (float if f.name == "learning_rate" else str)
             parser.add_argument(
                 flag,
                 type=kind,
                 default=argparse.SUPPRESS,
                 metavar=f.name.upper(),
-                help=f"{helps.get(f.name, '')} (default {default})".strip(),
+                help=helps.get(f.name, "")
+                if f.name == "learning_rate"
+                else f"{helps.get(f.name, '')} (default {default})".strip(),
             )
 
 
@@ -335,7 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="show which modules an adapter would be attached to, and its size")
     info.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or folder")
-    info.add_argument("--task", default="auto", choices=["auto", "causal-lm", "sequence-classification", "base"])
+    info.add_argument(
+        "--task",
+        default="auto",
+        choices=["auto", "causal-lm", "sequence-classification", "base"],
+        help="which head to load the model with (auto: the checkpoint's own)",
+    )
     info.add_argument(
         "--targets",
         default="all-linear",
@@ -350,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a config field of the method, e.g. --set rank=16 --set block_size=8 (repeatable)",
     )
     info.add_argument("--all", action="store_true", help="one row per module instead of one per module kind")
-    info.add_argument("--threads", type=int, default=default_threads)
+    info.add_argument("--threads", type=int, default=default_threads, help="torch CPU threads")
     info.set_defaults(handler=command_info)
 
     train = commands.add_parser(
@@ -361,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun / accelerate launch.",
     )
     train.add_argument("--config", help="YAML or JSON file with any of the options below")
+    train.add_argument(
+        "--help-spec", action=HelpSpec, nargs=0, help="explain the keys of a glue-spec:<spec.json> task file and exit"
+    )
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     train.add_argument(
@@ -370,27 +426,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=command_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model (and optionally an adapter) on a task")
-    evaluate.add_argument("--model", default="smollm2-135m")
+    evaluate.add_argument(
+        "--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or local folder"
+    )
     evaluate.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
-    evaluate.add_argument("--task", default="humaneval")
-    evaluate.add_argument("--data-dir")
+    evaluate.add_argument(
+        "--task", default="humaneval", help="the task to evaluate on (as for train: humaneval, sst2, ..., glue-spec:)"
+    )
+    evaluate.add_argument("--data-dir", help="folder holding the task's data (as for train)")
     evaluate.add_argument("--dataset", help="hub id, save_to_disk folder or data files (as for train)")
     evaluate.add_argument("--eval-examples", type=int, default=0, help="first N held-out examples (0: all)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--max-length", type=int, default=256)
-    evaluate.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True)
+    evaluate.add_argument("--batch-size", type=int, default=8, help="examples per evaluation batch")
+    evaluate.add_argument("--max-length", type=int, default=256, help="tokens per example (longer ones are cut)")
+    evaluate.add_argument(
+        "--generate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include generation metrics (pass@1, exact match, chrF++)",
+    )
     evaluate.add_argument(
         "--unsafe-unsandboxed",
         action="store_true",
         help="run model-written code (HumanEval) even where it cannot be sandboxed: it then isolates nothing",
     )
-    evaluate.add_argument("--threads", type=int, default=default_threads)
+    evaluate.add_argument("--threads", type=int, default=default_threads, help="torch CPU threads")
     evaluate.set_defaults(handler=command_eval)
 
     mt_bench = commands.add_parser(
         "mt-bench", help="MT-Bench: generate the 80 two-turn answers and have a judge score them"
     )
-    mt_bench.add_argument("--model", default="smollm2-135m")
+    mt_bench.add_argument(
+        "--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or local folder"
+    )
     mt_bench.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
     mt_bench.add_argument("--judge-url", help="OpenAI-compatible API base of the judge, e.g. http://127.0.0.1:8000/v1")
     mt_bench.add_argument("--judge-model", default="judge", help="model name to send to the judge API")
@@ -406,10 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send $OPENAI_API_KEY to a plain-http judge too (by default only over https)",
     )
     mt_bench.add_argument("--limit", type=int, default=0, help="first N questions only (0: all 80)")
-    mt_bench.add_argument("--max-new-tokens", type=int, default=256)
-    mt_bench.add_argument("--data-dir")
-    mt_bench.add_argument("--output-dir", default="runs/mt_bench")
-    mt_bench.add_argument("--threads", type=int, default=default_threads)
+    mt_bench.add_argument("--max-new-tokens", type=int, default=256, help="longest answer per turn, in tokens")
+    mt_bench.add_argument("--data-dir", help="folder holding mt_bench/ (as for train)")
+    mt_bench.add_argument(
+        "--output-dir", default="runs/mt_bench", help="where answers, verdicts and scores are written"
+    )
+    mt_bench.add_argument("--threads", type=int, default=default_threads, help="torch CPU threads")
     mt_bench.set_defaults(handler=command_mt_bench)
 
     bench = commands.add_parser(
@@ -438,12 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="7b", help="7b, 70b, 405b (Llama-class), a model alias/folder, or a config.json path"
     )
     estimate.add_argument("--methods", help=f"comma-separated (default: {','.join(METHODS)})")
-    estimate.add_argument("--batch-size", type=int, default=4)
-    estimate.add_argument("--seq-len", type=int, default=512)
-    estimate.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    estimate.add_argument("--batch-size", type=int, default=4, help="sequences per step and process")
+    estimate.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    estimate.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="the base weights' dtype"
+    )
     estimate.add_argument("--rank", type=int, default=8, help="LoRA rank (lora, lora-ga, hybrid)")
     estimate.add_argument("--block-size", type=int, default=4, help="BOFT block size (boft, hybrid)")
-    estimate.add_argument("--butterfly-factors", type=int, default=1)
+    estimate.add_argument("--butterfly-factors", type=int, default=1, help="BOFT butterfly factors (boft, hybrid)")
     estimate.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage (DeepSpeed/FSDP)")
     estimate.add_argument("--world", type=int, default=1, help="processes the ZeRO stage shards over")
     estimate.add_argument("--quantised-base", type=int, choices=[4, 8], help="frozen base weights at 4 or 8 bits")
@@ -456,21 +527,33 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.set_defaults(handler=command_estimate)
 
     demo = commands.add_parser("demo", help="the main job: fine-tune the default model on HumanEval, offline")
-    demo.add_argument("--model", default="smollm2-135m")
-    demo.add_argument("--method", default="lora-ga")
+    demo.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or local folder")
+    demo.add_argument("--method", default="lora-ga", help="the method to fine-tune with")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
-    demo.add_argument("--steps", type=int, default=30)
-    demo.add_argument("--batch-size", type=int, default=4)
-    demo.add_argument("--max-length", type=int, default=320)
-    demo.add_argument("--learning-rate", type=float, default=5e-4)
-    demo.add_argument("--threads", type=int, default=default_threads)
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--steps", type=int, default=30, help="training steps")
+    demo.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    demo.add_argument("--max-length", type=int, default=320, help="tokens per sequence")
+    demo.add_argument("--learning-rate", type=float, default=5e-4, help="peak AdamW rate")
+    demo.add_argument("--threads", type=int, default=default_threads, help="torch CPU threads")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the run and its report are written")
     demo.set_defaults(handler=command_demo)
     return parser
 
 
+_SHOWN_WARNINGS: set[str] = set()
+
+
+def _show_warning_once(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    """The command line's warnings: each distinct one once, on one line, in the library's words (no source line)."""
+    text = str(message)
+    if text not in _SHOWN_WARNINGS:
+        _SHOWN_WARNINGS.add(text)
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning_once
     try:
         return args.handler(args)
     except HybridPeftError as exc:

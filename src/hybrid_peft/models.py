@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    report_new: Callable[[list[str]], None] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Load a ``transformers`` model from an alias (``smollm2-135m``, ``minilm-l6``), a hub id or a local folder.
@@ -151,18 +153,40 @@ def load_model(
     Args:
         task: ``causal-lm``, ``sequence-classification`` (pass ``num_labels=``) or ``base`` (the bare encoder).
         dtype: weights' dtype; fp32 by default (the CPU default).
+        report_new: called with the names of the weights the checkpoint lacks, which start from random values (a new
+            task head); by default one warning line says so. Callers that restore or train them pass their own.
         kwargs: passed to ``from_pretrained``.
     """
+    import transformers
+
     auto_class = _auto_class(task)
     path = resolve_model_path(name_or_path)
+    verbosity = transformers.logging.get_verbosity()
+    bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # transformers' load report: we say what matters, once, below
+    transformers.utils.logging.disable_progress_bar()  # loading takes a second; no bar for it
     try:
-        model = auto_class.from_pretrained(path, dtype=dtype, **kwargs)
+        model, info = auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     except OSError as exc:
         aliases = ", ".join(ALIASES)
         raise ModelLoadError(
             f"could not load {str(name_or_path)!r}: {exc}\nGive a local model folder, a hub id (needs a network), "
             f"or a built-in alias ({aliases})"
         ) from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bar:
+            transformers.utils.logging.enable_progress_bar()
+    new = sorted(info.get("missing_keys") or [])
+    if new:
+        if report_new is None:
+            warnings.warn(
+                f"{', '.join(new)} are not in {name_or_path}: they start from random values (a new task head); "
+                "train them (hybrid-peft train does) or load an adapter that holds them",
+                stacklevel=2,
+            )
+        else:
+            report_new(new)
     if str(name_or_path) in ALIASES:
         model.config._name_or_path = str(name_or_path)
     if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:

@@ -35,6 +35,15 @@ PEER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Learning rates when none is given: the rates their hybrid-peft counterparts use (BENCHMARKS.md section 2).
+PEER_LEARNING_RATES: dict[str, float] = {
+    "peft-lora": 1e-3,
+    "peft-lora-ga": 1e-3,
+    "peft-boft": 1e-2,
+    "peft-lora+oft": 1e-3,
+}
+
+
 def is_peer(method: str) -> bool:
     return method in PEER_DEFAULTS
 

@@ -56,6 +56,7 @@ class BOFTConfig(AdapterConfig):
     apply_to: str = "auto"
 
     keeps_output = True  # the scaled linear keeps y to recover x W0ᵀ for the scale's gradient
+    default_learning_rate = 1e-2  # orthogonal methods barely move at LoRA's 1e-3 (BENCHMARKS.md section 2)
 
     def validate(self) -> None:
         validate_butterfly_fields(self)

@@ -40,6 +40,7 @@ class UnitaryConfig(AdapterConfig):
     method = "unitary"
 
     targets: str | tuple[str, ...] = ATTENTION_PROJECTIONS
+    default_learning_rate = 1e-2  # like BOFT, an orthogonal method needs about ten times LoRA's rate
 
     def parameter_count(self, in_features: int, out_features: int) -> int:
         return 7 * (in_features // 2) + 2  # three phase vectors, two complex reflection vectors, two angles

@@ -29,7 +29,7 @@ class TrainConfig:
     steps: int = 30
     batch_size: int = 4
     max_length: int = 256
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None  # None: the method's default (trainees.py), resolved when the config is built
     warmup_steps: int = 3
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0
@@ -63,12 +63,18 @@ class TrainConfig:
         ):
             require_int(name, getattr(self, name), minimum=0)
         require_int("eval_batch_size", self.eval_batch_size, minimum=1)
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", trainee_for(self.method).default_learning_rate(self))
+            object.__setattr__(self, "learning_rate_is_default", True)
         require_float("learning_rate", self.learning_rate, minimum=0.0, min_inclusive=False)
         require_float("weight_decay", self.weight_decay, minimum=0.0)
         require_float("max_grad_norm", self.max_grad_norm, minimum=0.0)
         if not isinstance(self.adapter, dict):
             raise ConfigError(f"adapter: expected a mapping of the method's options, got {self.adapter!r}")
         trainee_for(self.method).validate(self)
+
+    # True when the learning rate is the method's default (not a field: set by __post_init__ when none was given).
+    learning_rate_is_default = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

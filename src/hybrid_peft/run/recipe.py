@@ -145,6 +145,9 @@ class Recipe:
 
     def setup_data(self) -> None:
         config = self.config
+        if self.main:
+            origin = " (the method's default; --learning-rate to change)" if config.learning_rate_is_default else ""
+            print(f"{config.method}: learning rate {config.learning_rate:g}{origin}", flush=True)
         self.task = get_task(
             config.task,
             data_dir=config.data_dir,
@@ -167,7 +170,8 @@ class Recipe:
         options = {"num_labels": self.task.num_labels} if classifier else {}
         if self.resume and not trainee.resumable:
             raise ConfigError(f"--resume is not offered for the PEFT baseline {config.method}")
-        model = load_model(config.model, task=self.task.model_task, **options)
+        new_weights: list[str] = []
+        model = load_model(config.model, task=self.task.model_task, report_new=new_weights.extend, **options)
         positions = getattr(model.config, "max_position_embeddings", None)
         if isinstance(positions, int) and config.max_length > positions:
             raise ConfigError(
@@ -191,16 +195,24 @@ class Recipe:
             self.pending = checkpoint
             if self.main:  # drop log lines written after the checkpoint by the interrupted run
                 for name in (LOG_FILE, MIXING_FILE):
-                    kept = [r for r in _read_log(self.output_dir / name) if r.get("step", -1) < self.start_step]
+                    kept = [r for r in _read_log(self.output_dir / name) if _before_checkpoint(r, self.start_step)]
                     if (self.output_dir / name).is_file():
                         atomic_write_text(self.output_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
         else:
             model = self.model = trainee.attach(model, config, classifier)
+            if new_weights and self.main:
+                print(
+                    f"{config.model} gets a new classification head for {self.task.num_labels} labels "
+                    f"({', '.join(new_weights)}): it starts from random values and trains fully"
+                    + (" beside the adapter (and is saved with it)" if config.method != "full" else ""),
+                    flush=True,
+                )
             if self.main:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 for stale in (LOG_FILE, MIXING_FILE):
                     (self.output_dir / stale).unlink(missing_ok=True)
                 self.metrics_before = self.evaluate("before")
+                self.append_log({"step": 0, "eval": self.metrics_before})
             model = trainee.initialise(model, config, classifier, lambda: self.initial_batches())
         self.model = model
         self.checkpoint = checkpoint
@@ -268,7 +280,7 @@ class Recipe:
                 done = result.step + 1
                 if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                     if self.main:
-                        self.append_log({"step": result.step, "eval": self.evaluate(f"step {done}")})
+                        self.append_log({"step": done, "eval": self.evaluate(f"step {done}")})
                     self.accelerator.wait_for_everyone()
                 if config.save_every and done % config.save_every == 0 and done < config.steps:
                     if self.main:
@@ -288,6 +300,7 @@ class Recipe:
             self.trainee.save_result(self.inner, self.output_dir, self.tokenizer)
         metrics_after = self.evaluate("after") if self.main else {}
         if self.main:
+            self.append_log({"step": self.config.steps, "eval": metrics_after})
             if self.config.merge:
                 self.trainee.save_merged(self.inner, self.output_dir, self.tokenizer)
             summary = RunSummary(
@@ -308,7 +321,7 @@ class Recipe:
                 environment=run_environment(threads=self.config.threads),
             )
             summary.write(self.output_dir)
-            write_report(self.output_dir, summary, self.history)
+            write_report(self.output_dir, summary, _read_log(self.output_dir / LOG_FILE))
         self.accelerator.wait_for_everyone()
         return summary
 
@@ -419,6 +432,12 @@ def _cpu_only() -> bool:
 def _median(values: list[float]) -> float | None:
     values = sorted(v for v in values if v is not None)
     return values[len(values) // 2] if values else None
+
+
+def _before_checkpoint(record: dict[str, Any], step: int) -> bool:
+    """Whether a log line belongs to the run up to a checkpoint after ``step`` updates: training lines of the steps
+    before it (a line's "step" is the update's index), evaluations up to it (their "step" counts updates done)."""
+    return record.get("step", -1) <= step if "eval" in record else record.get("step", -1) < step
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:

@@ -10,20 +10,34 @@ from hybrid_peft.fileio import atomic_write_text
 from hybrid_peft.run.summary import RunSummary
 
 
-def write_report(output_dir: Path, summary: RunSummary, history: list[dict[str, Any]]) -> None:
+def write_report(output_dir: Path, summary: RunSummary, log: list[dict[str, Any]]) -> None:
+    """``log`` is ``train_log.jsonl``'s records: training steps (``"step"``: the update's index, its ``"loss"`` computed
+    with the weights after that many updates) and evaluations (``"step"``: updates done), drawn on one axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     config = summary.config
-    if history:
+    training = [r for r in log if "loss" in r and "eval" not in r]
+    evaluations = [r for r in log if "eval" in r and "loss" in r["eval"]]
+    if training or evaluations:
         figure, axis = plt.subplots(figsize=(6, 3.5))
-        axis.plot([h["step"] + 1 for h in history], [h["loss"] for h in history], linewidth=1)
-        axis.set_xlabel("step")
-        axis.set_ylabel("training loss")
+        axis.plot([r["step"] for r in training], [r["loss"] for r in training], linewidth=1, label="training loss")
+        if evaluations:
+            axis.plot(
+                [r["step"] for r in evaluations],
+                [r["eval"]["loss"] for r in evaluations],
+                "o--",
+                linewidth=1,
+                markersize=4,
+                label="held-out loss",
+            )
+        axis.set_xlabel("step (updates done; the same numbers as train_log.jsonl)")
+        axis.set_ylabel("loss")
         axis.set_title(f"{config.model} · {config.method} · {summary.task}")
         axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(output_dir / "loss.png", dpi=120)
         plt.close(figure)

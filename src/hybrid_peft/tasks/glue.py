@@ -1,14 +1,14 @@
-"""GLUE-format sentence(-pair) classification from TSV files: SST-2, MRPC, CoLA built in, any other by a spec.
+"""GLUE-format sentence(-pair) classification from TSV files: SST-2, MRPC, CoLA built in, any other by a spec
+(``hybrid-peft train --task glue-spec:spec.json``; ``hybrid-peft train --help-spec`` lists every key)::
 
-A spec names the folder (relative to the data folder), the files, whether they have a header, the text column(s)
-and the label column (names with a header, 0-based indices without), and the label set::
-
-    {"name": "rte", "folder": "glue/RTE", "header": true, "text_columns": ["sentence1", "sentence2"],
-     "label_column": "label", "labels": ["not_entailment", "entailment"]}
+    {"name": "rte", "folder": "glue/RTE", "train_file": "train.tsv", "eval_file": "dev.tsv", "header": true,
+     "text_columns": ["sentence1", "sentence2"], "label_column": "label", "labels": ["not_entailment", "entailment"]}
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import os
 from collections.abc import Sequence
@@ -28,15 +28,35 @@ from hybrid_peft.tasks.data import read_text, resolve_data_dir
 from hybrid_peft.tasks.datasets_source import DatasetRows, require_columns
 from hybrid_peft.tasks.registry import register_task
 
+DEFAULT_LABELS = ("0", "1")
+
 
 @dataclass(frozen=True)
 class GlueSpec:
+    """A GLUE-format task. Keys of a spec file (JSON):
+
+    name                  the task's name in reports (required)
+    folder                the folder holding the files, relative to the data folder (--data-dir) (required)
+    text_columns          one or two columns holding the text (a sentence, or a sentence pair): names when the
+                          files have a header line, 0-based positions when not (required)
+    label_column          the column holding the label: a name, or a 0-based position without header (required)
+    header                whether the files' first line names the columns (default true)
+    labels                the label values as written in the files, in class order (default ["0", "1"]: give
+                          them whenever the labels are anything else, e.g. ["negative", "positive"])
+    train_file            the training file in folder (default "train.tsv")
+    eval_file             the held-out file in folder (default "dev.tsv")
+    metrics               reported metrics, from accuracy, f1, mcc (default all three)
+    primary_metric        the one a benchmark ranks by (default "accuracy")
+    dataset_text_columns  column names when the data comes from --dataset instead (default: text_columns)
+    dataset_label_column  the label column name with --dataset (default "label")
+    """
+
     name: str
     folder: str
     text_columns: tuple[str | int, ...]
     label_column: str | int
     header: bool = True
-    labels: tuple[str, ...] = ("0", "1")
+    labels: tuple[str, ...] = DEFAULT_LABELS
     train_file: str = "train.tsv"
     eval_file: str = "dev.tsv"
     metrics: tuple[str, ...] = field(default=("accuracy", "f1", "mcc"))
@@ -82,6 +102,15 @@ BUILTIN_SPECS = {
 }
 
 
+def _labels_hint(spec: GlueSpec) -> str:
+    if spec.labels != DEFAULT_LABELS:
+        return ""
+    return (
+        f"; the spec gives no 'labels', so they default to {list(DEFAULT_LABELS)}: add the file's label values to "
+        'the spec in class order, e.g. "labels": ["negative", "positive"]'
+    )
+
+
 def glue_rows_from_records(source: str, records: list[dict[str, Any]], spec: GlueSpec) -> list[dict[str, Any]]:
     """Rows ``{"text", "text_pair", "label"}`` from dataset records: labels may be class indices or label names."""
     text_columns = spec.dataset_text_columns or tuple(str(c) for c in spec.text_columns)
@@ -104,7 +133,7 @@ def glue_rows_from_records(source: str, records: list[dict[str, Any]], spec: Glu
         else:
             raise TaskDataError(
                 f"{spec.name}: --dataset {source} record {number}: label {label!r} is not in the label set "
-                f"{list(spec.labels)}"
+                f"{list(spec.labels)}{_labels_hint(spec)}"
             )
         texts = [str(record[c]) for c in text_columns]
         rows.append({"text": texts[0], "text_pair": texts[1] if len(texts) > 1 else None, "label": index})
@@ -143,6 +172,7 @@ def read_glue_file(path: Path, spec: GlueSpec) -> list[dict[str, Any]]:
         if label not in label_index:
             raise TaskDataError(
                 f"{spec.name}: {path}:{number}: label {label!r} is not in the label set {list(spec.labels)}"
+                f"{_labels_hint(spec)}"
             )
         texts = [fields[p].strip() for p in positions]
         rows.append({"text": texts[0], "text_pair": texts[1] if len(texts) > 1 else None, "label": label_index[label]})
@@ -152,11 +182,27 @@ def read_glue_file(path: Path, spec: GlueSpec) -> list[dict[str, Any]]:
 
 
 def read_spec(path: str | os.PathLike) -> GlueSpec:
-    """A :class:`GlueSpec` from a JSON file."""
+    """A :class:`GlueSpec` from a JSON file; unknown or missing keys are errors that list the valid ones."""
     try:
-        return GlueSpec(**json.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
         raise TaskDataError(f"could not read the task spec {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TaskDataError(f"the task spec {path} must hold a JSON object of keys (see hybrid-peft train --help-spec)")
+    fields = [f.name for f in dataclasses.fields(GlueSpec)]
+    required = [f.name for f in dataclasses.fields(GlueSpec) if f.default is dataclasses.MISSING]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        close = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+        hints = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
+        raise TaskDataError(
+            f"the task spec {path} has unknown key(s) {unknown}{' (' + hints + ')' if hints else ''}; valid keys are "
+            f"{fields} (hybrid-peft train --help-spec explains each)"
+        )
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise TaskDataError(f"the task spec {path} lacks {missing}; required keys are {required}")
+    return GlueSpec(**data)
 
 
 class GlueTask:
