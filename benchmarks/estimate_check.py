@@ -1,6 +1,7 @@
 """Check ``hybrid-peft estimate`` against measured training memory on the small default models.
 
     python benchmarks/estimate_check.py                       # SmolLM2-135M and MiniLM-L6, batch 4 × 128, fp32, CPU
+    python benchmarks/estimate_check.py --fsdp 2 --models smollm2-135m   # FSDP2 over 2 processes vs --zero 3 --world 2
 
 Each (model, method) runs in its own process: imports, then the runtime's resident memory is read; the model is
 loaded and the adapter attached; the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and three
@@ -14,7 +15,9 @@ MALLOC_MMAP_THRESHOLD_=65536 so glibc returns freed activations to the system an
 Prints a markdown table: the estimate, the runtime's fixed cost, the measurement, and the ratios of the estimate
 alone and of the estimate plus the fixed cost to the measurement (target: within 15%). The estimate uses the
 attention CPUs run: PyTorch's fused kernel for the decoder, the materialised scores for BERT (the fused CPU kernel
-does not take attention dropout). Linux only.
+does not take attention dropout). With ``--fsdp N`` each worker is N processes under ``torchrun`` (gloo) whose model
+is sharded with FSDP2 (every decoder block, then the model) before the peak counter is reset; each process
+measures its own peak, the table shows the largest, and the estimate is ``--zero 3 --world N``. Linux only.
 """
 
 from __future__ import annotations
@@ -64,10 +67,19 @@ def worker(args: argparse.Namespace) -> None:
     if args.method != "full":
         attach(model, configs[args.method]())
     vocab = model.config.vocab_size
+    sharded = None
+    if args.fsdp:
+        from accelerate import Accelerator
+
+        from hybrid_peft.run.parallel import parallelism_for
+
+        sharded = parallelism_for(True, Accelerator(cpu=True))
+        model = sharded.shard(model)  # the full copies are released: each process keeps its shard
     with torch.no_grad():  # the runtime's fixed cost: first-use workspaces, the model's Python objects
         model.eval()(input_ids=torch.randint(5, vocab, (1, 8)))
     gc.collect()
-    tensor_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    local = [getattr(t, "to_local", lambda t=t: t)() for t in [*model.parameters(), *model.buffers()]]
+    tensor_bytes = sum(t.numel() * t.element_size() for t in local)
     fixed_kib = _status_kib("VmRSS") - runtime_kib - tensor_bytes / 1024
     ids = torch.randint(5, vocab, (args.batch_size, args.seq_len))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -81,11 +93,11 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(3):
         model(**batch).loss.backward()
         if args.method == "hybrid":
-            update_mixing(model)
+            update_mixing(model, sharded=sharded is not None)
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
     peak_kib = _status_kib("VmHWM")
-    print(json.dumps({"measured_mb": (peak_kib - runtime_kib) / 1024, "fixed_mb": fixed_kib / 1024}))
+    print("RESULT " + json.dumps({"measured_mb": (peak_kib - runtime_kib) / 1024, "fixed_mb": fixed_kib / 1024}))
 
 
 def main() -> None:
@@ -98,6 +110,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fsdp", type=int, default=0, help="shard over N processes with FSDP2 (estimate: ZeRO 3)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -108,7 +121,9 @@ def main() -> None:
 
     from hybrid_peft.estimate import estimate, load_architecture
 
-    print(f"batch {args.batch_size} × {args.seq_len}, float32, CPU, {args.threads} threads, median of {args.repeats}")
+    sharding = f", FSDP2 over {args.fsdp} processes (largest per-process peak)" if args.fsdp else ""
+    print(f"batch {args.batch_size} × {args.seq_len}, float32, CPU, {args.threads} threads, median of {args.repeats}"
+          f"{sharding}")  # fmt: skip
     print()
     print("| model | method | estimate MB | fixed runtime MB | measured MB | estimate / measured "
           "| (estimate + fixed) / measured |")  # fmt: skip
@@ -118,20 +133,27 @@ def main() -> None:
         for method in args.methods.split(","):
             measured, fixed = [], []
             for _ in range(args.repeats):
-                command = [sys.executable, __file__, "--worker", "--model", model, "--method", method,
+                command = [__file__, "--worker", "--model", model, "--method", method,
                            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                            "--rank", str(args.rank), "--block-size", str(args.block_size),
                            "--threads", str(args.threads)]  # fmt: skip
+                if args.fsdp:
+                    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.fsdp)]
+                    command = [sys.executable, *launcher, *command, "--fsdp", str(args.fsdp)]
+                else:
+                    command = [sys.executable, *command]
                 # Large blocks through mmap, so freed activations leave RSS: glibc otherwise keeps them in its heap
                 # and RSS reports retained memory rather than live tensors (about +500 MB on SmolLM2 at 4 × 128).
                 environment = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
                 output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
-                result = json.loads(output.strip().splitlines()[-1])
-                measured.append(result["measured_mb"])
-                fixed.append(result["fixed_mb"])
+                results = [json.loads(line.split("RESULT ", 1)[1]) for line in output.splitlines() if "RESULT " in line]
+                largest = max(results, key=lambda r: r["measured_mb"])  # one per process
+                measured.append(largest["measured_mb"])
+                fixed.append(largest["fixed_mb"])
             value, runtime = statistics.median(measured), statistics.median(fixed)
+            sharding = {"zero": 3, "world": args.fsdp} if args.fsdp else {}
             guess = estimate(arch, method, batch_size=args.batch_size, seq_len=args.seq_len, dtype="float32",
-                             rank=args.rank, block_size=args.block_size,
+                             rank=args.rank, block_size=args.block_size, **sharding,
                              attention="flash" if arch.decoder else "math").total / 2**20  # fmt: skip
             print(
                 f"| {model} | {method} | {guess:,.0f} | {runtime:,.0f} | {value:,.0f} | {guess / value:.2f} "

@@ -341,6 +341,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "threads": "torch CPU threads (0: torch's default)",
         "learning_rate": "peak AdamW rate (default: the method's, the rate it did best at in the benchmark, "
         f"BENCHMARKS.md: {learning_rate_defaults()})",
+        "fsdp": "shard the model over the processes with PyTorch's FSDP2 (launch with torchrun --nproc_per_node N)",
         "unsafe_unsandboxed": "run model-written code (HumanEval pass@1) even where it cannot be sandboxed: it then "
         "isolates nothing",
     }

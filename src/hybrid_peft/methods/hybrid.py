@@ -272,12 +272,19 @@ def hybrid_layers(model: nn.Module) -> dict[str, HybridLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, HybridLayer)}
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of a sharded (FSDP2) DTensor, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def _squared_norm_and_count(params: list[nn.Parameter]) -> tuple[torch.Tensor, int]:
-    grads = [p.grad for p in params if p.grad is not None]
+    """The squared gradient norm of ``params`` over this process's part of them (all of them unless sharded) and
+    their total number of entries."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    count = sum(p.numel() for p in params)
     if not grads:
-        return torch.zeros((), device=params[0].device, dtype=torch.float64), sum(p.numel() for p in params)
-    squared = sum(g.detach().double().pow(2).sum() for g in grads)
-    return squared, sum(p.numel() for p in params)
+        return torch.zeros((), device=_local(params[0]).device, dtype=torch.float64), count
+    return sum(g.detach().double().pow(2).sum() for g in grads), count
 
 
 @torch.no_grad()

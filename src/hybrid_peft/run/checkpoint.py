@@ -44,6 +44,7 @@ class TrainerState:
     history: list[dict[str, Any]]
     before: dict[str, float]
     config: dict[str, Any]
+    processes: int = 1  # the world size that wrote it (the data order depends on it)
 
 
 # Options a resumed run may change: they extend or observe the run, they do not change what was trained so far.
@@ -58,6 +59,7 @@ RESUMABLE_CHANGES = frozenset(
         "generate",
         "merge",
         "threads",
+        "fsdp",  # checkpoints hold full state: they load with or without sharding
         "data_dir",
         "output_dir",
         "unsafe_unsandboxed",
@@ -86,28 +88,30 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
-def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The optimiser's state dict split into tensors (for safetensors) and everything else (for JSON)."""
-    state = optimizer.state_dict()
+SEPARATOR = "::"  # parameter names contain dots
+
+
+def _optimizer_parts(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A name-keyed optimiser state dict split into tensors (for safetensors) and everything else (for JSON)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for index, values in state["state"].items():
+    for name, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optimizer{SEPARATOR}{name}{SEPARATOR}{key}"] = value.detach().cpu().contiguous()
             else:
-                scalars.setdefault(str(index), {})[key] = value
+                scalars.setdefault(name, {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _optimizer_state(tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = tensor
-    for index, values in document.get("scalars", {}).items():
-        state.setdefault(int(index), {}).update(values)
+    state: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith("optimizer" + SEPARATOR):
+            _, name, field = key.split(SEPARATOR)
+            state.setdefault(name, {})[field] = tensor
+    for name, values in document.get("scalars", {}).items():
+        state.setdefault(name, {}).update(values)
     groups = []
     for group in document["param_groups"]:
         group = dict(group)
@@ -121,17 +125,18 @@ def save_checkpoint(
     output_dir: Path,
     state: TrainerState,
     save_weights: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     schedule: torch.optim.lr_scheduler.LRScheduler,
 ) -> Path:
     """Write checkpoint ``state.step``: ``save_weights(folder)`` writes the trained weights into the staging folder,
-    then the optimiser, schedule and RNG state; renamed into place when complete."""
+    then the optimiser's state (keyed by parameter name), the schedule and the RNG state; renamed into place when
+    complete."""
     final = output_dir / "checkpoints" / f"step-{state.step:06d}"
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_weights(staging)
-    tensors, optimizer_document = _optimizer_parts(optimizer)
+    tensors, optimizer_document = _optimizer_parts(optimizer_state)
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(staging / TENSORS_FILE))
     version, internal, gauss = random.getstate()
@@ -140,6 +145,7 @@ def save_checkpoint(
         "history": state.history,
         "before": state.before,
         "config": state.config,
+        "processes": state.processes,
         "optimizer": optimizer_document,
         "schedule": schedule.state_dict(),
         "python_rng": [version, list(internal), gauss],
@@ -152,13 +158,18 @@ def save_checkpoint(
 
 def read_trainer_state(folder: Path) -> TrainerState:
     document = _read_document(folder)
-    return TrainerState(document["step"], document["history"], document.get("before", {}), document["config"])
+    return TrainerState(
+        document["step"],
+        document["history"],
+        document.get("before", {}),
+        document["config"],
+        document.get("processes", 1),
+    )
 
 
-def restore_training_state(
-    folder: Path, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler
-) -> None:
-    """Load the optimiser, schedule and RNG state of checkpoint ``folder`` (no code runs while reading it)."""
+def restore_training_state(folder: Path, schedule: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    """Restore the schedule and RNG state of checkpoint ``folder`` and return its optimiser state (name-keyed, for
+    the run's parallelism to load). Reading it runs no code."""
     document = _read_document(folder)
     if not (folder / TENSORS_FILE).is_file():
         if (folder / PICKLED_FILE).is_file():
@@ -171,11 +182,11 @@ def restore_training_state(
         tensors = load_file(str(folder / TENSORS_FILE))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
         raise CheckpointError(f"{folder / TENSORS_FILE} could not be read ({exc})") from exc
-    optimizer.load_state_dict(_optimizer_state(tensors, document["optimizer"]))
     schedule.load_state_dict(document["schedule"])
     torch.set_rng_state(tensors["rng.torch"])
     version, internal, gauss = document["python_rng"]
     random.setstate((version, tuple(internal), gauss))
+    return _optimizer_state(tensors, document["optimizer"])
 
 
 def _read_document(folder: Path) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     merge: bool = False
     threads: int = 0
+    fsdp: bool = False
     unsafe_unsandboxed: bool = False
 
     def __post_init__(self) -> None:

@@ -99,15 +99,16 @@ def training_steps(
     start: int,
     stop: int,
     max_grad_norm: float = 0.0,
-    accelerator: Any = None,
+    parallel: Any = None,
 ) -> Iterator[StepResult]:
-    """Train steps ``start .. stop-1``, yielding after each. Under ``accelerate`` pass the prepared model and
-    optimiser and the ``accelerator``: it does the backward pass, the clipping and the loss's mean over
-    processes; the hybrid's λ is then set from the averaged gradients (all-reduced norms under FSDP)."""
-    inner = accelerator.unwrap_model(model) if accelerator is not None else model
+    """Train steps ``start .. stop-1``, yielding after each. With several processes pass the run's ``parallel``
+    strategy (``run/parallel.py``) and the model and optimiser it prepared: it does the backward pass, the
+    clipping and the loss's mean over processes; the hybrid's λ is set from the averaged gradients (from the
+    all-reduced norms of the shards under FSDP)."""
+    inner = parallel.unwrap(model) if parallel is not None else model
     mixing = bool(hybrid_layers(inner))
-    sharded = accelerator is not None and str(accelerator.distributed_type.value) == "FSDP"
-    device = accelerator.device if accelerator is not None else None
+    sharded = parallel is not None and parallel.sharded
+    device = parallel.device if parallel is not None else None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     for step in range(start, stop):
@@ -121,19 +122,16 @@ def training_steps(
         )
         with fits:
             loss = model(**batch).loss
-        if accelerator is not None:
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-        else:
-            loss_value = loss.item()
+        loss_value = parallel.mean(loss) if parallel is not None else loss.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"step {step}: the training loss is {loss_value}")
         with fits:
-            accelerator.backward(loss) if accelerator is not None else loss.backward()
+            parallel.backward(loss) if parallel is not None else loss.backward()
         learning_rate = schedule.get_last_lr()[0]
         records = update_mixing(inner, sharded=sharded) if mixing else {}
         if max_grad_norm:
-            if accelerator is not None:
-                accelerator.clip_grad_norm_(params, max_grad_norm)
+            if parallel is not None:
+                parallel.clip(params, max_grad_norm)
             else:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()

@@ -48,6 +48,7 @@ from hybrid_peft.run.checkpoint import (
 )
 from hybrid_peft.run.config import TrainConfig
 from hybrid_peft.run.loop import StepResult, batch_indices, batch_must_fit, make_optimiser, training_steps
+from hybrid_peft.run.parallel import parallelism_for
 from hybrid_peft.run.provenance import peak_rss_mb, run_environment
 from hybrid_peft.run.report import write_report
 from hybrid_peft.run.summary import RunSummary
@@ -90,9 +91,8 @@ class Recipe:
         self.output_dir = Path(config.output_dir)
         self.started = time.perf_counter()
         # Without an accelerator, say so: accelerate sets up multi-process CPU training (gloo) only with cpu=True.
-        self.accelerator = Accelerator(cpu=_cpu_only())
-        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        self.main = self.accelerator.is_main_process
+        self.parallel = parallelism_for(config.fsdp, Accelerator(cpu=_cpu_only()))
+        self.rank, self.world, self.main = self.parallel.rank, self.parallel.world, self.parallel.main
         if config.threads:
             torch.set_num_threads(config.threads)
         set_seed(config.seed)
@@ -216,11 +216,12 @@ class Recipe:
             model = trainee.initialise(model, config, classifier, lambda: self.initial_batches())
         self.model = model
         self.checkpoint = checkpoint
-        self.accelerator.wait_for_everyone()
+        self.parallel.barrier()
 
     def setup_optimiser(self) -> None:
         config = self.config
         self.trainable, self.total = parameter_counts(self.model)
+        self.model = self.parallel.shard(self.model)  # FSDP: before the optimiser, which then holds the shards
         self.optimizer, self.schedule = make_optimiser(
             self.model,
             learning_rate=config.learning_rate,
@@ -229,8 +230,16 @@ class Recipe:
             warmup_steps=config.warmup_steps,
         )
         if self.checkpoint is not None:
-            restore_training_state(self.checkpoint, self.optimizer, self.schedule)
-            saved_rate = read_trainer_state(self.checkpoint).config.get("learning_rate")
+            optimizer_state = restore_training_state(self.checkpoint, self.schedule)
+            self.parallel.load_optimizer_state(self.model, self.optimizer, optimizer_state)
+            saved = read_trainer_state(self.checkpoint)
+            if saved.processes != self.world and self.main:
+                print(
+                    f"resuming a run of {saved.processes} process(es) on {self.world}: the state is resharded, but "
+                    "the batches from here on follow the new number of processes",
+                    flush=True,
+                )
+            saved_rate = saved.config.get("learning_rate")
             if saved_rate != config.learning_rate:  # asked for a new rate: the optimiser and schedule take it
                 for group in self.optimizer.param_groups:
                     group["initial_lr"] = config.learning_rate
@@ -245,8 +254,8 @@ class Recipe:
                         f"checkpoint's run used {saved_rate:g})",
                         flush=True,
                     )
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.inner = self.accelerator.unwrap_model(self.model)
+        self.model, self.optimizer = self.parallel.prepare(self.model, self.optimizer)
+        self.inner = self.parallel.unwrap(self.model)
 
     def train(self) -> None:
         config = self.config
@@ -268,7 +277,7 @@ class Recipe:
             start=self.start_step,
             stop=config.steps,
             max_grad_norm=config.max_grad_norm,
-            accelerator=self.accelerator,
+            parallel=self.parallel,
         )
         try:
             for result in steps:
@@ -279,13 +288,12 @@ class Recipe:
                 self.log_step(result, bar)
                 done = result.step + 1
                 if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                    if self.main:
-                        self.append_log({"step": done, "eval": self.evaluate(f"step {done}")})
-                    self.accelerator.wait_for_everyone()
+                    metrics = self.evaluate_where_needed(f"step {done}")
+                    self.append_log({"step": done, "eval": metrics})
+                    self.parallel.barrier()
                 if config.save_every and done % config.save_every == 0 and done < config.steps:
-                    if self.main:
-                        self.pending = self.save_checkpoint(done)
-                    self.accelerator.wait_for_everyone()
+                    self.pending = self.save_checkpoint(done)
+                    self.parallel.barrier()
         except NonFiniteLossError as exc:  # from the loop, or from a checkpoint that would hold non-finite weights
             if self.pending is not None and self.main:  # its weights gave a non-finite loss: keep it out of --resume
                 os.replace(self.pending, self.pending.with_name(self.pending.name + ".nonfinite"))
@@ -294,20 +302,25 @@ class Recipe:
             bar.close()
 
     def finish(self) -> RunSummary | None:
-        in_sync = _ranks_in_sync(self.accelerator, self.inner)
         summary = None
-        if self.main:  # save before the final evaluation: an error or Ctrl-C there loses no training
-            self.trainee.save_result(self.inner, self.output_dir, self.tokenizer)
-        metrics_after = self.evaluate("after") if self.main else {}
+        model_state = self.parallel.model_state(self.inner) if self.trainee.needs_model_state else None
+        with self.parallel.full_parameters(self.inner):
+            in_sync = _ranks_in_sync(self.parallel, self.inner)
+            if self.main:  # save before the final evaluation: an error or Ctrl-C there loses no training
+                self.trainee.save_result(self.inner, self.output_dir, self.tokenizer, model_state)
+        metrics_after = self.evaluate_where_needed("after")
         if self.main:
             self.append_log({"step": self.config.steps, "eval": metrics_after})
-            if self.config.merge:
-                self.trainee.save_merged(self.inner, self.output_dir, self.tokenizer)
+        if self.config.merge:
+            with self.parallel.full_parameters(self.inner):
+                if self.main:
+                    self.trainee.save_merged(self.inner, self.output_dir, self.tokenizer)
+        if self.main:
             summary = RunSummary(
                 config=self.config,
                 task=self.task.name,
                 processes=self.world,
-                distributed_type=str(self.accelerator.distributed_type.value),
+                distributed_type=self.parallel.distributed_type,
                 ranks_in_sync=in_sync,
                 trainable_parameters=self.trainable,
                 total_parameters=self.total,
@@ -322,7 +335,7 @@ class Recipe:
             )
             summary.write(self.output_dir)
             write_report(self.output_dir, summary, _read_log(self.output_dir / LOG_FILE))
-        self.accelerator.wait_for_everyone()
+        self.parallel.barrier()
         return summary
 
     # --- helpers ------------------------------------------------------------------------------------------------
@@ -336,9 +349,17 @@ class Recipe:
         """The first ``init_batches`` training batches, for LoRA-GA's gradient estimate."""
         return [self.batch_at(i) for i in range(self.config.init_batches)]
 
+    def evaluate_where_needed(self, label: str) -> dict[str, float]:
+        """Evaluate on the main process (on every process when the parameters are sharded: each holds a part);
+        the metrics are the main process's, ``{}`` elsewhere."""
+        if self.main or self.parallel.evaluates_on_every_process:
+            metrics = self.evaluate(label)
+            return metrics if self.main else {}
+        return {}
+
     def evaluate(self, label: str) -> dict[str, float]:
         config = self.config
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.parallel.unwrap(self.model)
         with batch_must_fit(
             f"evaluation ({label}) with --eval-batch-size {config.eval_batch_size}",
             "lower --eval-batch-size or --max-length",
@@ -389,20 +410,32 @@ class Recipe:
             with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
-    def save_checkpoint(self, step: int) -> Path:
-        bad = [n for n, p in self.inner.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
-        if bad:  # never write (or name as good) a checkpoint that cannot be resumed usefully
+    def save_checkpoint(self, step: int) -> Path | None:
+        """Every process calls this (gathering sharded state is collective); the main one writes and returns the
+        checkpoint's folder."""
+        optimizer_state = self.parallel.optimizer_state(self.inner, self.optimizer)
+        model_state = self.parallel.model_state(self.inner) if self.trainee.needs_model_state else None
+        with self.parallel.full_parameters(self.inner):
+            bad = [n for n, p in self.inner.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+            if bad or not self.main:
+                return self._checkpoint_refused(step, bad)
+            state = TrainerState(step, self.history, self.metrics_before, self.config.to_dict(), self.world)
+            return save_checkpoint(
+                self.output_dir,
+                state,
+                lambda folder: self.trainee.save_weights(self.inner, folder, model_state),
+                optimizer_state,
+                self.schedule,
+            )
+
+    @staticmethod
+    def _checkpoint_refused(step: int, bad: list[str]) -> None:
+        """No checkpoint from this process: it is not the main one, or (on every process alike) the weights are
+        non-finite, which is never written or named as good."""
+        if bad:
             raise NonFiniteLossError(
                 f"step {step}: the weights became non-finite ({bad[0]}{' and others' if len(bad) > 1 else ''})"
             )
-        state = TrainerState(step, self.history, self.metrics_before, self.config.to_dict())
-        return save_checkpoint(
-            self.output_dir,
-            state,
-            lambda folder: self.trainee.save_weights(self.inner, folder),
-            self.optimizer,
-            self.schedule,
-        )
 
 
 def run_training(
@@ -486,8 +519,9 @@ class RunFolderLock:
             self.handle.close()  # closing releases the lock
 
 
-def _ranks_in_sync(accelerator: Any, model: torch.nn.Module) -> bool:
-    """True when every rank holds the same trainable weights (a checksum all-gathered from each)."""
+def _ranks_in_sync(parallel: Any, model: torch.nn.Module) -> bool:
+    """True when every rank holds the same trainable weights (a checksum all-gathered from each; call it with the
+    parameters whole)."""
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
-    gathered = accelerator.gather(checksum.reshape(1).to(accelerator.device))
+    gathered = parallel.gather(checksum.reshape(1))
     return bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9))

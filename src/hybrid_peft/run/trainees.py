@@ -43,6 +43,7 @@ CLASSIFIER_HEADS = ("classifier", "score")
 
 class Trainee(Protocol):
     resumable: bool
+    needs_model_state: bool  # saves the whole model's state (gathered whole first, when sharded)
 
     def default_learning_rate(self, config: TrainConfig) -> float: ...
 
@@ -54,9 +55,11 @@ class Trainee(Protocol):
 
     def restore(self, model: nn.Module, checkpoint: Path) -> nn.Module: ...
 
-    def save_weights(self, model: nn.Module, folder: Path) -> None: ...
+    def save_weights(self, model: nn.Module, folder: Path, model_state: dict | None = None) -> None: ...
 
-    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None: ...
+    def save_result(
+        self, model: nn.Module, output_dir: Path, tokenizer: Any, model_state: dict | None = None
+    ) -> None: ...
 
     def save_merged(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None: ...
 
@@ -69,6 +72,7 @@ class OwnAdapter:
     """One of hybrid-peft's methods, attached in place."""
 
     resumable = True
+    needs_model_state = False
 
     def validate(self, config: TrainConfig) -> None:
         self.adapter_config(config)  # the method name and its options, checked before any model loads
@@ -95,10 +99,10 @@ class OwnAdapter:
     def restore(self, model: nn.Module, checkpoint: Path) -> nn.Module:
         return load_adapter(model, checkpoint / "adapter", trainable=True)
 
-    def save_weights(self, model: nn.Module, folder: Path) -> None:
+    def save_weights(self, model: nn.Module, folder: Path, model_state: dict | None = None) -> None:
         save_adapter(model, folder / "adapter")
 
-    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, model_state: dict | None = None) -> None:
         save_adapter(model, output_dir / "adapter")
 
     def save_merged(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
@@ -109,6 +113,7 @@ class FullFineTuning:
     """Every parameter trains."""
 
     resumable = True
+    needs_model_state = True
     WEIGHTS = "model.safetensors"
     # Tuned in the benchmark: 2e-4 on MiniLM-L6 (22.7M parameters), 3e-5 on SmolLM2-135M (BENCHMARKS.md).
     SMALL_MODEL_PARAMETERS = 50_000_000
@@ -141,14 +146,16 @@ class FullFineTuning:
         model.load_state_dict(load_file(str(checkpoint / self.WEIGHTS)))
         return model
 
-    def save_weights(self, model: nn.Module, folder: Path) -> None:
+    def save_weights(self, model: nn.Module, folder: Path, model_state: dict | None = None) -> None:
         from safetensors.torch import save_file
 
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(folder / self.WEIGHTS))
+        if model_state is None:
+            model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        # Tied weights (an LM head sharing the embeddings) are one tensor: safetensors wants each stored once.
+        save_file({k: v.clone() for k, v in model_state.items()}, str(folder / self.WEIGHTS))
 
-    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
-        model.save_pretrained(output_dir / "model")
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, model_state: dict | None = None) -> None:
+        model.save_pretrained(output_dir / "model", state_dict=model_state)
         tokenizer.save_pretrained(output_dir / "model")
 
     def save_merged(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
@@ -159,6 +166,7 @@ class PeftPeer:
     """A PEFT baseline: the model is wrapped by PEFT once the first evaluation has run."""
 
     resumable = False
+    needs_model_state = False
 
     def __init__(self, method: str) -> None:
         self.method = method
@@ -168,10 +176,10 @@ class PeftPeer:
 
     def validate(self, config: TrainConfig) -> None:
         peers.peer_options(self.method, config.adapter)
-        if config.save_every or config.merge:
+        if config.save_every or config.merge or config.fsdp:
             raise ConfigError(
-                f"{self.method} is a PEFT baseline for benchmarks: --save-every and --merge are offered for "
-                "hybrid-peft's own methods only"
+                f"{self.method} is a PEFT baseline for benchmarks: --save-every, --merge and --fsdp are offered for "
+                "hybrid-peft's own methods and full fine-tuning only"
             )
 
     def attach(self, model: nn.Module, config: TrainConfig, classifier: bool) -> nn.Module:
@@ -187,10 +195,10 @@ class PeftPeer:
     def restore(self, model: nn.Module, checkpoint: Path) -> nn.Module:
         raise ConfigError(f"--resume is not offered for the PEFT baseline {self.method}")
 
-    def save_weights(self, model: nn.Module, folder: Path) -> None:
+    def save_weights(self, model: nn.Module, folder: Path, model_state: dict | None = None) -> None:
         raise ConfigError(f"checkpoints are not offered for the PEFT baseline {self.method}")
 
-    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
+    def save_result(self, model: nn.Module, output_dir: Path, tokenizer: Any, model_state: dict | None = None) -> None:
         peers.save_peer(model, output_dir / "adapter")
 
     def save_merged(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
