@@ -2,6 +2,7 @@
 
     python benchmarks/estimate_check.py                       # SmolLM2-135M and MiniLM-L6, batch 4 × 128, fp32, CPU
     python benchmarks/estimate_check.py --fsdp 2 --models smollm2-135m   # FSDP2 over 2 processes vs --zero 3 --world 2
+    python benchmarks/estimate_check.py --models smollm2-135m --methods lora --modes plain,nf4,checkpointing,chunked,all
 
 Each (model, method) runs in its own process: imports, then the runtime's resident memory is read; the model is
 loaded and the adapter attached; the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and three
@@ -17,7 +18,10 @@ alone and of the estimate plus the fixed cost to the measurement (target: within
 attention CPUs run: PyTorch's fused kernel for the decoder, the materialised scores for BERT (the fused CPU kernel
 does not take attention dropout). With ``--fsdp N`` each worker is N processes under ``torchrun`` (gloo) whose model
 is sharded with FSDP2 (every decoder block, then the model) before the peak counter is reset; each process
-measures its own peak, the table shows the largest, and the estimate is ``--zero 3 --world N``. Linux only.
+measures its own peak, the table shows the largest, and the estimate is ``--zero 3 --world N``. ``--modes`` measures
+the resource savings (causal LMs): ``nf4`` (a 4-bit base), ``checkpointing`` (activation checkpointing), ``chunked``
+(the loss in chunks of 128 tokens), ``all`` (the three together), against the estimate's matching options. Linux
+only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -33,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 METHODS = ("full", "lora", "boft", "unitary", "hybrid")
+MODES = ("plain", "nf4", "checkpointing", "chunked", "all")
+CHUNK_TOKENS = 128
 
 
 def _status_kib(field: str) -> int:
@@ -56,8 +63,13 @@ def worker(args: argparse.Namespace) -> None:
     classify = args.model == "minilm-l6"
     gc.collect()
     runtime_kib = _status_kib("VmRSS")
-    model = load_model(args.model, task="sequence-classification" if classify else "causal-lm",
+    mode = args.mode or "plain"
+    quantise = "nf4" if mode in ("nf4", "all") else None
+    model = load_model(args.model, task="sequence-classification" if classify else "causal-lm", quantise=quantise,
                        **({"num_labels": 2} if classify else {}))  # fmt: skip
+    if mode in ("checkpointing", "all"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chunk = CHUNK_TOKENS if mode in ("chunked", "all") else 0
     configs = {
         "lora": lambda: LoRAConfig(rank=args.rank, alpha=2 * args.rank),
         "boft": lambda: BOFTConfig(block_size=args.block_size, butterfly_factors=1),
@@ -90,8 +102,11 @@ def worker(args: argparse.Namespace) -> None:
     gc.collect()
     with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
         handle.write("5")  # reset VmHWM to the current RSS
+    from hybrid_peft.losses import chunked_causal_lm_loss
+
     for _ in range(3):
-        model(**batch).loss.backward()
+        loss = chunked_causal_lm_loss(model, batch, chunk) if chunk else model(**batch).loss
+        loss.backward()
         if args.method == "hybrid":
             update_mixing(model, sharded=sharded is not None)
         optimiser.step()
@@ -111,6 +126,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fsdp", type=int, default=0, help="shard over N processes with FSDP2 (estimate: ZeRO 3)")
+    parser.add_argument("--modes", default="plain", help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -125,41 +142,45 @@ def main() -> None:
     print(f"batch {args.batch_size} × {args.seq_len}, float32, CPU, {args.threads} threads, median of {args.repeats}"
           f"{sharding}")  # fmt: skip
     print()
-    print("| model | method | estimate MB | fixed runtime MB | measured MB | estimate / measured "
+    print("| model | method | mode | estimate MB | fixed runtime MB | measured MB | estimate / measured "
           "| (estimate + fixed) / measured |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for model in args.models.split(","):
+    print("|---|---|---|---|---|---|---|---|")
+    runs = [(m, method, mode) for m in args.models.split(",") for method in args.methods.split(",")
+            for mode in args.modes.split(",")]  # fmt: skip
+    for model, method, mode in runs:
         arch = load_architecture(model)
-        for method in args.methods.split(","):
-            measured, fixed = [], []
-            for _ in range(args.repeats):
-                command = [__file__, "--worker", "--model", model, "--method", method,
-                           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                           "--rank", str(args.rank), "--block-size", str(args.block_size),
-                           "--threads", str(args.threads)]  # fmt: skip
-                if args.fsdp:
-                    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.fsdp)]
-                    command = [sys.executable, *launcher, *command, "--fsdp", str(args.fsdp)]
-                else:
-                    command = [sys.executable, *command]
-                # Large blocks through mmap, so freed activations leave RSS: glibc otherwise keeps them in its heap
-                # and RSS reports retained memory rather than live tensors (about +500 MB on SmolLM2 at 4 × 128).
-                environment = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
-                output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
-                results = [json.loads(line.split("RESULT ", 1)[1]) for line in output.splitlines() if "RESULT " in line]
-                largest = max(results, key=lambda r: r["measured_mb"])  # one per process
-                measured.append(largest["measured_mb"])
-                fixed.append(largest["fixed_mb"])
-            value, runtime = statistics.median(measured), statistics.median(fixed)
-            sharding = {"zero": 3, "world": args.fsdp} if args.fsdp else {}
-            guess = estimate(arch, method, batch_size=args.batch_size, seq_len=args.seq_len, dtype="float32",
-                             rank=args.rank, block_size=args.block_size, **sharding,
-                             attention="flash" if arch.decoder else "math").total / 2**20  # fmt: skip
-            print(
-                f"| {model} | {method} | {guess:,.0f} | {runtime:,.0f} | {value:,.0f} | {guess / value:.2f} "
-                f"| {(guess + runtime) / value:.2f} |",
-                flush=True,
-            )
+        measured, fixed = [], []
+        for _ in range(args.repeats):
+            command = [__file__, "--worker", "--model", model, "--method", method,
+                       "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+                       "--rank", str(args.rank), "--block-size", str(args.block_size),
+                       "--threads", str(args.threads), "--mode", mode]  # fmt: skip
+            if args.fsdp:
+                launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.fsdp)]
+                command = [sys.executable, *launcher, *command, "--fsdp", str(args.fsdp)]
+            else:
+                command = [sys.executable, *command]
+            # Large blocks through mmap, so freed activations leave RSS: glibc otherwise keeps them in its heap
+            # and RSS reports retained memory rather than live tensors (about +500 MB on SmolLM2 at 4 × 128).
+            environment = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
+            output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
+            results = [json.loads(found) for found in re.findall(r"RESULT (\{[^}]*\})", output)]  # per process
+            largest = max(results, key=lambda r: r["measured_mb"])  # one per process
+            measured.append(largest["measured_mb"])
+            fixed.append(largest["fixed_mb"])
+        value, runtime = statistics.median(measured), statistics.median(fixed)
+        options = {"zero": 3, "world": args.fsdp} if args.fsdp else {}
+        options |= {"quantised_base": 4} if mode in ("nf4", "all") else {}
+        options |= {"checkpointing": True} if mode in ("checkpointing", "all") else {}
+        options |= {"loss_chunk_tokens": CHUNK_TOKENS} if mode in ("chunked", "all") else {}
+        guess = estimate(arch, method, batch_size=args.batch_size, seq_len=args.seq_len, dtype="float32",
+                         rank=args.rank, block_size=args.block_size, **options,
+                         attention="flash" if arch.decoder else "math").total / 2**20  # fmt: skip
+        print(
+            f"| {model} | {method} | {mode} | {guess:,.0f} | {runtime:,.0f} | {value:,.0f} | {guess / value:.2f} "
+            f"| {(guess + runtime) / value:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def test_peft_peers_train_through_the_same_recipe(tiny_lm: str, tmp_path: Path, 
 def test_peers_refuse_what_they_do_not_offer(tiny_lm: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown option.*valid options are"):
         config_for(tiny_lm, tmp_path, method="peft-lora", adapter={"block_size": 4})
-    with pytest.raises(ConfigError, match="--save-every, --merge and --fsdp"):
+    with pytest.raises(ConfigError, match="--save-every, --merge, --fsdp"):
         config_for(tiny_lm, tmp_path, method="peft-boft", save_every=2)
     with pytest.raises(ConfigError, match="--resume is not offered"):
         run_training(config_for(tiny_lm, tmp_path, method="peft-lora"), resume=True, progress=False)

@@ -29,8 +29,9 @@ STATE_ATTRIBUTE = "_hybrid_peft_state"
 class AttachState:
     """Bookkeeping kept on the root model while adapters are attached (removed by :func:`detach`)."""
 
-    # Every parameter's requires_grad before the first attach, so detach restores it exactly.
-    original_requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    # Every parameter's requires_grad before the first attach, by name, so detach restores it exactly (names, not
+    # the tensors: holding them would keep weights alive that FSDP replaces with shards).
+    original_requires_grad: dict[str, bool] = field(default_factory=dict)
     # Identity of the base weights the adapters were attached to, taken before any adapter changed them.
     base_fingerprint: dict[str, dict] = field(default_factory=dict)
 
@@ -67,7 +68,7 @@ def wrap_modules(model: nn.Module, names: list[str], config: AdapterConfig, *, f
             raise ConfigError(f"{name}: {exc}") from exc
     state = attach_state(model)
     if state is None:
-        state = AttachState(original_requires_grad=[(p, p.requires_grad) for p in model.parameters()])
+        state = AttachState(original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         setattr(model, STATE_ATTRIBUTE, state)
     for name, layer in layers.items():
         module = candidates[name]
@@ -130,8 +131,10 @@ def detach(model: nn.Module, *, merge: bool = False) -> nn.Module:
         setattr(parent, child, base)
     state = attach_state(model)
     if state is not None:
-        for p, requires_grad in state.original_requires_grad:
-            p.requires_grad_(requires_grad)
+        parameters = dict(model.named_parameters())
+        for name, requires_grad in state.original_requires_grad.items():
+            if name in parameters:
+                parameters[name].requires_grad_(requires_grad)
         delattr(model, STATE_ATTRIBUTE)
     return model
 

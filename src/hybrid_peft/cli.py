@@ -283,6 +283,8 @@ def command_estimate(args: argparse.Namespace) -> int:
             zero=args.zero,
             world=args.world,
             quantised_base=args.quantised_base,
+            checkpointing=args.gradient_checkpointing,
+            loss_chunk_tokens=args.loss_chunk_tokens,
             attention=args.attention,
         )
     )
@@ -341,6 +343,11 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "threads": "torch CPU threads (0: torch's default)",
         "learning_rate": "peak AdamW rate (default: the method's, the rate it did best at in the benchmark, "
         f"BENCHMARKS.md: {learning_rate_defaults()})",
+        "dtype": "the frozen base's dtype: float32, bfloat16 or float16 (adapters and optimiser state stay fp32)",
+        "quantise_base": "load the frozen base quantised with bitsandbytes: nf4 (QLoRA's 4-bit) or int8",
+        "gradient_checkpointing": "recompute each block's activations in backward instead of keeping them",
+        "loss_chunk_tokens": "causal LMs: compute the loss over the vocabulary this many tokens at a time, never "
+        "building the whole logits (0: the model's own loss)",
         "fsdp": "shard the model over the processes with PyTorch's FSDP2 (launch with torchrun --nproc_per_node N)",
         "unsafe_unsandboxed": "run model-written code (HumanEval pass@1) even where it cannot be sandboxed: it then "
         "isolates nothing",
@@ -519,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage (DeepSpeed/FSDP)")
     estimate.add_argument("--world", type=int, default=1, help="processes the ZeRO stage shards over")
     estimate.add_argument("--quantised-base", type=int, choices=[4, 8], help="frozen base weights at 4 or 8 bits")
+    estimate.add_argument(
+        "--gradient-checkpointing", action="store_true", help="activation checkpointing: blocks keep only their input"
+    )
+    estimate.add_argument(
+        "--loss-chunk-tokens", type=int, default=0, help="the loss's logits for this many tokens at a time (0: all)"
+    )
     estimate.add_argument(
         "--attention",
         default="flash",

@@ -265,6 +265,8 @@ def estimate(
     world: int = 1,
     quantised_base: int | None = None,
     attention: str = "flash",
+    checkpointing: bool = False,
+    loss_chunk_tokens: int = 0,
 ) -> Estimate:
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -283,7 +285,10 @@ def estimate(
     h = arch.hidden
 
     if quantised_base is not None:
-        weights = linear_params * quantised_base / 8 + (total_params - linear_params) * b
+        # 4-bit: one fp32 absolute maximum per block of 64 values (bitsandbytes' NF4), 4.5 bits a value; 8-bit: one
+        # fp32 scale per row, negligible. The task head and embeddings stay at the base dtype.
+        bits = quantised_base + (32 / 64 if quantised_base == 4 else 0)
+        weights = linear_params * bits / 8 + (total_params - linear_params) * b
     else:
         weights = total_params * b
     config = None if method == "full" else method_config(method, rank, block_size, butterfly_factors)
@@ -318,10 +323,14 @@ def estimate(
         fixed_activations = 4.0 * arch.layers * sum(config.fixed_activations(n, m) for _, n, m in shapes)
         adapter_flops = 6 * tokens * arch.layers * sum(config.flops_per_token(n, m) for _, n, m in shapes)
         flops = 4 * linear_params * tokens + adapter_flops
-    # Logits: the loss's log-softmax output, then the two vocabulary-sized gradients of the backward's first steps.
-    logits = 3 * arch.vocab * 4 if arch.decoder else 0
+    # Logits: the loss's log-softmax output, then the two vocabulary-sized gradients of the backward's first steps
+    # (fp32), for every token, or for one chunk of tokens at a time with the chunked loss (recomputed in backward).
+    logit_tokens = min(tokens, loss_chunk_tokens) if loss_chunk_tokens and arch.decoder else tokens
+    logits = 3 * arch.vocab * 4 * logit_tokens if arch.decoder else 0
     outside = model_level_elements(arch, full=method == "full", attention=attention, dtype_bytes=b)
-    activations = tokens * ((arch.layers * per_token_layer + outside) * b + logits) + fixed_activations
+    # With checkpointing every block keeps only its input, and one block's activations live again in its backward.
+    kept = arch.layers * h + per_token_layer if checkpointing else arch.layers * per_token_layer
+    activations = tokens * (kept + outside) * b + logits + fixed_activations
     if zero >= 1:
         optimiser /= world
     if zero >= 2:
@@ -345,7 +354,9 @@ def estimate_table(arch: Architecture, methods: list[str], **options: Any) -> st
         f"MLP {arch.intermediate}, vocabulary {arch.vocab}); batch {options.get('batch_size', 4)} × "
         f"{options.get('seq_len', 512)} tokens, {options.get('dtype', 'bfloat16')}, ZeRO {options.get('zero', 0)} "
         f"over {options.get('world', 1)} process(es)"
-        + (f", base quantised to {options['quantised_base']} bits" if options.get("quantised_base") else ""),
+        + (f", base quantised to {options['quantised_base']} bits" if options.get("quantised_base") else "")
+        + (", activation checkpointing" if options.get("checkpointing") else "")
+        + (f", loss chunks of {options['loss_chunk_tokens']} tokens" if options.get("loss_chunk_tokens") else ""),
         "",
         "| method | trainable | weights | adapter | gradients | optimiser | activations | peak GiB | × full "
         "| TFLOP/step | × full |",

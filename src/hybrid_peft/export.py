@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from torch import nn
 from hybrid_peft.adapters import _parent_and_child, adapter_layers
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.fileio import atomic_write_text, atomic_write_with
-from hybrid_peft.layer import is_transposed
+from hybrid_peft.layer import is_transposed, linear_weight, quantisation_of
 from hybrid_peft.methods.lora import LoRALayer
 from hybrid_peft.serialization import model_name
 
@@ -38,23 +39,69 @@ def clear_quantization_state(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
+def _dequantised_identity(model: nn.Module) -> Iterator[None]:
+    """Inside, the model does not claim to be quantised (its quantised layers were replaced by plain ones)."""
+    saved = {name: getattr(model, name, None) for name in ("hf_quantizer", "is_quantized")}
+    config = getattr(model, "config", None)
+    quantization_config = getattr(config, "quantization_config", None)
+    model.hf_quantizer, model.is_quantized = None, False
+    if quantization_config is not None:
+        del config.quantization_config
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(model, name, value)
+        if quantization_config is not None:
+            config.quantization_config = quantization_config
+
+
+@contextlib.contextmanager
 def merged_view(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily merge every adapter and put the plain base modules back, so the model looks exactly like a
     merged ``transformers`` model; on exit the adapters return, unmerged if they were unmerged before."""
     layers = adapter_layers(model)
     was_merged = {name: layer.merged for name, layer in layers.items()}
+    # A quantised base cannot hold merged weights: every quantised linear (adapted or not) is replaced by a plain
+    # one holding its dequantised (merged) weight, so the whole model is written dequantised.
+    quantised = {
+        name: module
+        for name, module in model.named_modules()
+        if quantisation_of(module) and name not in layers and name.rpartition(".")[0] not in layers  # not wrapped
+    }
+    replaced: dict[str, nn.Module] = {}
     for name, layer in layers.items():
-        layer.merge()
+        if layer.quantised:
+            replaced[name] = _plain_linear(layer.merged_weight(), layer.base_layer)
+        else:
+            layer.merge()
+    for name, module in quantised.items():
+        replaced[name] = _plain_linear(linear_weight(module), module)
+    originals = {}
+    for name in [*layers, *quantised]:
         parent, child = _parent_and_child(model, name)
-        setattr(parent, child, layer.base_layer)
+        originals[name] = getattr(parent, child)
+        setattr(parent, child, replaced.get(name, layers[name].base_layer if name in layers else None))
     try:
         yield model
     finally:
-        for name, layer in layers.items():
+        for name, original in originals.items():
             parent, child = _parent_and_child(model, name)
-            setattr(parent, child, layer)
-            if not was_merged[name]:
+            setattr(parent, child, original)
+        for name, layer in layers.items():
+            if not was_merged[name] and not layer.quantised:
                 layer.unmerge()
+
+
+def _plain_linear(weight: torch.Tensor, like: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` (``(out, in)``) and ``like``'s bias: a quantised layer, dequantised."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=like.bias is not None, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight.float())
+        if like.bias is not None:
+            linear.bias.copy_(like.bias.float())
+    return linear.requires_grad_(False)
 
 
 def save_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
@@ -70,8 +117,15 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any =
     staging = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     clear_quantization_state(model)
-    with merged_view(model):
+    quantised = any(quantisation_of(m) for m in model.modules())
+    with merged_view(model), _dequantised_identity(model) if quantised else contextlib.nullcontext():
         model.save_pretrained(staging)
+    if quantised:
+        warnings.warn(
+            f"the base model is quantised, so {directory} holds the merged model dequantised (fp32 weights): a "
+            "quantised base cannot hold merged weights; quantise it again when loading if you want it small",
+            stacklevel=2,
+        )
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     directory.parent.mkdir(parents=True, exist_ok=True)

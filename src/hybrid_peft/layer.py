@@ -12,10 +12,13 @@ The wrapper says which tensors are its own (:meth:`AdapterLayer.adapter_state`),
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
+
+from hybrid_peft.errors import HybridPeftError
 
 if TYPE_CHECKING:
     from hybrid_peft.config import AdapterConfig
@@ -37,15 +40,49 @@ def is_transposed(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
 
 
+def quantisation_of(module: nn.Module) -> str | None:
+    """``"nf4"``/``"fp4"`` for a bitsandbytes ``Linear4bit``, ``"int8"`` for ``Linear8bitLt``, else None."""
+    weight = getattr(module, "weight", None)
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        return getattr(weight, "quant_type", None) or "nf4"
+    if kind == "Int8Params":
+        return "int8"
+    return None
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a supported linear layer."""
+    """``(out_features, in_features)`` of a supported linear layer (quantised ones pack their weight)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
     weight = module.weight
     return (weight.shape[1], weight.shape[0]) if is_transposed(module) else (weight.shape[0], weight.shape[1])
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as an ``(out, in)`` view (a transpose view for ``Conv1D``; no copy)."""
+    """The layer's weight as an ``(out, in)`` tensor: a view for plain layers (a transpose view for ``Conv1D``; no
+    copy), a dequantised copy for quantised ones (made on each call)."""
+    if quantisation_of(module) is not None:
+        return dequantised_weight(module)
     return module.weight.T if is_transposed(module) else module.weight
+
+
+def dequantised_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of a bitsandbytes 4-bit or 8-bit layer, dequantised (fp32)."""
+    import bitsandbytes.functional as bnb_functional
+
+    weight = module.weight
+    if type(weight).__name__ == "Params4bit":
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # repacked for the CPU kernel on a first forward
+            data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        return bnb_functional.dequantize_4bit(data, state).float()
+    # LLM.int8: each row scaled to [-127, 127] by its absolute maximum (SCB), which moves to the layer's state
+    # after its first forward pass
+    scales = getattr(weight, "SCB", None)
+    if scales is None:
+        scales = module.state.SCB
+    return weight.data.float() * (scales.float()[:, None] / 127.0)
 
 
 def adapter_dtype_for(base_dtype: torch.dtype) -> torch.dtype:
@@ -69,6 +106,7 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.config = config
         self.out_features, self.in_features = linear_shape(base_layer)
+        self.quantised = quantisation_of(base_layer)  # a frozen 4-/8-bit base: read dequantised, never written
         self.merged = False
 
     # --- what belongs to the adapter ----------------------------------------------------------------------
@@ -123,6 +161,11 @@ class AdapterLayer(nn.Module):
         """Fold the adapter into the base weight; ``forward`` then runs only the base layer. Idempotent."""
         if self.merged:
             return
+        if self.quantised:
+            raise HybridPeftError(
+                f"cannot merge into a {self.quantised} base layer: its weights are quantised. save_merged writes a "
+                "merged model with the base dequantised"
+            )
         self._write_base_weight(self.merged_weight())
         self.merged = True
 
@@ -144,6 +187,8 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def _write_base_weight(self, weight: torch.Tensor) -> None:
+        if self.quantised:
+            raise HybridPeftError(f"the base layer is quantised ({self.quantised}): its weights cannot be written")
         target = self.base_layer.weight
         target.data.copy_(weight.T if is_transposed(self.base_layer) else weight)
 

@@ -146,6 +146,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     report_new: Callable[[list[str]], None] | None = None,
+    quantise: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Load a ``transformers`` model from an alias (``smollm2-135m``, ``minilm-l6``), a hub id or a local folder.
@@ -153,6 +154,8 @@ def load_model(
     Args:
         task: ``causal-lm``, ``sequence-classification`` (pass ``num_labels=``) or ``base`` (the bare encoder).
         dtype: weights' dtype; fp32 by default (the CPU default).
+        quantise: ``"nf4"`` or ``"int8"`` to load every linear layer but the task head quantised with
+            bitsandbytes (frozen; QLoRA's 4-bit NormalFloat, or LLM.int8), computing in ``dtype``.
         report_new: called with the names of the weights the checkpoint lacks, which start from random values (a new
             task head); by default one warning line says so. Callers that restore or train them pass their own.
         kwargs: passed to ``from_pretrained``.
@@ -161,6 +164,8 @@ def load_model(
 
     auto_class = _auto_class(task)
     path = resolve_model_path(name_or_path)
+    if quantise is not None:
+        kwargs["quantization_config"] = quantisation_config(quantise, dtype)
     verbosity = transformers.logging.get_verbosity()
     bar = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # transformers' load report: we say what matters, once, below
@@ -187,6 +192,13 @@ def load_model(
             )
         else:
             report_new(new)
+    if quantise == "nf4":
+        # bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first no-grad forward, and its
+        # unpacking (which dequantising needs: merging, fingerprints, BOFT's weight side) does not restore every
+        # shape exactly. Keep the one layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     if str(name_or_path) in ALIASES:
         model.config._name_or_path = str(name_or_path)
     if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:
@@ -196,6 +208,29 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+QUANTISATIONS = ("nf4", "int8")
+QUANTISATION_INSTALL = "pip install 'hybrid-peft[quant]' (or pip install bitsandbytes)"
+
+
+def quantisation_config(mode: str, dtype: torch.dtype) -> Any:
+    """transformers' bitsandbytes config for ``mode`` (``nf4`` or ``int8``); a missing bitsandbytes names the
+    install command."""
+
+    from transformers import BitsAndBytesConfig
+
+    if mode not in QUANTISATIONS:
+        raise ModelLoadError(f"unknown quantisation {mode!r}; choose one of {list(QUANTISATIONS)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"--quantise-base {mode} needs bitsandbytes, which is not installed: {QUANTISATION_INSTALL}"
+        )
+    if mode == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:

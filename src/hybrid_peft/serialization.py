@@ -29,7 +29,7 @@ from hybrid_peft.adapters import adapter_layers, attach_state, detach, fingerpri
 from hybrid_peft.config import AdapterConfig
 from hybrid_peft.errors import AdapterFileError, BaseModelMismatchError, ConfigError, HybridPeftError
 from hybrid_peft.fileio import atomic_write_text, atomic_write_with, sha256_file
-from hybrid_peft.layer import linear_weight
+from hybrid_peft.layer import linear_weight, quantisation_of
 from hybrid_peft.registry import get_method
 from hybrid_peft.targeting import linear_candidates
 from hybrid_peft.version import __version__
@@ -43,6 +43,7 @@ TRAINED_PREFIX = "trained_base::"
 # Two fingerprints agree when every sampled value is within this fraction of the sample's largest magnitude:
 # loose enough for the same model in bf16 vs fp32, far too tight for two different models to pass.
 FINGERPRINT_TOLERANCE = 2e-2
+QUANTISED_FINGERPRINT_TOLERANCE = 0.25
 
 
 def model_name(model: nn.Module) -> str | None:
@@ -84,6 +85,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
             "name_or_path": model_name(model),
             "class": type(model).__name__,
             "fingerprint": {name: fingerprint[name] for name in modules if name in fingerprint},
+            "quantised": {name: layers[name].quantised for name in modules if layers[name].quantised},
         },
         "weights_sha256": sha256_file(directory / WEIGHTS_NAME),
     }
@@ -169,14 +171,26 @@ def _read_weights(directory: Path, expected_sha256: str) -> dict[str, torch.Tens
         raise AdapterFileError(f"{path} could not be read as safetensors ({exc}); the file is corrupt") from exc
 
 
-def _fingerprints_agree(saved: dict, current: dict) -> bool:
+def _fingerprints_agree(saved: dict, current: dict, quantised: bool = False) -> bool:
+    """Same shape and the same sampled values: to 2% of their largest (bf16 rounding passes); where either side
+    is quantised, to 25% and with a correlation of at least 0.9 (4-bit rounding passes, another model does not)."""
     if list(saved["shape"]) != list(current["shape"]):
         return False
     a, b = saved["sample"], current["sample"]
-    if len(a) != len(b):
+    if len(a) != len(b) or not all(math.isfinite(y) for y in b):
         return False
     scale = max([abs(v) for v in a] + [1e-12])
-    return all(math.isfinite(y) and abs(x - y) <= FINGERPRINT_TOLERANCE * scale for x, y in zip(a, b, strict=True))
+    tolerance = QUANTISED_FINGERPRINT_TOLERANCE if quantised else FINGERPRINT_TOLERANCE
+    if not all(abs(x - y) <= tolerance * scale for x, y in zip(a, b, strict=True)):
+        return False
+    return not quantised or _correlation(a, b) >= 0.9
+
+
+def _correlation(a: list[float], b: list[float]) -> float:
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b, strict=True))
+    norm = math.sqrt(sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b))
+    return cov / norm if norm else 1.0
 
 
 def check_base_model(model: nn.Module, document: dict[str, Any]) -> None:
@@ -193,9 +207,11 @@ def check_base_model(model: nn.Module, document: dict[str, Any]) -> None:
             + ". Load it onto the base model it was trained on"
         )
     mismatched = []
+    saved_quantised = base.get("quantised") or {}
     for name, saved in base.get("fingerprint", {}).items():
         current = fingerprint_weight(linear_weight(candidates[name]))
-        if not _fingerprints_agree(saved, current):
+        quantised = bool(saved_quantised.get(name) or quantisation_of(candidates[name]))
+        if not _fingerprints_agree(saved, current, quantised):
             mismatched.append((name, saved["shape"], current["shape"]))
     if mismatched:
         name, saved_shape, shape = mismatched[0]

@@ -411,6 +411,16 @@ class ButterflyBranch:
         rotation = self.rotation_matrix()
         return self.boft_scale[:, None] * (self.base_weight.to(rotation.dtype) @ rotation.T)
 
+    def scaled_base_output(self, rotated: torch.Tensor) -> torch.Tensor:
+        """``s ⊙ ((x M) W0ᵀ) + b`` computed by the base layer itself on the rotated input: the path for a quantised
+        base, whose weight is only ever read by its own kernel (same maths as :func:`scaled_linear`)."""
+        out = self.base_layer(rotated)
+        bias = self.base_layer.bias
+        if bias is None:
+            return out * self.boft_scale
+        bias = bias.to(out.dtype)
+        return torch.addcmul(bias, out - bias, self.boft_scale)
+
 
 @register_method(BOFTConfig)
 class BOFTLayer(ButterflyBranch, AdapterLayer):
@@ -440,9 +450,13 @@ class BOFTLayer(ButterflyBranch, AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        base = self.base_weight
         rotations = self.rotations()
         x2d = x.reshape(-1, self.in_features)
+        if self.quantised:
+            rotated = ButterflyRotate.apply(x2d.to(rotations.dtype), rotations, *self.plan)
+            out = self.scaled_base_output(rotated)
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        base = self.base_weight
         if self._use_weight_side(x2d.shape[0]):
             # W0 Mᵀ: each row of W0 is rotated by Mᵀ = M⁻¹, i.e. the transposed blocks applied in reverse order.
             rotated_weight = butterfly_rotate_plain(

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid_peft.config import require_choice, require_float
-from hybrid_peft.errors import HybridPeftError
+from hybrid_peft.errors import ConfigError, HybridPeftError
 from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
 from hybrid_peft.methods.boft import (
     BOFTConfig,
@@ -136,6 +136,11 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
 
     def __init__(self, base_layer: nn.Module, config: HybridConfig) -> None:
         super().__init__(base_layer, config)
+        if self.quantised and config.gate == "branch":
+            raise ConfigError(
+                f"gate='branch' offsets the base weight, which a quantised ({self.quantised}) base cannot take; use "
+                "gate='update' (the default)"
+            )
         weight = self.base_weight
         factory = {"device": weight.device, "dtype": adapter_dtype_for(weight.dtype)}
         # Low-rank branch (LoRA-GA start): A, B, and the start A0, B0.
@@ -201,12 +206,15 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        base = self.base_weight
         dtype = self.boft_skew.dtype
         x2d = x.reshape(-1, self.in_features).to(dtype)
         rotated = ButterflyRotate.apply(x2d, self.rotations(), *self.plan)
         lora_a, lora_b = self.low_rank_factors()
         low_rank_input = F.linear(self.lora_dropout(x2d), lora_a)  # (T, r), or (T, 2r) with the update gate
+        if self.quantised:  # the base layer's own kernel on the rotated input, plus the low-rank branch
+            out = self.scaled_base_output(rotated) + (self.mix * self.lora_scaling) * F.linear(low_rank_input, lora_b)
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        base = self.base_weight
         # The one base matmul, scaled, plus the low-rank branch; saves the output instead of x W0ᵀ.
         out = scaled_linear(
             rotated,

@@ -110,15 +110,20 @@ class LoRALayer(LowRankBranch, AdditiveAdapterLayer):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling = config.scaling
 
+    def trained_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(A, B)`` pair the forward pass uses (LoRA-GA on a quantised base uses a rank-2r pair)."""
+        return self.lora_A, self.lora_B
+
     def delta_weight(self) -> torch.Tensor:
-        return lora_delta_weight(self.lora_A, self.lora_B, self.scaling)
+        return lora_delta_weight(*self.trained_factors(), self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
-        adapter_input = self.dropout(x).to(self.lora_A.dtype)
-        return result + lora_forward_delta(adapter_input, self.lora_A, self.lora_B, self.scaling).to(result.dtype)
+        lora_a, lora_b = self.trained_factors()
+        adapter_input = self.dropout(x).to(lora_a.dtype)
+        return result + lora_forward_delta(adapter_input, lora_a, lora_b, self.scaling).to(result.dtype)
 
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` such that PEFT's LoRA on the unmodified base weight computes this adapter."""

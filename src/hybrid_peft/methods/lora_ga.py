@@ -191,7 +191,9 @@ class GradientAlignedStart:
 
 @register_method(LoRAGAConfig)
 class LoRAGALayer(GradientAlignedStart, LoRALayer):
-    """LoRA whose ``A``, ``B`` start at ``A0``, ``B0`` with the base weight offset by ``−s·B0A0``."""
+    """LoRA whose ``A``, ``B`` start at ``A0``, ``B0`` with the base weight offset by ``−s·B0A0``. On a quantised
+    base, which cannot be written, the offset stays in the adapter instead: ``y = base(x) + s·x(BA − B0A0)ᵀ``,
+    computed as the rank-2r pair ``[A; A0]``, ``[B, −B0]`` (the same function)."""
 
     config: LoRAGAConfig
 
@@ -199,8 +201,17 @@ class LoRAGALayer(GradientAlignedStart, LoRALayer):
         super().__init__(base_layer, config)
         self._register_start_buffers()
 
-    def base_offset(self) -> torch.Tensor:
+    @property
+    def offset_in_adapter(self) -> bool:
+        return self.quantised is not None
+
+    def base_offset(self) -> torch.Tensor | None:
+        if self.offset_in_adapter:
+            return None
         return self.scaling * (self.lora_B0.float() @ self.lora_A0.float())
+
+    def trained_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.update_factors() if self.offset_in_adapter else (self.lora_A, self.lora_B)
 
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank-2r factors on the unmodified base: ``W0 + s[B, −B0][A; A0] = W0' + s·B·A``."""

@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybrid_peft.config import require_float, require_int
+from hybrid_peft.config import require_choice, require_float, require_int
 from hybrid_peft.errors import ConfigError
+from hybrid_peft.models import QUANTISATIONS
 from hybrid_peft.run.trainees import trainee_for
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class TrainConfig:
     output_dir: str = "runs/train"
     merge: bool = False
     threads: int = 0
+    dtype: str = "float32"  # the frozen base's dtype; adapters and their optimiser state stay fp32
+    quantise_base: str | None = None  # "nf4" or "int8": the frozen base quantised with bitsandbytes
+    gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = 0  # >0: the causal-LM loss over the vocabulary in chunks of this many tokens
     fsdp: bool = False
     unsafe_unsandboxed: bool = False
 
@@ -64,6 +71,12 @@ class TrainConfig:
         ):
             require_int(name, getattr(self, name), minimum=0)
         require_int("eval_batch_size", self.eval_batch_size, minimum=1)
+        require_int("loss_chunk_tokens", self.loss_chunk_tokens, minimum=0)
+        require_choice("dtype", self.dtype, DTYPES)
+        if self.quantise_base is not None:
+            require_choice("quantise_base", self.quantise_base, QUANTISATIONS)
+            if self.fsdp:
+                raise ConfigError("--quantise-base and --fsdp do not combine (FSDP2 shards plain tensors); pick one")
         if self.learning_rate is None:
             object.__setattr__(self, "learning_rate", trainee_for(self.method).default_learning_rate(self))
             object.__setattr__(self, "learning_rate_is_default", True)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from hybrid_peft.adapters import parameter_counts
 from hybrid_peft.errors import ConfigError, HybridPeftError, NonFiniteLossError
 from hybrid_peft.fileio import atomic_write_text
+from hybrid_peft.losses import ChunkedLossModel
 from hybrid_peft.methods.hybrid import hybrid_layers
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.run.checkpoint import (
@@ -171,7 +172,18 @@ class Recipe:
         if self.resume and not trainee.resumable:
             raise ConfigError(f"--resume is not offered for the PEFT baseline {config.method}")
         new_weights: list[str] = []
-        model = load_model(config.model, task=self.task.model_task, report_new=new_weights.extend, **options)
+        if config.loss_chunk_tokens and self.task.model_task != "causal-lm":
+            raise ConfigError(
+                f"--loss-chunk-tokens chunks a language model's vocabulary; {self.task.name} trains a classifier"
+            )
+        model = load_model(
+            config.model,
+            task=self.task.model_task,
+            dtype=getattr(torch, config.dtype),
+            quantise=config.quantise_base,
+            report_new=new_weights.extend,
+            **options,
+        )
         positions = getattr(model.config, "max_position_embeddings", None)
         if isinstance(positions, int) and config.max_length > positions:
             raise ConfigError(
@@ -199,7 +211,7 @@ class Recipe:
                     if (self.output_dir / name).is_file():
                         atomic_write_text(self.output_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
         else:
-            model = self.model = trainee.attach(model, config, classifier)
+            model = self.model = self.inner = trainee.attach(model, config, classifier)
             if new_weights and self.main:
                 print(
                     f"{config.model} gets a new classification head for {self.task.num_labels} labels "
@@ -214,7 +226,12 @@ class Recipe:
                 self.metrics_before = self.evaluate("before")
                 self.append_log({"step": 0, "eval": self.metrics_before})
             model = trainee.initialise(model, config, classifier, lambda: self.initial_batches())
-        self.model = model
+        if config.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+            # Non-reentrant: recomputes each block in backward, with frozen inputs and custom autograd functions.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = self.inner = model  # inner: the transformers model (what is saved, evaluated and mixed)
         self.checkpoint = checkpoint
         self.parallel.barrier()
 
@@ -254,8 +271,13 @@ class Recipe:
                         f"checkpoint's run used {saved_rate:g})",
                         flush=True,
                     )
-        self.model, self.optimizer = self.parallel.prepare(self.model, self.optimizer)
-        self.inner = self.parallel.unwrap(self.model)
+        self.inner = self.model
+        trained = self.model
+        if config.loss_chunk_tokens:
+            if self.parallel.sharded:
+                raise ConfigError("--loss-chunk-tokens and --fsdp do not combine yet; drop one of them")
+            trained = ChunkedLossModel(self.model, config.loss_chunk_tokens)
+        self.model, self.optimizer = self.parallel.prepare(trained, self.optimizer)
 
     def train(self) -> None:
         config = self.config
@@ -359,7 +381,7 @@ class Recipe:
 
     def evaluate(self, label: str) -> dict[str, float]:
         config = self.config
-        model = self.parallel.unwrap(self.model)
+        model = self.inner
         with batch_must_fit(
             f"evaluation ({label}) with --eval-batch-size {config.eval_batch_size}",
             "lower --eval-batch-size or --max-length",

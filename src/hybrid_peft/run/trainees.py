@@ -128,6 +128,11 @@ class FullFineTuning:
         return 2e-4 if parameters is not None and parameters <= self.SMALL_MODEL_PARAMETERS else 3e-5
 
     def validate(self, config: TrainConfig) -> None:
+        if config.quantise_base is not None:
+            raise ConfigError(
+                "full fine-tuning trains every weight, and a quantised base is frozen: drop --quantise-base, or "
+                "train an adapter on the quantised base (QLoRA)"
+            )
         if config.adapter:  # refused rather than recorded as if they had been used
             raise ConfigError(
                 f"--method full trains every weight and takes no method options, got {sorted(config.adapter)} "
@@ -176,10 +181,10 @@ class PeftPeer:
 
     def validate(self, config: TrainConfig) -> None:
         peers.peer_options(self.method, config.adapter)
-        if config.save_every or config.merge or config.fsdp:
+        if config.save_every or config.merge or config.fsdp or config.quantise_base or config.loss_chunk_tokens:
             raise ConfigError(
-                f"{self.method} is a PEFT baseline for benchmarks: --save-every, --merge and --fsdp are offered for "
-                "hybrid-peft's own methods and full fine-tuning only"
+                f"{self.method} is a PEFT baseline for benchmarks: --save-every, --merge, --fsdp, --quantise-base "
+                "and --loss-chunk-tokens are offered for hybrid-peft's own methods (and full fine-tuning) only"
             )
 
     def attach(self, model: nn.Module, config: TrainConfig, classifier: bool) -> nn.Module:
