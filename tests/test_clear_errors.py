@@ -115,21 +115,8 @@ def test_a_rank_larger_than_the_layer_is_refused() -> None:
     assert not any("lora" in n for n, _ in model.named_parameters()), "a refused attach leaves the model untouched"
 
 
-def test_a_diverging_loss_gets_a_warning(tmp_path: Path) -> None:
-    import torch
-    import transformers
-
-    from hybrid_peft import load_tokenizer
-
-    folder = tmp_path / "tiny-bert"
-    tokenizer = load_tokenizer("minilm-l6")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    )
-    transformers.BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    run = config_for(str(folder), tmp_path / "run", task="sst2", learning_rate=1e6, batch_size=8, steps=4)
+def test_a_diverging_loss_gets_a_warning(tiny_bert: str, tmp_path: Path) -> None:
+    run = config_for(tiny_bert, tmp_path / "run", task="sst2", learning_rate=1e6, batch_size=8, steps=4)
     with pytest.warns(UserWarning, match=r"over 100× the first step's.*diverging.*--learning-rate \(now 1e\+06\)"):
         summary = run_training(run, progress=False)
     assert summary.final_loss > 100  # finite, and far above the first step's ~0.69

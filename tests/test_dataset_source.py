@@ -108,25 +108,13 @@ def test_hub_id_offline_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
         get_task("gsm8k", dataset="no-such-owner/no-such-dataset:main").train_rows()
 
 
-def test_training_recipe_reads_a_dataset(tmp_path: Path) -> None:
-    import torch
-    import transformers
-
-    from hybrid_peft import load_tokenizer
+def test_training_recipe_reads_a_dataset(tiny_bert: str, tmp_path: Path) -> None:
     from hybrid_peft.run import TrainConfig, run_training
 
-    folder = tmp_path / "tiny-bert"
-    tokenizer = load_tokenizer("minilm-l6")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    )
-    transformers.BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     source = sst2_dict(tmp_path / "sst2", [0, 1] * 8, [1, 0, 1])
     summary = run_training(
         TrainConfig(
-            model=str(folder),
+            model=tiny_bert,
             task="sst2",
             dataset=source,
             steps=2,

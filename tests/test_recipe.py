@@ -11,7 +11,6 @@ import pytest
 import torch
 import transformers
 
-from hybrid_peft import load_tokenizer
 from hybrid_peft.errors import BatchDoesNotFitError, ConfigError, NonFiniteLossError
 from hybrid_peft.run import RunSummary, TrainConfig, run_training
 from hybrid_peft.run.loop import batch_indices
@@ -118,6 +117,7 @@ def test_full_fine_tuning_and_report(tiny_lm: str, tmp_path: Path) -> None:
         config_for(tiny_lm, tmp_path / "full", method="full", steps=3, learning_rate=1e-3), progress=False
     )
     assert summary.trainable_parameters == summary.total_parameters
+    assert RunSummary.read(tmp_path / "full") == summary, "the summary round-trips through summary.json"
     assert (tmp_path / "full" / "model" / "config.json").is_file()
     assert summary.after["loss"] < summary.before["loss"]
     report = (tmp_path / "full" / "report.md").read_text()
@@ -129,22 +129,9 @@ def test_full_fine_tuning_and_report(tiny_lm: str, tmp_path: Path) -> None:
     assert f"torch {torch.__version__}" in report and environment.finished_at in report
 
 
-def test_classification_task_trains_head_and_adapter(tmp_path: Path) -> None:
-    folder = tmp_path / "tiny-bert"
-    tokenizer = load_tokenizer("minilm-l6")
-    torch.manual_seed(0)
-    transformers.BertForSequenceClassification(
-        transformers.BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        )
-    ).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+def test_classification_task_trains_head_and_adapter(tiny_bert: str, tmp_path: Path) -> None:
     summary = run_training(
-        config_for(str(folder), tmp_path / "sst2", task="sst2", steps=4, eval_examples=32), progress=False
+        config_for(tiny_bert, tmp_path / "sst2", task="sst2", steps=4, eval_examples=32), progress=False
     )
     assert set(summary.after) == {"accuracy", "f1", "mcc", "loss"}
     saved = json.loads((tmp_path / "sst2" / "adapter" / "adapter_config.json").read_text())

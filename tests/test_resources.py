@@ -226,3 +226,31 @@ def test_the_recipe_combines_the_savings(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     bf16 = run_training(TrainConfig(**common, dtype="bfloat16", output_dir=str(tmp_path / "bf16")), progress=False)
     assert bf16.config.dtype == "bfloat16"
+
+
+def test_a_run_too_large_for_memory_stops_with_the_estimate_and_what_would_fit(
+    tiny_lm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hybrid_peft.run import memory
+    from hybrid_peft.run.memory import RunDoesNotFitError, check_fits
+
+    config = TrainConfig(model="smollm2-135m", task="gsm8k", method="lora", batch_size=8, max_length=2048)
+    needed = check_fits(config, available=2**40)
+    assert needed is not None and needed > 2**30
+    saving = TrainConfig(model="smollm2-135m", task="gsm8k", method="lora", batch_size=8, max_length=2048,
+                         quantise_base="nf4", gradient_checkpointing=True, loss_chunk_tokens=1024)  # fmt: skip
+    with_savings = check_fits(saving, available=2**40)
+    assert with_savings < needed / 3
+    advice = "add --quantise-base nf4 --gradient-checkpointing --loss-chunk-tokens 1024 \\(estimated to fit\\)"
+    with pytest.raises(RunDoesNotFitError, match=r"needs about [\d.]+ GiB .* but [\d.]+ GiB are available: " + advice):
+        check_fits(config, available=int(with_savings * 1.05))
+    with pytest.raises(RunDoesNotFitError, match="lower --batch-size or --max-length"):
+        check_fits(config, available=2**20)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**16)  # 64 KiB: even the tiny model does not fit
+    run = TrainConfig(model=tiny_lm, task="humaneval", steps=1, max_length=48, generate=False, eval_examples=1,
+                      output_dir=str(tmp_path / "run"))  # fmt: skip
+    with pytest.raises(RunDoesNotFitError, match="HYBRID_PEFT_SKIP_FIT_CHECK"):
+        run_training(run, progress=False)
+    assert not (tmp_path / "run" / "train_log.jsonl").exists(), "refused before loading or training anything"
+    monkeypatch.setenv("HYBRID_PEFT_SKIP_FIT_CHECK", "1")
+    assert run_training(run, progress=False).final_loss is not None

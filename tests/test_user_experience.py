@@ -8,29 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
-from hybrid_peft import load_tokenizer
 from hybrid_peft.cli import build_parser, main
 from hybrid_peft.errors import ConfigError, TaskDataError
 from hybrid_peft.run import TrainConfig, run_training, training_methods
 from hybrid_peft.tasks import get_task
 
 from conftest import DATA
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = load_tokenizer("minilm-l6")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    )
-    transformers.BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def test_each_method_has_its_own_default_learning_rate() -> None:

@@ -49,6 +49,7 @@ from hybrid_peft.run.checkpoint import (
 )
 from hybrid_peft.run.config import TrainConfig
 from hybrid_peft.run.loop import StepResult, batch_indices, batch_must_fit, make_optimiser, training_steps
+from hybrid_peft.run.memory import check_fits, fit_check_enabled
 from hybrid_peft.run.parallel import parallelism_for
 from hybrid_peft.run.provenance import peak_rss_mb, run_environment
 from hybrid_peft.run.report import write_report
@@ -176,6 +177,8 @@ class Recipe:
             raise ConfigError(
                 f"--loss-chunk-tokens chunks a language model's vocabulary; {self.task.name} trains a classifier"
             )
+        if fit_check_enabled():  # stop with the estimate's figure and the options that fit, before loading anything
+            check_fits(config, self.world)
         model = load_model(
             config.model,
             task=self.task.model_task,
