@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from hybrid_peft.errors import HybridPeftError, NonFiniteLossError
 from hybrid_peft.run import Recipe, TrainConfig, run_training
 from hybrid_peft.run.checkpoint import PICKLED_FILE, STATE_FILE, TENSORS_FILE, CheckpointError
-from hybrid_peft.run.recipe import RunFolderLock
+from hybrid_peft.run.folder import RunFolderLock
 
 
 def config_for(model: str, output: Path, **options) -> TrainConfig:  # noqa: ANN003

@@ -192,6 +192,13 @@ def load_model(
             )
         else:
             report_new(new)
+    if quantise is not None:
+        # The parameters left unquantised (embeddings, norms, the head) are views into the checkpoint's memory map,
+        # whose every page quantisation read: copy them out so the mapping (the whole fp32 file) can be released.
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dtype.is_floating_point:  # the quantised ones are packed integers
+                    parameter.data = parameter.data.clone()
     if quantise == "nf4":
         # bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first no-grad forward, and its
         # unpacking (which dequantising needs: merging, fingerprints, BOFT's weight side) does not restore every

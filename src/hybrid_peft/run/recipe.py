@@ -48,6 +48,14 @@ from hybrid_peft.run.checkpoint import (
     save_checkpoint,
 )
 from hybrid_peft.run.config import TrainConfig
+from hybrid_peft.run.folder import (
+    LOG_FILE,
+    MIXING_FILE,
+    RUN_OUTPUTS,
+    RunFolderLock,
+    before_checkpoint,
+    read_log,
+)
 from hybrid_peft.run.loop import StepResult, batch_indices, batch_must_fit, make_optimiser, training_steps
 from hybrid_peft.run.memory import check_fits, fit_check_enabled
 from hybrid_peft.run.parallel import parallelism_for
@@ -59,22 +67,7 @@ from hybrid_peft.sandbox import require_sandbox
 from hybrid_peft.tasks import get_task
 from hybrid_peft.telemetry import MixingTelemetry
 
-LOG_FILE = "train_log.jsonl"
-MIXING_FILE = "mixing.jsonl"
-LOCK_FILE = ".lock"
 LOSS_GROWTH_WARNING = 100.0  # warn once when the loss exceeds this multiple of the first step's
-# What a run writes into its folder (besides the lock): a folder holding any of these holds a run.
-RUN_OUTPUTS = (
-    "checkpoints",
-    LOG_FILE,
-    MIXING_FILE,
-    "adapter",
-    "model",
-    "merged",
-    "summary.json",
-    "report.md",
-    "loss.png",
-)
 
 
 class Recipe:
@@ -210,7 +203,7 @@ class Recipe:
             self.pending = checkpoint
             if self.main:  # drop log lines written after the checkpoint by the interrupted run
                 for name in (LOG_FILE, MIXING_FILE):
-                    kept = [r for r in _read_log(self.output_dir / name) if _before_checkpoint(r, self.start_step)]
+                    kept = [r for r in read_log(self.output_dir / name) if before_checkpoint(r, self.start_step)]
                     if (self.output_dir / name).is_file():
                         atomic_write_text(self.output_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
         else:
@@ -352,14 +345,14 @@ class Recipe:
                 before=self.metrics_before,
                 after=metrics_after,
                 final_loss=self.history[-1]["loss"] if self.history else None,
-                median_step_s=_median([r["seconds"] for r in _read_log(self.output_dir / LOG_FILE) if "seconds" in r]),
+                median_step_s=_median([r["seconds"] for r in read_log(self.output_dir / LOG_FILE) if "seconds" in r]),
                 wall_s=time.perf_counter() - self.started,
                 peak_rss_mb=peak_rss_mb(),
                 resumed_from_step=self.start_step,
                 environment=run_environment(threads=self.config.threads),
             )
             summary.write(self.output_dir)
-            write_report(self.output_dir, summary, _read_log(self.output_dir / LOG_FILE))
+            write_report(self.output_dir, summary, read_log(self.output_dir / LOG_FILE))
         self.parallel.barrier()
         return summary
 
@@ -397,6 +390,7 @@ class Recipe:
                 max_length=config.max_length,
                 generate=config.generate,
                 allow_unsandboxed=config.unsafe_unsandboxed,
+                loss_model=ChunkedLossModel(model, config.loss_chunk_tokens) if config.loss_chunk_tokens else None,
             )
 
     def stopped_advice(self) -> str:
@@ -490,58 +484,6 @@ def _cpu_only() -> bool:
 def _median(values: list[float]) -> float | None:
     values = sorted(v for v in values if v is not None)
     return values[len(values) // 2] if values else None
-
-
-def _before_checkpoint(record: dict[str, Any], step: int) -> bool:
-    """Whether a log line belongs to the run up to a checkpoint after ``step`` updates: training lines of the steps
-    before it (a line's "step" is the update's index), evaluations up to it (their "step" counts updates done)."""
-    return record.get("step", -1) <= step if "eval" in record else record.get("step", -1) < step
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines log; a line torn by a crash mid-write (only ever the last) is dropped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-class RunFolderLock:
-    """An exclusive lock on the run folder for the run's duration, so that two runs cannot interleave their logs
-    and checkpoints in one folder (released by the operating system if the process dies)."""
-
-    def __init__(self, folder: Path, *, enabled: bool = True) -> None:
-        self.path, self.enabled, self.handle = folder / LOCK_FILE, enabled, None
-
-    def __enter__(self) -> RunFolderLock:
-        if self.enabled:
-            import fcntl
-
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
-            try:
-                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.handle.seek(0)
-                owner = self.handle.read().strip() or "another process"
-                self.handle.close()
-                raise HybridPeftError(
-                    f"{self.path.parent} is in use by another run ({owner}); wait for it or choose another --output-dir"
-                ) from None
-            self.handle.seek(0)
-            self.handle.truncate()
-            self.handle.write(f"pid {os.getpid()}\n")
-            self.handle.flush()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.handle is not None:
-            self.handle.close()  # closing releases the lock
 
 
 def _ranks_in_sync(parallel: Any, model: torch.nn.Module) -> bool:

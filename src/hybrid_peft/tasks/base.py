@@ -32,7 +32,10 @@ class Task(Protocol):
 
     def evaluate(
         self, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], **options: Any
-    ) -> dict[str, float]: ...
+    ) -> dict[str, float]:
+        """Metrics of ``model`` on ``rows``; options: ``batch_size``, ``max_length``, ``generate`` (generation
+        metrics), ``loss_model`` (what computes the held-out loss, e.g. the chunked loss; default ``model``)."""
+        ...
 
 
 # --- batching helpers -------------------------------------------------------------------------------------------

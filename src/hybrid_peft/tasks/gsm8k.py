@@ -109,9 +109,10 @@ class Gsm8kTask:
         max_length: int = 256,
         max_new_tokens: int = 192,
         generate: bool = True,
+        loss_model: Any = None,
         **_: Any,
     ) -> dict[str, float]:
-        metrics = {"loss": held_out_loss(self, model, tokenizer, rows, batch_size, max_length)}
+        metrics = {"loss": held_out_loss(self, loss_model or model, tokenizer, rows, batch_size, max_length)}
         if generate:
             completions = greedy_generate(model, tokenizer, [gsm8k_prompt(r) for r in rows], max_new_tokens, batch_size)
             correct = [

@@ -88,9 +88,10 @@ class HumanEvalTask:
         generate: bool = True,
         timeout: float = 10.0,
         allow_unsandboxed: bool = False,
+        loss_model: Any = None,
         **_: Any,
     ) -> dict[str, float]:
-        metrics = {"loss": held_out_loss(self, model, tokenizer, rows, batch_size, max_length)}
+        metrics = {"loss": held_out_loss(self, loss_model or model, tokenizer, rows, batch_size, max_length)}
         if generate:
             completions = greedy_generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
             programs = [check_program(r, truncate_completion(c)) for r, c in zip(rows, completions, strict=True)]

@@ -198,9 +198,10 @@ class FloresTask:
         max_length: int = 256,
         max_new_tokens: int = 128,
         generate: bool = True,
+        loss_model: Any = None,
         **_: Any,
     ) -> dict[str, float]:
-        metrics = {"loss": held_out_loss(self, model, tokenizer, rows, batch_size, max_length)}
+        metrics = {"loss": held_out_loss(self, loss_model or model, tokenizer, rows, batch_size, max_length)}
         if generate:
             import sacrebleu
 

@@ -1,0 +1,79 @@
+"""A run's output folder: what a run writes there, the JSON-lines logs (read tolerantly: a crash can tear the last
+line), and the lock that keeps a second run out while one is writing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hybrid_peft.errors import HybridPeftError
+
+LOG_FILE = "train_log.jsonl"
+MIXING_FILE = "mixing.jsonl"
+LOCK_FILE = ".lock"
+# What a run writes into its folder (besides the lock): a folder holding any of these holds a run.
+RUN_OUTPUTS = (
+    "checkpoints",
+    LOG_FILE,
+    MIXING_FILE,
+    "adapter",
+    "model",
+    "merged",
+    "summary.json",
+    "report.md",
+    "loss.png",
+)
+
+
+def before_checkpoint(record: dict[str, Any], step: int) -> bool:
+    """Whether a log line belongs to the run up to a checkpoint after ``step`` updates: training lines of the steps
+    before it (a line's "step" is the update's index), evaluations up to it (their "step" counts updates done)."""
+    return record.get("step", -1) <= step if "eval" in record else record.get("step", -1) < step
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log; a line torn by a crash mid-write (only ever the last) is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class RunFolderLock:
+    """An exclusive lock on the run folder for the run's duration, so that two runs cannot interleave their logs
+    and checkpoints in one folder (released by the operating system if the process dies)."""
+
+    def __init__(self, folder: Path, *, enabled: bool = True) -> None:
+        self.path, self.enabled, self.handle = folder / LOCK_FILE, enabled, None
+
+    def __enter__(self) -> RunFolderLock:
+        if self.enabled:
+            import fcntl
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.handle.seek(0)
+                owner = self.handle.read().strip() or "another process"
+                self.handle.close()
+                raise HybridPeftError(
+                    f"{self.path.parent} is in use by another run ({owner}); wait for it or choose another --output-dir"
+                ) from None
+            self.handle.seek(0)
+            self.handle.truncate()
+            self.handle.write(f"pid {os.getpid()}\n")
+            self.handle.flush()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing releases the lock
