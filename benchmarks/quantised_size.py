@@ -17,11 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def linear_bytes(model) -> int:  # noqa: ANN001
+    from hybrid_peft.config import AdapterConfig
     from hybrid_peft.layer import quantisation_of
-    from hybrid_peft.targeting import linear_candidates
+    from hybrid_peft.targeting import linear_candidates, select_targets
 
+    candidates = linear_candidates(model)
     total = 0
-    for module in linear_candidates(model).values():
+    for name in select_targets(model, AdapterConfig.from_dict({"method": "lora", "targets": "all-linear"})):
+        module = candidates[name]
         weight = module.weight
         total += weight.numel() * weight.element_size()
         state = getattr(weight, "quant_state", None)
@@ -54,7 +57,8 @@ def main() -> None:
         rows.append((name, linear_bytes(model), model.get_memory_footprint()))
         del model
     fp32_linear, fp32_total = rows[0][1], rows[0][2]
-    print(f"{args.model}: the linear layers adapters target (all-linear), and the whole model")
+    print(f"{args.model}: the linear layers adapters target and the base quantises (all-linear: every linear but the")
+    print("task head, which stays at full precision), and the whole model")
     print()
     print("| base | linear weights MB | × fp32 | whole model MB | × fp32 |")
     print("|---|---|---|---|---|")

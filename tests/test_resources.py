@@ -254,3 +254,18 @@ def test_a_run_too_large_for_memory_stops_with_the_estimate_and_what_would_fit(
     assert not (tmp_path / "run" / "train_log.jsonl").exists(), "refused before loading or training anything"
     monkeypatch.setenv("HYBRID_PEFT_SKIP_FIT_CHECK", "1")
     assert run_training(run, progress=False).final_loss is not None
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sketch"])
+def test_lora_ga_start_is_the_same_with_activation_checkpointing(estimator: str) -> None:
+    from hybrid_peft import LoRAGAConfig, lora_ga_initialise
+
+    starts = []
+    for checkpointing in (False, True):
+        model = attach(tiny_llama(), LoRAGAConfig(rank=2, estimator=estimator))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora_ga_initialise(model, random_batches(2, seed=9))
+        starts.append({n: layer.lora_A0.clone() for n, layer in adapter_layers(model).items()})
+    for name, a0 in starts[0].items():
+        torch.testing.assert_close(starts[1][name], a0, atol=1e-5, rtol=1e-4, msg=name)

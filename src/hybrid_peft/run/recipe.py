@@ -186,6 +186,11 @@ class Recipe:
                 f"--max-length {config.max_length} is beyond the {positions} positions {config.model} was trained "
                 f"for; use --max-length {positions} or less"
             )
+        if config.gradient_checkpointing:  # before LoRA-GA's gradient estimate, which then saves the same memory
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+            # Non-reentrant: recomputes each block in backward, with frozen inputs and custom autograd functions.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         checkpoint = latest_checkpoint(self.output_dir) if self.resume else None
         if self.resume and checkpoint is None:
             raise HybridPeftError(f"--resume: no complete checkpoint under {self.output_dir / 'checkpoints'}")
@@ -222,11 +227,6 @@ class Recipe:
                 self.metrics_before = self.evaluate("before")
                 self.append_log({"step": 0, "eval": self.metrics_before})
             model = trainee.initialise(model, config, classifier, lambda: self.initial_batches())
-        if config.gradient_checkpointing:
-            if not getattr(model, "supports_gradient_checkpointing", False):
-                raise ConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-            # Non-reentrant: recomputes each block in backward, with frozen inputs and custom autograd functions.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.inner = model  # inner: the transformers model (what is saved, evaluated and mixed)
         self.checkpoint = checkpoint
         self.parallel.barrier()

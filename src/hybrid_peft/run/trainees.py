@@ -29,6 +29,7 @@ from hybrid_peft.adapters import adapter_layers, attach
 from hybrid_peft.config import AdapterConfig
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.export import save_merged
+from hybrid_peft.losses import chunked_causal_lm_loss
 from hybrid_peft.methods.lora_ga import lora_ga_initialise
 from hybrid_peft.registry import available_methods
 from hybrid_peft.serialization import load_adapter, save_adapter
@@ -93,7 +94,9 @@ class OwnAdapter:
 
     def initialise(self, model: nn.Module, config: TrainConfig, classifier: bool, batches: Batches) -> nn.Module:
         if any(layer.needs_gradient_init for layer in adapter_layers(model).values()):
-            lora_ga_initialise(model, batches())
+            chunked = config.loss_chunk_tokens  # the estimate's backward then never builds the whole logits either
+            loss_fn = (lambda m, batch: chunked_causal_lm_loss(m, batch, chunked)) if chunked else None
+            lora_ga_initialise(model, batches(), loss_fn=loss_fn)
         return model
 
     def restore(self, model: nn.Module, checkpoint: Path) -> nn.Module:

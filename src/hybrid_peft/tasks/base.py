@@ -30,9 +30,7 @@ class Task(Protocol):
 
     def batch(self, tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]: ...
 
-    def evaluate(
-        self, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], **options: Any
-    ) -> dict[str, float]:
+    def evaluate(self, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], **options: Any) -> dict[str, float]:
         """Metrics of ``model`` on ``rows``; options: ``batch_size``, ``max_length``, ``generate`` (generation
         metrics), ``loss_model`` (what computes the held-out loss, e.g. the chunked loss; default ``model``)."""
         ...
