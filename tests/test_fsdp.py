@@ -85,3 +85,21 @@ def test_fsdp_without_a_process_group_says_how_to_launch(tiny_lm: str, tmp_path:
     config = TrainConfig(model=tiny_lm, task="humaneval", fsdp=True, output_dir=str(tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"--fsdp .* torchrun --nproc_per_node N -m hybrid_peft.cli train --fsdp"):
         run_training(config, progress=False)
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_unsharded_process(
+    runs: Path, tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    folder = tmp_path / "resharded"
+    shutil.copytree(runs / "resumed", folder)
+    shutil.rmtree(folder / "adapter")
+    (folder / "summary.json").unlink()
+    (folder / ".lock").unlink(missing_ok=True)
+    saved = json.loads((folder / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    config = TrainConfig.from_dict(saved["config"] | {"fsdp": False, "output_dir": str(folder)})
+    summary = run_training(config, resume=True, progress=False)
+    assert summary.resumed_from_step == 2 and summary.processes == 1
+    assert "resuming a run of 2 process(es) on 1" in capsys.readouterr().out
+    assert len(losses(folder)) == 4 and all(torch.isfinite(torch.tensor(losses(folder))))
