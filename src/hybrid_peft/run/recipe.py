@@ -285,7 +285,7 @@ class Recipe:
             desc=config.method,
             unit="step",
             dynamic_ncols=True,
-            disable=not (self.progress and self.main),
+            disable=None if (self.progress and self.main) else True,  # None: shown on a terminal only
         )
         steps = training_steps(
             self.model,
