@@ -59,20 +59,18 @@ class RunResult:
 
 # --- the program that sets up the sandbox inside the new namespaces --------------------------------------------
 
-# Runs as (namespace) root inside the new mount, PID, network, IPC and UTS namespaces; argv: scratch size in MB,
-# the uid/gid to become (or -1), the interpreter, the folders to show read-only. Reads the program on stdin.
+# Runs as (namespace) root inside the new mount, PID, network, IPC and UTS namespaces; argv: an empty folder to
+# build the new root on (a tmpfs mounted there, in this namespace only), scratch size in MB, the uid/gid to become
+# (or -1), the interpreter, the folders to show read-only. Reads the program on stdin.
 LAUNCHER = r"""
 import ctypes, os, subprocess, sys
-scratch_mb, uid, python, *shown = sys.argv[1:]
+root, scratch_mb, uid, python, *shown = sys.argv[1:]
 source = sys.stdin.buffer.read()
 devnull = os.open("/dev/null", os.O_RDONLY)
 os.dup2(devnull, 0)
 def run(*command):
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 run("mount", "--make-rprivate", "/")
-run("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/tmp")  # this namespace's own /tmp, to build the root in
-root = "/tmp/root"
-os.makedirs(root)
 run("mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", root)
 for folder in shown:
     if not os.path.exists(folder):
@@ -322,7 +320,8 @@ def _run_isolated(source: str, *, timeout: float, memory_mb: int, max_processes:
     shown = [*SYSTEM_FOLDERS, *(f for f in folders if not f.startswith(SYSTEM_FOLDERS))]
     uid = NOBODY if os.geteuid() == 0 else -1
     tree = _TreeLimits(memory_mb, max_processes)
-    command = [*_unshare_command(), python, "-I", "-S", "-c", LAUNCHER, str(64), str(uid), python, *shown]
+    root = tempfile.mkdtemp(prefix="hybrid-peft-sandbox-root-")  # stays empty outside the namespace
+    command = [*_unshare_command(), python, "-I", "-S", "-c", LAUNCHER, root, str(64), str(uid), python, *shown]
     # Without a cgroup, per-process limits: address space (the tree can then hold a few times memory_mb) and, for a
     # program not running as root, the process count.
     fallback_processes = None if tree.active or uid == -1 else max_processes
@@ -357,6 +356,8 @@ def _run_isolated(source: str, *, timeout: float, memory_mb: int, max_processes:
     finally:
         tree.kill_all()
         tree.remove()
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
 
 
 def _run_unisolated(source: str, *, timeout: float, memory_mb: int, max_output: int) -> RunResult:
