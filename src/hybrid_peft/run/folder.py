@@ -4,7 +4,6 @@ line), and the lock that keeps a second run out while one is writing."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -47,33 +46,29 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 class RunFolderLock:
-    """An exclusive lock on the run folder for the run's duration, so that two runs cannot interleave their logs
-    and checkpoints in one folder (released by the operating system if the process dies)."""
+    """An exclusive lock on the run folder for the run's duration (``filelock``, as the model cache uses), so that
+    two runs cannot interleave their logs and checkpoints in one folder; the operating system releases it if the
+    process dies."""
 
     def __init__(self, folder: Path, *, enabled: bool = True) -> None:
-        self.path, self.enabled, self.handle = folder / LOCK_FILE, enabled, None
+        from filelock import FileLock
+
+        self.folder, self.enabled = folder, enabled
+        self.lock = FileLock(str(folder / LOCK_FILE), timeout=0)
 
     def __enter__(self) -> RunFolderLock:
-        if self.enabled:
-            import fcntl
+        from filelock import Timeout
 
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
+        if self.enabled:
+            self.folder.mkdir(parents=True, exist_ok=True)
             try:
-                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.handle.seek(0)
-                owner = self.handle.read().strip() or "another process"
-                self.handle.close()
+                self.lock.acquire()
+            except Timeout:
                 raise HybridPeftError(
-                    f"{self.path.parent} is in use by another run ({owner}); wait for it or choose another --output-dir"
+                    f"{self.folder} is in use by another run; wait for it or choose another --output-dir"
                 ) from None
-            self.handle.seek(0)
-            self.handle.truncate()
-            self.handle.write(f"pid {os.getpid()}\n")
-            self.handle.flush()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.handle is not None:
-            self.handle.close()  # closing releases the lock
+        if self.enabled and self.lock.is_locked:
+            self.lock.release()
