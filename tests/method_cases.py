@@ -1,6 +1,6 @@
 """The conformance table: one row per method (and per notable option). A new method adds rows here.
 
-Rows whose layers need a data-dependent start (the layer class says so: ``needs_gradient_init``) get a LoRA-GA
+Rows whose layers need a data-dependent start (the layers say so: ``needs_gradient_init``) get a LoRA-GA
 initialisation from random batches right after attach.
 """
 
@@ -15,7 +15,6 @@ from hybrid_peft import (
     LoRAConfig,
     LoRAGAConfig,
     UnitaryConfig,
-    get_method,
     lora_ga_initialise,
 )
 from hybrid_peft.adapters import adapter_layers, adapter_parameters
@@ -37,6 +36,10 @@ METHOD_CASES: dict[str, AdapterConfig] = {
         rank=2, alpha=4.0, block_size=4, rule="fixed", mix_init=0.3, estimator="sketch"
     ),
     "hybrid-branch-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="branch", mix_init=0.4),
+    "hybrid-lora-start-max-gates": HybridConfig(rank=2, alpha=4.0, block_size=4, start="lora", gate_norm="max"),
+    "hybrid-gradient-mix-branch-lr": HybridConfig(
+        rank=2, alpha=4.0, block_size=4, mix_init_from="gradient", orthogonal_lr_scale=10.0, gate="branch"
+    ),
     "unitary": UnitaryConfig(),
     "unitary-all-linear": UnitaryConfig(targets="all-linear"),
 }
@@ -61,7 +64,7 @@ def prepare_lora_ga(model: torch.nn.Module) -> None:
 
 
 def prepare(method: str, model: torch.nn.Module) -> torch.nn.Module:
-    if get_method(METHOD_CASES[method].method).layer_class.needs_gradient_init:
+    if any(layer.needs_gradient_init for layer in adapter_layers(model).values()):
         prepare_lora_ga(model)
     return model
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,46 @@ def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, caps
     assert "neither a built-in profile" in capsys.readouterr().err
     assert main(["bench", str(config), "--dry-run", "--seeds", "3"]) == 0
     assert "he-tiny · lora · seed 3" in capsys.readouterr().out
+
+
+def test_bench_sweeps_rates_on_validation_rows_then_runs_the_chosen_rate_on_every_seed(
+    tiny_lm: str, tmp_path: Path
+) -> None:
+    """With ``sweep``, each method runs at its rate × each factor on the sweep seed, is ranked on rows held out of
+    the training data, and only the chosen rate runs on the other seeds; the tables report the chosen rate."""
+    path = write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")
+    config = yaml.safe_load(path.read_text())
+    config["sweep"] = {"factors": [0.1, 1.0], "seed": 0, "validation_examples": 6, "select": "loss"}
+    del config["methods"]["broken"]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    plan = load_plan(str(path))
+    assert [(r.method, r.config.learning_rate) for r in plan.sweep_runs()] == [
+        ("full-ft", 1e-4),
+        ("full-ft", 1e-3),
+        ("lora", 1e-3),
+        ("lora", 1e-2),
+    ]
+    assert all(r.config.validation_examples == 6 for r in plan.sweep_runs())
+    assert plan.runs() == []  # nothing is chosen before the sweep has run
+    lines: list[str] = []
+    rows = run_bench(plan, echo=lines.append)
+    assert len(rows) == 6  # 4 sweep runs, then seed 1 at each chosen rate
+    assert lines[0].startswith("[1/6]") and "lr 0.0001" in lines[0] and any("left" in line for line in lines)
+    out = tmp_path / "out"
+    with open(out / "sweep.csv", newline="") as handle:
+        sweep = list(csv.DictReader(handle))
+    assert len(sweep) == 4 and all(float(r["validation_loss"]) > 0 for r in sweep)
+    for method in ("full-ft", "lora"):
+        candidates = [r for r in sweep if r["method"] == method]
+        best = min(candidates, key=lambda r: float(r["validation_loss"]))["learning_rate"]
+        assert any(f"{method}: learning rate {float(best):g} chosen" in line for line in lines)
+        with open(out / "results.csv", newline="") as handle:
+            results = [r for r in csv.DictReader(handle) if r["method"] == method]
+        assert sorted(r["seed"] for r in results) == ["0", "1"]
+        assert {r["learning_rate"] for r in results} == {best}  # the reported runs are the chosen rate's
+    table = (out / "results.md").read_text()
+    assert "## Learning-rate sweep" in table
+    assert len(re.findall(r"\*\*[0-9.e-]+: ", table)) == 2  # one bold (chosen) cell per method
+    # held-out validation rows are not trained on: the run's training set is smaller by exactly that many
+    summary = json.loads((Path(rows[0]["folder"]) / "summary.json").read_text())
+    assert summary["config"]["validation_examples"] == 6 and set(summary["validation"]) >= {"loss"}

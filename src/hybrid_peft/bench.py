@@ -41,10 +41,9 @@ from typing import Any
 
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.fileio import atomic_write_text
-from hybrid_peft.registry import available_methods
 from hybrid_peft.run import FULL, RunSummary, TrainConfig, merge_options
 from hybrid_peft.run.summary import SUMMARY_FILE
-from hybrid_peft.run.trainees import OwnAdapter
+from hybrid_peft.run.trainees import OwnAdapter, trainee_for
 from hybrid_peft.tasks import primary_metric
 from hybrid_peft.telemetry import plot_mixing_heatmap
 
@@ -57,8 +56,11 @@ CSV_FIELDS = (
     "model",
     "base_task",
     "metric_name",
+    "learning_rate",
     "metric_before",
     "metric",
+    "validation_metric",
+    "validation_loss",
     "loss_before",
     "held_out_loss",
     "final_train_loss",
@@ -84,6 +86,44 @@ class BenchRun:
     def folder(self) -> Path:
         return Path(self.config.output_dir)
 
+    @property
+    def key(self) -> tuple[str, str, int, float]:
+        return self.task, self.method, self.seed, self.config.learning_rate
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A learning-rate sweep: each method at its rate times each factor, on one seed, trained without
+    ``validation_examples`` held-out training rows and ranked on them (never on the evaluation set); the best rate
+    then runs on every seed. Ranked by the task's primary metric, ties broken by the validation loss (``select:
+    loss`` ranks by the loss alone)."""
+
+    factors: tuple[float, ...]
+    seed: int = 0
+    validation_examples: int = 256
+    select: str = "metric"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Sweep:
+        known = {"factors", "seed", "validation_examples", "select"}
+        if not isinstance(data, dict) or not data.get("factors") or set(data) - known:
+            raise ConfigError(
+                f"{where}: 'sweep' takes {{factors: [0.3, 1, 3, 10], seed: 0, validation_examples: 256, select: "
+                f"metric|loss}} (factors of each method's rate), got {data!r}"
+            )
+        factors = tuple(float(f) for f in data["factors"])
+        if any(f <= 0 for f in factors) or len(set(factors)) != len(factors):
+            raise ConfigError(f"{where}: sweep factors must be distinct and positive, got {list(factors)}")
+        sweep = cls(
+            factors, int(data.get("seed", 0)), int(data.get("validation_examples", 256)), data.get("select", "metric")
+        )
+        if sweep.select not in ("metric", "loss") or sweep.validation_examples < 1:
+            raise ConfigError(f"{where}: sweep needs select 'metric' or 'loss' and validation_examples ≥ 1")
+        return sweep
+
+    def rates(self, base: float) -> list[float]:
+        return [float(f"{base * factor:.2g}") for factor in self.factors]
+
 
 @dataclass(frozen=True)
 class BenchPlan:
@@ -94,36 +134,82 @@ class BenchPlan:
     methods: dict[str, dict[str, Any]]
     defaults: dict[str, Any] = field(default_factory=dict)
     run_timeout_s: float = 3600.0
+    sweep: Sweep | None = None
 
-    def runs(
-        self, tasks: list[str] | None = None, methods: list[str] | None = None, seeds: list[int] | None = None
-    ) -> list[BenchRun]:
-        """Every (task, method, seed) as a validated training config; ``tasks``/``methods`` select by key, ``seeds``
-        replaces the config's seeds."""
+    def _check(self, tasks: list[str] | None, methods: list[str] | None) -> None:
         for chosen, known, kind in ((tasks, self.tasks, "task"), (methods, self.methods, "method")):
             unknown = sorted(set(chosen or []) - set(known))
             if unknown:
                 raise ConfigError(f"bench {self.name}: unknown {kind}(s) {unknown}; this config has {sorted(known)}")
+
+    def _pairs(self, tasks: list[str] | None, methods: list[str] | None) -> list[tuple[str, str]]:
+        self._check(tasks, methods)
+        return [
+            (task, method)
+            for task in self.tasks
+            if not tasks or task in tasks
+            for method in self.methods
+            if not methods or method in methods
+        ]
+
+    def run(self, task_key: str, method_key: str, seed: int, learning_rate: float | None = None) -> BenchRun:
+        """One validated run: options merge defaults < task < method < the method's entry for the task; with a
+        sweep, ``learning_rate`` (else the merged options' rate) and the validation rows are set too."""
+        method_options = dict(self.methods[method_key])
+        per_task = method_options.pop("tasks", {}) or {}
+        options = merge_options(self.defaults, self.tasks[task_key])
+        options = merge_options(options, method_options)
+        options = merge_options(options, per_task.get(task_key, {}))
+        folder = self.output_dir / "runs" / task_key / method_key
+        if self.sweep is not None:
+            options.setdefault("validation_examples", self.sweep.validation_examples)
+            if learning_rate is None:
+                learning_rate = self.base_rate(task_key, method_key)
+            options["learning_rate"] = learning_rate
+            folder = folder / f"lr-{learning_rate:g}"
+        options |= {"seed": seed, "output_dir": str(folder / f"seed-{seed}")}
+        try:
+            config = TrainConfig.from_dict(options)
+        except ConfigError as exc:
+            raise ConfigError(f"bench {self.name}, task {task_key}, method {method_key}: {exc}") from exc
+        return BenchRun(task_key, method_key, seed, config)
+
+    def base_rate(self, task_key: str, method_key: str) -> float:
+        """The rate the config gives (or the method's default): the centre of its sweep."""
+        method_options = dict(self.methods[method_key])
+        per_task = method_options.pop("tasks", {}) or {}
+        options = merge_options(merge_options(self.defaults, self.tasks[task_key]), method_options)
+        try:
+            return float(TrainConfig.from_dict(merge_options(options, per_task.get(task_key, {}))).learning_rate)
+        except ConfigError as exc:
+            raise ConfigError(f"bench {self.name}, task {task_key}, method {method_key}: {exc}") from exc
+
+    def sweep_runs(self, tasks: list[str] | None = None, methods: list[str] | None = None) -> list[BenchRun]:
+        """The sweep's runs (none without a sweep): every selected (task, method) at each candidate rate."""
+        if self.sweep is None:
+            return []
+        return [
+            self.run(task, method, self.sweep.seed, rate)
+            for task, method in self._pairs(tasks, methods)
+            for rate in self.sweep.rates(self.base_rate(task, method))
+        ]
+
+    def runs(
+        self,
+        tasks: list[str] | None = None,
+        methods: list[str] | None = None,
+        seeds: list[int] | None = None,
+        rates: dict[tuple[str, str], float] | None = None,
+    ) -> list[BenchRun]:
+        """Every (task, method, seed) as a validated training config; ``tasks``/``methods`` select by key, ``seeds``
+        replaces the config's seeds. With a sweep, each (task, method) runs at its chosen rate from ``rates``; pairs
+        without one (their sweep has not finished) are left out."""
         runs = []
-        for task_key, task_options in self.tasks.items():
-            if tasks and task_key not in tasks:
+        for task, method in self._pairs(tasks, methods):
+            if self.sweep is not None and (rates is None or (task, method) not in rates):
                 continue
-            for method_key, method_options in self.methods.items():
-                if methods and method_key not in methods:
-                    continue
-                method_options = dict(method_options)
-                per_task = method_options.pop("tasks", {}) or {}
-                for seed in self.seeds if seeds is None else seeds:
-                    options = merge_options(self.defaults, task_options)
-                    options = merge_options(options, method_options)
-                    options = merge_options(options, per_task.get(task_key, {}))
-                    folder = self.output_dir / "runs" / task_key / method_key / f"seed-{seed}"
-                    options |= {"seed": seed, "output_dir": str(folder)}
-                    try:
-                        config = TrainConfig.from_dict(options)
-                    except ConfigError as exc:
-                        raise ConfigError(f"bench {self.name}, task {task_key}, method {method_key}: {exc}") from exc
-                    runs.append(BenchRun(task_key, method_key, seed, config))
+            rate = rates[task, method] if self.sweep is not None and rates else None
+            runs += [self.run(task, method, seed, rate) for seed in (self.seeds if seeds is None else seeds)]
         return runs
 
 
@@ -148,7 +234,7 @@ def load_plan(config: str, output_dir: str | None = None) -> BenchPlan:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"bench config {config}: not valid YAML/JSON ({exc})") from exc
-    known = {"output_dir", "seeds", "tasks", "methods", "defaults", "run_timeout_s", "description"}
+    known = {"output_dir", "seeds", "tasks", "methods", "defaults", "run_timeout_s", "description", "sweep"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"bench config {config}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
@@ -163,8 +249,10 @@ def load_plan(config: str, output_dir: str | None = None) -> BenchPlan:
         methods=data["methods"],
         defaults=data.get("defaults", {}) or {},
         run_timeout_s=float(data.get("run_timeout_s", 3600)),
+        sweep=Sweep.from_dict(data["sweep"], f"bench config {config}") if data.get("sweep") is not None else None,
     )
-    plan.runs()  # every combination validates before anything runs
+    # every combination validates before anything runs
+    plan.sweep_runs() if plan.sweep is not None else plan.runs()
     return plan
 
 
@@ -176,8 +264,9 @@ def _comparable(config: TrainConfig) -> dict[str, Any]:
     ``{rank: 8}`` and ``{rank: 8, gate: update}`` compare equal while the default gate is ``update``)."""
     data = config.to_dict()
     data.pop("output_dir")
-    if config.method in available_methods():
-        data["adapter"] = asdict(OwnAdapter.adapter_config(config))
+    trainee = trainee_for(config.method)
+    if isinstance(trainee, OwnAdapter):
+        data["adapter"] = [asdict(adapter) for adapter in trainee.adapter_configs(config)]
     return data
 
 
@@ -244,6 +333,8 @@ def _row(run: BenchRun, summary: RunSummary | None, error: str | None) -> dict[s
         "model": run.config.model,
         "base_task": run.config.task,
         "metric_name": metric_name,
+        "learning_rate": run.config.learning_rate,
+        "folder": str(run.folder),
         "status": "ok" if summary else "failed",
         "error": error or "",
     }
@@ -253,6 +344,8 @@ def _row(run: BenchRun, summary: RunSummary | None, error: str | None) -> dict[s
             "metric_before": summary.before.get(metric_name),
             "metric": summary.after.get(metric_name),
             "loss_before": summary.before.get("loss"),
+            "validation_metric": summary.validation.get(metric_name),
+            "validation_loss": summary.validation.get("loss"),
             "held_out_loss": summary.after.get("loss"),
             "final_train_loss": summary.final_loss,
             "median_step_s": summary.median_step_s,
@@ -266,6 +359,59 @@ def _row(run: BenchRun, summary: RunSummary | None, error: str | None) -> dict[s
     return row
 
 
+def chosen_rates(plan: BenchPlan, sweep_rows: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """The best rate per (task, method) whose sweep has finished every candidate: the highest validation metric,
+    ties (and ``select: loss``) by the lowest validation loss. Failed candidates never win."""
+    if plan.sweep is None:
+        return {}
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in sweep_rows:
+        by_pair.setdefault((row["task"], row["method"]), []).append(row)
+    chosen = {}
+    for pair, rows in by_pair.items():
+        if len(rows) < len(plan.sweep.factors) or any(r["status"] == "missing" for r in rows):
+            continue  # its sweep has not finished
+        ok = [r for r in rows if r["status"] == "ok" and r.get("validation_loss") is not None]
+        if not ok:
+            continue
+
+        def rank(row: dict[str, Any]) -> tuple[float, float]:
+            metric = row.get("validation_metric")
+            metric = -math.inf if metric is None or plan.sweep.select == "loss" else metric
+            return (-metric, row["validation_loss"])
+
+        chosen[pair] = min(ok, key=rank)["learning_rate"]
+    return chosen
+
+
+class _Progress:
+    """``[n/N]`` and an estimate of the time left from the runs that actually ran (reused runs take no time)."""
+
+    def __init__(self, total: int, echo: Any) -> None:
+        self.total, self.echo, self.done = total, echo, 0
+        self.started = time.perf_counter()
+        self.durations: list[float] = []
+
+    def report(self, run: BenchRun, row: dict[str, Any], seconds: float, ran: bool) -> None:
+        self.done += 1
+        if ran:
+            self.durations.append(seconds)
+        shown = "failed: " + row["error"] if row["status"] != "ok" else _describe(row)
+        left = self.total - self.done
+        eta = f", about {_duration(statistics.median(self.durations) * left)} left" if self.durations and left else ""
+        rate = f" · lr {run.config.learning_rate:g}" if "lr-" in run.folder.parent.name else ""
+        self.echo(
+            f"[{self.done}/{self.total}] {run.task} · {run.method}{rate} · seed {run.seed}: {shown} "
+            f"({seconds:.0f} s; bench {_duration(time.perf_counter() - self.started)}{eta})"
+        )
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
 def run_bench(
     plan: BenchPlan,
     *,
@@ -275,47 +421,78 @@ def run_bench(
     rerun: bool = False,
     echo: Any = print,
 ) -> list[dict[str, Any]]:
-    """Run (or reuse) every selected run, rewriting the outputs after each; returns the result rows. The outputs
-    cover every finished run of the config in the output folder, not only this selection."""
-    runs = plan.runs(tasks, methods, seeds)
+    """Run (or reuse) every selected run, rewriting the outputs after each; returns the result rows (with a sweep:
+    the sweep's runs, then the chosen rates' runs on the other seeds). The outputs cover every finished run of the
+    config in the output folder, not only this selection."""
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    stale = [r for r in plan.runs(seeds=seeds) if run_state(r) == "stale"]
+    sweep = plan.sweep_runs(tasks, methods)
+    chosen_now = chosen_rates(plan, [finished_row(r) for r in sweep])
+    every = plan.sweep_runs() + plan.runs(
+        seeds=seeds, rates=chosen_rates(plan, [finished_row(r) for r in plan.sweep_runs()])
+    )
+    stale = [r for r in every if run_state(r) == "stale"]
     if stale:
-        selected = {(r.task, r.method, r.seed) for r in runs}
-        again = sum((r.task, r.method, r.seed) in selected for r in stale)
+        selected = {r.key for r in sweep + plan.runs(tasks, methods, seeds, chosen_now)}
+        again = sum(r.key in selected for r in stale)
         echo(
             f"{len(stale)} finished run(s) used other options than the config now gives (e.g. {stale[0].task} · "
             f"{stale[0].method} · seed {stale[0].seed}); they are left out of the tables"
             + (f", and the {again} selected now run again" if again else "; select them to run them again")
         )
-    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-    started = time.perf_counter()
-    for number, run in enumerate(runs, start=1):
+    seed_list = list(plan.seeds if seeds is None else seeds)
+    later_seeds = [s for s in seed_list if plan.sweep is None or s != plan.sweep.seed]
+    pairs = plan._pairs(tasks, methods)
+    total = len(sweep) + (len(pairs) * len(later_seeds) if plan.sweep else len(plan.runs(tasks, methods, seeds)))
+    progress = _Progress(total, echo)
+    rows: dict[tuple[str, str, int, float], dict[str, Any]] = {}
+
+    def execute_and_report(run: BenchRun) -> None:
         tick = time.perf_counter()
+        ran = rerun or finished_summary(run) is None
         row = execute(run, plan.run_timeout_s, rerun)
-        rows[run.task, run.method, run.seed] = row
-        shown = "failed: " + row["error"] if row["status"] != "ok" else _describe(row)
-        echo(
-            f"[{number}/{len(runs)}] {run.task} · {run.method} · seed {run.seed}: {shown} "
-            f"({time.perf_counter() - tick:.0f} s; bench {time.perf_counter() - started:.0f} s)"
-        )
-        write_outputs(plan, _with_finished_runs(plan, rows, seeds))
+        rows[run.key] = row
+        progress.report(run, row, time.perf_counter() - tick, ran)
+        write_outputs(plan, *_with_finished_runs(plan, rows, seeds))
+
+    for run in sweep:
+        execute_and_report(run)
+    rates = chosen_rates(plan, [rows.get(r.key) or finished_row(r) for r in sweep])
+    if plan.sweep is not None:
+        for (task, method), rate in rates.items():
+            echo(
+                f"{task} · {method}: learning rate {rate:g} chosen on {plan.sweep.validation_examples} validation rows"
+            )
+    for run in plan.runs(tasks, methods, later_seeds if plan.sweep else seeds, rates):
+        execute_and_report(run)
     return list(rows.values())
 
 
+def finished_row(run: BenchRun) -> dict[str, Any]:
+    """The row of a run that finished with today's options, else a row saying it has not."""
+    summary = finished_summary(run)
+    return _row(run, summary, None) if summary is not None else _row(run, None, "not run yet") | {"status": "missing"}
+
+
 def _with_finished_runs(
-    plan: BenchPlan, rows: dict[tuple[str, str, int], dict[str, Any]], seeds: list[int] | None = None
-) -> list[dict[str, Any]]:
-    """This invocation's rows plus every other run of the config that finished earlier (an earlier ``--tasks``,
-    ``--methods`` or ``--seeds`` part), in the config's order, so the tables always cover everything run so far."""
-    combined = []
-    for run in plan.runs(seeds=sorted(set(plan.seeds) | set(seeds or ()))):
-        key = (run.task, run.method, run.seed)
-        if key in rows:
-            combined.append(rows[key])
-        elif (summary := finished_summary(run)) is not None:
-            combined.append(_row(run, summary, None))
-    return combined
+    plan: BenchPlan, rows: dict[tuple[str, str, int, float], dict[str, Any]], seeds: list[int] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(result rows, sweep rows)``: this invocation's rows plus every other run of the config that finished
+    earlier (an earlier ``--tasks``, ``--methods`` or ``--seeds`` part), in the config's order, so the tables always
+    cover everything run so far. Result rows are at each method's chosen rate when the config sweeps."""
+
+    def known(run: BenchRun) -> dict[str, Any] | None:
+        if run.key in rows:
+            return rows[run.key]
+        summary = finished_summary(run)
+        return _row(run, summary, None) if summary is not None else None
+
+    sweep_rows = [row for run in plan.sweep_runs() if (row := known(run)) is not None]
+    rates = chosen_rates(
+        plan, [known(run) or {**_row(run, None, ""), "status": "missing"} for run in plan.sweep_runs()]
+    )
+    all_seeds = sorted(set(plan.seeds) | set(seeds or ()))
+    results = [row for run in plan.runs(seeds=all_seeds, rates=rates) if (row := known(run)) is not None]
+    return results, sweep_rows
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -356,6 +533,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
                 "ok": len(ok),
                 "metric_name": method_rows[0]["metric_name"],
                 "full": method_rows[0].get("recipe_method", method) == FULL,
+                "learning_rates": sorted({r["learning_rate"] for r in method_rows if r.get("learning_rate")}),
             }
             for key in (
                 "metric",
@@ -385,7 +563,43 @@ def _fmt(value: tuple[float, float] | None, digits: int = 4, std: bool = True) -
     return f"{mean:.{digits}f} ± {deviation:.{digits}f}" if std else f"{mean:.{digits}f}"
 
 
-def markdown_table(plan: BenchPlan, rows: list[dict[str, Any]]) -> str:
+def sweep_table(plan: BenchPlan, sweep_rows: list[dict[str, Any]]) -> list[str]:
+    """Per task: each method's validation metric (and loss) at every candidate rate, the chosen one in bold."""
+    if plan.sweep is None or not sweep_rows:
+        return []
+    rates = chosen_rates(plan, sweep_rows)
+    lines = [
+        "## Learning-rate sweep",
+        "",
+        f"Seed {plan.sweep.seed}, each method's rate × {', '.join(f'{f:g}' for f in plan.sweep.factors)}; validation "
+        f"metric (validation loss) on {plan.sweep.validation_examples} rows held out of the training data, never the "
+        "evaluation set. **Bold**: the rate chosen (best metric, ties by loss), which the tables above report.",
+        "",
+    ]
+    for task in dict.fromkeys(r["task"] for r in sweep_rows):
+        task_rows = [r for r in sweep_rows if r["task"] == task]
+        lines += [
+            f"### {task}",
+            "",
+            "| method | " + " | ".join(["rate: validation metric (loss)"] * 1) + " |",
+            "|---|---|",
+        ]
+        for method in dict.fromkeys(r["method"] for r in task_rows):
+            cells = []
+            for row in sorted((r for r in task_rows if r["method"] == method), key=lambda r: r["learning_rate"]):
+                if row["status"] != "ok":
+                    text = f"{row['learning_rate']:g}: failed"
+                else:
+                    metric = row.get("validation_metric")
+                    shown = "–" if metric is None else f"{metric:.4f}"
+                    text = f"{row['learning_rate']:g}: {shown} ({row['validation_loss']:.4f})"
+                cells.append(f"**{text}**" if rates.get((task, method)) == row["learning_rate"] else text)
+            lines.append(f"| {method} | {' · '.join(cells)} |")
+        lines.append("")
+    return lines
+
+
+def markdown_table(plan: BenchPlan, rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]] = ()) -> str:
     lines = [f"# Bench `{plan.name}`", ""]
     seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in rows}))
     lines += [
@@ -399,16 +613,17 @@ def markdown_table(plan: BenchPlan, rows: list[dict[str, Any]]) -> str:
         lines += [f"## {task} ({task_rows[0]['model']}, {task_rows[0]['base_task']})", ""]
         metric = entries[0]["metric_name"]
         lines.append(
-            f"| method | {metric} | before | held-out loss | step s | time × full | peak RSS MB | memory × full "
+            f"| method | rate | {metric} | before | held-out loss | step s | time × full | peak RSS MB | memory × full "
             "| trainable | runs ok |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for e in entries:
             ratio = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
             trainable = "–" if e["trainable_parameters"] is None else f"{e['trainable_parameters'][0]:,.0f}"
             spread = e["ok"] > 1  # one seed has no spread: print the value alone, not "± 0"
+            rate = ", ".join(f"{r:g}" for r in e["learning_rates"]) or "–"
             lines.append(
-                f"| {e['method']} | {_fmt(e['metric'], std=spread)} | {_fmt(e['metric_before'], std=False)} | "
+                f"| {e['method']} | {rate} | {_fmt(e['metric'], std=spread)} | {_fmt(e['metric_before'], std=False)} | "
                 f"{_fmt(e['held_out_loss'], std=spread)} | {_fmt(e['median_step_s'], 3, std=False)} | "
                 f"{ratio(e['time_x_full'])} | "
                 f"{_fmt(e['peak_rss_mb'], 0, std=False)} | {ratio(e['memory_x_full'])} | {trainable} | "
@@ -418,18 +633,26 @@ def markdown_table(plan: BenchPlan, rows: list[dict[str, Any]]) -> str:
         for r in failed:
             lines.append(f"\nFailed: {r['method']} seed {r['seed']}: {r['error']}")
         lines.append("")
+    lines += sweep_table(plan, list(sweep_rows))
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
+def _csv(rows: list[dict[str, Any]]) -> str:
     import io
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(plan.output_dir / "results.csv", buffer.getvalue())
-    atomic_write_text(plan.output_dir / "results.md", markdown_table(plan, rows))
+    return buffer.getvalue()
+
+
+def write_outputs(plan: BenchPlan, rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]] = ()) -> None:
+    """``results.csv`` (and ``sweep.csv`` with a sweep), ``results.md``, ``plots/``."""
+    atomic_write_text(plan.output_dir / "results.csv", _csv(rows))
+    if plan.sweep is not None:
+        atomic_write_text(plan.output_dir / "sweep.csv", _csv(list(sweep_rows)))
+    atomic_write_text(plan.output_dir / "results.md", markdown_table(plan, rows, list(sweep_rows)))
     write_plots(plan, rows)
 
 
@@ -464,9 +687,7 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
         figure, axis = plt.subplots(figsize=(7, 4))
         for entry in entries:
             curves = [
-                _loss_curve(plan.output_dir / "runs" / task / entry["method"] / f"seed-{r['seed']}")
-                for r in ok
-                if r["task"] == task and r["method"] == entry["method"]
+                _loss_curve(Path(r["folder"])) for r in ok if r["task"] == task and r["method"] == entry["method"]
             ]
             curves = [c for c in curves if c]
             if not curves:
@@ -536,7 +757,7 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
     for row in ok:
         first_seed.setdefault((row["task"], row["method"]), row["seed"])
     for row in ok:
-        telemetry = plan.output_dir / "runs" / row["task"] / row["method"] / f"seed-{row['seed']}" / "mixing.jsonl"
+        telemetry = Path(row["folder"]) / "mixing.jsonl"
         if row["seed"] == first_seed[(row["task"], row["method"])] and telemetry.is_file():
             plot_mixing_heatmap(
                 telemetry,

@@ -234,24 +234,37 @@ def _split_list(text: str | None) -> list[str] | None:
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    from hybrid_peft.bench import load_plan, run_bench, run_state
+    from hybrid_peft.bench import chosen_rates, finished_row, load_plan, run_bench, run_state
 
     seeds = [int(s) for s in _split_list(args.seeds)] if args.seeds else None
     plan = load_plan(args.config, output_dir=args.output_dir)
-    runs = plan.runs(_split_list(args.tasks), _split_list(args.methods), seeds)
+    tasks, methods = _split_list(args.tasks), _split_list(args.methods)
+    sweep = plan.sweep_runs(tasks, methods)
+    rates = chosen_rates(plan, [finished_row(r) for r in sweep])
+    runs = [*sweep, *(r for r in plan.runs(tasks, methods, seeds, rates) if r.key not in {s.key for s in sweep})]
+    pairs = {(r.task, r.method) for r in plan.runs(tasks, methods, seeds=[0], rates=None)} if not plan.sweep else set()
     print(
-        f"bench {plan.name}: {len(runs)} runs ({len({r.task for r in runs})} task(s) × "
-        f"{len({r.method for r in runs})} method(s) × {len({r.seed for r in runs})} seed(s)) -> {plan.output_dir}/",
+        f"bench {plan.name}: {len({(r.task, r.method) for r in sweep} | pairs)} task × method pair(s), "
+        + (
+            f"a sweep of {len(plan.sweep.factors)} rates each on seed {plan.sweep.seed}, then the chosen rate on "
+            f"seeds {', '.join(str(s) for s in (seeds or plan.seeds))}"
+            if plan.sweep
+            else f"{len(runs)} runs"
+        )
+        + f" -> {plan.output_dir}/",
         flush=True,
     )
     if args.dry_run:
+        if plan.sweep and len(rates) < len({(r.task, r.method) for r in sweep}):
+            print("  (the runs at the chosen rates are listed once their sweep has finished)")
         for run in runs:
             state = {
                 "finished": "runs again (--rerun)" if args.rerun else "finished, reused",
                 "stale": "finished with other options, runs again",
                 "new": "to run",
             }[run_state(run)]
-            print(f"  {run.task} · {run.method} · seed {run.seed}: {state} ({run.folder})")
+            rate = f" · lr {run.config.learning_rate:g}" if plan.sweep else ""
+            print(f"  {run.task} · {run.method}{rate} · seed {run.seed}: {state} ({run.folder})")
         return 0
     rows = run_bench(
         plan,
@@ -336,6 +349,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "method": f"{', '.join(training_methods())} (full: full fine-tuning; peft-*: PEFT's own, as baselines)",
         "eval_every": "evaluate every N steps (0: only before and after)",
         "eval_examples": "evaluate on the first N held-out examples (0: all)",
+        "validation_examples": "hold N training examples out (a fixed draw, whatever the seed) and report metrics "
+        "on them at the end, to choose a learning rate without looking at the evaluation set (0: none)",
         "generate": "include generation metrics (pass@1, exact match) in evaluations",
         "save_every": "write a checkpoint every N steps (0: none)",
         "init_batches": "batches for LoRA-GA's gradient estimate (lora-ga, hybrid)",

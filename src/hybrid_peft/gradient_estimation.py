@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class ExactGradient:
 
     total: torch.Tensor
     count: int = 0
+    _singular: dict = field(default_factory=dict, repr=False, compare=False)
 
     def accumulate(self, x: torch.Tensor, delta: torch.Tensor) -> None:
         self.total.addmm_(delta.T, x)  # (out, T) @ (T, in)
@@ -59,8 +60,10 @@ class ExactGradient:
         return self.total / self.count
 
     def top_singular(self, k: int, svd: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(U (out, k), S (k,), Vh (k, in))`` of the mean gradient."""
-        return truncated_svd(self.dense(), k, svd)
+        """``(U (out, k), S (k,), Vh (k, in))`` of the mean gradient (computed once per ``(k, svd)``)."""
+        if (k, svd) not in self._singular:
+            self._singular[k, svd] = truncated_svd(self.dense(), k, svd)
+        return self._singular[k, svd]
 
     def state_bytes(self) -> int:
         return self.total.numel() * self.total.element_size()
@@ -75,6 +78,7 @@ class SketchGradient:
     y: torch.Tensor  # (out, k)
     z: torch.Tensor  # (l, in)
     count: int = 0
+    _singular: dict = field(default_factory=dict, repr=False, compare=False)
 
     def accumulate(self, x: torch.Tensor, delta: torch.Tensor) -> None:
         self.y.addmm_(delta.T, x @ self.omega)  # (out, T) @ (T, k)
@@ -100,9 +104,11 @@ class SketchGradient:
         return (q @ core).float()
 
     def top_singular(self, k: int, svd: str = "exact") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, core = self.factors()
-        u, s, vh = torch.linalg.svd(core, full_matrices=False)
-        return (q @ u[:, :k]).float(), s[:k].float(), vh[:k].float()
+        if k not in self._singular:
+            q, core = self.factors()
+            u, s, vh = torch.linalg.svd(core, full_matrices=False)
+            self._singular[k] = (q @ u[:, :k]).float(), s[:k].float(), vh[:k].float()
+        return self._singular[k]
 
     def state_bytes(self) -> int:
         """Bytes of this layer's accumulators plus its share of the (shared) test matrices."""

@@ -98,8 +98,9 @@ class AdapterLayer(nn.Module):
     """
 
     config_class: ClassVar[type[AdapterConfig]]
-    # True for adapters whose start depends on data (LoRA-GA): gradient estimation targets them by default.
-    needs_gradient_init: ClassVar[bool] = False
+    # True for adapters whose start depends on data (LoRA-GA): gradient estimation targets them by default. A class
+    # default: an instance may set its own from its config (the hybrid with a plain LoRA start does).
+    needs_gradient_init: bool = False
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
@@ -118,6 +119,11 @@ class AdapterLayer(nn.Module):
                 continue
             own += [(f"{child_name}.{name}", p) for name, p in child.named_parameters()]
         return own
+
+    def learning_rate_scales(self) -> dict[str, float]:
+        """Multipliers of the run's learning rate for some of this layer's parameters, by local name (``{}``: all
+        train at the run's rate). The training loop's optimiser makes one parameter group per multiplier."""
+        return {}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Every tensor that defines this adapter (trainable parameters and persistent buffers), by local name."""

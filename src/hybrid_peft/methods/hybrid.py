@@ -58,6 +58,9 @@ from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
 from hybrid_peft.registry import register_method
 
 GATES = ("branch", "update")
+STARTS = ("lora-ga", "lora")
+GATE_NORMS = ("sum", "max")
+MIX_STARTS = ("constant", "gradient")  # where λ0 comes from
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,15 @@ class HybridConfig(LoRAGAConfig):
         gate: what λ gates: ``update`` (default: only the learnt λ·s·(B A − B0A0); the base is never offset) or
             ``branch`` (all of λ·s·B A, with the base offset by λ0·s·B0A0; DESIGN.md's formula). See the module
             docstring and BENCHMARKS.md.
+        start: the low-rank branch's start: ``lora-ga`` (A0, B0 from the gradient estimate) or ``lora`` (PEFT's
+            LoRA start, B = 0: no gradient estimate, and a rank-r branch even with the update gate).
+        gate_norm: ``sum``: the gates are λ and 1 − λ (they shrink both branches, by half at λ = 0.5); ``max``:
+            both divided by max(λ, 1 − λ), so the favoured branch runs at full strength and λ only allocates.
+        mix_init_from: ``constant`` (λ0 = ``mix_init`` everywhere) or ``gradient``: λ0 per layer from the gradient
+            estimate LoRA-GA computes anyway, σ((log‖Gℓ‖ − mean log‖G‖)/τ) (the ``sigmoid`` rule's formula, once,
+            with no extra pass); needs ``start='lora-ga'``.
+        low_rank_lr_scale, orthogonal_lr_scale: multiply the run's learning rate for each branch's parameters
+            (the optimiser gets one parameter group per scale), since BOFT alone needs about ten times LoRA's rate.
     """
 
     method = "hybrid"
@@ -88,6 +100,11 @@ class HybridConfig(LoRAGAConfig):
     ema: float = 0.9
     temperature: float = 1.0
     gate: str = "update"
+    start: str = "lora-ga"
+    gate_norm: str = "sum"
+    mix_init_from: str = "constant"
+    low_rank_lr_scale: float = 1.0
+    orthogonal_lr_scale: float = 1.0
 
     # Adapter files of format version 1 predate the option and were trained with the whole branch gated.
     legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {2: {"gate": "branch"}}
@@ -102,13 +119,23 @@ class HybridConfig(LoRAGAConfig):
         require_float("ema", self.ema, minimum=0.0, maximum=1.0, max_inclusive=False)
         require_float("temperature", self.temperature, minimum=0.0, min_inclusive=False)
         require_choice("gate", self.gate, GATES)
+        require_choice("start", self.start, STARTS)
+        require_choice("gate_norm", self.gate_norm, GATE_NORMS)
+        require_choice("mix_init_from", self.mix_init_from, MIX_STARTS)
+        if self.mix_init_from == "gradient" and self.start != "lora-ga":
+            raise ConfigError("mix_init_from='gradient' reads LoRA-GA's gradient estimate: it needs start='lora-ga'")
+        for name in ("low_rank_lr_scale", "orthogonal_lr_scale"):
+            require_float(name, getattr(self, name), minimum=0.0, min_inclusive=False)
 
     keeps_output = True  # one scaled linear for both branches, as BOFT's
 
     @property
     def low_rank_width(self) -> int:
-        """The update gate projects onto ``[A; A0]`` (rank 2r), the branch gate onto ``A`` (rank r)."""
-        return 2 * self.rank if self.gate == "update" else self.rank
+        """The update gate of a LoRA-GA start projects onto ``[A; A0]`` (rank 2r); otherwise onto ``A`` (rank r)."""
+        return 2 * self.rank if self.gate == "update" and self.start == "lora-ga" else self.rank
+
+    def frozen_count(self, in_features: int, out_features: int) -> int:
+        return super().frozen_count(in_features, out_features) if self.start == "lora-ga" else 0
 
     def parameter_count(self, in_features: int, out_features: int) -> int:
         return super().parameter_count(in_features, out_features) + BOFTConfig.parameter_count(
@@ -124,7 +151,7 @@ class HybridConfig(LoRAGAConfig):
 
     def fixed_activations(self, in_features: int, out_features: int) -> int:
         rotations = BOFTConfig.fixed_activations(self, in_features, out_features)
-        concatenated = self.low_rank_width * (in_features + out_features) if self.gate == "update" else 0
+        concatenated = self.low_rank_width * (in_features + out_features) if self.low_rank_width > self.rank else 0
         return rotations + concatenated  # with the update gate, [A; A0] and [B, −B0] are kept too
 
 
@@ -143,11 +170,14 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
             )
         weight = self.base_weight
         factory = {"device": weight.device, "dtype": adapter_dtype_for(weight.dtype)}
-        # Low-rank branch (LoRA-GA start): A, B, and the start A0, B0.
+        # Low-rank branch: A, B, and (LoRA-GA start) the start A0, B0.
         self._init_low_rank(config.rank)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.lora_scaling = config.scaling
-        self._register_start_buffers()
+        self.needs_gradient_init = config.start == "lora-ga"
+        self.offset_applied = False
+        if self.needs_gradient_init:
+            self._register_start_buffers()
         # Orthogonal branch (BOFT), its skew parameters scaled by 1 − λ (rotation_skew).
         self._init_butterfly(config, factory)
         self.rotation_dropout = config.boft_dropout
@@ -163,10 +193,26 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
     def orthogonal_parameters(self) -> list[nn.Parameter]:
         return [self.boft_skew]
 
+    def learning_rate_scales(self) -> dict[str, float]:
+        scales = {"lora_A": self.config.low_rank_lr_scale, "lora_B": self.config.low_rank_lr_scale}
+        return scales | {name: self.config.orthogonal_lr_scale for name in ("boft_skew", "boft_scale")}
+
+    def gates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low-rank gate, orthogonal gate)``: ``(λ, 1 − λ)``, or both over max(λ, 1 − λ) (``gate_norm='max'``)."""
+        low_rank, orthogonal = self.mix, 1 - self.mix
+        if self.config.gate_norm == "max":
+            larger = torch.maximum(low_rank, orthogonal)
+            return low_rank / larger, orthogonal / larger
+        return low_rank, orthogonal
+
     def rotation_skew(self) -> torch.Tensor:
-        return (1 - self.mix) * self.boft_skew
+        return self.gates()[1] * self.boft_skew
 
     # --- GradientAlignedStart ---------------------------------------------------------------------------------
+
+    @property
+    def initialised(self) -> bool:
+        return self.needs_gradient_init and GradientAlignedStart.initialised.fget(self)  # type: ignore[attr-defined]
 
     def base_offset(self) -> torch.Tensor | None:
         if self.config.gate == "update":  # B0A0 is subtracted in the branch, never from the base
@@ -181,18 +227,42 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         self.mix_start.copy_(self.mix)
         super().initialise(a0, b0)
 
+    @classmethod
+    @torch.no_grad()
+    def start_gates_from_estimates(cls, layers: dict[str, HybridLayer], estimates: dict[str, Any]) -> None:
+        """λ0 per layer (``mix_init_from='gradient'``) from LoRA-GA's gradient estimate: the RMS of its top-2r
+        singular values, through the ``sigmoid`` rule's formula across the layers of one config. Call before the
+        LoRA-GA start is applied (the branch gate's base offset uses λ0)."""
+        by_config: dict[HybridConfig, list[str]] = {}
+        for name, layer in layers.items():
+            if layer.config.mix_init_from == "gradient":
+                by_config.setdefault(layer.config, []).append(name)
+        for config, names in by_config.items():
+            logs = []
+            for name in names:
+                layer = layers[name]
+                _, singular, _ = estimates[name].top_singular(2 * config.rank, config.svd)
+                rms = float(singular.double().pow(2).sum().sqrt()) / math.sqrt(layer.in_features * layer.out_features)
+                logs.append(math.log(rms + 1e-30))
+            mean = sum(logs) / len(logs)
+            for name, value in zip(names, logs, strict=True):
+                mix = min(max(_sigmoid((value - mean) / config.temperature), config.mix_min), 1 - config.mix_min)
+                layers[name].mix.fill_(mix)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.broadcast(layers[name].mix, src=0)  # SVDs may differ in the last bits
+
     # --- maths ------------------------------------------------------------------------------------------------
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of the gated low-rank term: ``A``, ``B`` (``branch``) or ``[A; A0]``, ``[B, −B0]`` (``update``,
         so that ``B A`` of the pair is the learnt update ``B A − B0 A0``)."""
-        if self.config.gate == "branch":
+        if self.config.gate == "branch" or not self.needs_gradient_init:  # a LoRA start has B0 A0 = 0
             return self.lora_A, self.lora_B
         return self.update_factors()
 
     def low_rank_weight(self) -> torch.Tensor:
         a, b = self.low_rank_factors()
-        return self.mix * self.lora_scaling * (b @ a)
+        return self.gates()[0] * self.lora_scaling * (b @ a)
 
     def merged_weight(self) -> torch.Tensor:
         return (self.orthogonal_weight() + self.low_rank_weight()).to(self.base_weight.dtype)
@@ -212,7 +282,8 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         lora_a, lora_b = self.low_rank_factors()
         low_rank_input = F.linear(self.lora_dropout(x2d), lora_a)  # (T, r), or (T, 2r) with the update gate
         if self.quantised:  # the base layer's own kernel on the rotated input, plus the low-rank branch
-            out = self.scaled_base_output(rotated) + (self.mix * self.lora_scaling) * F.linear(low_rank_input, lora_b)
+            gate = self.gates()[0] * self.lora_scaling
+            out = self.scaled_base_output(rotated) + gate * F.linear(low_rank_input, lora_b)
             return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         base = self.base_weight
         # The one base matmul, scaled, plus the low-rank branch; saves the output instead of x W0ᵀ.
@@ -223,7 +294,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
             self.base_layer.bias,
             low_rank_input,
             lora_b,
-            self.mix * self.lora_scaling,
+            self.gates()[0] * self.lora_scaling,
         )
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
@@ -231,7 +302,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         return (
             f"{super().extra_repr()}, rank={self.config.rank}, block_size={self.block_size}, "
             f"butterfly_factors={self.config.butterfly_factors}, rule={self.config.rule}, gate={self.config.gate}, "
-            f"mix={float(self.mix):.3f}"
+            f"start={self.config.start}, gate_norm={self.config.gate_norm}, mix={float(self.mix):.3f}"
         )
 
 

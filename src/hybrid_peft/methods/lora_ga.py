@@ -281,6 +281,10 @@ def lora_ga_initialise(
         )
         if cache_file is not None:
             save_estimates(estimates, cache_file)
+    for layer_class in {type(layer) for layer in adapter_layers(model).values()}:
+        start_gates = getattr(layer_class, "start_gates_from_estimates", None)  # the hybrid's λ0 from the estimate
+        if start_gates is not None:
+            start_gates({n: m for n, m in adapter_layers(model).items() if isinstance(m, layer_class)}, estimates)
     factors = lora_ga_factors_for(model, estimates)
     apply_lora_ga_factors(model, factors)
     return factors

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hybrid_peft.config import AdapterConfig
+from hybrid_peft.config import AdapterConfig, require_float
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
 from hybrid_peft.registry import register_method
@@ -35,11 +35,22 @@ ATTENTION_PROJECTIONS = r".*\.(q_proj|k_proj|v_proj|o_proj|query|key|value|c_att
 @dataclass(frozen=True)
 class UnitaryConfig(AdapterConfig):
     """Unitary adapter settings. By default it targets the attention projections of common architectures
-    (``q_proj/k_proj/v_proj/o_proj``, BERT's ``query/key/value``, GPT-2's ``c_attn``); any pattern works."""
+    (``q_proj/k_proj/v_proj/o_proj``, BERT's ``query/key/value``, GPT-2's ``c_attn``); any pattern works.
+
+    Args:
+        lr_scale: multiplies the run's learning rate for this adapter's parameters (when it shares a run with
+            adapters that want a lower rate, as in the ``hybrid-unitary`` composition).
+    """
 
     method = "unitary"
 
     targets: str | tuple[str, ...] = ATTENTION_PROJECTIONS
+    lr_scale: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        require_float("lr_scale", self.lr_scale, minimum=0.0, min_inclusive=False)
+
     default_learning_rate = 1e-2  # like BOFT, an orthogonal method needs about ten times LoRA's rate
 
     def parameter_count(self, in_features: int, out_features: int) -> int:
@@ -132,6 +143,11 @@ class UnitaryLayer(AdapterLayer):
         vectors = torch.randn(2, n, 2, device=weight.device, dtype=dtype) / (2 * n) ** 0.5
         self.unitary_reflections = nn.Parameter(vectors)  # (2, n, 2): real and imaginary parts
         self.unitary_angles = nn.Parameter(torch.zeros(2, device=weight.device, dtype=dtype))
+
+    def learning_rate_scales(self) -> dict[str, float]:
+        if self.config.lr_scale == 1.0:
+            return {}
+        return {name: self.config.lr_scale for name in ("unitary_phases", "unitary_reflections", "unitary_angles")}
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``ρ(U) x`` for real ``x (..., in)``, computed in the adapter's dtype (fp32 at least)."""

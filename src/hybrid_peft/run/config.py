@@ -42,6 +42,7 @@ class TrainConfig:
     init_batches: int = 8
     eval_every: int = 0
     eval_examples: int = 0
+    validation_examples: int = 0  # >0: held out of the training rows (seeded), evaluated at the end (rate choice)
     eval_batch_size: int = 8
     generate: bool = True
     save_every: int = 0
@@ -64,6 +65,7 @@ class TrainConfig:
             "init_batches",
             "eval_every",
             "eval_examples",
+            "validation_examples",
             "save_every",
             "threads",
             "examples_per_language",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.errors import BatchDoesNotFitError, HybridPeftError, NonFiniteLossError
 from hybrid_peft.methods.hybrid import hybrid_layers, update_mixing
 
@@ -48,11 +49,24 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 def make_optimiser(
     model: nn.Module, *, learning_rate: float, weight_decay: float, steps: int, warmup_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the parameters that require grad, with :func:`warmup_cosine`."""
+    """AdamW over the parameters that require grad, with :func:`warmup_cosine`; one parameter group per learning
+    rate multiplier that adapter layers ask for (:meth:`AdapterLayer.learning_rate_scales`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise HybridPeftError("no parameter requires grad: attach an adapter or unfreeze the model first")
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    scales = {}
+    for layer in adapter_layers(model).values():
+        for name, scale in layer.learning_rate_scales().items():
+            parameter = getattr(layer, name)
+            scales[id(parameter)] = scale
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}  # the run's own rate first: its group's rate is logged
+    for p in params:
+        groups.setdefault(scales.get(id(p), 1.0), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": group, "lr": learning_rate * scale, "lr_scale": scale} for scale, group in groups.items() if group],
+        lr=learning_rate,
+        weight_decay=weight_decay,
+    )
     warmup = min(warmup_steps, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     return optimizer, schedule
@@ -127,7 +141,7 @@ def training_steps(
             raise NonFiniteLossError(f"step {step}: the training loss is {loss_value}")
         with fits:
             parallel.backward(loss) if parallel is not None else loss.backward()
-        learning_rate = schedule.get_last_lr()[0]
+        learning_rate = schedule.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0)  # the run's rate
         records = update_mixing(inner, sharded=sharded) if mixing else {}
         if max_grad_norm:
             if parallel is not None:

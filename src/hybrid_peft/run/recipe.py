@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import shutil
 import time
 import warnings
@@ -155,6 +156,7 @@ class Recipe:
             self.eval_rows = self.eval_rows[: config.eval_examples]
         if not self.train_rows:
             raise HybridPeftError(f"task {self.task.name} has no training examples")
+        self.train_rows, self.validation_rows = hold_out(self.train_rows, config.validation_examples)
         if config.generate and getattr(self.task, "runs_model_code", False):
             require_sandbox(config.unsafe_unsandboxed)
         self.tokenizer = load_tokenizer(config.model)
@@ -254,12 +256,11 @@ class Recipe:
                 )
             saved_rate = saved.config.get("learning_rate")
             if saved_rate != config.learning_rate:  # asked for a new rate: the optimiser and schedule take it
-                for group in self.optimizer.param_groups:
-                    group["initial_lr"] = config.learning_rate
-                self.schedule.base_lrs = [config.learning_rate for _ in self.optimizer.param_groups]
                 factor = self.schedule.lr_lambdas[0](self.schedule.last_epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = config.learning_rate * factor
+                for group in self.optimizer.param_groups:  # each group keeps its multiplier of the run's rate
+                    group["initial_lr"] = config.learning_rate * group.get("lr_scale", 1.0)
+                    group["lr"] = group["initial_lr"] * factor
+                self.schedule.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
                 self.schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
                 if self.main:
                     print(
@@ -307,7 +308,7 @@ class Recipe:
                 done = result.step + 1
                 if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                     metrics = self.evaluate_where_needed(f"step {done}")
-                    self.append_log({"step": done, "eval": metrics})
+                    self.append_log({"step": done, "eval": metrics, "train_seconds": self.train_seconds})
                     self.parallel.barrier()
                 if config.save_every and done % config.save_every == 0 and done < config.steps:
                     self.pending = self.save_checkpoint(done)
@@ -328,7 +329,8 @@ class Recipe:
                 self.trainee.save_result(self.inner, self.output_dir, self.tokenizer, model_state)
         metrics_after = self.evaluate_where_needed("after")
         if self.main:
-            self.append_log({"step": self.config.steps, "eval": metrics_after})
+            self.append_log({"step": self.config.steps, "eval": metrics_after, "train_seconds": self.train_seconds})
+        validation = self.evaluate_where_needed("validation", self.validation_rows) if self.validation_rows else {}
         if self.config.merge:
             with self.parallel.full_parameters(self.inner):
                 if self.main:
@@ -344,6 +346,7 @@ class Recipe:
                 total_parameters=self.total,
                 before=self.metrics_before,
                 after=metrics_after,
+                validation=validation,
                 final_loss=self.history[-1]["loss"] if self.history else None,
                 median_step_s=_median([r["seconds"] for r in read_log(self.output_dir / LOG_FILE) if "seconds" in r]),
                 wall_s=time.perf_counter() - self.started,
@@ -367,15 +370,21 @@ class Recipe:
         """The first ``init_batches`` training batches, for LoRA-GA's gradient estimate."""
         return [self.batch_at(i) for i in range(self.config.init_batches)]
 
-    def evaluate_where_needed(self, label: str) -> dict[str, float]:
+    def evaluate_where_needed(self, label: str, rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
         """Evaluate on the main process (on every process when the parameters are sharded: each holds a part);
         the metrics are the main process's, ``{}`` elsewhere."""
         if self.main or self.parallel.evaluates_on_every_process:
-            metrics = self.evaluate(label)
+            metrics = self.evaluate(label, rows)
             return metrics if self.main else {}
         return {}
 
-    def evaluate(self, label: str) -> dict[str, float]:
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in training steps so far (evaluation and checkpoints not counted; resumed runs included)."""
+        return sum(record.get("seconds", 0.0) for record in self.history)
+
+    def evaluate(self, label: str, rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
+        """The task's metrics on ``rows`` (default: the evaluation rows)."""
         config = self.config
         model = self.inner
         with batch_must_fit(
@@ -385,7 +394,7 @@ class Recipe:
             return self.task.evaluate(
                 model,
                 self.tokenizer,
-                self.eval_rows,
+                self.eval_rows if rows is None else rows,
                 batch_size=config.eval_batch_size,
                 max_length=config.max_length,
                 generate=config.generate,
@@ -410,7 +419,7 @@ class Recipe:
             record["lambda"] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
             postfix["λ"] = f"{record['lambda']['mean']:.2f}"
         record |= {"seconds": result.seconds, "tokens_per_s": tokens / result.seconds}
-        self.history.append({"step": result.step, "loss": result.loss})
+        self.history.append({"step": result.step, "loss": result.loss, "seconds": result.seconds})
         first = self.history[0]["loss"]
         if not self.warned_growth and first > 0 and result.loss > LOSS_GROWTH_WARNING * first:
             self.warned_growth = True
@@ -455,6 +464,21 @@ class Recipe:
             raise NonFiniteLossError(
                 f"step {step}: the weights became non-finite ({bad[0]}{' and others' if len(bad) > 1 else ''})"
             )
+
+
+VALIDATION_SEED = 20250724  # the held-out draw is the same for every run seed, so rates are chosen on one set
+
+
+def hold_out(rows: list[dict[str, Any]], count: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(training rows, validation rows)``: ``count`` rows drawn with a fixed seed, the rest in their order."""
+    if count == 0:
+        return rows, []
+    if count >= len(rows):
+        raise ConfigError(
+            f"--validation-examples {count} leaves no training rows (the task has {len(rows)}); hold out fewer"
+        )
+    chosen = set(random.Random(VALIDATION_SEED).sample(range(len(rows)), count))
+    return [r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen]
 
 
 def run_training(

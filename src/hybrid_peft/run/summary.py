@@ -34,6 +34,7 @@ class RunSummary:
     peak_rss_mb: float
     resumed_from_step: int
     environment: Environment | None = None
+    validation: dict[str, float] = dataclasses.field(default_factory=dict)  # on --validation-examples, at the end
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

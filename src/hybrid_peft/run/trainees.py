@@ -1,8 +1,9 @@
 """What is trained, as one strategy per kind of trainee, so that the training loop never asks which kind it has:
 
 ============  =====================================================================================================
-own adapter   hybrid-peft's methods (``lora``, ``lora-ga``, ``boft``, ``unitary``, ``hybrid``): attached in place; a
-              new classification head trains fully and is saved with the adapter; LoRA-GA (and the hybrid's low-rank
+own adapter   hybrid-peft's methods (``lora``, ``lora-ga``, ``boft``, ``unitary``, ``hybrid``) and compositions of them
+              (``hybrid-unitary``: unitary on attention, the hybrid on the rest): attached in place; a new
+              classification head trains fully and is saved with the adapter; LoRA-GA (and the hybrid's low-rank
               branch) initialised from a gradient estimate; checkpoints and the result are adapter folders
 full          full fine-tuning: every parameter trains; checkpoints are one safetensors file, the result a
               ``save_pretrained`` folder
@@ -76,17 +77,18 @@ class OwnAdapter:
     needs_model_state = False
 
     def validate(self, config: TrainConfig) -> None:
-        self.adapter_config(config)  # the method name and its options, checked before any model loads
+        self.adapter_configs(config)  # the method name and its options, checked before any model loads
 
     def default_learning_rate(self, config: TrainConfig) -> float:
-        return self.adapter_config(config).default_learning_rate
+        return self.adapter_configs(config)[-1].default_learning_rate
 
-    @staticmethod
-    def adapter_config(config: TrainConfig) -> AdapterConfig:
-        return AdapterConfig.from_dict({"method": config.method, **config.adapter})
+    def adapter_configs(self, config: TrainConfig) -> list[AdapterConfig]:
+        """The adapter(s) to attach, in order."""
+        return [AdapterConfig.from_dict({"method": config.method, **config.adapter})]
 
     def attach(self, model: nn.Module, config: TrainConfig, classifier: bool) -> nn.Module:
-        attach(model, self.adapter_config(config))
+        for adapter_config in self.adapter_configs(config):
+            attach(model, adapter_config)
         head = _head(model) if classifier else None
         for p in getattr(model, head).parameters() if head else []:
             p.requires_grad_(True)  # a new head is trained fully and saved with the adapter
@@ -110,6 +112,36 @@ class OwnAdapter:
 
     def save_merged(self, model: nn.Module, output_dir: Path, tokenizer: Any) -> None:
         save_merged(model, output_dir / "merged", tokenizer=tokenizer)
+
+
+class UnitaryHybrid(OwnAdapter):
+    """``hybrid-unitary``, the paper's whole system as one method: the unitary adapter (uRNN constraints) on the
+    attention projections and the hybrid on every other linear layer (the MLP). The adapter options are the
+    hybrid's, plus ``unitary: {...}`` for the unitary part. The unitary part trains at ``unitary_lr_scale`` times
+    the run's rate (default 10: orthogonal methods need about ten times LoRA's rate, BENCHMARKS.md section 2)."""
+
+    NAME = "hybrid-unitary"
+    UNITARY_LR_SCALE = 10.0
+
+    def adapter_configs(self, config: TrainConfig) -> list[AdapterConfig]:
+        options = dict(config.adapter)
+        unitary = options.pop("unitary", None) or {}
+        if not isinstance(unitary, dict):
+            raise ConfigError(
+                f"{self.NAME}: 'unitary' takes the unitary adapter's options as a mapping, got {unitary!r}"
+            )
+        if "targets" in options and options["targets"] != "all-linear":
+            raise ConfigError(
+                f"{self.NAME}: the hybrid part takes every linear layer the unitary part leaves; set the unitary "
+                "part's targets instead (adapter: {unitary: {targets: ...}})"
+            )
+        return [
+            AdapterConfig.from_dict({"method": "unitary", "lr_scale": self.UNITARY_LR_SCALE} | unitary),
+            AdapterConfig.from_dict({"method": "hybrid", **options}),
+        ]
+
+
+COMPOSITIONS: dict[str, type[OwnAdapter]] = {UnitaryHybrid.NAME: UnitaryHybrid}
 
 
 class FullFineTuning:
@@ -219,6 +251,8 @@ def trainee_for(method: str) -> Trainee:
         return FullFineTuning()
     if peers.is_peer(method):
         return PeftPeer(method)
+    if method in COMPOSITIONS:
+        return COMPOSITIONS[method]()
     if method not in available_methods():
         raise ConfigError(f"unknown method {method!r}; choose one of {training_methods()}")
     return OwnAdapter()
@@ -226,4 +260,4 @@ def trainee_for(method: str) -> Trainee:
 
 def training_methods() -> list[str]:
     """Every ``--method`` the recipe accepts: hybrid-peft's adapters, ``full`` and the PEFT baselines."""
-    return [*available_methods(), FULL, *sorted(peers.PEER_DEFAULTS)]
+    return [*available_methods(), *COMPOSITIONS, FULL, *sorted(peers.PEER_DEFAULTS)]
