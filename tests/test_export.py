@@ -44,3 +44,34 @@ def test_peft_export_refuses_mixed_configs(tmp_path) -> None:  # noqa: ANN001
     attach(model, METHOD_CASES["lora"].replace(targets=["v_proj"], rank=2))
     with pytest.raises(HybridPeftError, match="one LoRA config"):
         export_peft(model, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["boft-m1", "boft-m2"])
+def test_peft_loads_our_boft_export_with_the_same_logits(model_kind: str, method: str, input_ids, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    import peft
+
+    ours = attach(MODEL_FACTORIES[model_kind](), METHOD_CASES[method]).eval()
+    perturb_adapters(ours, seed=3)
+    export_peft(ours, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BOFT" and config["boft_n_butterfly_factor"] == METHOD_CASES[method].butterfly_factors
+    loaded = peft.PeftModel.from_pretrained(MODEL_FACTORIES[model_kind](), tmp_path / "peft").eval()
+    assert any(isinstance(m, peft.tuners.boft.BOFTLayer) for m in loaded.modules())
+    torch.testing.assert_close(model_output(loaded, input_ids), model_output(ours, input_ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["unitary", "hybrid-share"])
+def test_peft_export_of_methods_peft_cannot_express_points_to_the_merged_checkpoint(method: str, tmp_path) -> None:  # noqa: ANN001
+    model = attach(MODEL_FACTORIES["llama"](), METHOD_CASES[method])
+    with pytest.raises(HybridPeftError, match=r"PEFT has no adapter format for (Unitary|Hybrid)Layer.*save_merged"):
+        export_peft(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_peft_export_refuses_lora_beside_boft(tmp_path) -> None:  # noqa: ANN001
+    model = attach(MODEL_FACTORIES["llama"](), METHOD_CASES["lora"].replace(targets=["q_proj"]))
+    attach(model, METHOD_CASES["boft-m1"].replace(targets=["v_proj"]))
+    with pytest.raises(HybridPeftError, match="one kind of adapter"):
+        export_peft(model, tmp_path)

@@ -41,11 +41,12 @@ from typing import Any
 
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.fileio import atomic_write_text
+from hybrid_peft.html_report import write_html_report
 from hybrid_peft.run import FULL, RunSummary, TrainConfig, merge_options
 from hybrid_peft.run.summary import SUMMARY_FILE
 from hybrid_peft.run.trainees import OwnAdapter, trainee_for
 from hybrid_peft.tasks import primary_metric
-from hybrid_peft.telemetry import plot_mixing_heatmap
+from hybrid_peft.telemetry import plot_mixing_heatmap, telemetry_summary
 
 CSV_FIELDS = (
     "task",
@@ -633,6 +634,8 @@ def markdown_table(plan: BenchPlan, rows: list[dict[str, Any]], sweep_rows: list
         for r in failed:
             lines.append(f"\nFailed: {r['method']} seed {r['seed']}: {r['error']}")
         lines.append("")
+    lines += time_to_quality_lines(rows)
+    lines += telemetry_lines(rows)
     lines += sweep_table(plan, list(sweep_rows))
     return "\n".join(lines) + "\n"
 
@@ -648,12 +651,135 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 def write_outputs(plan: BenchPlan, rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]] = ()) -> None:
-    """``results.csv`` (and ``sweep.csv`` with a sweep), ``results.md``, ``plots/``."""
+    """``results.csv`` (and ``sweep.csv`` with a sweep), ``results.md``, ``plots/`` and ``report.html`` (the tables
+    and every plot in one self-contained page)."""
     atomic_write_text(plan.output_dir / "results.csv", _csv(rows))
     if plan.sweep is not None:
         atomic_write_text(plan.output_dir / "sweep.csv", _csv(list(sweep_rows)))
-    atomic_write_text(plan.output_dir / "results.md", markdown_table(plan, rows, list(sweep_rows)))
-    write_plots(plan, rows)
+    text = markdown_table(plan, rows, list(sweep_rows))
+    atomic_write_text(plan.output_dir / "results.md", text)
+    plots = write_plots(plan, rows)
+    figures = ["## Plots", ""] + [f"![{path.stem}](plots/{path.name})" for path in plots]
+    write_html_report(plan.output_dir, text + "\n" + "\n\n".join(figures) + "\n", f"hybrid-peft bench {plan.name}")
+
+
+# --- time to quality and the paper's checks ----------------------------------------------------------------------
+
+
+def evaluation_curve(folder: Path) -> list[tuple[int, float, float]]:
+    """``(step, training seconds, held-out loss)`` of every evaluation after step 0 in a run's log (runs without
+    ``train_seconds`` in their log, written before it existed, give none)."""
+    path = folder / "train_log.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        (r["step"], r["train_seconds"], r["eval"]["loss"])
+        for r in records
+        if "eval" in r and "loss" in r["eval"] and r.get("train_seconds") is not None and r["step"] > 0
+    ]
+
+
+def time_to_loss(curve: list[tuple[int, float, float]], target: float) -> tuple[int, float] | None:
+    """``(steps, training seconds)`` at the first evaluation whose held-out loss is at most ``target``."""
+    return next(((step, seconds) for step, seconds, loss in curve if loss <= target), None)
+
+
+def time_to_quality(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task: the two targets (full fine-tuning's final held-out loss, seed mean, and the best method's) and, per
+    method, the median over seeds of the steps and training seconds to reach each (None: some seed never did)."""
+    table: dict[str, dict[str, Any]] = {}
+    for task, entries in aggregate(rows).items():
+        ok = [r for r in rows if r["task"] == task and r["status"] == "ok"]
+        full = next((e for e in entries if e["full"] and e["held_out_loss"]), None)
+        finished = [e for e in entries if e["held_out_loss"]]
+        if not finished:
+            continue
+        best = min(finished, key=lambda e: e["held_out_loss"][0])
+        targets = {"best": (best["method"], best["held_out_loss"][0])}
+        if full is not None:
+            targets["full"] = (full["method"], full["held_out_loss"][0])
+        methods = {}
+        for entry in entries:
+            curves = [evaluation_curve(Path(r["folder"])) for r in ok if r["method"] == entry["method"]]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            reached = {}
+            for key, (_, target) in targets.items():
+                times = [time_to_loss(c, target) for c in curves]
+                reached[key] = (
+                    None
+                    if any(t is None for t in times)
+                    else (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
+                )
+            methods[entry["method"]] = {"reached": reached, "curves": curves}
+        table[task] = {"targets": targets, "methods": methods}
+    return table
+
+
+def time_to_quality_lines(rows: list[dict[str, Any]]) -> list[str]:
+    table = time_to_quality(rows)
+    if not any(t["methods"] for t in table.values()):
+        return []
+    lines = [
+        "## Time to quality",
+        "",
+        "Steps and training seconds (evaluation not counted; median over seeds) until the held-out loss, evaluated "
+        "every `eval_every` steps, first reaches a target: full fine-tuning's final held-out loss, and the best "
+        "method's. `–`: some seed never reached it within the run.",
+        "",
+    ]
+    for task, data in table.items():
+        if not data["methods"]:
+            continue
+        targets = data["targets"]
+        heads = [f"to {method}'s {loss:.4f}" for method, loss in (targets.get("full"), targets["best"]) if method]
+        keys = [k for k in ("full", "best") if k in targets]
+        lines += [f"### {task}", "", "| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(keys)]
+        for method, data_method in data["methods"].items():
+            cells = []
+            for key in keys:
+                value = data_method["reached"][key]
+                cells.append("–" if value is None else f"{value[0]:.0f} steps, {value[1]:.1f} s")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def telemetry_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The paper's checks per method (median over seeds): gradient-norm ratio first/last adapted block,
+    the largest orthogonality error, λ's rank correlation with the layers' gradient magnitudes."""
+    keys = ("depth_ratio", "orthogonality_error", "lambda_gradient_spearman")
+    per_method: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        summary = telemetry_summary(Path(row["folder"]))
+        bucket = per_method.setdefault((row["task"], row["method"]), {k: [] for k in keys})
+        for key in keys:
+            if key in summary:
+                bucket[key].append(summary[key])
+    if not any(any(v) for v in per_method.values()):
+        return []
+    lines = [
+        "## The paper's checks",
+        "",
+        "Median over seeds. **‖∇‖ first/last block**: the adapter gradient norm of the first adapted transformer "
+        "block over the last one's, median over steps (1: preserved through depth). **‖RᵀR − I‖**: the largest "
+        "orthogonality error of any rotation at any logged step. **ρ(λ, ‖∇‖)**: Spearman correlation across layers "
+        "of λ and the layer's gradient magnitude, median over steps (hybrids).",
+        "",
+        "| task | method | ‖∇‖ first/last block | ‖RᵀR − I‖ | ρ(λ, ‖∇‖) |",
+        "|---|---|---|---|---|",
+    ]
+    for (task, method), values in per_method.items():
+        shown = [
+            f"{statistics.median(values[k]):{'.2e' if k == 'orthogonality_error' else '.3f'}}" if values[k] else "–"
+            for k in keys
+        ]
+        lines.append(f"| {task} | {method} | " + " | ".join(shown) + " |")
+    return [*lines, ""]
 
 
 def _loss_curve(folder: Path) -> list[float]:
@@ -664,7 +790,8 @@ def _loss_curve(folder: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r and "eval" not in r]
 
 
-def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
+def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> list[Path]:
+    """Every plot of the bench, under ``plots/``; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -673,6 +800,7 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
 
     folder = plan.output_dir / "plots"
     folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
     table = aggregate(rows)
     palette = plt.get_cmap("tab20").colors
     markers = "osD^v<>Pp*hX"
@@ -712,6 +840,7 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
         figure.tight_layout()
         figure.savefig(folder / f"loss_{task}.png", dpi=120)
         plt.close(figure)
+        written.append(folder / f"loss_{task}.png")
 
     for key, label, name in (
         ("peak_rss_mb", "peak RSS (MB)", "quality_vs_memory.png"),
@@ -752,6 +881,7 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
         figure.tight_layout(rect=(0, 0, 1 - 1.6 / figure.get_figwidth(), 1))
         figure.savefig(folder / name, dpi=120)
         plt.close(figure)
+        written.append(folder / name)
 
     first_seed: dict[tuple[str, str], int] = {}
     for row in ok:
@@ -759,8 +889,44 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> None:
     for row in ok:
         telemetry = Path(row["folder"]) / "mixing.jsonl"
         if row["seed"] == first_seed[(row["task"], row["method"])] and telemetry.is_file():
-            plot_mixing_heatmap(
-                telemetry,
-                folder / f"lambda_{row['task']}_{row['method']}.png",
-                title=f"λ per layer: {row['method']} on {row['task']} (seed {row['seed']})",
+            written.append(
+                plot_mixing_heatmap(
+                    telemetry,
+                    folder / f"lambda_{row['task']}_{row['method']}.png",
+                    title=f"λ per layer: {row['method']} on {row['task']} (seed {row['seed']})",
+                )
             )
+
+    for task, data in time_to_quality(rows).items():
+        if not data["methods"]:
+            continue
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for method, result in data["methods"].items():
+            length = min(len(c) for c in result["curves"])
+            seconds = [statistics.fmean(c[i][1] for c in result["curves"]) for i in range(length)]
+            losses = [statistics.fmean(c[i][2] for c in result["curves"]) for i in range(length)]
+            look = style[method]
+            axis.plot(
+                seconds,
+                losses,
+                marker=look["marker"],
+                color=look["color"],
+                markersize=4,
+                linewidth=1.2,
+                linestyle="--" if method in full_methods else "-",
+                label=method,
+            )
+        for method, target in data["targets"].values():
+            axis.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+            axis.annotate(f"{method}'s final", (axis.get_xlim()[1], target), fontsize=7, ha="right", va="bottom")
+        axis.set_xlabel("training time, s (seed mean; evaluation not counted)")
+        axis.set_ylabel("held-out loss (seed mean)")
+        axis.set_title(f"{task}: held-out loss against training time")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        figure.tight_layout()
+        path = folder / f"time_to_quality_{task}.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(path)
+    return written

@@ -349,6 +349,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "method": f"{', '.join(training_methods())} (full: full fine-tuning; peft-*: PEFT's own, as baselines)",
         "eval_every": "evaluate every N steps (0: only before and after)",
         "eval_examples": "evaluate on the first N held-out examples (0: all)",
+        "report_to": "send loss, learning rate, tokens/s, λ per layer and evaluations to experiment trackers "
+        "through accelerate: tensorboard (event files under OUTPUT_DIR/tracking/), wandb, mlflow; comma-separated; "
+        "each needs its package installed (pip install tensorboard)",
         "validation_examples": "hold N training examples out (a fixed draw, whatever the seed) and report metrics "
         "on them at the end, to choose a learning rate without looking at the evaluation set (0: none)",
         "generate": "include generation metrics (pass@1, exact match) in evaluations",

@@ -1,4 +1,5 @@
-"""Export for other tools: a merged checkpoint plain ``transformers`` loads, and LoRA in PEFT's adapter format."""
+"""Export for other tools: a merged checkpoint plain ``transformers`` loads (every method), and PEFT's adapter
+formats for the methods PEFT can express (LoRA and LoRA-GA as LoRA, BOFT as BOFT)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from hybrid_peft.adapters import _parent_and_child, adapter_layers
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.fileio import atomic_write_text, atomic_write_with
 from hybrid_peft.layer import is_transposed, linear_weight, quantisation_of
+from hybrid_peft.methods.boft import BOFTLayer
 from hybrid_peft.methods.lora import LoRALayer
 from hybrid_peft.serialization import model_name
 
@@ -140,18 +142,30 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any =
     return directory
 
 
-def peft_lora_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and ``adapter_config.json`` contents of PEFT's LoRA format for ``model``'s LoRA adapters."""
-    layers = adapter_layers(model)
-    if not layers:
-        raise HybridPeftError("the model has no adapters attached; nothing to export")
-    not_lora = sorted({type(layer).__name__ for layer in layers.values() if not isinstance(layer, LoRALayer)})
-    if not_lora:
-        raise HybridPeftError(f"PEFT export supports LoRA and LoRA-GA adapters only; this model also has {not_lora}")
+def _one_config(layers: dict[str, nn.Module], kind: str) -> Any:
     configs = {layer.config for layer in layers.values()}
     if len(configs) != 1:
-        raise HybridPeftError("PEFT export needs one LoRA config for all layers; this model mixes several")
-    config = configs.pop()
+        raise HybridPeftError(f"PEFT export needs one {kind} config for all layers; this model mixes several")
+    return configs.pop()
+
+
+def _peft_config(model: nn.Module, layers: dict[str, nn.Module], peft_type: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "peft_type": peft_type,
+        "task_type": None,
+        "base_model_name_or_path": model_name(model),
+        "target_modules": sorted(layers),
+        "fan_in_fan_out": any(is_transposed(layer.base_layer) for layer in layers.values()),
+        "bias": "none",
+        "inference_mode": True,
+        "modules_to_save": None,
+        **fields,
+    }
+
+
+def peft_lora_export(model: nn.Module, layers: dict[str, LoRALayer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and ``adapter_config.json`` contents of PEFT's LoRA format for LoRA and LoRA-GA layers."""
+    config = _one_config(layers, "LoRA")
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         lora_A, lora_B = layer.peft_factors()  # LoRA-GA: rank 2r, valid on the unmodified base
@@ -160,27 +174,56 @@ def peft_lora_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     rank = lora_A.shape[0]
     # PEFT scales by alpha/r (alpha/sqrt(r) with rsLoRA) of the exported rank; keep our scaling s exactly.
     alpha = config.scaling * (rank**0.5 if config.use_rslora else rank)
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": model_name(model),
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        "target_modules": sorted(layers),
-        "fan_in_fan_out": any(is_transposed(layer.base_layer) for layer in layers.values()),
-        "bias": "none",
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
+    fields = {"r": rank, "lora_alpha": alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora}
+    return tensors, _peft_config(model, layers, "LORA", init_lora_weights=True, **fields)
+
+
+def peft_boft_export(model: nn.Module, layers: dict[str, BOFTLayer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and ``adapter_config.json`` contents of PEFT's BOFT format: the same function (PEFT stores each
+    block's full b×b matrix and uses its skew part, we store the b(b−1)/2 free entries)."""
+    config = _one_config(layers, "BOFT")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        for key, value in layer.to_peft_state().items():
+            tensors[f"base_model.model.{name}.{key}"] = value.detach().cpu().contiguous()
+    fields = {
+        "boft_block_size": config.block_size,
+        "boft_block_num": config.block_num,
+        "boft_n_butterfly_factor": config.butterfly_factors,
+        "boft_dropout": config.dropout,
+        "init_weights": True,
     }
-    return tensors, peft_config
+    return tensors, _peft_config(model, layers, "BOFT", **fields)
+
+
+PEFT_EXPORTS = {LoRALayer: peft_lora_export, BOFTLayer: peft_boft_export}
+
+
+def peft_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT's tensors and config for ``model``'s adapters: LoRA and LoRA-GA as LoRA, BOFT as BOFT."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise HybridPeftError("the model has no adapters attached; nothing to export")
+    for layer_class, export in PEFT_EXPORTS.items():
+        if all(isinstance(layer, layer_class) for layer in layers.values()):
+            return export(model, layers)
+    kinds = sorted({type(layer).__name__ for layer in layers.values()})
+    exportable = tuple(PEFT_EXPORTS)
+    inexpressible = sorted({type(layer).__name__ for layer in layers.values() if not isinstance(layer, exportable)})
+    if inexpressible:
+        raise HybridPeftError(
+            f"PEFT has no adapter format for {', '.join(inexpressible)} (PEFT exports cover LoRA, LoRA-GA and "
+            "BOFT). For these methods the merged checkpoint is the export: save_merged(model, folder) (or "
+            "hybrid-peft train --merge) writes a plain transformers model that from_pretrained loads without "
+            "hybrid-peft"
+        )
+    raise HybridPeftError(f"PEFT export takes one kind of adapter per model; this model mixes {kinds}")
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model``'s LoRA adapter in PEFT's format: ``PeftModel.from_pretrained(base, directory)`` loads it."""
-    tensors, peft_config = peft_lora_export(model)
+    """Write ``model``'s adapter in PEFT's format (LoRA/LoRA-GA as LoRA, BOFT as BOFT):
+    ``PeftModel.from_pretrained(base, directory)`` loads it and computes the same function."""
+    tensors, peft_config = peft_export(model)
     directory = Path(directory)
     atomic_write_with(
         directory / PEFT_WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})

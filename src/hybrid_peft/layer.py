@@ -120,6 +120,10 @@ class AdapterLayer(nn.Module):
             own += [(f"{child_name}.{name}", p) for name, p in child.named_parameters()]
         return own
 
+    def orthogonality_error(self) -> float | None:
+        """‖RᵀR − I‖_F of this adapter's rotation (the largest over its blocks), or None when it has none."""
+        return None
+
     def learning_rate_scales(self) -> dict[str, float]:
         """Multipliers of the run's learning rate for some of this layer's parameters, by local name (``{}``: all
         train at the run's rate). The training loop's optimiser makes one parameter group per multiplier."""

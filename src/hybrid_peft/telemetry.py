@@ -1,16 +1,27 @@
-"""Watching and driving the hybrid's mixing outside the recipe: per-step telemetry of λ and the branch gradient
-norms (JSON lines), a heatmap of λ per layer per step, and a Hugging Face ``Trainer`` callback that runs the mixing
-rule before each optimiser step."""
+"""Watching adapters train: the hybrid's per-step λ and branch gradient norms (``mixing.jsonl``) with a heatmap, the
+paper's checks for every method (``adapter_telemetry.jsonl``: each adapted block's gradient norm, so gradient-norm
+preservation through depth, and each rotation's orthogonality error ‖RᵀR − I‖), their one-line summaries, and a
+Hugging Face ``Trainer`` callback that runs the mixing rule before each optimiser step."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.methods.hybrid import update_mixing
+
+ADAPTER_TELEMETRY_FILE = "adapter_telemetry.jsonl"
+BLOCK_INDEX = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")  # Llama/BERT/GPT-2 block lists
 
 # --- telemetry -------------------------------------------------------------------------------------------------
 
@@ -68,6 +79,139 @@ def plot_mixing_heatmap(telemetry: str | os.PathLike, output: str | os.PathLike,
     figure.savefig(output, dpi=120)
     plt.close(figure)
     return output
+
+
+# --- the paper's checks, for every method ------------------------------------------------------------------------
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block a module belongs to (``model.layers.3.mlp.up_proj`` → 3), or None."""
+    match = BLOCK_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+@torch.no_grad()
+def block_gradient_norms(model: nn.Module) -> dict[int, float]:
+    """‖∇‖ of the trained parameters of each transformer block (after ``backward()``), by block index: the
+    adapters' for an adapted model, every weight's under full fine-tuning."""
+    squares: dict[int, float] = {}
+    for name, p in model.named_parameters():
+        block = block_index(name)
+        if block is None or not p.requires_grad or p.grad is None:
+            continue
+        squares[block] = squares.get(block, 0.0) + float(p.grad.detach().double().pow(2).sum())
+    return {block: math.sqrt(value) for block, value in sorted(squares.items())}
+
+
+@torch.no_grad()
+def orthogonality_errors(model: nn.Module) -> dict[str, float]:
+    """‖RᵀR − I‖_F of each adapter rotation (BOFT's and the hybrid's butterfly blocks, the unitary adapter's
+    ρ(U)), by layer name; layers without a rotation are left out."""
+    errors = {}
+    for name, layer in adapter_layers(model).items():
+        error = layer.orthogonality_error()
+        if error is not None:
+            errors[name] = error
+    return errors
+
+
+class AdapterTelemetry:
+    """Appends ``{"step", "block_grad_norms"}`` every step and ``"orthogonality"`` every ``every`` steps (and at
+    step 0) to ``adapter_telemetry.jsonl``."""
+
+    def __init__(self, path: str | os.PathLike, every: int = 10) -> None:
+        self.path, self.every = Path(path), every
+
+    def log(self, step: int, model: nn.Module, block_norms: dict[int, float]) -> None:
+        record: dict[str, Any] = {"step": step, "block_grad_norms": {str(k): v for k, v in block_norms.items()}}
+        if step % self.every == 0:
+            errors = orthogonality_errors(model)
+            if errors:
+                record["orthogonality"] = errors
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _rank(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    for position, index in enumerate(order):
+        ranks[index] = float(position)
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (no tie correction; gradient norms and λ rarely tie), None when undefined."""
+    if len(x) < 3:
+        return None
+    rx, ry = _rank(x), _rank(y)
+    try:
+        return statistics.correlation(rx, ry)
+    except statistics.StatisticsError:
+        return None
+
+
+def telemetry_summary(folder: str | os.PathLike) -> dict[str, float]:
+    """A run's checks as numbers: ``depth_ratio`` (median over steps of ‖∇‖ first adapted block / last),
+    ``orthogonality_error`` (the largest ‖RᵀR − I‖_F over layers and logged steps), ``lambda_gradient_spearman``
+    (median over steps of the rank correlation, across layers, of λ and the layer's gradient norm; hybrid only).
+    Keys whose data the run did not write are absent."""
+    folder = Path(folder)
+    summary: dict[str, float] = {}
+    path = folder / ADAPTER_TELEMETRY_FILE
+    if path.is_file():
+        records = _read_lines(path)
+        ratios = []
+        for record in records:
+            norms = record["block_grad_norms"]
+            if len(norms) >= 2:
+                blocks = sorted(norms, key=int)
+                last = norms[blocks[-1]]
+                if last > 0:
+                    ratios.append(norms[blocks[0]] / last)
+        if ratios:
+            summary["depth_ratio"] = statistics.median(ratios)
+        errors = [max(r["orthogonality"].values()) for r in records if r.get("orthogonality")]
+        if errors:
+            summary["orthogonality_error"] = max(errors)
+    mixing = folder / "mixing.jsonl"
+    if mixing.is_file():
+        correlations = []
+        for row in _read_lines(mixing):
+            layers = list(row["layers"].values())
+            magnitude = [math.hypot(r["grad_low_rank"], r["grad_orthogonal"]) for r in layers]
+            value = spearman([r["lambda"] for r in layers], magnitude)
+            if value is not None:
+                correlations.append(value)
+        if correlations:
+            summary["lambda_gradient_spearman"] = statistics.median(correlations)
+    return summary
+
+
+def summarise_adapter_telemetry(path: str | os.PathLike) -> list[str]:
+    """Report lines for a run folder's telemetry (see :func:`telemetry_summary`)."""
+    summary = telemetry_summary(Path(path).parent)
+    lines = []
+    if "depth_ratio" in summary:
+        lines.append(
+            f"- Gradient-norm preservation through depth: ‖∇‖ of the first adapted block / the last, median over "
+            f"steps: {summary['depth_ratio']:.3f} (1 = preserved)."
+        )
+    if "orthogonality_error" in summary:
+        lines.append(
+            f"- Orthogonality of the rotations: the largest ‖RᵀR − I‖_F over layers and logged steps: "
+            f"{summary['orthogonality_error']:.2e}."
+        )
+    if "lambda_gradient_spearman" in summary:
+        lines.append(
+            f"- λ against each layer's gradient magnitude: Spearman ρ across layers, median over steps: "
+            f"{summary['lambda_gradient_spearman']:+.3f}."
+        )
+    return lines
 
 
 # --- Hugging Face Trainer ----------------------------------------------------------------------------------------

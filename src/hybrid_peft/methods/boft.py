@@ -402,6 +402,13 @@ class ButterflyBranch:
             rotations = multiplicative_dropout(rotations, self.rotation_dropout)
         return rotations
 
+    @torch.no_grad()
+    def orthogonality_error(self) -> float:
+        """The largest ‖QᵀQ − I‖_F over the butterfly blocks (Cayley blocks are orthogonal up to rounding)."""
+        blocks = cayley(skew_symmetric(self.rotation_skew().float(), self.block_size))
+        eye = torch.eye(self.block_size, dtype=blocks.dtype, device=blocks.device)
+        return float(torch.linalg.matrix_norm(blocks.transpose(-1, -2) @ blocks - eye).max())
+
     def rotation_matrix(self) -> torch.Tensor:
         """Dense ``M`` (``in × in``)."""
         return butterfly_dense(cayley(skew_symmetric(self.rotation_skew(), self.block_size)), self._perms)

@@ -160,6 +160,13 @@ class UnitaryLayer(AdapterLayer):
         eye = torch.eye(self.in_features, device=self.unitary_phases.device, dtype=self.unitary_phases.dtype)
         return self.rotate(eye).T
 
+    @torch.no_grad()
+    def orthogonality_error(self) -> float:
+        """‖ρ(U)ᵀρ(U) − I‖_F of the real form of the unitary map."""
+        rotation = self.rotation_matrix()
+        eye = torch.eye(rotation.shape[0], dtype=rotation.dtype, device=rotation.device)
+        return float(torch.linalg.matrix_norm(rotation.T @ rotation - eye))
+
     def merged_weight(self) -> torch.Tensor:
         base = self.base_weight
         rotation = self.rotation_matrix()

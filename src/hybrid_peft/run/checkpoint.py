@@ -63,6 +63,7 @@ RESUMABLE_CHANGES = frozenset(
         "data_dir",
         "output_dir",
         "unsafe_unsandboxed",
+        "report_to",
     }
 )
 

@@ -16,6 +16,7 @@ from hybrid_peft.models import QUANTISATIONS
 from hybrid_peft.run.trainees import trainee_for
 
 DTYPES = ("float32", "bfloat16", "float16")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class TrainConfig:
     loss_chunk_tokens: int = 0  # >0: the causal-LM loss over the vocabulary in chunks of this many tokens
     fsdp: bool = False
     unsafe_unsandboxed: bool = False
+    report_to: str | None = (
+        None  # experiment trackers through accelerate: "tensorboard", "wandb", "mlflow", comma-separated
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length"):
@@ -85,9 +89,15 @@ class TrainConfig:
         require_float("learning_rate", self.learning_rate, minimum=0.0, min_inclusive=False)
         require_float("weight_decay", self.weight_decay, minimum=0.0)
         require_float("max_grad_norm", self.max_grad_norm, minimum=0.0)
+        for tracker in self.trackers:
+            require_choice("report_to", tracker, TRACKERS)
         if not isinstance(self.adapter, dict):
             raise ConfigError(f"adapter: expected a mapping of the method's options, got {self.adapter!r}")
         trainee_for(self.method).validate(self)
+
+    @property
+    def trackers(self) -> list[str]:
+        return [t.strip() for t in (self.report_to or "").split(",") if t.strip()]
 
     # True when the learning rate is the method's default (not a field: set by __post_init__ when none was given).
     learning_rate_is_default = False

@@ -22,7 +22,11 @@ RUN_OUTPUTS = (
     "merged",
     "summary.json",
     "report.md",
+    "report.html",
     "loss.png",
+    "lambda.png",
+    "adapter_telemetry.jsonl",
+    "tracking",
 )
 
 

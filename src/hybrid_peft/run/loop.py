@@ -21,6 +21,7 @@ from torch import nn
 from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.errors import BatchDoesNotFitError, HybridPeftError, NonFiniteLossError
 from hybrid_peft.methods.hybrid import hybrid_layers, update_mixing
+from hybrid_peft.telemetry import block_gradient_norms
 
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
 
@@ -102,6 +103,7 @@ class StepResult:
     seconds: float  # forward to optimiser step, this process
     tokens: int  # attention-masked tokens in this process's batch
     mixing: dict[str, dict[str, float]] = field(default_factory=dict)  # the hybrid's λ and branch norms per layer
+    block_grad_norms: dict[int, float] = field(default_factory=dict)  # with watch=True: ‖∇‖ per transformer block
 
 
 def training_steps(
@@ -114,11 +116,13 @@ def training_steps(
     stop: int,
     max_grad_norm: float = 0.0,
     parallel: Any = None,
+    watch: bool = False,
 ) -> Iterator[StepResult]:
     """Train steps ``start .. stop-1``, yielding after each. With several processes pass the run's ``parallel``
     strategy (``run/parallel.py``) and the model and optimiser it prepared: it does the backward pass, the
     clipping and the loss's mean over processes; the hybrid's λ is set from the averaged gradients (from the
-    all-reduced norms of the shards under FSDP)."""
+    all-reduced norms of the shards under FSDP). ``watch`` adds each block's gradient norm to the result (not under
+    FSDP, whose gradients are shards), outside the step's timing."""
     inner = parallel.unwrap(model) if parallel is not None else model
     mixing = bool(hybrid_layers(inner))
     sharded = parallel is not None and parallel.sharded
@@ -143,6 +147,9 @@ def training_steps(
             parallel.backward(loss) if parallel is not None else loss.backward()
         learning_rate = schedule.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0)  # the run's rate
         records = update_mixing(inner, sharded=sharded) if mixing else {}
+        watched = time.perf_counter()
+        block_norms = block_gradient_norms(inner) if watch and not sharded else {}
+        watched = time.perf_counter() - watched
         if max_grad_norm:
             if parallel is not None:
                 parallel.clip(params, max_grad_norm)
@@ -153,6 +160,6 @@ def training_steps(
         optimizer.zero_grad(set_to_none=True)
         if loss.is_cuda:
             torch.cuda.synchronize()  # time the step, not the launch of its kernels
-        seconds = time.perf_counter() - tick
+        seconds = time.perf_counter() - tick - watched
         tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-        yield StepResult(step, loss_value, learning_rate, seconds, tokens, records)
+        yield StepResult(step, loss_value, learning_rate, seconds, tokens, records, block_norms)

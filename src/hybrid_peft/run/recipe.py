@@ -21,6 +21,7 @@ Output folder::
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import random
@@ -63,11 +64,13 @@ from hybrid_peft.run.parallel import parallelism_for
 from hybrid_peft.run.provenance import peak_rss_mb, run_environment
 from hybrid_peft.run.report import write_report
 from hybrid_peft.run.summary import RunSummary
-from hybrid_peft.run.trainees import trainee_for
+from hybrid_peft.run.trainees import FullFineTuning, OwnAdapter, trainee_for
 from hybrid_peft.sandbox import require_sandbox
 from hybrid_peft.tasks import get_task
-from hybrid_peft.telemetry import MixingTelemetry
+from hybrid_peft.telemetry import ADAPTER_TELEMETRY_FILE, AdapterTelemetry, MixingTelemetry
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+TRACKING_FOLDER = "tracking"  # --report-to tensorboard writes its event files here
 LOSS_GROWTH_WARNING = 100.0  # warn once when the loss exceeds this multiple of the first step's
 
 
@@ -87,7 +90,14 @@ class Recipe:
         self.output_dir = Path(config.output_dir)
         self.started = time.perf_counter()
         # Without an accelerator, say so: accelerate sets up multi-process CPU training (gloo) only with cpu=True.
-        self.parallel = parallelism_for(config.fsdp, Accelerator(cpu=_cpu_only()))
+        for tracker in config.trackers:  # accelerate would drop a tracker whose package is missing, silently
+            package = TRACKER_PACKAGES[tracker]
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(f"--report-to {tracker} needs the {package} package: pip install {package}")
+        accelerator = Accelerator(
+            cpu=_cpu_only(), log_with=config.trackers or None, project_dir=str(self.output_dir / TRACKING_FOLDER)
+        )
+        self.parallel = parallelism_for(config.fsdp, accelerator)
         self.rank, self.world, self.main = self.parallel.rank, self.parallel.world, self.parallel.main
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -209,7 +219,7 @@ class Recipe:
             self.start_step, self.history, self.metrics_before = state.step, state.history, state.before
             self.pending = checkpoint
             if self.main:  # drop log lines written after the checkpoint by the interrupted run
-                for name in (LOG_FILE, MIXING_FILE):
+                for name in (LOG_FILE, MIXING_FILE, ADAPTER_TELEMETRY_FILE):
                     kept = [r for r in read_log(self.output_dir / name) if before_checkpoint(r, self.start_step)]
                     if (self.output_dir / name).is_file():
                         atomic_write_text(self.output_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
@@ -278,8 +288,15 @@ class Recipe:
 
     def train(self) -> None:
         config = self.config
+        if config.trackers:
+            flat = {
+                k: v if isinstance(v, int | float | str | bool) else json.dumps(v) for k, v in config.to_dict().items()
+            }
+            self.parallel.accelerator.init_trackers(self.output_dir.name, config=flat)
         mixing = bool(hybrid_layers(self.inner))
         telemetry = MixingTelemetry(self.output_dir / MIXING_FILE) if mixing and self.main else None
+        watch = self.main and not self.parallel.sharded and isinstance(self.trainee, OwnAdapter | FullFineTuning)
+        checks = AdapterTelemetry(self.output_dir / ADAPTER_TELEMETRY_FILE) if watch else None
         bar = tqdm(
             total=config.steps,
             initial=self.start_step,
@@ -297,6 +314,7 @@ class Recipe:
             stop=config.steps,
             max_grad_norm=config.max_grad_norm,
             parallel=self.parallel,
+            watch=watch,
         )
         try:
             for result in steps:
@@ -304,11 +322,14 @@ class Recipe:
                     self.last_good, self.pending = self.pending, None
                 if telemetry is not None:
                     telemetry.log(result.step, result.mixing)
+                if checks is not None:
+                    checks.log(result.step, self.inner, result.block_grad_norms)
                 self.log_step(result, bar)
                 done = result.step + 1
                 if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                     metrics = self.evaluate_where_needed(f"step {done}")
                     self.append_log({"step": done, "eval": metrics, "train_seconds": self.train_seconds})
+                    self.track({f"eval/{k}": v for k, v in metrics.items()}, done)
                     self.parallel.barrier()
                 if config.save_every and done % config.save_every == 0 and done < config.steps:
                     self.pending = self.save_checkpoint(done)
@@ -330,6 +351,9 @@ class Recipe:
         metrics_after = self.evaluate_where_needed("after")
         if self.main:
             self.append_log({"step": self.config.steps, "eval": metrics_after, "train_seconds": self.train_seconds})
+        self.track({f"eval/{k}": v for k, v in metrics_after.items()}, self.config.steps)
+        if self.config.trackers:
+            self.parallel.accelerator.end_training()
         validation = self.evaluate_where_needed("validation", self.validation_rows) if self.validation_rows else {}
         if self.config.merge:
             with self.parallel.full_parameters(self.inner):
@@ -432,6 +456,15 @@ class Recipe:
         bar.set_postfix(postfix)
         bar.update(1)
         self.append_log(record)
+        tracked = {"train/loss": result.loss, "train/learning_rate": result.learning_rate}
+        tracked["train/tokens_per_s"] = record["tokens_per_s"]
+        tracked |= {f"lambda/{name}": r["lambda"] for name, r in result.mixing.items()}
+        self.track(tracked, result.step + 1)
+
+    def track(self, values: dict[str, float], step: int) -> None:
+        """Send ``values`` to the ``--report-to`` trackers (accelerate logs from the main process only)."""
+        if self.config.trackers and values:
+            self.parallel.accelerator.log(values, step=step)
 
     def append_log(self, record: dict[str, Any]) -> None:
         if self.main:
