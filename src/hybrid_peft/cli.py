@@ -104,8 +104,17 @@ def command_info(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    from hybrid_peft.demo import DemoSettings, run_demo
+    from hybrid_peft.demo import DemoSettings, run_comparison, run_humaneval_demo
 
+    if args.job == "compare":
+        run_comparison(
+            output_dir=args.output_dir or "runs/demo",
+            methods=_split_list(args.methods),
+            data_dir=args.data_dir,
+            threads=args.threads,
+            echo=lambda line: print(line, flush=True),
+        )
+        return 0
     settings = DemoSettings(
         model=args.model,
         method=args.method,
@@ -114,10 +123,10 @@ def command_demo(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         learning_rate=args.learning_rate,
         threads=args.threads,
-        output_dir=args.output_dir,
+        output_dir=args.output_dir or "runs/demo-humaneval",
         **({"adapter": _parse_settings(args.set)} if args.set else {}),
     )
-    run_demo(settings)
+    run_humaneval_demo(settings)
     return 0
 
 
@@ -558,16 +567,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     estimate.set_defaults(handler=command_estimate)
 
-    demo = commands.add_parser("demo", help="the main job: fine-tune the default model on HumanEval, offline")
-    demo.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or local folder")
-    demo.add_argument("--method", default="lora-ga", help="the method to fine-tune with")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
-    demo.add_argument("--steps", type=int, default=30, help="training steps")
-    demo.add_argument("--batch-size", type=int, default=4, help="sequences per step")
-    demo.add_argument("--max-length", type=int, default=320, help="tokens per sequence")
-    demo.add_argument("--learning-rate", type=float, default=5e-4, help="peak AdamW rate")
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: full fine-tuning, LoRA and the hybrid side by side on SST-2 (offline defaults); "
+        "'demo humaneval' runs one method on HumanEval",
+    )
+    demo.add_argument(
+        "job",
+        nargs="?",
+        default="compare",
+        choices=("compare", "humaneval"),
+        help="compare (default): the methods side by side on SST-2 with SmolLM2-135M, each at its tuned rate; "
+        "humaneval: one method on HumanEval, pass@1 sandboxed",
+    )
+    demo.add_argument("--methods", help="compare: a comma-separated subset of full, lora, hybrid (default: all)")
+    demo.add_argument(
+        "--data-dir", help="compare: the folder holding glue/SST-2 (default: $HYBRID_PEFT_DATA or shared/data)"
+    )
+    demo.add_argument(
+        "--model", default="smollm2-135m", help="humaneval: alias (smollm2-135m, minilm-l6), hub id or folder"
+    )
+    demo.add_argument("--method", default="lora-ga", help="humaneval: the method to fine-tune with")
+    demo.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="humaneval: a method option (repeatable)"
+    )
+    demo.add_argument("--steps", type=int, default=30, help="humaneval: training steps")
+    demo.add_argument("--batch-size", type=int, default=4, help="humaneval: sequences per step")
+    demo.add_argument("--max-length", type=int, default=320, help="humaneval: tokens per sequence")
+    demo.add_argument("--learning-rate", type=float, default=5e-4, help="humaneval: peak AdamW rate")
     demo.add_argument("--threads", type=int, default=default_threads, help="torch CPU threads")
-    demo.add_argument("--output-dir", default="runs/demo", help="where the run and its report are written")
+    demo.add_argument(
+        "--output-dir", help="where the runs and reports are written (default: runs/demo, runs/demo-humaneval)"
+    )
     demo.set_defaults(handler=command_demo)
     return parser
 

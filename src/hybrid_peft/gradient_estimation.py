@@ -279,7 +279,11 @@ def estimate_gradients(
         if progress:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(batches, desc=f"estimating gradients ({estimator})", unit="batch")
+            # on a terminal only (disable=None), with an ETA; the number of batches is known when it is a list
+            total = len(batches) if hasattr(batches, "__len__") else None
+            iterator = tqdm(
+                batches, desc=f"LoRA-GA: estimating gradients ({estimator})", unit="batch", total=total, disable=None
+            )
         for batch in iterator:
             with torch.enable_grad():
                 loss = loss_fn(model, batch)

@@ -98,7 +98,7 @@ class OwnAdapter:
         if any(layer.needs_gradient_init for layer in adapter_layers(model).values()):
             chunked = config.loss_chunk_tokens  # the estimate's backward then never builds the whole logits either
             loss_fn = (lambda m, batch: chunked_causal_lm_loss(m, batch, chunked)) if chunked else None
-            lora_ga_initialise(model, batches(), loss_fn=loss_fn)
+            lora_ga_initialise(model, batches(), loss_fn=loss_fn, progress=True)  # a bar on a terminal only
         return model
 
     def restore(self, model: nn.Module, checkpoint: Path) -> nn.Module:

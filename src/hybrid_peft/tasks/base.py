@@ -144,11 +144,14 @@ def greedy_generate(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8
 ) -> list[str]:
     """Greedy completions (decoded, prompt removed), batched with left padding."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outputs: list[str] = []
+    bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=None, leave=False)  # terminal only
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
@@ -158,7 +161,9 @@ def greedy_generate(
             )
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            bar.update(len(chunk))
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from hybrid_peft.models import package_folder
 from hybrid_peft.sandbox import run_python
@@ -97,9 +98,16 @@ class HumanEvalTask:
             programs = [check_program(r, truncate_completion(c)) for r, c in zip(rows, completions, strict=True)]
             with ThreadPoolExecutor(max_workers=2) as pool:
                 results = list(
-                    pool.map(
-                        lambda source: run_python(source, timeout=timeout, allow_unsandboxed=allow_unsandboxed),
-                        programs,
+                    tqdm(
+                        pool.map(
+                            lambda source: run_python(source, timeout=timeout, allow_unsandboxed=allow_unsandboxed),
+                            programs,
+                        ),
+                        total=len(programs),
+                        desc="running the checks (sandboxed)",
+                        unit="program",
+                        disable=None,  # on a terminal only
+                        leave=False,
                     )
                 )
             metrics["pass@1"] = sum(r.passed for r in results) / len(rows)
