@@ -46,13 +46,14 @@ def run_comparison(
     data_dir: str | None = None,
     threads: int | None = None,
     echo: Any = print,
+    profile: str = DEMO_PROFILE,
 ) -> list[ComparisonRow]:
     """Run the demo profile's methods (all, or ``methods``) from scratch, print the side-by-side table, check reload
-    and merge; returns one row per method that finished."""
+    and merge; returns one row per method that finished. ``profile``: another bench config of one task."""
     from hybrid_peft.bench import load_plan, run_bench
 
     started = time.perf_counter()
-    plan = load_plan(DEMO_PROFILE, output_dir=output_dir)
+    plan = load_plan(profile, output_dir=output_dir)
     extra = {k: v for k, v in (("data_dir", data_dir), ("threads", threads)) if v}
     plan = dataclasses.replace(plan, defaults={**plan.defaults, **extra})
     ((task_key, task_options),) = plan.tasks.items()
