@@ -186,3 +186,42 @@ def test_bench_sweeps_rates_on_validation_rows_then_runs_the_chosen_rate_on_ever
     # held-out validation rows are not trained on: the run's training set is smaller by exactly that many
     summary = json.loads((Path(rows[0]["folder"]) / "summary.json").read_text())
     assert summary["config"]["validation_examples"] == 6 and set(summary["validation"]) >= {"loss"}
+
+
+def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
+    from hybrid_peft.bench import time_to_quality, time_to_quality_lines
+    from hybrid_peft.telemetry import spearman
+
+    def run(method: str, seed: int, losses: list[float], step_seconds: float, recipe: str) -> dict:
+        folder = tmp_path / method / str(seed)
+        folder.mkdir(parents=True)
+        records = [{"step": 0, "eval": {"loss": 1.0}}]
+        records += [
+            {"step": 10 * (i + 1), "eval": {"loss": loss}, "train_seconds": 10 * (i + 1) * step_seconds}
+            for i, loss in enumerate(losses)
+        ]
+        (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return {
+            "task": "t", "method": method, "seed": seed, "status": "ok", "folder": str(folder), "model": "m",
+            "base_task": "b", "metric_name": "accuracy", "recipe_method": recipe, "metric": 0.5,
+            "held_out_loss": losses[-1], "learning_rate": 1e-3,
+        }  # fmt: skip
+
+    rows = [
+        run("full", 0, [0.8, 0.6, 0.5], 2.0, "full"),
+        run("full", 1, [0.8, 0.6, 0.5], 2.0, "full"),
+        run("lora", 0, [0.7, 0.5, 0.45], 1.0, "lora"),  # reaches full's 0.5 at step 20, in 20 s
+        run("lora", 1, [0.6, 0.5, 0.45], 1.0, "lora"),
+        run("slow", 0, [0.9, 0.8, 0.7], 1.0, "lora"),  # never does
+    ]
+    table = time_to_quality(rows)["t"]
+    assert table["targets"]["full"] == ("full", 0.5) and table["targets"]["best"] == ("lora", 0.45)
+    assert table["methods"]["full"]["reached"]["full"] == (30, 60.0)
+    assert table["methods"]["lora"]["reached"]["full"] == (20, 20.0)
+    assert table["methods"]["lora"]["reached"]["best"] == (30, 30.0)
+    assert table["methods"]["slow"]["reached"]["full"] is None
+    lines = time_to_quality_lines(rows)
+    assert "| lora | 20 steps, 20.0 s | 30 steps, 30.0 s |" in lines and "| slow | – | – |" in lines
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None

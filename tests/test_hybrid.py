@@ -321,3 +321,89 @@ def test_project_training_loop_applies_the_rule() -> None:
         [float(m.mix) for m in hybrid_layers(model).values()]
     )
     assert any(abs(float(m.mix) - 0.5) > 1e-6 for m in hybrid_layers(model).values())
+
+
+# --- the options the hybrid's redesign measured (BENCHMARKS.md) ----------------------------------------------------
+
+
+def test_a_plain_lora_start_needs_no_gradient_estimate_and_starts_exactly(input_ids: torch.Tensor) -> None:
+    original = MODEL_FACTORIES["llama"]().eval()
+    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, start="lora")).eval()
+    layers = hybrid_layers(model)
+    assert not any(layer.needs_gradient_init for layer in layers.values())
+    assert not any("lora_A0" in dict(layer.named_buffers()) for layer in layers.values())  # nothing frozen to store
+    assert all(layer.low_rank_factors()[0].shape[0] == 2 for layer in layers.values())  # rank r, not 2r
+    torch.testing.assert_close(model_output(model, input_ids), model_output(original, input_ids), atol=1e-6, rtol=0)
+    train_steps(model, 2)
+    assert any(layer.lora_B.abs().sum() > 0 for layer in layers.values())
+
+
+@pytest.mark.parametrize(("mix", "expected"), [(0.5, (1.0, 1.0)), (0.2, (0.25, 1.0)), (0.8, (1.0, 0.25))])
+def test_max_normalised_gates_let_the_favoured_branch_run_at_full_strength(mix: float, expected: tuple) -> None:
+    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, start="lora", gate_norm="max"))
+    layer = next(iter(hybrid_layers(model).values()))
+    layer.mix.fill_(mix)
+    assert tuple(float(g) for g in layer.gates()) == pytest.approx(expected)
+    summed = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, start="lora"))
+    other = next(iter(hybrid_layers(summed).values()))
+    other.mix.fill_(mix)
+    assert tuple(float(g) for g in other.gates()) == pytest.approx((mix, 1 - mix))
+
+
+def test_lambda_can_start_from_the_gradient_estimate_per_layer(input_ids: torch.Tensor) -> None:
+    original = MODEL_FACTORIES["llama"]().eval()
+    model = hybrid_model("fixed", mix_init_from="gradient", mix_min=0.05).eval()
+    mixes = [float(layer.mix) for layer in hybrid_layers(model).values()]
+    assert len(set(mixes)) > 1 and all(0.05 <= m <= 0.95 for m in mixes)  # per layer, clamped
+    # the layer with the loudest gradient leans to the low-rank branch (the sigmoid rule's formula)
+    torch.testing.assert_close(model_output(model, input_ids), model_output(original, input_ids), atol=1e-5, rtol=0)
+    train_steps(model, 1)
+    assert [float(layer.mix) for layer in hybrid_layers(model).values()] == pytest.approx(mixes)  # fixed keeps λ0
+    with pytest.raises(ConfigError, match="start='lora-ga'"):
+        HybridConfig(start="lora", mix_init_from="gradient")
+
+
+def test_branch_rate_multipliers_become_optimiser_groups_and_survive_a_resume_at_a_new_rate(tmp_path) -> None:  # noqa: ANN001
+    from hybrid_peft.run.loop import make_optimiser
+
+    model = attach(
+        MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, start="lora", orthogonal_lr_scale=10.0)
+    )
+    optimizer, _ = make_optimiser(model, learning_rate=1e-3, weight_decay=0.0, steps=4, warmup_steps=0)
+    groups = {group["lr_scale"]: group for group in optimizer.param_groups}
+    assert set(groups) == {1.0, 10.0} and groups[10.0]["lr"] == pytest.approx(1e-2)
+    skews = {id(layer.boft_skew) for layer in hybrid_layers(model).values()}
+    assert skews <= {id(p) for p in groups[10.0]["params"]}
+    assert not skews & {id(p) for p in groups[1.0]["params"]}
+
+
+def test_hybrid_unitary_composes_unitary_attention_and_the_hybrid_elsewhere(tiny_lm: str, tmp_path: Path) -> None:
+    from hybrid_peft.run import TrainConfig, run_training
+
+    config = TrainConfig(
+        model=tiny_lm,
+        task="humaneval",
+        method="hybrid-unitary",
+        adapter={"rank": 2, "block_size": 4},
+        steps=2,
+        batch_size=2,
+        max_length=32,
+        eval_examples=2,
+        init_batches=1,
+        generate=False,
+        threads=1,
+        output_dir=str(tmp_path / "run"),
+    )
+    assert config.learning_rate == pytest.approx(1e-3)  # the hybrid's default; the unitary part runs at 10×
+    run_training(config, progress=False)
+    from hybrid_peft import load_model
+    from hybrid_peft.serialization import read_adapter_config
+
+    document = read_adapter_config(tmp_path / "run" / "adapter")
+    methods = {entry["method"] for entry in document["configs"]}
+    assert methods == {"unitary", "hybrid"}
+    fresh = load_adapter(load_model(tiny_lm), tmp_path / "run" / "adapter")
+    kinds = {name.rsplit(".", 1)[-1]: type(layer).__name__ for name, layer in adapter_layers(fresh).items()}
+    assert kinds["q_proj"] == "UnitaryLayer" and kinds["down_proj"] == "HybridLayer"
+    with pytest.raises(ConfigError, match="unitary part's targets"):
+        TrainConfig(method="hybrid-unitary", adapter={"targets": ["q_proj"]})

@@ -25,7 +25,7 @@ before the option existed (format version 1) load as ``branch``.
 ``sigmoid``  λℓ ← EMA_β(σ((log‖gℓ‖ − mean_ℓ log‖gℓ‖)/τ)): layers whose gradient is above the model's average lean
              to the fast low-rank branch, calm layers to the stable orthogonal branch. Without the moving average
              (β = 0) λ follows each batch's gradient noise.
-``fixed``    λ stays at its initial value (ablation).
+``fixed``    λ stays at its initial value (ablation): ``mix_init``, or λ0 per layer with ``mix_init_from='gradient'``.
 
 Under DDP gradients are already averaged, so λ is identical on every rank; with sharded gradients (FSDP) pass
 ``sharded=True`` and the squared norms are all-reduced first. λ, λ0, A0, B0 and the rule's state are buffers,
@@ -340,7 +340,7 @@ def _sigmoid(z: float) -> float:
 
 
 def _fixed_rule(config: HybridConfig, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
-    return [config.mix_init for _ in mixes]
+    return list(mixes)  # λ stays at its start: mix_init, or the per-layer λ0 of mix_init_from='gradient'
 
 
 MixingRule = Callable[[HybridConfig, list[float], list[BranchNorms]], list[float]]
