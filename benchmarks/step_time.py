@@ -42,6 +42,14 @@ def _peft(config_factory: Callable[[], object]) -> Callable:
     return build
 
 
+def _hybrid_unitary(model):  # noqa: ANN001, ANN202
+    """The recipe's ``hybrid-unitary``: the unitary adapter on attention, the hybrid on the other linear layers."""
+    from hybrid_peft import HybridConfig, UnitaryConfig, attach
+
+    attach(model, UnitaryConfig(lr_scale=10.0))
+    return attach(model, HybridConfig(rank=8, alpha=16, block_size=4))
+
+
 def method_builders() -> dict[str, Callable]:
     from hybrid_peft import BOFTConfig, HybridConfig, LoRAConfig, UnitaryConfig
 
@@ -65,6 +73,9 @@ def method_builders() -> dict[str, Callable]:
         "hybrid-share": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, rule="share")),
         "hybrid-sigmoid": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, rule="sigmoid")),
         "hybrid-fixed": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, rule="fixed")),
+        "hybrid": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4)),  # the defaults
+        "hybrid-lora-start": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, start="lora")),
+        "hybrid-unitary": _hybrid_unitary,
         "peft-boft": _peft(peft_boft),
     }
 

@@ -501,6 +501,9 @@ def _describe(row: dict[str, Any]) -> str:
     parts = [f"{row['metric_name']} {metric:.4f}" if metric is not None else f"{row['metric_name']} –"]
     if row.get("held_out_loss") is not None:
         parts.append(f"loss {row['held_out_loss']:.4f}")
+    if row.get("validation_loss") is not None:
+        shown = row.get("validation_metric")
+        parts.append(f"validation {'' if shown is None else f'{shown:.4f} / '}{row['validation_loss']:.4f}")
     if row.get("median_step_s") is not None:
         parts.append(f"step {row['median_step_s']:.3f} s")
     if row.get("peak_rss_mb") is not None:
@@ -832,15 +835,8 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> list[Path]:
                 linestyle="--" if entry["full"] else "-",
                 color=style[entry["method"]]["color"],
             )
-        axis.set_xlabel("step")
-        axis.set_ylabel("training loss (seed mean, smoothed)")
-        axis.set_title(f"{task}: training loss")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        figure.tight_layout()
-        figure.savefig(folder / f"loss_{task}.png", dpi=120)
-        plt.close(figure)
-        written.append(folder / f"loss_{task}.png")
+        labels = ("step", "training loss (seed mean, smoothed)", f"{task}: training loss")
+        written.append(_save_line_plot(figure, axis, labels, folder / f"loss_{task}.png"))
 
     for key, label, name in (
         ("peak_rss_mb", "peak RSS (MB)", "quality_vs_memory.png"),
@@ -919,14 +915,26 @@ def write_plots(plan: BenchPlan, rows: list[dict[str, Any]]) -> list[Path]:
         for method, target in data["targets"].values():
             axis.axhline(target, color="grey", linewidth=0.8, linestyle=":")
             axis.annotate(f"{method}'s final", (axis.get_xlim()[1], target), fontsize=7, ha="right", va="bottom")
-        axis.set_xlabel("training time, s (seed mean; evaluation not counted)")
-        axis.set_ylabel("held-out loss (seed mean)")
-        axis.set_title(f"{task}: held-out loss against training time")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        figure.tight_layout()
-        path = folder / f"time_to_quality_{task}.png"
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        written.append(path)
+        labels = (
+            "training time, s (seed mean; evaluation not counted)",
+            "held-out loss (seed mean)",
+            f"{task}: held-out loss against training time",
+        )
+        written.append(_save_line_plot(figure, axis, labels, folder / f"time_to_quality_{task}.png"))
     return written
+
+
+def _save_line_plot(figure: Any, axis: Any, labels: tuple[str, str, str], path: Path) -> Path:
+    """Label, grid, legend to the right, save and close; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    xlabel, ylabel, title = labels
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
