@@ -32,13 +32,20 @@ METHOD_CASES: dict[str, AdapterConfig] = {
     "boft-blocknum-dropout": BOFTConfig(block_size=0, block_num=4, butterfly_factors=2, dropout=0.25),
     "hybrid-share": HybridConfig(rank=2, alpha=4.0, block_size=4),
     "hybrid-sigmoid-m2": HybridConfig(rank=2, alpha=4.0, block_size=4, butterfly_factors=2, rule="sigmoid"),
+    "hybrid-lora-ga-start": HybridConfig(rank=2, alpha=4.0, block_size=4, start="lora-ga"),
     "hybrid-fixed-sketch": HybridConfig(
-        rank=2, alpha=4.0, block_size=4, rule="fixed", mix_init=0.3, estimator="sketch"
+        rank=2, alpha=4.0, block_size=4, rule="fixed", mix_init=0.3, estimator="sketch", start="lora-ga"
     ),
-    "hybrid-branch-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="branch", mix_init=0.4),
-    "hybrid-lora-start-max-gates": HybridConfig(rank=2, alpha=4.0, block_size=4, start="lora", gate_norm="max"),
+    "hybrid-branch-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="branch", mix_init=0.4, start="lora-ga"),
+    "hybrid-max-gates": HybridConfig(rank=2, alpha=4.0, block_size=4, gate_norm="max"),
     "hybrid-gradient-mix-branch-lr": HybridConfig(
-        rank=2, alpha=4.0, block_size=4, mix_init_from="gradient", orthogonal_lr_scale=10.0, gate="branch"
+        rank=2,
+        alpha=4.0,
+        block_size=4,
+        mix_init_from="gradient",
+        orthogonal_lr_scale=10.0,
+        gate="branch",
+        start="lora-ga",
     ),
     "unitary": UnitaryConfig(),
     "unitary-all-linear": UnitaryConfig(targets="all-linear"),

@@ -27,7 +27,9 @@ from method_cases import random_batches
 
 
 def hybrid_model(rule: str = "share", **kwargs) -> torch.nn.Module:  # noqa: ANN003
-    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, rule=rule, **kwargs))
+    """A hybrid with the paper's LoRA-GA start (the default start is plain LoRA, tested in the conformance rows)."""
+    config = HybridConfig(rank=2, block_size=4, rule=rule, **({"start": "lora-ga"} | kwargs))
+    model = attach(MODEL_FACTORIES["llama"](), config)
     lora_ga_initialise(model, random_batches())
     return model
 

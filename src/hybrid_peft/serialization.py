@@ -37,7 +37,9 @@ from hybrid_peft.version import __version__
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_NAME = "hybrid-peft-adapter"
-FORMAT_VERSION = 2  # 2: the hybrid's gate defaults to 'update'; version-1 files meant 'branch'
+# 2: the hybrid's gate defaults to 'update' (version-1 files meant 'branch'); 3: its low-rank branch starts as plain
+# LoRA by default (version-2 files meant 'lora-ga')
+FORMAT_VERSION = 3
 TRAINED_PREFIX = "trained_base::"
 
 # Two fingerprints agree when every sampled value is within this fraction of the sample's largest magnitude:

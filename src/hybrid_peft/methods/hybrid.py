@@ -1,14 +1,21 @@
 """The hybrid adapter of "Hybrid and Unitary PEFT for Resource-Efficient LLMs" (arXiv 2507.18076): per layer, a
-LoRA-GA low-rank branch and a BOFT orthogonal branch over one frozen weight and one base matmul, mixed by a gate λ
-that a rule sets from gradient norms::
+low-rank branch and a BOFT orthogonal branch over one frozen weight and one base matmul, mixed by a gate λ that a
+rule sets from gradient norms::
 
     W_eff = diag(s) · W0 · R((1 − λ) K)ᵀ  +  λ · s_lora · (B A − B0 A0)          y = x W_effᵀ + b
 
     R(·)    BOFT's butterfly rotation with its skew parameters scaled by (1 − λ)   (see methods/boft.py)
-    B A     LoRA-GA initialised: A = A0, B = B0 at step 0 (see methods/lora_ga.py), so W_eff = W0 at step 0
+    B A     ``start="lora"`` (the default): PEFT's LoRA start, B = 0, and B0 A0 = 0 (no gradient estimate);
+            ``start="lora-ga"`` (the paper's): A = A0, B = B0 from LoRA-GA's gradient estimate (methods/lora_ga.py)
+            Either way W_eff = W0 at step 0.
 
-This is ``gate="update"`` (the default): λ gates what the low-rank branch has learnt, B A − B0 A0, computed as one
-rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the unmodified base. ``gate="branch"`` is DESIGN.md's formula, which gates
+The default start changed after the measurements of BENCHMARKS.md section 0: at each variant's own tuned rate on
+SST-2, the LoRA-GA start was the one change that made the hybrid lose to plain LoRA (adapters saved before format
+version 3 load with ``start="lora-ga"``, as they were trained). ``gate_norm``, ``mix_init_from`` and the per-branch
+rate multipliers are the other variants measured there.
+
+This is ``gate="update"`` (the default): λ gates what the low-rank branch has learnt, B A − B0 A0, computed (with a
+LoRA-GA start) as one rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the unmodified base. ``gate="branch"`` is DESIGN.md's formula, which gates
 the whole branch over an offset base::
 
     W_eff = diag(s) · W0' · R((1 − λ) K)ᵀ  +  λ · s_lora · B A,      W0' = W0 − λ0 · s_lora · B0 A0
@@ -77,8 +84,9 @@ class HybridConfig(LoRAGAConfig):
         gate: what λ gates: ``update`` (default: only the learnt λ·s·(B A − B0A0); the base is never offset) or
             ``branch`` (all of λ·s·B A, with the base offset by λ0·s·B0A0; DESIGN.md's formula). See the module
             docstring and BENCHMARKS.md.
-        start: the low-rank branch's start: ``lora-ga`` (A0, B0 from the gradient estimate) or ``lora`` (PEFT's
-            LoRA start, B = 0: no gradient estimate, and a rank-r branch even with the update gate).
+        start: the low-rank branch's start: ``lora`` (default: PEFT's LoRA start, B = 0, so no gradient estimate and
+            a rank-r branch) or ``lora-ga`` (A0, B0 from the gradient estimate, the paper's; it trailed at tuned
+            rates, BENCHMARKS.md section 0).
         gate_norm: ``sum``: the gates are λ and 1 − λ (they shrink both branches, by half at λ = 0.5); ``max``:
             both divided by max(λ, 1 − λ), so the favoured branch runs at full strength and λ only allocates.
         mix_init_from: ``constant`` (λ0 = ``mix_init`` everywhere) or ``gradient``: λ0 per layer from the gradient
@@ -100,14 +108,15 @@ class HybridConfig(LoRAGAConfig):
     ema: float = 0.9
     temperature: float = 1.0
     gate: str = "update"
-    start: str = "lora-ga"
+    start: str = "lora"
     gate_norm: str = "sum"
     mix_init_from: str = "constant"
     low_rank_lr_scale: float = 1.0
     orthogonal_lr_scale: float = 1.0
 
-    # Adapter files of format version 1 predate the option and were trained with the whole branch gated.
-    legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {2: {"gate": "branch"}}
+    # Adapter files of format version 1 predate the gate option and were trained with the whole branch gated; files
+    # before version 3 predate the start option and started from LoRA-GA.
+    legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {2: {"gate": "branch"}, 3: {"start": "lora-ga"}}
 
     def validate(self) -> None:
         super().validate()
