@@ -131,7 +131,9 @@ def test_bench_reruns_runs_whose_options_changed(tiny_lm: str, tmp_path: Path, c
 def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, capsys: pytest.CaptureFixture) -> None:
     assert {"quick", "full"} <= set(builtin_profiles())
     for name in builtin_profiles():  # the shipped profiles validate (every run's options)
-        assert load_plan(name).runs()
+        plan = load_plan(name)
+        assert plan.sweep_runs() if plan.sweep else plan.runs()
+    assert "hybrid" in load_plan("full").methods and "hybrid" in load_plan("quick").methods  # the default hybrid
     config = write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")
     with pytest.raises(ConfigError, match=r"unknown method\(s\) \['nope'\]"):
         load_plan(str(config)).runs(methods=["nope"])

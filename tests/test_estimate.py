@@ -94,11 +94,16 @@ def test_memory_parts_follow_the_options() -> None:
     assert estimate(arch, "full", zero=1, world=8).gradients == full.gradients
     lora = estimate(arch, "lora")
     assert lora.total < 0.5 * full.total and lora.flops < full.flops
-    # Frozen weights skip the weight-gradient matmul (4·P instead of 6·P per token); the hybrid's update gate runs
-    # the low-rank branch at rank 2r next to BOFT's rotation.
+    # Frozen weights skip the weight-gradient matmul (4·P instead of 6·P per token); the hybrid runs its low-rank
+    # branch next to BOFT's rotation: at rank r with its default plain LoRA start, at rank 2r with a LoRA-GA start
+    # and the update gate ([A; A0], [B, −B0]).
+    from hybrid_peft import HybridConfig
+
     frozen = full.flops * 4 / 6
     boft, hybrid = estimate(arch, "boft"), estimate(arch, "hybrid")
-    assert hybrid.flops - boft.flops == pytest.approx(2 * (lora.flops - frozen))
+    assert hybrid.flops - boft.flops == pytest.approx(lora.flops - frozen)
+    lora_ga_start = HybridConfig(rank=8, block_size=4, start="lora-ga")
+    assert lora_ga_start.low_rank_width == 16 and HybridConfig(rank=8).low_rank_width == 8
     quantised = estimate(arch, "lora", quantised_base=4)
     assert quantised.weights < 0.3 * lora.weights
     longer = estimate(arch, "lora", seq_len=1024)

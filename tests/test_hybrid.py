@@ -172,7 +172,7 @@ def test_save_load_keeps_lambda_and_outputs(input_ids: torch.Tensor, tmp_path) -
 def test_per_pattern_assignment_unitary_attention_hybrid_mlp(input_ids: torch.Tensor, tmp_path) -> None:  # noqa: ANN001
     model = MODEL_FACTORIES["llama"]().eval()
     attach(model, UnitaryConfig())  # attention projections
-    attach(model, HybridConfig(rank=2, block_size=4, targets=["gate_proj", "up_proj", "down_proj"]))
+    attach(model, HybridConfig(rank=2, block_size=4, targets=["gate_proj", "up_proj", "down_proj"], start="lora-ga"))
     lora_ga_initialise(model, random_batches())
     kinds = {name.rsplit(".", 1)[-1]: type(layer).__name__ for name, layer in adapter_layers(model).items()}
     assert kinds == {
@@ -241,7 +241,7 @@ def test_share_rule_does_not_collapse_on_sst2() -> None:
     rows = [line.split("\t") for line in lines[:800]]
     tokenizer = load_tokenizer("minilm-l6")
     model = load_model("minilm-l6", task="sequence-classification", num_labels=2)
-    config = HybridConfig(rank=4, block_size=4, targets="all-linear", mix_min=0.05)
+    config = HybridConfig(rank=4, block_size=4, targets="all-linear", mix_min=0.05, start="lora-ga")
     attach(model, config)
     for p in model.classifier.parameters():  # the new head trains fully
         p.requires_grad_(True)

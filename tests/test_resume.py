@@ -112,10 +112,10 @@ def test_the_result_is_saved_before_the_final_evaluation(
 ) -> None:
     evaluate = Recipe.evaluate
 
-    def failing_after(self: Recipe, label: str) -> dict[str, float]:
+    def failing_after(self: Recipe, label: str, rows: list | None = None) -> dict[str, float]:
         if label == "after":
             raise KeyboardInterrupt
-        return evaluate(self, label)
+        return evaluate(self, label, rows)
 
     monkeypatch.setattr(Recipe, "evaluate", failing_after)
     config = config_for(tiny_lm, tmp_path / "run")

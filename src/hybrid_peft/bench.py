@@ -737,8 +737,8 @@ def time_to_quality_lines(rows: list[dict[str, Any]]) -> list[str]:
         if not data["methods"]:
             continue
         targets = data["targets"]
-        heads = [f"to {method}'s {loss:.4f}" for method, loss in (targets.get("full"), targets["best"]) if method]
         keys = [k for k in ("full", "best") if k in targets]
+        heads = [f"to {targets[k][0]}'s {targets[k][1]:.4f}" for k in keys]
         lines += [f"### {task}", "", "| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(keys)]
         for method, data_method in data["methods"].items():
             cells = []

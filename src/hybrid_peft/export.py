@@ -180,8 +180,16 @@ def peft_lora_export(model: nn.Module, layers: dict[str, LoRALayer]) -> tuple[di
 
 def peft_boft_export(model: nn.Module, layers: dict[str, BOFTLayer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and ``adapter_config.json`` contents of PEFT's BOFT format: the same function (PEFT stores each
-    block's full b×b matrix and uses its skew part, we store the b(b−1)/2 free entries)."""
+    block's full b×b matrix and uses its skew part, we store the b(b−1)/2 free entries). PEFT 0.21 runs more than one
+    butterfly factor only with its CUDA extension (on CPU it builds every layer with one factor and cannot load such
+    a file)."""
     config = _one_config(layers, "BOFT")
+    transposed = sorted(name for name, layer in layers.items() if is_transposed(layer.base_layer))
+    if transposed:
+        raise HybridPeftError(
+            f"PEFT's BOFT adapts nn.Linear layers only, not GPT-2's Conv1D ({transposed[0]} ...); export the merged "
+            "checkpoint instead: save_merged(model, folder)"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         for key, value in layer.to_peft_state().items():

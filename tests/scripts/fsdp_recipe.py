@@ -16,7 +16,12 @@ from hybrid_peft.run import Recipe, TrainConfig
 
 
 def config(model: str, output: Path, method: str, **options) -> TrainConfig:  # noqa: ANN003
-    adapter = {"lora": {"rank": 2}, "boft": {"block_size": 4}, "hybrid": {"rank": 2, "block_size": 4}, "full": {}}
+    adapter = {
+        "lora": {"rank": 2},
+        "boft": {"block_size": 4},
+        "hybrid": {"rank": 2, "block_size": 4, "start": "lora-ga"},
+        "full": {},
+    }
     base = {
         "model": model,
         "task": "humaneval",

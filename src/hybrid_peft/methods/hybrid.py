@@ -15,8 +15,8 @@ version 3 load with ``start="lora-ga"``, as they were trained). ``gate_norm``, `
 rate multipliers are the other variants measured there.
 
 This is ``gate="update"`` (the default): λ gates what the low-rank branch has learnt, B A − B0 A0, computed (with a
-LoRA-GA start) as one rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the unmodified base. ``gate="branch"`` is DESIGN.md's formula, which gates
-the whole branch over an offset base::
+LoRA-GA start) as one rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the unmodified base. ``gate="branch"`` is DESIGN.md's
+formula, which gates the whole branch over an offset base::
 
     W_eff = diag(s) · W0' · R((1 − λ) K)ᵀ  +  λ · s_lora · B A,      W0' = W0 − λ0 · s_lora · B0 A0
 
