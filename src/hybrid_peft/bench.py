@@ -577,7 +577,9 @@ def sweep_table(plan: BenchPlan, sweep_rows: list[dict[str, Any]]) -> list[str]:
         "",
         f"Seed {plan.sweep.seed}, each method's rate × {', '.join(f'{f:g}' for f in plan.sweep.factors)}; validation "
         f"metric (validation loss) on {plan.sweep.validation_examples} rows held out of the training data, never the "
-        "evaluation set. **Bold**: the rate chosen (best metric, ties by loss), which the tables above report.",
+        "evaluation set. **Bold**: the rate chosen ("
+        + ("lowest validation loss" if plan.sweep.select == "loss" else "best validation metric, ties by loss")
+        + "), which the tables above report.",
         "",
     ]
     for task in dict.fromkeys(r["task"] for r in sweep_rows):
