@@ -10,13 +10,18 @@ from hypothesis import strategies as st
 from hybrid_peft import BOFTConfig, ConfigError, adapter_layers, attach
 from hybrid_peft.methods.boft import (
     ButterflyRotate,
+    block_multiply,
     butterfly_dense,
     butterfly_permutations,
     butterfly_rotate_plain,
     cayley,
     gather_plan,
+    group_blocks,
+    group_size,
+    grouped_block_gradient,
     resolve_blocks,
     skew_symmetric,
+    ungroup_blocks,
 )
 
 from conftest import MODEL_FACTORIES, model_output
@@ -24,7 +29,8 @@ from conftest import MODEL_FACTORIES, model_output
 peft = pytest.importorskip("peft")
 from peft.tuners.boft.layer import BOFTLayer as PeftBOFTLayer  # noqa: E402
 
-SHAPES = [(16, 4, 1), (16, 4, 2), (32, 4, 3), (24, 2, 2), (64, 8, 2), (48, 4, 2)]
+# (20, 4, 1) and (24, 4, 1) have block counts 5 and 6, which groups of four do not divide (groups of 1 and 3)
+SHAPES = [(16, 4, 1), (16, 4, 2), (32, 4, 3), (24, 2, 2), (64, 8, 2), (48, 4, 2), (20, 4, 1), (24, 4, 1)]
 
 
 def random_rotations(m: int, n: int, b: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -83,6 +89,32 @@ def test_fast_rotation_matches_dense_values_and_gradients(features: int, b: int,
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(x_fast.grad, x_ref.grad, atol=1e-5, rtol=0)
     torch.testing.assert_close(q_fast.grad, q_ref.grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "b", "expected"), [(96, 4, 4), (5, 4, 1), (6, 4, 3), (12, 2, 6), (8, 8, 2), (4, 16, 1), (3, 32, 1)]
+)
+def test_group_size_is_the_largest_divisor_within_the_width(blocks: int, b: int, expected: int) -> None:
+    assert group_size(blocks, b) == expected
+
+
+@pytest.mark.parametrize(("blocks", "b", "group"), [(8, 4, 4), (6, 4, 3), (12, 2, 6), (5, 3, 1)])
+def test_grouped_blocks_are_the_block_diagonal_and_give_the_blocks_back(blocks: int, b: int, group: int) -> None:
+    rotations = torch.randn(blocks, b, b, generator=torch.Generator().manual_seed(4))
+    grouped = group_blocks(rotations, group)
+    assert grouped.shape == (blocks // group, group * b, group * b)
+    torch.testing.assert_close(torch.block_diag(*grouped), torch.block_diag(*rotations), atol=0, rtol=0)
+    torch.testing.assert_close(ungroup_blocks(grouped, group), rotations, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("blocks", "b", "group"), [(8, 4, 4), (6, 4, 3), (12, 2, 6), (8, 8, 2)])
+def test_grouped_block_gradient_matches_autograd_of_the_plain_product(blocks: int, b: int, group: int) -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(11, blocks * b, generator=generator)
+    upstream = torch.randn(11, blocks * b, generator=generator)
+    rotations = torch.randn(blocks, b, b, generator=generator, requires_grad=True)
+    (block_multiply(x, rotations) * upstream).sum().backward()
+    torch.testing.assert_close(grouped_block_gradient(x, upstream, group, b), rotations.grad, atol=1e-5, rtol=0)
 
 
 @settings(max_examples=25, deadline=None)
@@ -196,3 +228,15 @@ def test_scaled_linear_matches_plain_autograd(
     torch.testing.assert_close(fast, reference, **tolerance)
     for fast_grad, reference_grad in zip(fast_grads, reference_grads, strict=True):
         torch.testing.assert_close(fast_grad, reference_grad, **tolerance)
+
+
+def test_fast_rotation_without_an_input_gradient_still_trains_the_rotations() -> None:
+    features, b, m = 48, 4, 2
+    rotations = random_rotations(m, features // b, b)
+    plan = gather_plan(butterfly_permutations(features, b, m))
+    x = torch.randn(5, features, generator=torch.Generator().manual_seed(6))
+    upstream = torch.randn(5, features, generator=torch.Generator().manual_seed(7))
+    fast, reference = rotations.clone().requires_grad_(), rotations.clone().requires_grad_()
+    (ButterflyRotate.apply(x, fast, *plan) * upstream).sum().backward()
+    (butterfly_rotate_plain(x, reference, plan) * upstream).sum().backward()
+    torch.testing.assert_close(fast.grad, reference.grad, atol=1e-5, rtol=0)
