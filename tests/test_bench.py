@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hybrid_peft.bench import aggregate, builtin_profiles, load_plan, run_bench
+from hybrid_peft.bench import aggregate, builtin_profiles, load_plan, run_bench, run_state
 from hybrid_peft.cli import main
 from hybrid_peft.errors import ConfigError
 
@@ -110,6 +110,17 @@ def test_bench_reruns_runs_whose_options_changed(tiny_lm: str, tmp_path: Path, c
     lines: list[str] = []
     run_bench(load_plan(str(path)), methods=["lora"], seeds=[0], echo=lines.append)
     assert log.stat().st_mtime_ns == stamp and not any("other options" in line for line in lines)
+
+    # The run recorded its adapter options as resolved when it ran; a default changed since does not apply to it.
+    summary_path = log.parent / "summary.json"
+    recorded = summary_path.read_text()
+    resolved = json.loads(recorded)["resolved_adapters"]
+    assert resolved[0]["rank"] == 2 and resolved[0]["dropout"] == 0.0 and resolved[0]["targets"]
+    lora_run = next(r for r in load_plan(str(path)).runs(methods=["lora"], seeds=[0]))
+    assert run_state(lora_run) == "finished"
+    summary_path.write_text(recorded.replace('"dropout": 0.0', '"dropout": 0.1'))  # as if 0.1 had been the default
+    assert run_state(lora_run) == "stale"
+    summary_path.write_text(recorded)
 
     config["tasks"]["he-tiny"]["steps"] = 4
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -212,18 +223,28 @@ def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
     rows = [
         run("full", 0, [0.8, 0.6, 0.5], 2.0, "full"),
         run("full", 1, [0.8, 0.6, 0.5], 2.0, "full"),
+        run("full", 2, [0.8, 0.6, 0.5], 2.0, "full"),
         run("lora", 0, [0.7, 0.5, 0.45], 1.0, "lora"),  # reaches full's 0.5 at step 20, in 20 s
         run("lora", 1, [0.6, 0.5, 0.45], 1.0, "lora"),
+        run("lora", 2, [0.6, 0.5, 0.45], 1.0, "lora"),
         run("slow", 0, [0.9, 0.8, 0.7], 1.0, "lora"),  # never does
+        run("slow", 1, [0.9, 0.8, 0.7], 1.0, "lora"),
+        run("mixed", 0, [0.4, 0.5, 0.5], 1.0, "lora"),  # reaches 0.5 (and 0.45) at step 10 ...
+        run("mixed", 1, [0.7, 0.5, 0.5], 1.0, "lora"),  # ... at 20 ...
+        run("mixed", 2, [0.9, 0.8, 0.6], 1.0, "lora"),  # ... never: the median is 20 steps, in 2 seeds of 3
+        run("lucky", 0, [0.3, 0.3, 0.3], 1.0, "lora"),  # lowest loss, but one seed: not the "best" target
     ]
     table = time_to_quality(rows)["t"]
     assert table["targets"]["full"] == ("full", 0.5) and table["targets"]["best"] == ("lora", 0.45)
-    assert table["methods"]["full"]["reached"]["full"] == (30, 60.0)
-    assert table["methods"]["lora"]["reached"]["full"] == (20, 20.0)
-    assert table["methods"]["lora"]["reached"]["best"] == (30, 30.0)
+    assert table["methods"]["full"]["reached"]["full"] == (30, 60.0, 3, 3)
+    assert table["methods"]["lora"]["reached"]["full"] == (20, 20.0, 3, 3)
+    assert table["methods"]["lora"]["reached"]["best"] == (30, 30.0, 3, 3)
     assert table["methods"]["slow"]["reached"]["full"] is None
+    assert table["methods"]["mixed"]["reached"]["full"] == (20, 20.0, 2, 3)
+    assert table["methods"]["mixed"]["reached"]["best"] is None  # one seed of three reached 0.45: not the median
     lines = time_to_quality_lines(rows)
-    assert "| lora | 20 steps, 20.0 s | 30 steps, 30.0 s |" in lines and "| slow | – | – |" in lines
+    assert "| lora | 20 steps, 20.0 s (3/3) | 30 steps, 30.0 s (3/3) |" in lines and "| slow | – | – |" in lines
+    assert "| mixed | 20 steps, 20.0 s (2/3) | – |" in lines
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2], [1, 2]) is None

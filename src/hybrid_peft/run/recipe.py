@@ -64,7 +64,7 @@ from hybrid_peft.run.parallel import parallelism_for
 from hybrid_peft.run.provenance import peak_rss_mb, run_environment
 from hybrid_peft.run.report import write_report
 from hybrid_peft.run.summary import RunSummary
-from hybrid_peft.run.trainees import FullFineTuning, OwnAdapter, trainee_for
+from hybrid_peft.run.trainees import FullFineTuning, OwnAdapter, resolved_adapter_options, trainee_for
 from hybrid_peft.sandbox import require_sandbox
 from hybrid_peft.tasks import get_task
 from hybrid_peft.telemetry import ADAPTER_TELEMETRY_FILE, AdapterTelemetry, MixingTelemetry
@@ -377,6 +377,7 @@ class Recipe:
                 peak_rss_mb=peak_rss_mb(),
                 resumed_from_step=self.start_step,
                 environment=run_environment(threads=self.config.threads),
+                resolved_adapters=resolved_adapter_options(self.config),
             )
             summary.write(self.output_dir)
             write_report(self.output_dir, summary, read_log(self.output_dir / LOG_FILE))

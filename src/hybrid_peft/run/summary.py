@@ -35,6 +35,10 @@ class RunSummary:
     resumed_from_step: int
     environment: Environment | None = None
     validation: dict[str, float] = dataclasses.field(default_factory=dict)  # on --validation-examples, at the end
+    # every option of each adapter as the run resolved it (its defaults filled in), so that a later change of a
+    # default cannot make the run look as if it had used the new one; None for full fine-tuning, the PEFT peers
+    # and runs recorded before the field existed
+    resolved_adapters: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
