@@ -18,8 +18,9 @@ from conftest import DATA
 
 
 def test_each_method_has_its_own_default_learning_rate() -> None:
-    rates = {m: TrainConfig(method=m, model="minilm-l6").learning_rate for m in ("lora", "boft", "unitary", "hybrid")}
-    assert rates == {"lora": 1e-3, "boft": 1e-2, "unitary": 1e-2, "hybrid": 1e-3}
+    methods = ("lora", "lora-ga", "boft", "unitary", "hybrid")
+    rates = {m: TrainConfig(method=m, model="minilm-l6").learning_rate for m in methods}
+    assert rates == {"lora": 1e-3, "lora-ga": 3e-4, "boft": 3e-3, "unitary": 1e-2, "hybrid": 1e-3}
     assert TrainConfig(method="full", model="minilm-l6").learning_rate == 2e-4  # 22.7M parameters
     assert TrainConfig(method="full", model="smollm2-135m").learning_rate == 3e-5
     assert TrainConfig(method="peft-boft", model="minilm-l6").learning_rate == 1e-2
@@ -28,7 +29,7 @@ def test_each_method_has_its_own_default_learning_rate() -> None:
     assert TrainConfig(method="boft").learning_rate_is_default
     train_help = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions  # noqa: SLF001
                       if "--learning-rate" in a.option_strings).help  # fmt: skip
-    assert "boft" in train_help and "0.01" in train_help and "BENCHMARKS.md" in train_help
+    assert "boft" in train_help and "0.003" in train_help and "BENCHMARKS.md" in train_help
 
 
 def test_the_rate_used_is_printed(tiny_bert: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -36,7 +37,7 @@ def test_the_rate_used_is_printed(tiny_bert: str, tmp_path: Path, capsys: pytest
                  "4", "--max-length", "32", "--eval-examples", "4", "--output-dir", str(tmp_path / "run")]  # fmt: skip
     assert main(arguments) == 0
     out = capsys.readouterr().out
-    assert "boft: learning rate 0.01 (the method's default; --learning-rate to change)" in out
+    assert "boft: learning rate 0.003 (the method's default; --learning-rate to change)" in out
     assert "new classification head" not in out  # this checkpoint has a head already
 
 

@@ -137,6 +137,7 @@ class HybridConfig(LoRAGAConfig):
             require_float(name, getattr(self, name), minimum=0.0, min_inclusive=False)
 
     keeps_output = True  # one scaled linear for both branches, as BOFT's
+    default_learning_rate = 1e-3  # the plain LoRA start trains at LoRA's rate (BENCHMARKS.md section 0a)
 
     @property
     def low_rank_width(self) -> int:
