@@ -18,8 +18,6 @@ the batches for a gradient estimate), or ``restore`` from a checkpoint instead o
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -248,12 +246,13 @@ class PeftPeer:
 
 
 def resolved_adapter_options(config: TrainConfig) -> list[dict[str, Any]] | None:
-    """Every option of each adapter ``config`` attaches, its defaults filled in, as JSON values (so a recorded copy
-    compares equal); None for methods with no adapter config of ours (full fine-tuning, the PEFT peers)."""
+    """Every option of each adapter ``config`` attaches, its defaults filled in (:meth:`AdapterConfig.to_dict`, as
+    saved with an adapter, so a recorded copy compares equal); None for methods with no adapter config of ours (full
+    fine-tuning, the PEFT peers)."""
     trainee = trainee_for(config.method)
     if not isinstance(trainee, OwnAdapter):
         return None
-    return json.loads(json.dumps([dataclasses.asdict(a) for a in trainee.adapter_configs(config)]))
+    return [adapter.to_dict() for adapter in trainee.adapter_configs(config)]
 
 
 def trainee_for(method: str) -> Trainee:
