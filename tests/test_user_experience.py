@@ -119,6 +119,27 @@ def test_evaluations_are_in_the_log_with_the_plots_numbering(tiny_lm: str, tmp_p
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
 
 
+def test_periodic_evaluations_skip_generation_and_the_last_one_runs_it(
+    tiny_lm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hybrid_peft.tasks.humaneval import HumanEvalTask
+
+    asked: list[bool] = []
+
+    def evaluate(self, model, tokenizer, rows, *, generate: bool = True, **options):  # noqa: ANN001, ANN202
+        asked.append(generate)
+        return {"loss": 1.0} | ({"pass@1": 0.0} if generate else {})
+
+    monkeypatch.setattr(HumanEvalTask, "evaluate", evaluate)
+    config = TrainConfig(model=tiny_lm, task="humaneval", steps=4, batch_size=2, max_length=48, eval_examples=2,
+                         generate=True, eval_every=1, output_dir=str(tmp_path / "run"))  # fmt: skip
+    summary = run_training(config, progress=False)
+    assert asked == [True, False, False, False, True]  # before, steps 1-3 (loss only), after
+    assert "pass@1" in summary.after and "pass@1" in summary.before
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [sorted(r["eval"]) for r in log if "eval" in r and 0 < r["step"] < 4] == [["loss"]] * 3
+
+
 def test_every_option_of_every_command_is_explained() -> None:
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001

@@ -356,7 +356,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "dataset": "a Hugging Face dataset instead of the task's files: hub id (nyu-mll/glue:sst2), a save_to_disk "
         "folder, or train/validation data files (needs the 'datasets' package)",
         "method": f"{', '.join(training_methods())} (full: full fine-tuning; peft-*: PEFT's own, as baselines)",
-        "eval_every": "evaluate every N steps (0: only before and after)",
+        "eval_every": "evaluate every N steps (0: only before and after); generation metrics run only at the end",
         "eval_examples": "evaluate on the first N held-out examples (0: all)",
         "report_to": "send loss, learning rate, tokens/s, λ per layer and evaluations to experiment trackers "
         "through accelerate: tensorboard (event files under OUTPUT_DIR/tracking/), wandb, mlflow; comma-separated; "

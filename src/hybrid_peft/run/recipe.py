@@ -327,7 +327,7 @@ class Recipe:
                 self.log_step(result, bar)
                 done = result.step + 1
                 if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                    metrics = self.evaluate_where_needed(f"step {done}")
+                    metrics = self.evaluate_where_needed(f"step {done}", generate=False)  # generation: at the end
                     self.append_log({"step": done, "eval": metrics, "train_seconds": self.train_seconds})
                     self.track({f"eval/{k}": v for k, v in metrics.items()}, done)
                     self.parallel.barrier()
@@ -395,11 +395,13 @@ class Recipe:
         """The first ``init_batches`` training batches, for LoRA-GA's gradient estimate."""
         return [self.batch_at(i) for i in range(self.config.init_batches)]
 
-    def evaluate_where_needed(self, label: str, rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    def evaluate_where_needed(
+        self, label: str, rows: list[dict[str, Any]] | None = None, *, generate: bool | None = None
+    ) -> dict[str, float]:
         """Evaluate on the main process (on every process when the parameters are sharded: each holds a part);
         the metrics are the main process's, ``{}`` elsewhere."""
         if self.main or self.parallel.evaluates_on_every_process:
-            metrics = self.evaluate(label, rows)
+            metrics = self.evaluate(label, rows, generate=generate)
             return metrics if self.main else {}
         return {}
 
@@ -408,8 +410,11 @@ class Recipe:
         """Seconds spent in training steps so far (evaluation and checkpoints not counted; resumed runs included)."""
         return sum(record.get("seconds", 0.0) for record in self.history)
 
-    def evaluate(self, label: str, rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
-        """The task's metrics on ``rows`` (default: the evaluation rows)."""
+    def evaluate(
+        self, label: str, rows: list[dict[str, Any]] | None = None, *, generate: bool | None = None
+    ) -> dict[str, float]:
+        """The task's metrics on ``rows`` (default: the evaluation rows); ``generate=False`` skips the generation
+        metrics (periodic evaluations: the held-out loss and the classification metrics only)."""
         config = self.config
         model = self.inner
         with batch_must_fit(
@@ -422,7 +427,7 @@ class Recipe:
                 self.eval_rows if rows is None else rows,
                 batch_size=config.eval_batch_size,
                 max_length=config.max_length,
-                generate=config.generate,
+                generate=config.generate if generate is None else generate and config.generate,
                 allow_unsandboxed=config.unsafe_unsandboxed,
                 loss_model=ChunkedLossModel(model, config.loss_chunk_tokens) if config.loss_chunk_tokens else None,
             )
