@@ -38,6 +38,7 @@ METHOD_CASES: dict[str, AdapterConfig] = {
     ),
     "hybrid-branch-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="branch", mix_init=0.4, start="lora-ga"),
     "hybrid-max-gates": HybridConfig(rank=2, alpha=4.0, block_size=4, gate_norm="max"),
+    "hybrid-step-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="step", mix_init=0.3, start="lora-ga"),
     "hybrid-gradient-mix-branch-lr": HybridConfig(
         rank=2,
         alpha=4.0,

@@ -55,8 +55,8 @@ def test_effective_weight_is_the_base_weight_at_step_zero(rule: str) -> None:
         torch.testing.assert_close(layer.merged_weight(), original.get_submodule(name).weight, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("gate", ["branch", "update"])
-def test_only_the_update_gate_lets_lambda_move_without_moving_the_output(gate: str, input_ids: torch.Tensor) -> None:
+@pytest.mark.parametrize("gate", ["branch", "update", "step"])
+def test_lambda_moves_without_moving_the_output_except_with_the_branch_gate(gate: str, input_ids: torch.Tensor) -> None:
     original = MODEL_FACTORIES["llama"]().eval()
     model = hybrid_model("fixed", gate=gate).eval()
     expected = model_output(original, input_ids)
@@ -64,7 +64,7 @@ def test_only_the_update_gate_lets_lambda_move_without_moving_the_output(gate: s
     for layer in hybrid_layers(model).values():
         layer.mix.fill_(0.9)  # λ moves before any training
     moved = model_output(model, input_ids)
-    if gate == "update":  # B A − B0 A0 = 0 at the start, whatever λ is
+    if gate != "branch":  # B A − B0 A0 = 0 at the start, whatever λ is (and the step gate is not in the forward)
         torch.testing.assert_close(moved, expected, atol=1e-5, rtol=0)
         for name, layer in hybrid_layers(model).items():  # and the base weight was never offset
             assert torch.equal(layer.base_weight, original.get_submodule(name).weight)
@@ -103,6 +103,67 @@ def test_adapters_saved_before_the_gate_option_load_with_the_branch_gate(input_i
     assert {layer.config.gate for layer in hybrid_layers(fresh).values()} == {"branch"}
     torch.testing.assert_close(model_output(fresh, input_ids), expected, atol=1e-5, rtol=0)
     assert HybridConfig().gate == "update"  # new adapters get the update gate
+
+
+def first_step_sizes(before: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, float]:
+    """The largest move of each kind of hybrid parameter since ``before`` (AdamW's first step moves every entry
+    with a non-zero gradient by the learning rate, whatever the gradient's size)."""
+    sizes: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if name in before:
+            kind = name.rsplit(".", 1)[-1]
+            sizes[kind] = max(sizes.get(kind, 0.0), float((p.detach() - before[name]).abs().max()))
+    return sizes
+
+
+def hybrid_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    kinds = ("lora_A", "lora_B", "boft_skew", "boft_scale")
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in kinds}
+
+
+def test_the_step_gate_splits_adamws_rate_between_the_branches() -> None:
+    from hybrid_peft.run.loop import make_optimiser
+
+    config = HybridConfig(rank=2, block_size=4, gate="step", rule="fixed", mix_init=0.25)
+    model = attach(MODEL_FACTORIES["llama"](), config)
+    reference = attach(MODEL_FACTORIES["llama"](), config.replace(gate="update"))
+    reference.load_state_dict(model.state_dict())
+    ones = (torch.ones(()), torch.ones(()))
+    for layer in hybrid_layers(reference).values():  # the step gate's forward: both gates at 1
+        layer.gates = lambda: ones  # type: ignore[method-assign]
+    optimizer, schedule = make_optimiser(model, learning_rate=1e-2, weight_decay=0.01, steps=10, warmup_steps=0)
+    # The reference: the same AdamW with the rate split by hand, 0.25 for A and B, 0.75 for the skew parameters.
+    shares = {"lora_A": 0.25, "lora_B": 0.25, "boft_skew": 0.75}
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in reference.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(shares.get(name.rsplit(".", 1)[-1], 1.0), []).append(p)
+    reference_optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr": 1e-2 * share} for share, ps in groups.items()], weight_decay=0.01
+    )
+    reference_schedule = torch.optim.lr_scheduler.LambdaLR(reference_optimizer, schedule.lr_lambdas[0])
+    before = hybrid_snapshot(model)
+    for step, batch in enumerate(random_batches(3, seed=5)):
+        for net, opt, sched in ((model, optimizer, schedule), (reference, reference_optimizer, reference_schedule)):
+            net(**batch).loss.backward()
+            update_mixing(net)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        if step == 0:
+            sizes = first_step_sizes(before, model)
+            assert sizes["lora_B"] == pytest.approx(0.25e-2, rel=1e-3)  # A's gradient is 0 while B = 0
+            assert sizes["boft_skew"] == pytest.approx(0.75e-2, rel=1e-3)
+            assert sizes["boft_scale"] == pytest.approx(1e-2 * 1.01, rel=1e-3)  # not split; its decay moves s = 1 too
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+    assert all(float(m.mix) == 0.25 for m in hybrid_layers(model).values())
+
+
+def test_the_share_rule_does_not_divide_out_a_gate_the_forward_pass_does_not_apply() -> None:
+    config = HybridConfig(rank=2, ema=0.0, mix_min=0.01, gate="step")
+    assert MIXING_RULES["share"](config, [0.2], [BranchNorms(1.0, 1.0)])[0] == pytest.approx(0.5)
+    assert MIXING_RULES["share"](config, [0.5], [BranchNorms(3.0, 1.0)])[0] == pytest.approx(0.75)
 
 
 def test_mix_is_a_buffer_the_optimiser_never_sees() -> None:
@@ -203,16 +264,19 @@ def test_telemetry_jsonl_and_heatmap(tmp_path) -> None:  # noqa: ANN001
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_hugging_face_trainer_callback(tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("gate", ["update", "step"])
+def test_hugging_face_trainer_callback(gate: str, tmp_path) -> None:  # noqa: ANN001
     from transformers import Trainer, TrainingArguments
 
     from hybrid_peft import mixing_callback
 
-    model = hybrid_model()
+    model = hybrid_model(gate=gate)
+    before = hybrid_snapshot(model)
+    steps = 3 if gate == "update" else 1  # one step: AdamW's first moves every entry by its rate
     data = [{"input_ids": b["input_ids"][0], "labels": b["labels"][0]} for b in random_batches(8, seed=3)]
     arguments = TrainingArguments(
         output_dir=str(tmp_path / "trainer"),
-        max_steps=3,
+        max_steps=steps,
         per_device_train_batch_size=2,
         learning_rate=1e-2,
         report_to=[],
@@ -226,8 +290,12 @@ def test_hugging_face_trainer_callback(tmp_path) -> None:  # noqa: ANN001
     )
     trainer.train()
     rows = read_mixing_telemetry(tmp_path / "mixing.jsonl")
-    assert len(rows) == 3
+    assert len(rows) == steps
     assert any(abs(float(m.mix) - 0.5) > 1e-6 for m in hybrid_layers(model).values())
+    if gate == "step":  # the callback split the Trainer's step: B moved by λ times the rate, the skew by 1 − λ
+        for name, layer in hybrid_layers(model).items():
+            moved = (layer.lora_B.detach() - before[f"{name}.lora_B"]).abs().max()
+            assert float(moved) == pytest.approx(1e-2 * float(layer.mix), rel=1e-3), name
 
 
 @pytest.mark.real_model

@@ -40,7 +40,7 @@ from hybrid_peft.methods import (
     UnitaryConfig,
     UnitaryLayer,
 )
-from hybrid_peft.methods.hybrid import update_mixing
+from hybrid_peft.methods.hybrid import split_steps, update_mixing
 from hybrid_peft.methods.lora_ga import apply_lora_ga_factors, lora_ga_factors_for, lora_ga_initialise
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.registry import available_methods, get_method, register_method
@@ -90,6 +90,7 @@ __all__ = [
     "register_method",
     "save_adapter",
     "save_merged",
+    "split_steps",
     "unmerge",
     "update_mixing",
 ]

@@ -18,7 +18,7 @@ from torch import nn
 
 from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.errors import HybridPeftError
-from hybrid_peft.methods.hybrid import update_mixing
+from hybrid_peft.methods.hybrid import split_steps, update_mixing
 
 ADAPTER_TELEMETRY_FILE = "adapter_telemetry.jsonl"
 BLOCK_INDEX = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")  # Llama/BERT/GPT-2 block lists
@@ -218,12 +218,17 @@ def summarise_adapter_telemetry(path: str | os.PathLike) -> list[str]:
 
 
 def mixing_callback(telemetry_path: str | os.PathLike | None = None, *, sharded: bool = False) -> Any:
-    """A ``transformers.TrainerCallback`` that runs :func:`update_mixing` before every optimiser step (and logs)."""
+    """A ``transformers.TrainerCallback`` that runs :func:`update_mixing` before every optimiser step (and logs), and
+    splits the Trainer's optimiser steps for ``gate='step'`` hybrids (:func:`split_steps`)."""
     from transformers import TrainerCallback
 
     telemetry = MixingTelemetry(telemetry_path) if telemetry_path else None
 
     class HybridMixingCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
+            if optimizer is not None and model is not None:
+                split_steps(getattr(optimizer, "optimizer", optimizer), model)  # accelerate wraps the optimiser
+
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
             records = update_mixing(model, sharded=sharded)
             if telemetry is not None and state.is_world_process_zero:

@@ -15,18 +15,22 @@ from hybrid_peft.methods.hybrid import hybrid_layers
 from hybrid_peft.run import Recipe, TrainConfig
 
 
-def config(model: str, output: Path, method: str, **options) -> TrainConfig:  # noqa: ANN003
-    adapter = {
-        "lora": {"rank": 2},
-        "boft": {"block_size": 4},
-        "hybrid": {"rank": 2, "block_size": 4, "start": "lora-ga"},
-        "full": {},
-    }
+RUNS = {  # run name: (method, adapter options)
+    "lora": ("lora", {"rank": 2}),
+    "boft": ("boft", {"block_size": 4}),
+    "hybrid": ("hybrid", {"rank": 2, "block_size": 4, "start": "lora-ga"}),
+    "hybrid-step": ("hybrid", {"rank": 2, "block_size": 4, "gate": "step"}),  # λ splits the optimiser's step
+    "full": ("full", {}),
+}
+
+
+def config(model: str, output: Path, name: str, **options) -> TrainConfig:  # noqa: ANN003
+    method, adapter = RUNS[name]
     base = {
         "model": model,
         "task": "humaneval",
         "method": method,
-        "adapter": adapter[method],
+        "adapter": adapter,
         "steps": 4,
         "batch_size": 2,
         "max_length": 48,
@@ -55,7 +59,7 @@ def record(recipe: Recipe, path: Path) -> None:
 def main() -> None:
     model, output = sys.argv[1], Path(sys.argv[2])
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else None
-    for method in ("lora", "boft", "hybrid", "full"):
+    for method in RUNS:
         for sharded in (False, True):
             recipe = Recipe(config(model, output / f"{method}-{'fsdp' if sharded else 'ddp'}", method, fsdp=sharded))
             recipe.run()

@@ -24,6 +24,14 @@ There B A starts at B0 A0 ≠ 0, so every move of λ away from λ0 shifts the ou
 no optimiser step asked for; the update gate has no such shift (BENCHMARKS.md compares the two). Adapters saved
 before the option existed (format version 1) load as ``branch``.
 
+``gate="step"`` keeps λ out of the forward pass altogether (both branches at full strength, λ = 1 and 1 − λ = 1
+above) and applies it as a split of the optimiser's step instead: each step moves a layer's low-rank parameters by
+λ and its skew parameters by 1 − λ times what the optimiser computed (:func:`split_steps`, which
+:func:`hybrid_peft.run.loop.make_optimiser` registers; for AdamW that is the learning rate times λ, weight decay
+included). Under Adam an output gate does nearly the same to first order (Adam's step ignores the gradient's scale,
+so a gated branch's output moves at the gate times its own speed), except that a move of λ rescales everything the
+branch has learnt at once; the step split never changes the output between steps.
+
 λ is a buffer, never a parameter: no optimiser touches it. After each backward pass (before the optimiser step)
 :func:`update_mixing` sets every layer's λ with the config's rule, clamped to [λmin, 1 − λmin]:
 
@@ -64,7 +72,7 @@ from hybrid_peft.methods.lora import LowRankBranch
 from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
 from hybrid_peft.registry import register_method
 
-GATES = ("branch", "update")
+GATES = ("branch", "update", "step")
 STARTS = ("lora-ga", "lora")
 GATE_NORMS = ("sum", "max")
 MIX_STARTS = ("constant", "gradient")  # where λ0 comes from
@@ -81,9 +89,11 @@ class HybridConfig(LoRAGAConfig):
         mix_min: λmin; λ is clamped to [λmin, 1 − λmin], 0 < λmin < 0.5.
         ema: β of the moving average of the ``share`` and ``sigmoid`` rules (0 = no smoothing).
         temperature: τ of the ``sigmoid`` rule, > 0.
-        gate: what λ gates: ``update`` (default: only the learnt λ·s·(B A − B0A0); the base is never offset) or
-            ``branch`` (all of λ·s·B A, with the base offset by λ0·s·B0A0; DESIGN.md's formula). See the module
-            docstring and BENCHMARKS.md.
+        gate: what λ gates: ``update`` (default: only the learnt λ·s·(B A − B0A0); the base is never offset),
+            ``branch`` (all of λ·s·B A, with the base offset by λ0·s·B0A0; DESIGN.md's formula) or ``step`` (not
+            the output but each optimiser step: the low-rank parameters move by λ, the skew ones by 1 − λ of it;
+            needs the optimiser from ``make_optimiser`` or :func:`split_steps`). See the module docstring and
+            BENCHMARKS.md.
         start: the low-rank branch's start: ``lora`` (default: PEFT's LoRA start, B = 0, so no gradient estimate and
             a rank-r branch) or ``lora-ga`` (A0, B0 from the gradient estimate, the paper's; it trailed at tuned
             rates, BENCHMARKS.md section 0).
@@ -141,8 +151,8 @@ class HybridConfig(LoRAGAConfig):
 
     @property
     def low_rank_width(self) -> int:
-        """The update gate of a LoRA-GA start projects onto ``[A; A0]`` (rank 2r); otherwise onto ``A`` (rank r)."""
-        return 2 * self.rank if self.gate == "update" and self.start == "lora-ga" else self.rank
+        """The update and step gates of a LoRA-GA start projects onto ``[A; A0]`` (rank 2r); otherwise onto ``A`` (rank r)."""
+        return 2 * self.rank if self.gate != "branch" and self.start == "lora-ga" else self.rank
 
     def frozen_count(self, in_features: int, out_features: int) -> int:
         return super().frozen_count(in_features, out_features) if self.start == "lora-ga" else 0
@@ -207,13 +217,21 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         scales = {"lora_A": self.config.low_rank_lr_scale, "lora_B": self.config.low_rank_lr_scale}
         return scales | {name: self.config.orthogonal_lr_scale for name in ("boft_skew", "boft_scale")}
 
-    def gates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(low-rank gate, orthogonal gate)``: ``(λ, 1 − λ)``, or both over max(λ, 1 − λ) (``gate_norm='max'``)."""
+    def shares(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low-rank share, orthogonal share)``: ``(λ, 1 − λ)``, or both over max(λ, 1 − λ) (``gate_norm='max'``)."""
         low_rank, orthogonal = self.mix, 1 - self.mix
         if self.config.gate_norm == "max":
             larger = torch.maximum(low_rank, orthogonal)
             return low_rank / larger, orthogonal / larger
         return low_rank, orthogonal
+
+    def gates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors on each branch in the forward pass: the shares, or 1 and 1 with ``gate='step'`` (whose shares
+        split the optimiser's step instead, :func:`split_steps`)."""
+        if self.config.gate == "step":
+            one = torch.ones((), dtype=self.mix.dtype, device=self.mix.device)
+            return one, one
+        return self.shares()
 
     def rotation_skew(self) -> torch.Tensor:
         return self.gates()[1] * self.boft_skew
@@ -225,7 +243,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         return self.needs_gradient_init and GradientAlignedStart.initialised.fget(self)  # type: ignore[attr-defined]
 
     def base_offset(self) -> torch.Tensor | None:
-        if self.config.gate == "update":  # B0A0 is subtracted in the branch, never from the base
+        if self.config.gate != "branch":  # B0A0 is subtracted in the branch, never from the base
             return None
         return self.mix_start * self.lora_scaling * (self.lora_B0.float() @ self.lora_A0.float())
 
@@ -330,7 +348,10 @@ class BranchNorms:
 def _share_rule(config: HybridConfig, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
     updated = []
     for mix, norm in zip(mixes, norms, strict=True):
-        low_rank, orthogonal = norm.low_rank / mix, norm.orthogonal / (1 - mix)
+        if config.gate == "step":  # λ is not in the forward pass: the gradients are not gated
+            low_rank, orthogonal = norm.low_rank, norm.orthogonal
+        else:
+            low_rank, orthogonal = norm.low_rank / mix, norm.orthogonal / (1 - mix)
         target = low_rank / (low_rank + orthogonal) if low_rank + orthogonal > 0 else mix
         updated.append(config.ema * mix + (1 - config.ema) * target)
     return updated
@@ -359,6 +380,43 @@ MIXING_RULES: dict[str, MixingRule] = {"share": _share_rule, "sigmoid": _sigmoid
 
 def hybrid_layers(model: nn.Module) -> dict[str, HybridLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, HybridLayer)}
+
+
+def split_steps(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[Any]:
+    """For the ``gate='step'`` hybrid layers of ``model``: make every ``optimizer.step()`` move each layer's
+    low-rank parameters (A, B) by its low-rank share λ and its skew parameters by 1 − λ (the shares of
+    :meth:`HybridLayer.shares`) of the step the optimiser computed, i.e. ``p ← p_before + share · (p_after −
+    p_before)``: for AdamW, the learning rate times the share. λ is read after the step (set by
+    :func:`update_mixing` before it). Returns the hooks' handles (empty when no layer has ``gate='step'``); a second
+    call for the same optimiser returns the first call's (the split must apply once).
+    :func:`hybrid_peft.run.loop.make_optimiser` calls this for you."""
+    layers = [layer for layer in hybrid_layers(model).values() if layer.config.gate == "step"]
+    if not layers:
+        return []
+    if hasattr(optimizer, "_hybrid_peft_split_steps"):
+        return optimizer._hybrid_peft_split_steps
+    before: list[list[torch.Tensor]] = []
+
+    def branches(layer: HybridLayer) -> list[list[nn.Parameter]]:
+        return [layer.low_rank_parameters(), layer.orthogonal_parameters()]
+
+    def keep(*_: Any) -> None:
+        before[:] = [[p.detach().clone() for p in params] for layer in layers for params in branches(layer)]
+
+    @torch.no_grad()
+    def split(*_: Any) -> None:
+        saved = iter(before)
+        for layer in layers:
+            for params, share in zip(branches(layer), layer.shares(), strict=True):
+                weight = 1.0 - float(share)
+                for p, old in zip(params, next(saved), strict=True):
+                    if weight:
+                        p.lerp_(old, weight)  # p ← p + (1 − share)(old − p) = old + share (p − old)
+        before.clear()
+
+    handles = [optimizer.register_step_pre_hook(keep), optimizer.register_step_post_hook(split)]
+    optimizer._hybrid_peft_split_steps = handles  # type: ignore[attr-defined]
+    return handles
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 
 from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.errors import BatchDoesNotFitError, HybridPeftError, NonFiniteLossError
-from hybrid_peft.methods.hybrid import hybrid_layers, update_mixing
+from hybrid_peft.methods.hybrid import hybrid_layers, split_steps, update_mixing
 from hybrid_peft.telemetry import block_gradient_norms
 
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
@@ -51,7 +51,8 @@ def make_optimiser(
     model: nn.Module, *, learning_rate: float, weight_decay: float, steps: int, warmup_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the parameters that require grad, with :func:`warmup_cosine`; one parameter group per learning
-    rate multiplier that adapter layers ask for (:meth:`AdapterLayer.learning_rate_scales`)."""
+    rate multiplier that adapter layers ask for (:meth:`AdapterLayer.learning_rate_scales`); the step split of
+    ``gate='step'`` hybrid layers registered (:func:`~hybrid_peft.methods.hybrid.split_steps`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise HybridPeftError("no parameter requires grad: attach an adapter or unfreeze the model first")
@@ -68,6 +69,7 @@ def make_optimiser(
         lr=learning_rate,
         weight_decay=weight_decay,
     )
+    split_steps(optimizer, model)
     warmup = min(warmup_steps, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     return optimizer, schedule
