@@ -3,10 +3,12 @@
     python benchmarks/step_time.py                       # SmolLM2-135M, 4x128, all linear layers, 2 threads
     python benchmarks/step_time.py --methods peft-lora,boft-m1 --steps 8
     python benchmarks/step_time.py --device cuda --dtype bfloat16
+    python benchmarks/step_time.py --methods lora,hybrid --profile 3   # and where each method's time goes
 
 Prints one markdown table: trainable parameters, median step time (forward + backward + AdamW step), its ratio to
 PEFT LoRA r=8 measured in the same run, and peak memory (process peak RSS on CPU, peak allocated on CUDA) with its
-ratio. Use ratios, not absolute seconds: machines are noisy.
+ratio. Use ratios, not absolute seconds: machines are noisy. ``--profile N`` profiles N more steps of each method
+(first process only, after the timed ones) and prints its operators by self time.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def method_builders() -> dict[str, Callable]:
         "hybrid-fixed": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, rule="fixed")),
         "hybrid": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4)),  # the defaults
         "hybrid-lora-start": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, start="lora")),
+        "hybrid-step": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, gate="step")),
         "hybrid-unitary": _hybrid_unitary,
         "peft-boft": _peft(peft_boft),
     }
@@ -109,7 +112,7 @@ def worker(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     batches = []
-    for _ in range(args.warmup + args.steps):
+    for _ in range(args.warmup + args.steps + args.profile):
         ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
         batches.append({"input_ids": ids, "labels": ids})
     if args.device.startswith("cuda"):
@@ -118,8 +121,17 @@ def worker(args: argparse.Namespace) -> None:
     optimizer, schedule = make_optimiser(
         model, learning_rate=1e-5, weight_decay=0.0, steps=len(batches), warmup_steps=0
     )
-    results = list(training_steps(model, batches.__getitem__, optimizer, schedule, start=0, stop=len(batches)))
+    timed = args.warmup + args.steps
+    results = list(training_steps(model, batches.__getitem__, optimizer, schedule, start=0, stop=timed))
     times = [r.seconds for r in results[args.warmup :]]
+    profile = ""
+    if args.profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+            list(training_steps(model, batches.__getitem__, optimizer, schedule, start=timed, stop=len(batches)))
+        profile = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     result = {
         "method": args.worker,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -128,6 +140,7 @@ def worker(args: argparse.Namespace) -> None:
         "max_step_s": max(times),
         "peak_mb": peak_memory_mb(args.device),
         "loss": results[-1].loss,
+        "profile": profile,
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -146,6 +159,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="processes per method, interleaved (median reported)")
     parser.add_argument("--baseline", default="peft-lora", help="method the ratios are relative to")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--profile", type=int, default=0, help="profile N more steps per method and print the top ops")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -159,11 +173,15 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for repeat in range(args.repeats):  # interleaved, so slow drifts of the machine hit every method alike
         for method in methods:
-            command = [sys.executable, __file__, "--worker", method] + [
-                f"--{key.replace('_', '-')}={value}"
-                for key, value in vars(args).items()
-                if key in ("model", "batch_size", "seq_len", "steps", "warmup", "threads", "device", "dtype")
-            ]
+            command = (
+                [sys.executable, __file__, "--worker", method]
+                + [
+                    f"--{key.replace('_', '-')}={value}"
+                    for key, value in vars(args).items()
+                    if key in ("model", "batch_size", "seq_len", "steps", "warmup", "threads", "device", "dtype")
+                ]
+                + [f"--profile={args.profile if repeat == 0 else 0}"]
+            )
             print(f"running {method} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             completed = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
@@ -200,6 +218,9 @@ def main() -> None:
             f"| {r['min_step_s']:.2f}–{r['max_step_s']:.2f}"
             f" | {time_ratio} | {r['peak_mb']:.0f} | {memory_ratio} |"
         )
+    for r in results:
+        if r.get("profile"):
+            print(f"\n### {r['method']}: {args.profile} profiled steps, operators by self CPU time\n\n{r['profile']}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(

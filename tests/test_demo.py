@@ -40,8 +40,12 @@ def test_comparison_table_and_reload_merge_checks(tiny_bert: str, tmp_path: Path
             sort_keys=False,
         )
     )
+    from transformers.utils import logging as transformers_logging
+
     lines: list[str] = []
+    shown = transformers_logging.is_progress_bar_enabled()
     rows = run_comparison(output_dir=str(tmp_path / "out"), threads=1, echo=lines.append, profile=str(profile))
+    assert transformers_logging.is_progress_bar_enabled() == shown, "the check must leave the setting as it was"
     assert [r.method for r in rows] == ["full", "lora", "hybrid"]
     checked = [row for row in rows if row.loss_reloaded is not None]
     assert len(checked) == 1 and checked[0].method in ("lora", "hybrid")  # the best adapter's files

@@ -120,8 +120,13 @@ def _check_reload_and_merge(row: ComparisonRow, task: Any) -> ComparisonRow:
     del reloaded, fresh
     from transformers.utils import logging as transformers_logging
 
+    shown = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # one quiet check, not a loading bar per model
-    merged = AutoModelForSequenceClassification.from_pretrained(folder / "merged", dtype=torch.float32)
+    try:
+        merged = AutoModelForSequenceClassification.from_pretrained(folder / "merged", dtype=torch.float32)
+    finally:
+        if shown:  # the caller's setting, as it was
+            transformers_logging.enable_progress_bar()
     loss_merged = held_out_loss(task, merged, tokenizer, rows, config.eval_batch_size, config.max_length)
     return dataclasses.replace(row, loss_reloaded=loss_reloaded, loss_merged=loss_merged)
 

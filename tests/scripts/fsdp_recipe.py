@@ -14,7 +14,6 @@ import torch
 from hybrid_peft.methods.hybrid import hybrid_layers
 from hybrid_peft.run import Recipe, TrainConfig
 
-
 RUNS = {  # run name: (method, adapter options)
     "lora": ("lora", {"rank": 2}),
     "boft": ("boft", {"block_size": 4}),

@@ -151,7 +151,7 @@ class HybridConfig(LoRAGAConfig):
 
     @property
     def low_rank_width(self) -> int:
-        """The update and step gates of a LoRA-GA start projects onto ``[A; A0]`` (rank 2r); otherwise onto ``A`` (rank r)."""
+        """A LoRA-GA start under the update or step gate projects onto ``[A; A0]`` (rank 2r), else onto ``A``."""
         return 2 * self.rank if self.gate != "branch" and self.start == "lora-ga" else self.rank
 
     def frozen_count(self, in_features: int, out_features: int) -> int:
