@@ -7,6 +7,7 @@ import json
 import pickle
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import transformers
@@ -112,10 +113,10 @@ def test_the_result_is_saved_before_the_final_evaluation(
 ) -> None:
     evaluate = Recipe.evaluate
 
-    def failing_after(self: Recipe, label: str, rows: list | None = None) -> dict[str, float]:
+    def failing_after(self: Recipe, label: str, rows: list | None = None, **options: Any) -> dict[str, float]:
         if label == "after":
             raise KeyboardInterrupt
-        return evaluate(self, label, rows)
+        return evaluate(self, label, rows, **options)
 
     monkeypatch.setattr(Recipe, "evaluate", failing_after)
     config = config_for(tiny_lm, tmp_path / "run")
