@@ -245,6 +245,8 @@ def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
     lines = time_to_quality_lines(rows)
     assert "| lora | 20 steps, 20.0 s (3/3) | 30 steps, 30.0 s (3/3) |" in lines and "| slow | – | – |" in lines
     assert "| mixed | 20 steps, 20.0 s (2/3) | – |" in lines
+    full_best = time_to_quality([r for r in rows if r["method"] in ("full", "slow")])["t"]
+    assert full_best["targets"] == {"full": ("full", 0.5)}  # full fine-tuning is the best: one target, one column
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2], [1, 2]) is None

@@ -705,9 +705,11 @@ def time_to_quality(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue
         most = max(e["ok"] for e in finished)
         best = min((e for e in finished if e["ok"] == most), key=lambda e: e["held_out_loss"][0])
-        targets = {"best": (best["method"], best["held_out_loss"][0])}
+        targets = {}
         if full is not None:
             targets["full"] = (full["method"], full["held_out_loss"][0])
+        if best is not full:  # when full fine-tuning is the best, its one target is not measured and shown twice
+            targets["best"] = (best["method"], best["held_out_loss"][0])
         methods = {}
         for entry in entries:
             curves = [evaluation_curve(Path(r["folder"])) for r in ok if r["method"] == entry["method"]]

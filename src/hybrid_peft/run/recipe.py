@@ -427,7 +427,7 @@ class Recipe:
                 self.eval_rows if rows is None else rows,
                 batch_size=config.eval_batch_size,
                 max_length=config.max_length,
-                generate=config.generate if generate is None else generate and config.generate,
+                generate=config.generate and generate is not False,
                 allow_unsandboxed=config.unsafe_unsandboxed,
                 loss_model=ChunkedLossModel(model, config.loss_chunk_tokens) if config.loss_chunk_tokens else None,
             )
