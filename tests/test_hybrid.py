@@ -3,6 +3,7 @@ data parallelism, per-pattern method assignment, bad input."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,34 @@ def test_update_mixing_clamps_and_records() -> None:
     values = [r["lambda"] for r in records.values()]
     assert min(values) >= 0.1 and max(values) <= 0.9
     assert {round(v, 6) for v in values} <= {0.1, 0.9, 0.5}, "τ→0 saturates the sigmoid, the clamp catches it"
+
+
+def test_update_mixing_norms_match_each_gradient_by_hand() -> None:
+    """The batched norms (one foreach pass over every layer) against each branch's RMS gradient norm by hand, with
+    one layer's skew gradient missing (its branch must read 0, the layers after it unshifted), and the share rule's
+    λ from them."""
+    model = hybrid_model("share", ema=0.5)
+    model(**random_batches(1)[0]).loss.backward()
+    layers = hybrid_layers(model)
+    missing = list(layers)[1]
+    layers[missing].boft_skew.grad = None
+
+    def rms(params: list[torch.nn.Parameter]) -> float:
+        squares = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+        return math.sqrt(squares / sum(p.numel() for p in params))
+
+    before = {name: float(layer.mix) for name, layer in layers.items()}
+    records = update_mixing(model)
+    for name, layer in layers.items():
+        low_rank, orthogonal = rms([layer.lora_A, layer.lora_B]), rms([layer.boft_skew])
+        assert records[name]["grad_low_rank"] == pytest.approx(low_rank, rel=1e-9)
+        assert records[name]["grad_orthogonal"] == pytest.approx(orthogonal, rel=1e-9)
+        shares = low_rank / before[name], orthogonal / (1 - before[name])
+        target = shares[0] / sum(shares)
+        assert records[name]["lambda"] == pytest.approx(min(max(0.5 * before[name] + 0.5 * target, 0.05), 0.95))
+        assert float(layer.mix) == pytest.approx(records[name]["lambda"])
+    assert records[missing]["grad_orthogonal"] == 0.0
+    assert all(records[n]["grad_orthogonal"] > 0 for n in layers if n != missing)
 
 
 def test_update_mixing_before_backward_is_an_error() -> None:

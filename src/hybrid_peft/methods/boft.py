@@ -14,7 +14,7 @@ skew part; we store only the b(b−1)/2 free numbers per block).
 The training path never builds a dense ``in×in`` matrix: each factor is an index gather plus one batched product of
 its blocks (folded into dense groups about 16 wide, which the BLAS runs far faster than many b×b products),
 consecutive gathers are folded into one, and a custom autograd function recomputes the intermediates in backward
-instead of saving them (it keeps only ``x`` and the small ``Q``). Without gradients and with more tokens
+instead of saving them (it keeps only ``x`` and the small grouped ``Q``). Without gradients and with more tokens
 than output features it is cheaper to rotate the weight instead (``apply_to="auto"``). The dense ``M`` is built only
 for merging and for the reference path the tests compare against.
 """
@@ -73,7 +73,9 @@ class BOFTConfig(AdapterConfig):
         return in_features * _block_side(self, in_features) * self.butterfly_factors  # m block-diagonal products
 
     def fixed_activations(self, in_features: int, out_features: int) -> int:
-        return self.butterfly_factors * in_features * _block_side(self, in_features)  # the b×b blocks Q
+        block = _block_side(self, in_features)
+        width = group_size(in_features // block, block) * block  # the dense groups ButterflyRotate keeps
+        return self.butterfly_factors * in_features * (block + width)  # and the b×b blocks Q themselves
 
 
 def _block_side(config: AdapterConfig, in_features: int) -> int:
@@ -257,33 +259,32 @@ def butterfly_rotate_plain(x: torch.Tensor, rotations: torch.Tensor, plan: list[
 
 
 class ButterflyRotate(torch.autograd.Function):
-    """``x M`` for ``x (T, in)``; saves only ``x`` and the rotations, recomputes intermediates in backward. Each
-    factor's blocks are multiplied in dense groups (:func:`group_blocks`); :func:`butterfly_rotate_plain` is the
+    """``x M`` for ``x (T, in)``; saves only ``x`` and the grouped rotations, recomputes intermediates in backward.
+    Each factor's blocks are multiplied in dense groups (:func:`group_blocks`); :func:`butterfly_rotate_plain` is the
     reference it is tested against."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rotations: torch.Tensor, *plan: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(x, rotations)
-        ctx.plan = plan
         m, n, b, _ = rotations.shape
+        ctx.plan, ctx.shape = plan, rotations.shape
         ctx.group = group = group_size(n, b)
         grouped = [group_blocks(rotations[i], group) for i in range(m)]
+        ctx.save_for_backward(x, *grouped)  # the grouped blocks (in·G·b numbers per factor), not rebuilt in backward
         for step, i in enumerate(reversed(range(m))):
             x = block_multiply(_gather(x, plan[step]), grouped[i])
         return _gather(x, plan[m])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        x, rotations = ctx.saved_tensors
+        x, *grouped = ctx.saved_tensors
         plan, group = ctx.plan, ctx.group
-        m, n, b, _ = rotations.shape
+        m, n, b, _ = ctx.shape
         order = list(reversed(range(m)))
-        grouped = [group_blocks(rotations[i], group) for i in range(m)]
         # Recompute the input of each block product (the last product's output is not needed).
         inputs = [_gather(x, plan[0])]
         for step, i in enumerate(order[:-1]):
             inputs.append(_gather(block_multiply(inputs[-1], grouped[i]), plan[step + 1]))
-        grad_rotations = torch.zeros_like(rotations) if ctx.needs_input_grad[1] else None
+        grad_rotations = grouped[0].new_zeros(ctx.shape) if ctx.needs_input_grad[1] else None
         g = _gather(grad, None if plan[m] is None else inverse_permutation(plan[m]))
         for step in reversed(range(m)):
             i = order[step]

@@ -397,21 +397,20 @@ def split_steps(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[Any]
         return optimizer._hybrid_peft_split_steps
     before: list[list[torch.Tensor]] = []
 
-    def branches(layer: HybridLayer) -> list[list[nn.Parameter]]:
-        return [layer.low_rank_parameters(), layer.orthogonal_parameters()]
+    def groups() -> list[list[nn.Parameter]]:  # looked up at each step: sharding or .to() may replace parameters
+        return [params for layer in layers for params in (layer.low_rank_parameters(), layer.orthogonal_parameters())]
 
     def keep(*_: Any) -> None:
-        before[:] = [[p.detach().clone() for p in params] for layer in layers for params in branches(layer)]
+        before[:] = [[p.detach().clone() for p in params] for params in groups()]
 
     @torch.no_grad()
     def split(*_: Any) -> None:
-        saved = iter(before)
-        for layer in layers:
-            for params, share in zip(branches(layer), layer.shares(), strict=True):
-                weight = 1.0 - float(share)
-                for p, old in zip(params, next(saved), strict=True):
-                    if weight:
-                        p.lerp_(old, weight)  # p ← p + (1 − share)(old − p) = old + share (p − old)
+        device = layers[0].mix.device
+        shares = torch.stack([s.to(device) for layer in layers for s in layer.shares()]).tolist()  # one host read
+        for params, olds, share in zip(groups(), before, shares, strict=True):
+            if share != 1.0:
+                for p, old in zip(params, olds, strict=True):
+                    p.lerp_(old, 1.0 - share)  # p ← p + (1 − share)(old − p) = old + share (p − old)
         before.clear()
 
     handles = [optimizer.register_step_pre_hook(keep), optimizer.register_step_post_hook(split)]
@@ -424,14 +423,28 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _squared_norm_and_count(params: list[nn.Parameter]) -> tuple[torch.Tensor, int]:
-    """The squared gradient norm of ``params`` over this process's part of them (all of them unless sharded) and
-    their total number of entries."""
-    grads = [_local(p.grad) for p in params if p.grad is not None]
-    count = sum(p.numel() for p in params)
-    if not grads:
-        return torch.zeros((), device=_local(params[0]).device, dtype=torch.float64), count
-    return sum(g.detach().double().pow(2).sum() for g in grads), count
+def _branch_rms(layers: list[HybridLayer], *, sharded: bool) -> list[float]:
+    """``[‖∇_{A,B}‖/√n, ‖∇_K‖/√n]`` per layer, flattened: every gradient's norm in one batched (foreach) pass, summed
+    per branch in float64 and read back to the host once. With ``sharded`` (FSDP2) each process holds a shard of
+    every gradient: the squared norms of the shards are all-reduced first."""
+    grads, owners, counts = [], [], []
+    for layer in layers:
+        for params in (layer.low_rank_parameters(), layer.orthogonal_parameters()):
+            for p in params:
+                if p.grad is not None:
+                    grads.append(_local(p.grad).detach())
+                    owners.append(len(counts))
+            counts.append(sum(p.numel() for p in params))
+    device = layers[0].mix.device
+    squares = torch.zeros(len(counts), dtype=torch.float64, device=device)
+    if grads:
+        # clip_grad_norm_'s own batched norm: one dispatch for all layers instead of a few per gradient
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+        stacked = torch.stack([n.to(device) for n in norms])  # a model spread over devices: one place to sum
+        squares.index_add_(0, torch.tensor(owners, device=device), stacked.square())
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(squares)
+    return (squares / torch.tensor(counts, dtype=torch.float64, device=device)).sqrt().tolist()
 
 
 @torch.no_grad()
@@ -444,25 +457,18 @@ def update_mixing(model: nn.Module, *, sharded: bool = False) -> dict[str, dict[
     layers = hybrid_layers(model)
     if not layers:
         return {}
-    squares, counts = [], []
-    for layer in layers.values():
-        for params in (layer.low_rank_parameters(), layer.orthogonal_parameters()):
-            squared, count = _squared_norm_and_count(params)
-            squares.append(squared)
-            counts.append(count)
-    stacked = torch.stack(squares)
-    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(stacked)
-    rms = (stacked / torch.tensor(counts, dtype=torch.float64, device=stacked.device)).sqrt().tolist()
+    rms = _branch_rms(list(layers.values()), sharded=sharded)
     if not any(rms):
         raise HybridPeftError("no hybrid layer has a gradient: call update_mixing after loss.backward()")
     norms = {name: BranchNorms(rms[2 * i], rms[2 * i + 1]) for i, name in enumerate(layers)}
     by_config: dict[HybridConfig, list[str]] = {}
     for name, layer in layers.items():
         by_config.setdefault(layer.config, []).append(name)
+    device = layers[next(iter(layers))].mix.device
+    current = dict(zip(layers, torch.stack([m.mix.to(device) for m in layers.values()]).tolist(), strict=True))
     records = {}
     for config, names in by_config.items():
-        mixes = [float(layers[n].mix) for n in names]
+        mixes = [current[n] for n in names]
         updated = MIXING_RULES[config.rule](config, mixes, [norms[n] for n in names])
         for name, value in zip(names, updated, strict=True):
             value = min(max(value, config.mix_min), 1 - config.mix_min)
