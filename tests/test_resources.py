@@ -172,6 +172,41 @@ def test_a_bf16_base_trains_fp32_adapters_close_to_fp32(case: str) -> None:
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)
 
 
+@pytest.mark.parametrize("case", ["full", "hybrid-share"])
+def test_the_fused_optimiser_steps_like_the_plain_adamw(case: str) -> None:
+    """make_optimiser's AdamW (fused kernel where the parameters allow it) against PyTorch's plain per-parameter
+    loop with the same groups and rates: the same parameters after three steps of training."""
+    from hybrid_peft.run.loop import fused_optimiser_supported, make_optimiser, training_steps
+
+    torch.set_num_threads(1)
+    models = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        if case == "full":
+            model.requires_grad_(True)
+        else:
+            prepare(case, attach(model, METHOD_CASES[case]))
+        optimizer, schedule = make_optimiser(model, learning_rate=1e-2, weight_decay=0.01, steps=3, warmup_steps=1)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        assert fused_optimiser_supported(params) and optimizer.defaults["fused"]
+        if not fused:
+            optimizer.defaults["fused"] = None
+            for group in optimizer.param_groups:
+                group["fused"] = None  # the plain loop, same groups and schedule
+        batches = random_batches(3, seed=5)
+        list(training_steps(model, batches.__getitem__, optimizer, schedule, start=0, stop=3))
+        models.append(model)
+    fused_model, plain_model = models
+    moved = 0
+    for (name, fast), plain in zip(fused_model.named_parameters(), plain_model.parameters(), strict=True):
+        if fast.requires_grad:
+            torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-5, msg=name)
+            moved += 1
+    assert moved > 0
+    assert not fused_optimiser_supported([torch.nn.Parameter(torch.zeros(2, dtype=torch.int32), requires_grad=False)])
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
 def test_the_chunked_loss_equals_the_models_own(chunk: int) -> None:
     model = attach(tiny_llama(), METHOD_CASES["lora"])
