@@ -423,9 +423,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _branch_rms(layers: list[HybridLayer], *, sharded: bool) -> list[float]:
-    """``[‖∇_{A,B}‖/√n, ‖∇_K‖/√n]`` per layer, flattened: every gradient's norm in one batched (foreach) pass, summed
-    per branch in float64 and read back to the host once. With ``sharded`` (FSDP2) each process holds a shard of
+def _branch_rms(layers: list[HybridLayer], *, sharded: bool) -> torch.Tensor:
+    """``[‖∇_{A,B}‖/√n, ‖∇_K‖/√n]`` per layer, flattened, in float64 on the first layer's device: every gradient's
+    norm in one batched (foreach) pass, summed per branch. With ``sharded`` (FSDP2) each process holds a shard of
     every gradient: the squared norms of the shards are all-reduced first."""
     grads, owners, counts = [], [], []
     for layer in layers:
@@ -444,7 +444,7 @@ def _branch_rms(layers: list[HybridLayer], *, sharded: bool) -> list[float]:
         squares.index_add_(0, torch.tensor(owners, device=device), stacked.square())
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(squares)
-    return (squares / torch.tensor(counts, dtype=torch.float64, device=device)).sqrt().tolist()
+    return (squares / torch.tensor(counts, dtype=torch.float64, device=device)).sqrt()
 
 
 @torch.no_grad()
@@ -457,15 +457,16 @@ def update_mixing(model: nn.Module, *, sharded: bool = False) -> dict[str, dict[
     layers = hybrid_layers(model)
     if not layers:
         return {}
-    rms = _branch_rms(list(layers.values()), sharded=sharded)
+    rms_tensor = _branch_rms(list(layers.values()), sharded=sharded)
+    mix_tensor = torch.stack([layer.mix.to(rms_tensor) for layer in layers.values()])
+    values = torch.cat([rms_tensor, mix_tensor]).tolist()  # the norms and every λ in one read to the host
+    rms, current = values[: len(rms_tensor)], dict(zip(layers, values[len(rms_tensor) :], strict=True))
     if not any(rms):
         raise HybridPeftError("no hybrid layer has a gradient: call update_mixing after loss.backward()")
     norms = {name: BranchNorms(rms[2 * i], rms[2 * i + 1]) for i, name in enumerate(layers)}
     by_config: dict[HybridConfig, list[str]] = {}
     for name, layer in layers.items():
         by_config.setdefault(layer.config, []).append(name)
-    device = layers[next(iter(layers))].mix.device
-    current = dict(zip(layers, torch.stack([m.mix.to(device) for m in layers.values()]).tolist(), strict=True))
     records = {}
     for config, names in by_config.items():
         mixes = [current[n] for n in names]
