@@ -230,6 +230,31 @@ def test_scaled_linear_matches_plain_autograd(
         torch.testing.assert_close(fast_grad, reference_grad, **tolerance)
 
 
+def test_scaled_linear_without_gradients_runs_the_fast_forward_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``no_grad`` (evaluation, generation) the fast path gives the autograd function's output to the bit
+    without entering it: nothing is saved and the scale is never read back to the host (a GPU sync per layer)."""
+    from hybrid_peft.methods import boft as boft_module
+
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(40, 48, generator=generator), torch.randn(40, generator=generator)
+    x, h = torch.randn(64, 48, generator=generator), torch.randn(64, 6, generator=generator)
+    scale = torch.nn.Parameter(1 + 0.3 * torch.randn(40, generator=generator))
+    b = torch.nn.Parameter(torch.randn(40, 6, generator=generator))
+    coefficient = torch.tensor(0.7)
+    with torch.no_grad():
+        expected = boft_module.ScaledLinear.apply(x, weight, scale, bias, h, b, coefficient)
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the autograd function ran without a gradient to compute")
+
+    monkeypatch.setattr(boft_module.ScaledLinear, "apply", refuse)
+    with torch.no_grad():
+        got = boft_module.scaled_linear(x, weight, scale, bias, h, b, coefficient)
+    assert torch.equal(got, expected)
+    with pytest.raises(AssertionError, match="without a gradient"):
+        boft_module.scaled_linear(x, weight, scale, bias, h, b, coefficient)  # grad mode on, the scale trains
+
+
 def test_fast_rotation_without_an_input_gradient_still_trains_the_rotations() -> None:
     features, b, m = 48, 4, 2
     rotations = random_rotations(m, features // b, b)

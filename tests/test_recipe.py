@@ -64,6 +64,28 @@ def test_resume_continues_exactly(tiny_lm: str, tmp_path: Path, method: str, ada
         assert (tmp_path / "resumed" / name).is_file(), name
 
 
+def test_a_lora_ga_start_counts_as_training_time_and_survives_resume(tiny_lm: str, tmp_path: Path) -> None:
+    """LoRA-GA's gradient estimate replaces no step but costs time before step 1: the time-to-quality clock
+    (``train_seconds`` of each evaluation) starts with it, and a resumed run keeps it."""
+    from hybrid_peft.run.checkpoint import read_trainer_state
+
+    output = tmp_path / "run"
+    config = config_for(tiny_lm, output, method="lora-ga", adapter={"rank": 2}, eval_every=3, save_every=3)
+    summary = run_training(config, progress=False)
+    assert summary.start_seconds is not None and summary.start_seconds > 0
+    records = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    step_seconds = {r["step"]: r["seconds"] for r in records if "seconds" in r}
+    evaluations = [r for r in records if "eval" in r and r["step"] > 0]
+    assert [r["step"] for r in evaluations] == [3, 6]
+    for record in evaluations:
+        spent = sum(seconds for step, seconds in step_seconds.items() if step < record["step"])  # steps 0, 1, …
+        assert record["train_seconds"] == pytest.approx(summary.start_seconds + spent, rel=1e-9)
+    assert read_trainer_state(output / "checkpoints" / "step-000003").start_seconds == summary.start_seconds
+    (output / "summary.json").unlink()
+    resumed = run_training(config, resume=True, progress=False)
+    assert resumed.resumed_from_step == 3 and resumed.start_seconds == summary.start_seconds
+
+
 def test_non_finite_loss_stops_and_never_offers_a_bad_checkpoint(tiny_lm: str, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

@@ -68,6 +68,37 @@ def test_adapter_telemetry_records_the_papers_checks(hybrid_run: Path) -> None:
     assert -1 <= summary["lambda_gradient_spearman"] <= 1
 
 
+def test_block_gradient_norms_match_each_block_by_hand() -> None:
+    """The batched per-block norms (one host read) against each block's gradients concatenated and normed in float64;
+    frozen parameters, parameters without a gradient and parameters outside any block are left out."""
+    import torch
+    from torch import nn
+
+    from hybrid_peft.telemetry import block_gradient_norms
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.layers = nn.ModuleList(nn.Linear(6, 5) for _ in range(3))
+    model.head = nn.Linear(5, 2)
+    model.layers[2].bias.requires_grad_(False)
+    x = torch.randn(4, 6)
+    loss = sum((layer(x) ** 2).sum() for layer in model.layers[:2]) + model.head(model.layers[2](x)).sum()
+    loss.backward()
+    model.layers[1].bias.grad = None  # no gradient: skipped
+    wrapped = nn.Module()
+    wrapped.model = model  # names as in a transformers model: "model.layers.3.weight"
+
+    def by_hand(layer: nn.Linear) -> float:
+        grads = [p.grad.double().flatten() for p in layer.parameters() if p.requires_grad and p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.cat(grads)))
+
+    got = block_gradient_norms(wrapped)
+    assert list(got) == [0, 1, 2]
+    for block, layer in enumerate(model.layers):
+        assert got[block] == pytest.approx(by_hand(layer), rel=1e-12)
+    assert block_gradient_norms(nn.Linear(2, 2)) == {}
+
+
 def test_tensorboard_events_hold_losses_rates_lambda_and_evaluations(hybrid_run: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

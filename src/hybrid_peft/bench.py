@@ -734,9 +734,10 @@ def time_to_quality_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## Time to quality",
         "",
-        "Steps and training seconds (evaluation not counted; median over seeds, a seed that never reached the target "
-        "counting as never) until the held-out loss, evaluated every `eval_every` steps, first reaches a target: full "
-        "fine-tuning's final held-out loss (seed mean), and the best method's among those with the most seeds. "
+        "Steps and training seconds (the steps, and the gradient estimate of a LoRA-GA start; evaluation not counted; "
+        "median over seeds, a seed that never reached the target counting as never) until the held-out loss, "
+        "evaluated every `eval_every` steps, first reaches a target: full fine-tuning's final held-out loss (seed "
+        "mean), and the best method's among those with the most seeds. "
         "(k/n): seeds that reached it. `–`: most seeds never reached it within the run.",
         "",
     ]

@@ -19,6 +19,7 @@ from torch import nn
 from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.methods.hybrid import split_steps, update_mixing
+from hybrid_peft.norms import grouped_squared_norms
 
 ADAPTER_TELEMETRY_FILE = "adapter_telemetry.jsonl"
 BLOCK_INDEX = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")  # Llama/BERT/GPT-2 block lists
@@ -94,13 +95,18 @@ def block_index(name: str) -> int | None:
 def block_gradient_norms(model: nn.Module) -> dict[int, float]:
     """‖∇‖ of the trained parameters of each transformer block (after ``backward()``), by block index: the
     adapters' for an adapted model, every weight's under full fine-tuning."""
-    squares: dict[int, float] = {}
+    grads, blocks = [], []
     for name, p in model.named_parameters():
         block = block_index(name)
-        if block is None or not p.requires_grad or p.grad is None:
-            continue
-        squares[block] = squares.get(block, 0.0) + float(p.grad.detach().double().pow(2).sum())
-    return {block: math.sqrt(value) for block, value in sorted(squares.items())}
+        if block is not None and p.requires_grad and p.grad is not None:
+            grads.append(p.grad.detach())
+            blocks.append(block)
+    if not grads:
+        return {}
+    order = sorted(set(blocks))  # block indices → 0..n−1
+    slot = {block: i for i, block in enumerate(order)}
+    squares = grouped_squared_norms(grads, [slot[b] for b in blocks], len(order), grads[0].device)
+    return dict(zip(order, squares.sqrt().tolist(), strict=True))  # one host read for every block
 
 
 @torch.no_grad()

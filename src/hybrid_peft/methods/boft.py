@@ -320,6 +320,25 @@ def scaled_linear_plain(
 SMALL_SCALE = 1e-3
 
 
+def _scaled_output(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    low_rank_input: torch.Tensor | None,
+    low_rank_weight: torch.Tensor | None,
+    low_rank_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:class:`ScaledLinear`'s forward maths: the output, the base product ``x W0ᵀ`` and ``c · B``."""
+    product = F.linear(x.to(weight.dtype), weight).to(scale.dtype)
+    out = product * scale if bias is None else torch.addcmul(bias.to(scale.dtype), product, scale)
+    scaled_weight = None
+    if low_rank_input is not None:
+        scaled_weight = low_rank_scale * low_rank_weight
+        out.addmm_(low_rank_input, scaled_weight.T)  # out is ours: fused, no (T, out) temporary
+    return out, product, scaled_weight
+
+
 class ScaledLinear(torch.autograd.Function):
     """:func:`scaled_linear_plain` for ``x (T, in)`` and a frozen ``W0``, saving the *output* ``y`` rather than the
     product ``z = x W0ᵀ`` that the scale's gradient needs. That gradient is a column sum, so it is recovered from
@@ -334,13 +353,11 @@ class ScaledLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale):  # noqa: ANN001, ANN205
-        product = F.linear(x.to(weight.dtype), weight).to(scale.dtype)
-        out = product * scale if bias is None else torch.addcmul(bias.to(scale.dtype), product, scale)
-        scaled_weight = None
-        if low_rank_input is not None:
-            scaled_weight = low_rank_scale * low_rank_weight
-            out.addmm_(low_rank_input, scaled_weight.T)  # out is ours: fused, no (T, out) temporary
-        ctx.keep_product = bool((scale.abs() < SMALL_SCALE).any())  # a host sync; exactness first
+        out, product, scaled_weight = _scaled_output(
+            x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale
+        )
+        # A host read (a GPU sync), so only where the scale trains; exactness first.
+        ctx.keep_product = ctx.needs_input_grad[2] and bool((scale.abs() < SMALL_SCALE).any())
         ctx.has_bias = bias is not None
         ctx.save_for_backward(
             weight, scale, bias, low_rank_input, scaled_weight, low_rank_scale, product if ctx.keep_product else out
@@ -389,11 +406,15 @@ def scaled_linear(
     low_rank_weight: torch.Tensor | None = None,
     low_rank_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fast path when the base weight is frozen, else the plain one (same maths)."""
+    """The fast path when the base weight is frozen, else the plain one (same maths). Where nothing needs a gradient
+    (evaluation, generation) the fast path's forward runs alone: nothing saved, no host read."""
     if weight.requires_grad:
         scale_term = 0.0 if low_rank_scale is None else low_rank_scale
         return scaled_linear_plain(x, weight, scale, bias, low_rank_input, low_rank_weight, scale_term)
     coefficient = low_rank_scale if low_rank_scale is not None else scale.new_zeros(())
+    trains = (x, scale, bias, low_rank_input, low_rank_weight)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trains)):
+        return _scaled_output(x, weight, scale, bias, low_rank_input, low_rank_weight, coefficient)[0]
     return ScaledLinear.apply(x, weight, scale, bias, low_rank_input, low_rank_weight, coefficient)
 
 

@@ -45,6 +45,7 @@ class TrainerState:
     before: dict[str, float]
     config: dict[str, Any]
     processes: int = 1  # the world size that wrote it (the data order depends on it)
+    start_seconds: float = 0.0  # the method's start before step 1 (LoRA-GA's gradient estimate), in training time
 
 
 # Options a resumed run may change: they extend or observe the run, they do not change what was trained so far.
@@ -147,6 +148,7 @@ def save_checkpoint(
         "before": state.before,
         "config": state.config,
         "processes": state.processes,
+        "start_seconds": state.start_seconds,
         "optimizer": optimizer_document,
         "schedule": schedule.state_dict(),
         "python_rng": [version, list(internal), gauss],
@@ -165,6 +167,7 @@ def read_trainer_state(folder: Path) -> TrainerState:
         document.get("before", {}),
         document["config"],
         document.get("processes", 1),
+        document.get("start_seconds", 0.0),  # checkpoints written before it was recorded: none counted
     )
 
 

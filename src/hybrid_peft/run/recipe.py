@@ -104,6 +104,7 @@ class Recipe:
         set_seed(config.seed)
         self.history: list[dict[str, Any]] = []
         self.start_step = 0
+        self.start_seconds = 0.0  # the method's start (LoRA-GA's gradient estimate), part of the training time
         self.metrics_before: dict[str, float] = {}
         # A checkpoint is good once the step after it had a finite loss; until then it is pending.
         self.last_good: Path | None = None
@@ -217,6 +218,7 @@ class Recipe:
                 )
             model = trainee.restore(model, checkpoint)
             self.start_step, self.history, self.metrics_before = state.step, state.history, state.before
+            self.start_seconds = state.start_seconds
             self.pending = checkpoint
             if self.main:  # drop log lines written after the checkpoint by the interrupted run
                 for name in (LOG_FILE, MIXING_FILE, ADAPTER_TELEMETRY_FILE):
@@ -238,7 +240,9 @@ class Recipe:
                     (self.output_dir / stale).unlink(missing_ok=True)
                 self.metrics_before = self.evaluate("before")
                 self.append_log({"step": 0, "eval": self.metrics_before})
+            tick = time.perf_counter()
             model = trainee.initialise(model, config, classifier, lambda: self.initial_batches())
+            self.start_seconds = time.perf_counter() - tick
         self.model = self.inner = model  # inner: the transformers model (what is saved, evaluated and mixed)
         self.checkpoint = checkpoint
         self.parallel.barrier()
@@ -378,6 +382,7 @@ class Recipe:
                 resumed_from_step=self.start_step,
                 environment=run_environment(threads=self.config.threads),
                 resolved_adapters=resolved_adapter_options(self.config),
+                start_seconds=self.start_seconds,
             )
             summary.write(self.output_dir)
             write_report(self.output_dir, summary, read_log(self.output_dir / LOG_FILE))
@@ -407,8 +412,9 @@ class Recipe:
 
     @property
     def train_seconds(self) -> float:
-        """Seconds spent in training steps so far (evaluation and checkpoints not counted; resumed runs included)."""
-        return sum(record.get("seconds", 0.0) for record in self.history)
+        """Seconds spent training so far: the method's start (LoRA-GA's gradient estimate, which replaces no step)
+        and every training step; evaluation and checkpoints not counted, resumed runs included."""
+        return self.start_seconds + sum(record.get("seconds", 0.0) for record in self.history)
 
     def evaluate(
         self, label: str, rows: list[dict[str, Any]] | None = None, *, generate: bool | None = None
@@ -486,7 +492,9 @@ class Recipe:
             bad = [n for n, p in self.inner.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
             if bad or not self.main:
                 return self._checkpoint_refused(step, bad)
-            state = TrainerState(step, self.history, self.metrics_before, self.config.to_dict(), self.world)
+            state = TrainerState(
+                step, self.history, self.metrics_before, self.config.to_dict(), self.world, self.start_seconds
+            )
             return save_checkpoint(
                 self.output_dir,
                 state,

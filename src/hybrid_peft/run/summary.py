@@ -39,6 +39,9 @@ class RunSummary:
     # default cannot make the run look as if it had used the new one; None for full fine-tuning, the PEFT peers
     # and runs recorded before the field existed
     resolved_adapters: list[dict[str, Any]] | None = None
+    # seconds of the method's start before step 1 (LoRA-GA's gradient estimate; 0 for the others), counted in the
+    # training time of the time-to-quality table; None for runs recorded before the field existed
+    start_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
