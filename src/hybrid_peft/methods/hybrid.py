@@ -13,8 +13,8 @@ The default start changed after the measurements of BENCHMARKS.md section 0: at 
 SST-2, the LoRA-GA start was the one change that made the hybrid lose to plain LoRA (adapters saved before format
 version 3 load with ``start="lora-ga"``, as they were trained). Where the gradient estimate is of the model's own
 language-modelling loss rather than through a new classification head, the LoRA-GA start did better: on FLORES at
-tuned rates (section 0h) it beat the plain start on every seed, at a third of its rate. ``gate_norm``, ``mix_init_from`` and the per-branch
-rate multipliers are the other variants measured there.
+tuned rates (section 0h) it beat the plain start on every seed, at a third of the plain start's rate. ``gate_norm``,
+``mix_init_from`` and the per-branch rate multipliers are the other variants measured there.
 
 This is ``gate="update"`` (the default): λ gates what the low-rank branch has learnt, B A − B0 A0, computed (with a
 LoRA-GA start) as one rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the unmodified base. ``gate="branch"`` is DESIGN.md's

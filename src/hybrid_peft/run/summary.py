@@ -39,7 +39,7 @@ class RunSummary:
     # default cannot make the run look as if it had used the new one; None for full fine-tuning, the PEFT peers
     # and runs recorded before the field existed
     resolved_adapters: list[dict[str, Any]] | None = None
-    # seconds of the method's start before step 1 (LoRA-GA's gradient estimate; 0 for the others), counted in the
+    # seconds of the method's start before step 1 (LoRA-GA's gradient estimate; about 0 for the others), counted in the
     # training time of the time-to-quality table; None for runs recorded before the field existed
     start_seconds: float | None = None
 
