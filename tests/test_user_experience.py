@@ -21,8 +21,9 @@ def test_each_method_has_its_own_default_learning_rate() -> None:
     methods = ("lora", "lora-ga", "boft", "unitary", "hybrid")
     rates = {m: TrainConfig(method=m, model="minilm-l6").learning_rate for m in methods}
     assert rates == {"lora": 1e-3, "lora-ga": 3e-4, "boft": 3e-3, "unitary": 1e-2, "hybrid": 1e-3}
-    assert TrainConfig(method="full", model="minilm-l6").learning_rate == 2e-4  # 22.7M parameters
-    assert TrainConfig(method="full", model="smollm2-135m").learning_rate == 3e-5
+    assert TrainConfig(method="full", model="minilm-l6").learning_rate == 1e-4  # 22.7M parameters
+    assert TrainConfig(method="full", model="smollm2-135m").learning_rate == 1e-4  # 135M parameters
+    assert TrainConfig(method="full", model="an/unreadable-hub-id").learning_rate == 3e-5  # size unknown: larger
     assert TrainConfig(method="peft-boft", model="minilm-l6").learning_rate == 1e-2
     given = TrainConfig(method="boft", learning_rate=5e-3)
     assert given.learning_rate == 5e-3 and not given.learning_rate_is_default

@@ -333,6 +333,7 @@ class HelpSpec(argparse.Action):
 def learning_rate_defaults() -> str:
     from hybrid_peft.peers import PEER_LEARNING_RATES
     from hybrid_peft.registry import available_methods, get_method
+    from hybrid_peft.run.trainees import FullFineTuning
 
     by_rate: dict[float, list[str]] = defaultdict(list)
     for method in available_methods():
@@ -340,7 +341,11 @@ def learning_rate_defaults() -> str:
     for method, rate in PEER_LEARNING_RATES.items():
         by_rate[rate].append(method)
     adapters = "; ".join(f"{', '.join(methods)} {rate:g}" for rate, methods in sorted(by_rate.items()))
-    return f"{adapters}; full 2e-4 up to 50M parameters, else 3e-5"
+    full = FullFineTuning
+    return (
+        f"{adapters}; full {full.SMALL_MODEL_RATE:g} up to {full.SMALL_MODEL_PARAMETERS / 1e6:.0f}M parameters, "
+        f"else {full.LARGE_MODEL_RATE:g}"
+    )
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
