@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from hybrid_peft import load_tokenizer
 from hybrid_peft.errors import TaskDataError
@@ -152,3 +153,41 @@ def test_xnli_evaluate_reports_per_language_accuracy() -> None:
     metrics = task.evaluate(model, load_tokenizer("minilm-l6"), task.eval_rows())
     assert set(metrics) == {"accuracy_de", "accuracy_fr", "accuracy", "loss"}
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
+
+
+def test_length_sorted_evaluation_agrees_with_row_order_and_pads_less(tiny_lm: str, tiny_bert: str) -> None:
+    """Evaluation batches rows by length: the held-out loss equals the loss of batches in row order (the plain
+    reference), classification predictions come back in row order, and fewer padded tokens are run."""
+    import transformers
+
+    from hybrid_peft.tasks.base import (
+        classification_batch,
+        classify,
+        held_out_loss,
+        length_sorted_batches,
+        mean_loss,
+    )
+
+    task = get_task("gsm8k", data_dir=DATA)
+    rows = [{"question": "How many? " * n, "answer": "Add. " * (n % 4) + "#### 3"} for n in (1, 8, 2, 6, 3, 9, 1, 5)]
+    tokenizer = load_tokenizer(tiny_lm)
+    lm = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm)
+    in_order = [task.batch(tokenizer, rows[i : i + 3], 64) for i in range(0, len(rows), 3)]
+    grouped = length_sorted_batches(task.batch, tokenizer, rows, 3, 64)
+    assert sorted(i for chunk, _ in grouped for i in chunk) == list(range(len(rows)))
+    for chunk, batch in grouped:  # each batch holds the rows its indices name
+        for position, row in enumerate(chunk):
+            alone = task.batch(tokenizer, [rows[row]], 64)["input_ids"][0]
+            assert torch.equal(batch["input_ids"][position, : len(alone)], alone)
+    padded = [sum(b["input_ids"].numel() for b in batches) for batches in (in_order, [b for _, b in grouped])]
+    assert padded[1] < padded[0]
+    assert held_out_loss(task, lm, tokenizer, rows, 3, 64) == pytest.approx(mean_loss(lm, in_order), rel=1e-5)
+
+    sentences = [{"text": "word " * n, "text_pair": None, "label": n % 2} for n in (1, 9, 2, 7, 3, 12, 1)]
+    bert_tokenizer = load_tokenizer(tiny_bert)
+    bert = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    predictions, loss = classify(bert, bert_tokenizer, sentences, 2, 32)
+    with torch.no_grad():
+        one_by_one = [bert(**classification_batch(bert_tokenizer, [row], 32)) for row in sentences]
+    assert predictions == [int(out.logits.argmax(-1)) for out in one_by_one]
+    assert loss == pytest.approx(sum(float(out.loss) for out in one_by_one) / len(sentences), rel=1e-5)

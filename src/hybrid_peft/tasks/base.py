@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -63,19 +63,37 @@ def classification_batch(tokenizer: Any, rows: Sequence[dict[str, Any]], max_len
     return dict(encoded)
 
 
+def length_sorted_batches(
+    make_batch: Callable[[Any, Sequence[dict[str, Any]], int], dict[str, torch.Tensor]],
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    batch_size: int,
+    max_length: int,
+) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """``(row indices, batch)`` pairs covering ``rows``, the rows grouped by token length (longest first) so that each
+    batch pads to little (sentences and problems of mixed lengths in row order pad to their batch's longest). For
+    evaluation, where the order does not matter; training keeps its shuffled order. ``make_batch`` is a task's
+    ``batch``. The longest batch comes first, so a batch size too large for memory fails at once."""
+    lengths = [make_batch(tokenizer, [row], max_length)["input_ids"].shape[1] for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [(chunk, make_batch(tokenizer, [rows[i] for i in chunk], max_length)) for chunk in chunks]
+
+
 @torch.no_grad()
 def classify(
     model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int, max_length: int
 ) -> tuple[list[int], float]:
-    """Predicted classes of ``rows`` and their mean loss, in eval mode (restored afterwards)."""
+    """Predicted classes of ``rows`` (in their order) and their mean loss, in eval mode (restored afterwards);
+    batched by length (:func:`length_sorted_batches`)."""
     was_training = model.training
     model.eval()
-    predictions, total_loss = [], 0.0
-    for start in range(0, len(rows), batch_size):
-        batch = classification_batch(tokenizer, rows[start : start + batch_size], max_length)
+    predictions, total_loss = [0] * len(rows), 0.0
+    for chunk, batch in length_sorted_batches(classification_batch, tokenizer, rows, batch_size, max_length):
         output = model(**batch)
-        total_loss += float(output.loss) * len(batch["labels"])
-        predictions += output.logits.argmax(-1).tolist()
+        total_loss += float(output.loss) * len(chunk)
+        for row, prediction in zip(chunk, output.logits.argmax(-1).tolist(), strict=True):
+            predictions[row] = prediction
     model.train(was_training)
     return predictions, total_loss / len(rows)
 
@@ -134,9 +152,11 @@ def mean_loss(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
 def held_out_loss(
     task: Task, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int, max_length: int
 ) -> float:
-    """:func:`mean_loss` of ``rows`` batched the way ``task`` batches its training data."""
-    batches = [task.batch(tokenizer, rows[i : i + batch_size], max_length) for i in range(0, len(rows), batch_size)]
-    return mean_loss(model, batches)
+    """:func:`mean_loss` of ``rows`` batched the way ``task`` batches its training data, grouped by length
+    (:func:`length_sorted_batches`; the mean does not depend on the grouping)."""
+    return mean_loss(
+        model, [batch for _, batch in length_sorted_batches(task.batch, tokenizer, rows, batch_size, max_length)]
+    )
 
 
 @torch.no_grad()
