@@ -250,3 +250,41 @@ def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2], [1, 2]) is None
+
+
+def test_checks_table_reports_lambda_at_the_end_per_method(tmp_path: Path) -> None:
+    """The paper's checks table: λ at the end is the seed median of each run's last-step mean over layers; a method
+    without a mix (LoRA) shows a dash there."""
+    from hybrid_peft.bench import telemetry_lines
+
+    def run(method: str, seed: int, final: list[float] | None) -> dict:
+        folder = tmp_path / method / str(seed)
+        folder.mkdir(parents=True)
+        norms = {"block_grad_norms": {"0": 2.0, "1": 1.0}}
+        (folder / "adapter_telemetry.jsonl").write_text(json.dumps({"step": 0, **norms}) + "\n")
+        if final is not None:
+
+            def layers(values: list[float]) -> dict:
+                return {
+                    f"l{i}": {"lambda": v, "grad_low_rank": 1.0 + i, "grad_orthogonal": 1.0}
+                    for i, v in enumerate(values)
+                }
+
+            rows = [{"step": 0, "layers": layers([0.5] * len(final))}, {"step": 1, "layers": layers(final)}]
+            (folder / "mixing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return {"task": "t", "method": method, "seed": seed, "status": "ok", "folder": str(folder)}
+
+    rows = [
+        run("hybrid", 0, [0.1, 0.2, 0.3]),
+        run("hybrid", 1, [0.2, 0.3, 0.4]),
+        run("hybrid", 2, [0.6, 0.7, 0.8]),
+        run("lora", 0, None),
+    ]
+    table = {line.split(" | ")[1]: line for line in telemetry_lines(rows) if line.startswith("| t |")}
+    assert table["hybrid"].split(" | ")[2:] == [
+        "2.000",
+        "–",
+        "1.000",
+        "0.300 |",
+    ]  # λ rises with ‖∇‖: ρ = 1; median of 0.2, 0.3, 0.7
+    assert table["lora"].endswith("| 2.000 | – | – | – |")

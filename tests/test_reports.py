@@ -66,6 +66,8 @@ def test_adapter_telemetry_records_the_papers_checks(hybrid_run: Path) -> None:
     assert summary["depth_ratio"] > 0
     assert 0 <= summary["orthogonality_error"] < 1e-4  # Cayley blocks are orthogonal up to rounding
     assert -1 <= summary["lambda_gradient_spearman"] <= 1
+    last = json.loads((hybrid_run / "mixing.jsonl").read_text().splitlines()[-1])["layers"]
+    assert summary["final_lambda"] == pytest.approx(sum(r["lambda"] for r in last.values()) / len(last))
 
 
 def test_block_gradient_norms_match_each_block_by_hand() -> None:

@@ -764,8 +764,8 @@ def time_to_quality_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def telemetry_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The paper's checks per method (median over seeds): gradient-norm ratio first/last adapted block,
-    the largest orthogonality error, λ's rank correlation with the layers' gradient magnitudes."""
-    keys = ("depth_ratio", "orthogonality_error", "lambda_gradient_spearman")
+    the largest orthogonality error, λ's rank correlation with the layers' gradient magnitudes, λ at the end."""
+    keys = ("depth_ratio", "orthogonality_error", "lambda_gradient_spearman", "final_lambda")
     per_method: dict[tuple[str, str], dict[str, list[float]]] = {}
     for row in rows:
         if row["status"] != "ok":
@@ -783,10 +783,11 @@ def telemetry_lines(rows: list[dict[str, Any]]) -> list[str]:
         "Median over seeds. **‖∇‖ first/last block**: the adapter gradient norm of the first adapted transformer "
         "block over the last one's, median over steps (1: preserved through depth). **‖RᵀR − I‖**: the largest "
         "orthogonality error of any rotation at any logged step. **ρ(λ, ‖∇‖)**: Spearman correlation across layers "
-        "of λ and the layer's gradient magnitude, median over steps (hybrids).",
+        "of λ and the layer's gradient magnitude, median over steps (hybrids). **λ at the end**: the low-rank "
+        "branch's share at the last step, mean over layers (hybrids; the orthogonal branch has 1 − λ).",
         "",
-        "| task | method | ‖∇‖ first/last block | ‖RᵀR − I‖ | ρ(λ, ‖∇‖) |",
-        "|---|---|---|---|---|",
+        "| task | method | ‖∇‖ first/last block | ‖RᵀR − I‖ | ρ(λ, ‖∇‖) | λ at the end |",
+        "|---|---|---|---|---|---|",
     ]
     for (task, method), values in per_method.items():
         shown = [

@@ -164,8 +164,9 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 def telemetry_summary(folder: str | os.PathLike) -> dict[str, float]:
     """A run's checks as numbers: ``depth_ratio`` (median over steps of ‖∇‖ first adapted block / last),
     ``orthogonality_error`` (the largest ‖RᵀR − I‖_F over layers and logged steps), ``lambda_gradient_spearman``
-    (median over steps of the rank correlation, across layers, of λ and the layer's gradient norm; hybrid only).
-    Keys whose data the run did not write are absent."""
+    (median over steps of the rank correlation, across layers, of λ and the layer's gradient norm; hybrid only),
+    ``final_lambda`` (the low-rank share λ at the last logged step, mean over layers; hybrid only). Keys whose data
+    the run did not write are absent."""
     folder = Path(folder)
     summary: dict[str, float] = {}
     path = folder / ADAPTER_TELEMETRY_FILE
@@ -187,7 +188,8 @@ def telemetry_summary(folder: str | os.PathLike) -> dict[str, float]:
     mixing = folder / "mixing.jsonl"
     if mixing.is_file():
         correlations = []
-        for row in _read_lines(mixing):
+        rows = _read_lines(mixing)
+        for row in rows:
             layers = list(row["layers"].values())
             magnitude = [math.hypot(r["grad_low_rank"], r["grad_orthogonal"]) for r in layers]
             value = spearman([r["lambda"] for r in layers], magnitude)
@@ -195,6 +197,8 @@ def telemetry_summary(folder: str | os.PathLike) -> dict[str, float]:
                 correlations.append(value)
         if correlations:
             summary["lambda_gradient_spearman"] = statistics.median(correlations)
+        if rows and rows[-1]["layers"]:
+            summary["final_lambda"] = statistics.fmean(r["lambda"] for r in rows[-1]["layers"].values())
     return summary
 
 
@@ -217,6 +221,8 @@ def summarise_adapter_telemetry(path: str | os.PathLike) -> list[str]:
             f"- λ against each layer's gradient magnitude: Spearman ρ across layers, median over steps: "
             f"{summary['lambda_gradient_spearman']:+.3f}."
         )
+    if "final_lambda" in summary:
+        lines.append(f"- The low-rank share λ at the last step, mean over layers: {summary['final_lambda']:.3f}.")
     return lines
 
 
