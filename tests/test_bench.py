@@ -37,7 +37,9 @@ def write_config(path: Path, model: str, output: Path) -> Path:
     return path
 
 
-def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: Path) -> None:
+def test_bench_runs_the_matrix_and_reuses_finished_runs(
+    tiny_lm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")
     plan = load_plan(str(config))
     assert [(r.task, r.method, r.seed) for r in plan.runs()][:3] == [
@@ -85,8 +87,14 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(tiny_lm: str, tmp_path: 
     # A second invocation reuses finished runs (no new process, same numbers) and retries failed ones.
     log = out / "runs" / "he-tiny" / "lora" / "seed-0" / "run.log"
     stamp = log.stat().st_mtime_ns
+    import hybrid_peft.bench as bench_module
+
+    writes: list[int] = []
+    write_outputs = bench_module.write_outputs
+    monkeypatch.setattr(bench_module, "write_outputs", lambda *a: writes.append(1) or write_outputs(*a))
     again = run_bench(plan, methods=["lora"], echo=lambda _: None)
     assert log.stat().st_mtime_ns == stamp
+    assert len(writes) == 1  # reused runs: the tables and plots are written once, not after each run
     assert [r["median_step_s"] for r in again] == [r["median_step_s"] for r in rows if r["method"] == "lora"]
     # A part (one method, one seed) still reports every finished run of the config.
     part = run_bench(plan, methods=["lora"], seeds=[1], echo=lambda _: None)

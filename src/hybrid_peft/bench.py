@@ -447,14 +447,19 @@ def run_bench(
     total = len(sweep) + (len(pairs) * len(later_seeds) if plan.sweep else len(plan.runs(tasks, methods, seeds)))
     progress = _Progress(total, echo)
     rows: dict[tuple[str, str, int, float], dict[str, Any]] = {}
+    unwritten = False  # rows since the outputs were last written
 
     def execute_and_report(run: BenchRun) -> None:
+        nonlocal unwritten
         tick = time.perf_counter()
         ran = rerun or finished_summary(run) is None
         row = execute(run, plan.run_timeout_s, rerun)
         rows[run.key] = row
         progress.report(run, row, time.perf_counter() - tick, ran)
-        write_outputs(plan, *_with_finished_runs(plan, rows, seeds))
+        unwritten = True
+        if ran:  # after each run that trained, so an interrupted bench leaves its tables; reused runs wait for the end
+            write_outputs(plan, *_with_finished_runs(plan, rows, seeds))
+            unwritten = False
 
     for run in sweep:
         execute_and_report(run)
@@ -466,6 +471,8 @@ def run_bench(
             )
     for run in plan.runs(tasks, methods, later_seeds if plan.sweep else seeds, rates):
         execute_and_report(run)
+    if unwritten:
+        write_outputs(plan, *_with_finished_runs(plan, rows, seeds))
     return list(rows.values())
 
 
