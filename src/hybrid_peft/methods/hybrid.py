@@ -19,7 +19,7 @@ it chose the lowest rate of its grid and stayed 0.02 above LoRA's held-out loss)
 plain start on SmolLM2 the ``share`` rule settles λ near 0.12 (B = 0 makes the low-rank branch's gradient per
 parameter tens of times smaller than the rotation's), so that branch moves at about an eighth of LoRA's speed;
 ``rule="fixed", gate_norm="max", orthogonal_lr_scale=0.3`` (both branches at full strength, the rotation slower)
-matched LoRA on one FLORES seed.
+matched LoRA on FLORES (three seeds), not yet run elsewhere.
 
 This is ``gate="update"`` (the default): λ gates what the low-rank branch has learnt, B A − B0 A0, computed (with a
 LoRA-GA start) as one rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the unmodified base. ``gate="branch"`` is DESIGN.md's
