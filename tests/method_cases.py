@@ -30,14 +30,17 @@ METHOD_CASES: dict[str, AdapterConfig] = {
     "boft-m1": BOFTConfig(block_size=4, butterfly_factors=1),
     "boft-m2": BOFTConfig(block_size=4, butterfly_factors=2),
     "boft-blocknum-dropout": BOFTConfig(block_size=0, block_num=4, butterfly_factors=2, dropout=0.25),
-    "hybrid-share": HybridConfig(rank=2, alpha=4.0, block_size=4),
+    "hybrid-default": HybridConfig(rank=2, alpha=4.0, block_size=4),  # both branches at full strength
+    "hybrid-share": HybridConfig(
+        rank=2, alpha=4.0, block_size=4, rule="share", gate_norm="sum", orthogonal_lr_scale=1.0
+    ),
     "hybrid-sigmoid-m2": HybridConfig(rank=2, alpha=4.0, block_size=4, butterfly_factors=2, rule="sigmoid"),
     "hybrid-lora-ga-start": HybridConfig(rank=2, alpha=4.0, block_size=4, start="lora-ga"),
     "hybrid-fixed-sketch": HybridConfig(
         rank=2, alpha=4.0, block_size=4, rule="fixed", mix_init=0.3, estimator="sketch", start="lora-ga"
     ),
     "hybrid-branch-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="branch", mix_init=0.4, start="lora-ga"),
-    "hybrid-max-gates": HybridConfig(rank=2, alpha=4.0, block_size=4, gate_norm="max"),
+    "hybrid-max-gates": HybridConfig(rank=2, alpha=4.0, block_size=4, rule="share", gate_norm="max"),
     "hybrid-step-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="step", mix_init=0.3, start="lora-ga"),
     "hybrid-gradient-mix-branch-lr": HybridConfig(
         rank=2,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -128,6 +129,16 @@ def test_bench_reruns_runs_whose_options_changed(tiny_lm: str, tmp_path: Path, c
     assert run_state(lora_run) == "finished"
     summary_path.write_text(recorded.replace('"dropout": 0.0', '"dropout": 0.1'))  # as if 0.1 had been the default
     assert run_state(lora_run) == "stale"
+    # A run from before runs recorded their options: the options its saved adapter was trained with decide.
+    unrecorded = json.loads(recorded)
+    del unrecorded["resolved_adapters"]
+    summary_path.write_text(json.dumps(unrecorded))
+    assert run_state(lora_run) == "finished"
+    adapter_config = log.parent / "adapter" / "adapter_config.json"
+    saved = adapter_config.read_text()
+    adapter_config.write_text(saved.replace('"dropout": 0.0', '"dropout": 0.1'))  # trained with another dropout
+    assert run_state(lora_run) == "stale"
+    adapter_config.write_text(saved)
     summary_path.write_text(recorded)
 
     config["tasks"]["he-tiny"]["steps"] = 4
@@ -258,6 +269,8 @@ def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2], [1, 2]) is None
+    assert spearman([0.5, 0.5, 0.5], [1, 2, 3]) is None  # λ held fixed: no correlation to report, not a spurious one
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))  # ties share rank 0.5
 
 
 def test_checks_table_reports_lambda_at_the_end_per_method(tmp_path: Path) -> None:

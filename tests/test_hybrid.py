@@ -4,6 +4,7 @@ data parallelism, per-pattern method assignment, bad input."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,9 @@ from method_cases import random_batches
 
 
 def hybrid_model(rule: str = "share", **kwargs) -> torch.nn.Module:  # noqa: ANN003
-    """A hybrid with the paper's LoRA-GA start (the default start is plain LoRA, tested in the conformance rows)."""
-    config = HybridConfig(rank=2, block_size=4, rule=rule, **({"start": "lora-ga"} | kwargs))
+    """A hybrid with the paper's LoRA-GA start and λ, 1 − λ gates (the defaults, a plain LoRA start and both
+    branches at full strength, are tested in the conformance rows and below)."""
+    config = HybridConfig(rank=2, block_size=4, rule=rule, **({"start": "lora-ga", "gate_norm": "sum"} | kwargs))
     model = attach(MODEL_FACTORIES["llama"](), config)
     lora_ga_initialise(model, random_batches())
     return model
@@ -106,6 +108,48 @@ def test_adapters_saved_before_the_gate_option_load_with_the_branch_gate(input_i
     assert HybridConfig().gate == "update"  # new adapters get the update gate
 
 
+def test_adapters_saved_before_format_4_load_with_the_share_rule(input_ids: torch.Tensor, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    # what the default was before format version 4: the share rule, λ and 1 − λ gates, one rate for both branches
+    old_default = HybridConfig(rank=2, block_size=4, rule="share", gate_norm="sum", orthogonal_lr_scale=1.0)
+    model = attach(MODEL_FACTORIES["llama"](), old_default)
+    train_steps(model, 2)
+    model.eval()
+    expected = model_output(model, input_ids)
+    assert any(float(m.mix) != 0.5 for m in hybrid_layers(model).values())  # λ moved, so the gates are not 1 and 1
+    save_adapter(model, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    document = json.loads(config_file.read_text())
+    for config in document["configs"]:  # a file from before gate_norm and the rate multipliers existed
+        del config["gate_norm"], config["orthogonal_lr_scale"], config["low_rank_lr_scale"]
+    document["format_version"] = 3
+    config_file.write_text(json.dumps(document))
+    fresh = load_adapter(MODEL_FACTORIES["llama"]().eval(), tmp_path / "adapter")
+    assert {layer.config for layer in hybrid_layers(fresh).values()} == {old_default}
+    torch.testing.assert_close(model_output(fresh, input_ids), expected, atol=1e-5, rtol=0)
+
+
+def test_the_default_hybrid_runs_both_branches_at_full_strength_and_the_rotation_at_a_third_of_the_rate() -> None:
+    from hybrid_peft.run.loop import make_optimiser
+
+    config = HybridConfig(rank=2, block_size=4)
+    assert (config.rule, config.gate_norm, config.start, config.mix_init) == ("fixed", "max", "lora", 0.5)
+    model = attach(MODEL_FACTORIES["llama"](), config)
+    layers = hybrid_layers(model)
+    assert all(tuple(float(g) for g in layer.gates()) == (1.0, 1.0) for layer in layers.values())
+    optimizer, schedule = make_optimiser(model, learning_rate=1e-2, weight_decay=0.0, steps=10, warmup_steps=0)
+    before = hybrid_snapshot(model)
+    for batch in random_batches(1, seed=3):
+        model(**batch).loss.backward()
+        update_mixing(model)
+        optimizer.step()
+    sizes = first_step_sizes(before, model)  # AdamW's first step moves each entry by its group's rate
+    assert sizes["lora_B"] == pytest.approx(1e-2, rel=1e-3)
+    assert sizes["boft_skew"] == pytest.approx(0.3e-2, rel=1e-3)
+    assert all(float(layer.mix) == 0.5 for layer in layers.values())  # the fixed rule never moves λ
+
+
 def first_step_sizes(before: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, float]:
     """The largest move of each kind of hybrid parameter since ``before`` (AdamW's first step moves every entry
     with a non-zero gradient by the learning rate, whatever the gradient's size)."""
@@ -125,7 +169,9 @@ def hybrid_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_the_step_gate_splits_adamws_rate_between_the_branches() -> None:
     from hybrid_peft.run.loop import make_optimiser
 
-    config = HybridConfig(rank=2, block_size=4, gate="step", rule="fixed", mix_init=0.25)
+    config = HybridConfig(
+        rank=2, block_size=4, gate="step", rule="fixed", mix_init=0.25, gate_norm="sum", orthogonal_lr_scale=1.0
+    )
     model = attach(MODEL_FACTORIES["llama"](), config)
     reference = attach(MODEL_FACTORIES["llama"](), config.replace(gate="update"))
     reference.load_state_dict(model.state_dict())
@@ -327,6 +373,47 @@ def test_hugging_face_trainer_callback(gate: str, tmp_path) -> None:  # noqa: AN
             assert float(moved) == pytest.approx(1e-2 * float(layer.mix), rel=1e-3), name
 
 
+def test_the_trainer_callback_warns_when_the_optimiser_ignores_the_rotations_rate_and_parameter_groups_apply_it(
+    tmp_path,  # noqa: ANN001
+) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from hybrid_peft import mixing_callback, parameter_groups
+
+    data = [{"input_ids": b["input_ids"][0], "labels": b["labels"][0]} for b in random_batches(2, seed=3)]
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    plain = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4))  # the rotation at 0.3× the rate
+    with pytest.warns(UserWarning, match=r"0\.3× \(applied 1×\).*parameter_groups\(model"):
+        Trainer(model=plain, args=arguments, train_dataset=data, callbacks=[mixing_callback()]).train()
+
+    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4))
+    groups = parameter_groups(model, 1e-2)
+    assert [(g["lr"], g["lr_scale"]) for g in groups] == [(1e-2, 1.0), (pytest.approx(3e-3), 0.3)]
+    rotations = {id(p) for layer in hybrid_layers(model).values() for p in (layer.boft_skew, layer.boft_scale)}
+    assert {id(p) for p in groups[1]["params"]} == rotations  # the skew parameters and BOFT's output scale
+    before = hybrid_snapshot(model)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    trainer = Trainer(
+        model=model, args=arguments, train_dataset=data, callbacks=[mixing_callback()], optimizers=(optimizer, None)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the multiple is applied: no warning
+        trainer.train()
+    sizes = first_step_sizes(before, model)  # AdamW's first step: each entry moves by its group's rate
+    assert sizes["lora_B"] == pytest.approx(1e-2, rel=1e-3) and sizes["boft_skew"] == pytest.approx(3e-3, rel=1e-3)
+
+
 @pytest.mark.real_model
 def test_share_rule_does_not_collapse_on_sst2() -> None:
     """MiniLM-L6 on SST-2, hybrid on every linear layer, share rule, 100 steps: λ stays strictly inside
@@ -443,7 +530,7 @@ def test_max_normalised_gates_let_the_favoured_branch_run_at_full_strength(mix: 
     layer = next(iter(hybrid_layers(model).values()))
     layer.mix.fill_(mix)
     assert tuple(float(g) for g in layer.gates()) == pytest.approx(expected)
-    summed = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, start="lora"))
+    summed = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, start="lora", gate_norm="sum"))
     other = next(iter(hybrid_layers(summed).values()))
     other.mix.fill_(mix)
     assert tuple(float(g) for g in other.gates()) == pytest.approx((mix, 1 - mix))

@@ -44,7 +44,8 @@ def train(model: str, output: Path, **options) -> None:  # noqa: ANN003
 @pytest.fixture(scope="module")
 def hybrid_run(tiny_lm: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("hybrid-run")
-    train(tiny_lm, output, report_to="tensorboard")
+    # the share rule, so that λ moves and its correlation with the gradient is defined (the default holds λ fixed)
+    train(tiny_lm, output, report_to="tensorboard", adapter={"rank": 2, "block_size": 4, "rule": "share"})
     return output
 
 

@@ -14,6 +14,7 @@ from hybrid_peft.adapters import (
     detach,
     merge,
     parameter_counts,
+    parameter_groups,
     unmerge,
 )
 from hybrid_peft.config import AdapterConfig
@@ -85,6 +86,7 @@ __all__ = [
     "merge",
     "mixing_callback",
     "parameter_counts",
+    "parameter_groups",
     "plot_mixing_heatmap",
     "read_adapter_config",
     "register_method",

@@ -105,6 +105,55 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+def learning_rate_scales(model: nn.Module) -> dict[nn.Parameter, float]:
+    """The parameters whose adapter asks for a multiple of the run's learning rate (the hybrid's
+    ``orthogonal_lr_scale``, the unitary adapter's ``lr_scale``), with the multiple; every other trainable
+    parameter trains at the run's rate."""
+    scales = {}
+    for layer in adapter_layers(model).values():
+        for name, scale in layer.learning_rate_scales().items():
+            parameter = getattr(layer, name)
+            if parameter.requires_grad and scale != 1.0:
+                scales[parameter] = scale
+    return scales
+
+
+def parameter_groups(model: nn.Module, learning_rate: float) -> list[dict]:
+    """Optimiser parameter groups for every parameter of ``model`` that requires grad: one group per learning-rate
+    multiple the adapters ask for, each with ``lr`` = ``learning_rate`` × multiple and the multiple as ``lr_scale``
+    (the run's own rate first). Pass them to any ``torch.optim`` optimiser, e.g.
+    ``torch.optim.AdamW(parameter_groups(model, 1e-3))``: a plain ``AdamW(model.parameters())`` trains every
+    parameter at one rate, which is not the method the config describes when it sets a multiple."""
+    scales = learning_rate_scales(model)
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault(scales.get(p, 1.0), []).append(p)
+    return [
+        {"params": params, "lr": learning_rate * scale, "lr_scale": scale} for scale, params in groups.items() if params
+    ]
+
+
+def rate_scales_not_applied(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[float, float]:
+    """The learning-rate multiples ``model``'s adapters ask for that ``optimizer`` does not apply, as ``{asked:
+    applied}``: a parameter's group rate over the rate of the groups holding parameters at the run's rate (``{}``
+    when every multiple is applied, when nothing asks for one, or when no parameter trains at the run's rate)."""
+    scales = learning_rate_scales(model)
+    if not scales:
+        return {}
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    plain = {rate_of[id(p)] for p in model.parameters() if p.requires_grad and p not in scales and id(p) in rate_of}
+    if len(plain) != 1:  # no reference, or the caller set its own rates per group: nothing to compare with
+        return {}
+    (base,) = plain
+    wrong = {}
+    for p, asked in scales.items():
+        applied = rate_of.get(id(p), base) / base if base else 1.0
+        if abs(applied - asked) > 1e-6 * asked:
+            wrong[asked] = applied
+    return wrong
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (forward then costs what the base model costs)."""
     for layer in adapter_layers(model).values():

@@ -39,12 +39,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hybrid_peft.errors import ConfigError
+from hybrid_peft.errors import ConfigError, HybridPeftError
 from hybrid_peft.fileio import atomic_write_text
 from hybrid_peft.html_report import write_html_report
 from hybrid_peft.run import FULL, RunSummary, TrainConfig, merge_options
 from hybrid_peft.run.summary import SUMMARY_FILE
 from hybrid_peft.run.trainees import resolved_adapter_options
+from hybrid_peft.serialization import saved_configs
 from hybrid_peft.tasks import primary_metric
 from hybrid_peft.telemetry import plot_mixing_heatmap, telemetry_summary
 
@@ -286,9 +287,21 @@ def finished_summary(run: BenchRun) -> RunSummary | None:
     with other options (a task's steps or a method's rate edited since) is stale, its numbers no longer answer for
     this config."""
     summary = _read_summary(run)
-    if summary is None or _comparable(summary.config, summary.resolved_adapters) != _comparable(run.config):
+    if summary is None:
+        return None
+    resolved = summary.resolved_adapters if summary.resolved_adapters is not None else _saved_adapter_options(run)
+    if _comparable(summary.config, resolved) != _comparable(run.config):
         return None
     return summary
+
+
+def _saved_adapter_options(run: BenchRun) -> list[dict[str, Any]] | None:
+    """For a run that did not record its resolved adapter options: the options its saved adapter was trained with
+    (fields its format version did not store filled with that version's defaults, not today's), or None."""
+    try:
+        return [config.to_dict() for config in saved_configs(run.folder / "adapter")]
+    except HybridPeftError:
+        return None
 
 
 def run_state(run: BenchRun) -> str:

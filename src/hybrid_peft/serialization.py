@@ -38,8 +38,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_NAME = "hybrid-peft-adapter"
 # 2: the hybrid's gate defaults to 'update' (version-1 files meant 'branch'); 3: its low-rank branch starts as plain
-# LoRA by default (version-2 files meant 'lora-ga')
-FORMAT_VERSION = 3
+# LoRA by default (version-2 files meant 'lora-ga'); 4: its default is both branches at full strength (rule 'fixed',
+# gate_norm 'max', the rotation at 0.3× the rate; version-3 files meant 'share', 'sum' and 1.0)
+FORMAT_VERSION = 4
 TRAINED_PREFIX = "trained_base::"
 
 # Two fingerprints agree when every sampled value is within this fraction of the sample's largest magnitude:
@@ -139,6 +140,17 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         if key not in document:
             raise AdapterFileError(f"{path} has no {key!r} entry; the file is corrupt, save the adapter again")
     return document
+
+
+def saved_configs(directory: str | os.PathLike, document: dict[str, Any] | None = None) -> list[AdapterConfig]:
+    """The adapter configs saved in ``directory``, as they were trained: fields the file's format version did not
+    store get the defaults of that version (``legacy_defaults``), the others today's defaults."""
+    document = document if document is not None else read_adapter_config(directory)
+    try:
+        version = document.get("format_version", 1)
+        return [AdapterConfig.from_dict(_with_legacy_defaults(c, version), strict=False) for c in document["configs"]]
+    except (ConfigError, TypeError) as exc:
+        raise AdapterFileError(f"{Path(directory) / CONFIG_NAME} holds an invalid config: {exc}") from exc
 
 
 def _with_legacy_defaults(data: dict[str, Any], version: int) -> dict[str, Any]:
@@ -246,13 +258,7 @@ def load_adapter(
     document = read_adapter_config(directory)
     if adapter_layers(model):
         raise HybridPeftError("the model already has adapters attached; call detach(model) before loading another")
-    try:
-        version = document.get("format_version", 1)
-        configs = [
-            AdapterConfig.from_dict(_with_legacy_defaults(c, version), strict=False) for c in document["configs"]
-        ]
-    except (ConfigError, TypeError) as exc:
-        raise AdapterFileError(f"{directory / CONFIG_NAME} holds an invalid config: {exc}") from exc
+    configs = saved_configs(directory, document)
     tensors = _read_weights(directory, document["weights_sha256"])
     if check_base:
         check_base_model(model, document)

@@ -10,13 +10,14 @@ import math
 import os
 import re
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from hybrid_peft.adapters import adapter_layers
+from hybrid_peft.adapters import adapter_layers, rate_scales_not_applied
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.methods.hybrid import split_steps, update_mixing
 from hybrid_peft.norms import grouped_squared_norms
@@ -143,15 +144,23 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _rank(values: list[float]) -> list[float]:
+    """Ranks from 0, tied values sharing the mean of their positions."""
     order = sorted(range(len(values)), key=values.__getitem__)
     ranks = [0.0] * len(values)
-    for position, index in enumerate(order):
-        ranks[index] = float(position)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2
+        start = end + 1
     return ranks
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's rank correlation (no tie correction; gradient norms and λ rarely tie), None when undefined."""
+    """Spearman's rank correlation (ties share their mean rank), None when undefined: fewer than three layers, or
+    either side constant (λ under the ``fixed`` rule)."""
     if len(x) < 3:
         return None
     rx, ry = _rank(x), _rank(y)
@@ -229,9 +238,27 @@ def summarise_adapter_telemetry(path: str | os.PathLike) -> list[str]:
 # --- Hugging Face Trainer ----------------------------------------------------------------------------------------
 
 
+def warn_if_rate_scales_not_applied(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Warn, naming the fix, when ``optimizer`` does not apply the learning-rate multiples ``model``'s adapters ask
+    for (:func:`~hybrid_peft.adapters.rate_scales_not_applied`)."""
+    wrong = rate_scales_not_applied(optimizer, model)
+    if wrong:
+        asked = ", ".join(f"{a:g}× (applied {b:g}×)" for a, b in sorted(wrong.items()))
+        warnings.warn(
+            f"the adapters ask for some parameters at a multiple of the learning rate ({asked}; e.g. the hybrid's "
+            "orthogonal_lr_scale), which this optimiser does not apply: build it from "
+            "hybrid_peft.parameter_groups(model, learning_rate), e.g. Trainer(..., optimizers=(torch.optim.AdamW("
+            "parameter_groups(model, lr)), None))",
+            stacklevel=2,
+        )
+
+
 def mixing_callback(telemetry_path: str | os.PathLike | None = None, *, sharded: bool = False) -> Any:
     """A ``transformers.TrainerCallback`` that runs :func:`update_mixing` before every optimiser step (and logs), and
-    splits the Trainer's optimiser steps for ``gate='step'`` hybrids (:func:`split_steps`)."""
+    splits the Trainer's optimiser steps for ``gate='step'`` hybrids (:func:`split_steps`). The Trainer's own
+    optimiser trains every parameter at one rate: where an adapter asks for a multiple of it (the hybrid's
+    ``orthogonal_lr_scale``, 0.3 by default), the callback warns at the start of training; pass
+    ``optimizers=(torch.optim.AdamW(parameter_groups(model, rate)), None)`` to the Trainer instead."""
     from transformers import TrainerCallback
 
     telemetry = MixingTelemetry(telemetry_path) if telemetry_path else None
@@ -239,7 +266,9 @@ def mixing_callback(telemetry_path: str | os.PathLike | None = None, *, sharded:
     class HybridMixingCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
             if optimizer is not None and model is not None:
-                split_steps(getattr(optimizer, "optimizer", optimizer), model)  # accelerate wraps the optimiser
+                inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimiser
+                split_steps(inner, model)
+                warn_if_rate_scales_not_applied(inner, model)
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
             records = update_mixing(model, sharded=sharded)

@@ -17,8 +17,9 @@ from hybrid_peft.run import Recipe, TrainConfig
 RUNS = {  # run name: (method, adapter options)
     "lora": ("lora", {"rank": 2}),
     "boft": ("boft", {"block_size": 4}),
-    "hybrid": ("hybrid", {"rank": 2, "block_size": 4, "start": "lora-ga"}),
-    "hybrid-step": ("hybrid", {"rank": 2, "block_size": 4, "gate": "step"}),  # λ splits the optimiser's step
+    # the share rule, so that λ moves (all-reduced norms under FSDP); the rotation at 0.3× the rate, a second group
+    "hybrid": ("hybrid", {"rank": 2, "block_size": 4, "start": "lora-ga", "rule": "share"}),
+    "hybrid-step": ("hybrid", {"rank": 2, "block_size": 4, "gate": "step", "rule": "share"}),  # λ splits the step
     "full": ("full", {}),
 }
 

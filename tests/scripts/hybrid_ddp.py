@@ -22,7 +22,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    model = attach(tiny_llama(), HybridConfig(rank=2, block_size=4, targets=["q_proj", "down_proj"], start="lora-ga"))
+    model = attach(
+        tiny_llama(), HybridConfig(rank=2, block_size=4, targets=["q_proj", "down_proj"], start="lora-ga", rule="share")
+    )
     lora_ga_initialise(model, random_batches(4, seed=5)[rank::world])  # sketches/gradients all-reduced inside
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)

@@ -1,31 +1,35 @@
 """The hybrid adapter of "Hybrid and Unitary PEFT for Resource-Efficient LLMs" (arXiv 2507.18076): per layer, a
-low-rank branch and a BOFT orthogonal branch over one frozen weight and one base matmul, mixed by a gate λ that a
-rule sets from gradient norms::
+low-rank branch and a BOFT orthogonal branch over one frozen weight and one base matmul, each scaled by a gate
+from the mix λ, which a rule may set from gradient norms::
 
-    W_eff = diag(s) · W0 · R((1 − λ) K)ᵀ  +  λ · s_lora · (B A − B0 A0)          y = x W_effᵀ + b
+    W_eff = diag(s) · W0 · R(g_orth K)ᵀ  +  g_lr · s_lora · (B A − B0 A0)          y = x W_effᵀ + b
 
-    R(·)    BOFT's butterfly rotation with its skew parameters scaled by (1 − λ)   (see methods/boft.py)
+    g_lr, g_orth  λ and 1 − λ divided by max(λ, 1 − λ) (``gate_norm="max"``, the default), or λ and 1 − λ ("sum")
+    R(·)    BOFT's butterfly rotation with its skew parameters scaled by g_orth   (see methods/boft.py)
     B A     ``start="lora"`` (the default): PEFT's LoRA start, B = 0, and B0 A0 = 0 (no gradient estimate);
             ``start="lora-ga"`` (the paper's): A = A0, B = B0 from LoRA-GA's gradient estimate (methods/lora_ga.py)
             Either way W_eff = W0 at step 0.
 
-The default start changed after the measurements of BENCHMARKS.md section 0: at each variant's own tuned rate on
-SST-2, the LoRA-GA start was the one change that made the hybrid lose to plain LoRA (adapters saved before format
-version 3 load with ``start="lora-ga"``, as they were trained). Where the gradient estimate is of the model's own
-language-modelling loss rather than through a new classification head, the LoRA-GA start did better on FLORES at
-tuned rates (section 0h: below the plain start on every seed, at a third of its rate), but not on GSM8K (section 0i:
-it chose the lowest rate of its grid and stayed 0.02 above LoRA's held-out loss). ``gate_norm``,
-``mix_init_from`` and the per-branch rate multipliers are the other variants measured there. Section 0j: with the
-plain start on SmolLM2 the ``share`` rule settles λ near 0.12 (B = 0 makes the low-rank branch's gradient per
-parameter tens of times smaller than the rotation's), so that branch moves at about an eighth of LoRA's speed;
-``rule="fixed", gate_norm="max", orthogonal_lr_scale=0.3`` (both branches at full strength, the rotation slower)
-matched LoRA on FLORES (three seeds), not yet run elsewhere.
+**The default** (adapter format version 4) is both branches at full strength: ``rule="fixed"`` keeps λ at
+``mix_init`` = 0.5, where the max-normalised gates are 1 and 1, so W_eff = diag(s)·W0·R(K)ᵀ + s_lora·B A, LoRA's
+update beside BOFT's rotation, and the rotation's parameters train at 0.3× the run's rate
+(``orthogonal_lr_scale=0.3``; the optimiser must apply it: :func:`hybrid_peft.parameter_groups`, which the recipe
+uses). BENCHMARKS.md section 0 measured every variant at its own tuned rate; section 0j found why the paper's
+gradient-norm mix trailed LoRA on SmolLM2: the ``share`` rule settles λ near 0.12 there (B = 0 makes the low-rank
+branch's gradient per parameter tens of times smaller than the rotation's), so that branch moved at about an eighth
+of LoRA's speed. Section 0k has the default against LoRA, full fine-tuning and the earlier default on SST-2 (two
+models), FLORES and GSM8K. Adapters saved before format version 4 load with the rule, gates and rate they were
+trained with (``share``, ``sum``, 1.0); before version 3 with ``start="lora-ga"``.
 
-This is ``gate="update"`` (the default): λ gates what the low-rank branch has learnt, B A − B0 A0, computed (with a
-LoRA-GA start) as one rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the unmodified base. ``gate="branch"`` is DESIGN.md's
-formula, which gates the whole branch over an offset base::
+The rules (``share``, ``sigmoid``), the LoRA-GA start, ``gate_norm="sum"``, ``mix_init_from`` and the rate
+multipliers stay options, each with its measurements in BENCHMARKS.md section 0: the LoRA-GA start lost to the plain
+one on SST-2 at tuned rates, did better on FLORES (0h) and worse on GSM8K (0i).
 
-    W_eff = diag(s) · W0' · R((1 − λ) K)ᵀ  +  λ · s_lora · B A,      W0' = W0 − λ0 · s_lora · B0 A0
+This is ``gate="update"`` (the default): the gate g_lr scales what the low-rank branch has learnt, B A − B0 A0,
+computed (with a LoRA-GA start) as one rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the unmodified base.
+``gate="branch"`` is DESIGN.md's formula, which gates the whole branch over an offset base::
+
+    W_eff = diag(s) · W0' · R(g_orth K)ᵀ  +  g_lr · s_lora · B A,      W0' = W0 − g_lr(λ0) · s_lora · B0 A0
 
 There B A starts at B0 A0 ≠ 0, so every move of λ away from λ0 shifts the output by (λ − λ0)·s_lora·B0A0, a change
 no optimiser step asked for; the update gate has no such shift (BENCHMARKS.md compares the two). Adapters saved
@@ -47,7 +51,8 @@ branch has learnt at once; the step split never changes the output between steps
 ``sigmoid``  λℓ ← EMA_β(σ((log‖gℓ‖ − mean_ℓ log‖gℓ‖)/τ)): layers whose gradient is above the model's average lean
              to the fast low-rank branch, calm layers to the stable orthogonal branch. Without the moving average
              (β = 0) λ follows each batch's gradient noise.
-``fixed``    λ stays at its initial value (ablation): ``mix_init``, or λ0 per layer with ``mix_init_from='gradient'``.
+``fixed``    (the default) λ stays at its initial value: ``mix_init``, or λ0 per layer with
+             ``mix_init_from='gradient'``.
 
 Under DDP gradients are already averaged, so λ is identical on every rank; with sharded gradients (FSDP) pass
 ``sharded=True`` and the squared norms are all-reduced first. λ, λ0, A0, B0 and the rule's state are buffers,
@@ -92,7 +97,7 @@ class HybridConfig(LoRAGAConfig):
 
     Args:
         block_size, block_num, butterfly_factors, boft_dropout: the orthogonal branch (as in :class:`BOFTConfig`).
-        rule: ``share`` (default), ``sigmoid`` or ``fixed``.
+        rule: ``fixed`` (default: λ stays at ``mix_init``), ``share`` or ``sigmoid`` (λ from gradient norms).
         mix_init: λ0, the low-rank branch's initial share.
         mix_min: λmin; λ is clamped to [λmin, 1 − λmin], 0 < λmin < 0.5.
         ema: β of the moving average of the ``share`` and ``sigmoid`` rules (0 = no smoothing).
@@ -105,13 +110,15 @@ class HybridConfig(LoRAGAConfig):
         start: the low-rank branch's start: ``lora`` (default: PEFT's LoRA start, B = 0, so no gradient estimate and
             a rank-r branch) or ``lora-ga`` (A0, B0 from the gradient estimate, the paper's; it trailed at tuned
             rates, BENCHMARKS.md section 0).
-        gate_norm: ``sum``: the gates are λ and 1 − λ (they shrink both branches, by half at λ = 0.5); ``max``:
-            both divided by max(λ, 1 − λ), so the favoured branch runs at full strength and λ only allocates.
+        gate_norm: ``max`` (default): the gates λ and 1 − λ divided by max(λ, 1 − λ), so the favoured branch runs at
+            full strength and λ only allocates (at λ = 0.5 both run at full strength); ``sum``: the gates are λ and
+            1 − λ (they shrink both branches, by half at λ = 0.5).
         mix_init_from: ``constant`` (λ0 = ``mix_init`` everywhere) or ``gradient``: λ0 per layer from the gradient
             estimate LoRA-GA computes anyway, σ((log‖Gℓ‖ − mean log‖G‖)/τ) (the ``sigmoid`` rule's formula, once,
             with no extra pass); needs ``start='lora-ga'``.
         low_rank_lr_scale, orthogonal_lr_scale: multiply the run's learning rate for each branch's parameters
-            (the optimiser gets one parameter group per scale), since BOFT alone needs about ten times LoRA's rate.
+            (the optimiser gets one parameter group per scale). Defaults 1.0 and 0.3: with both branches at full
+            strength the low-rank one learns at LoRA's rate and the rotation at about a third of it.
     """
 
     method = "hybrid"
@@ -120,21 +127,26 @@ class HybridConfig(LoRAGAConfig):
     block_num: int = 0
     butterfly_factors: int = 1
     boft_dropout: float = 0.0
-    rule: str = "share"
+    rule: str = "fixed"
     mix_init: float = 0.5
     mix_min: float = 0.05
     ema: float = 0.9
     temperature: float = 1.0
     gate: str = "update"
     start: str = "lora"
-    gate_norm: str = "sum"
+    gate_norm: str = "max"
     mix_init_from: str = "constant"
     low_rank_lr_scale: float = 1.0
-    orthogonal_lr_scale: float = 1.0
+    orthogonal_lr_scale: float = 0.3
 
     # Adapter files of format version 1 predate the gate option and were trained with the whole branch gated; files
-    # before version 3 predate the start option and started from LoRA-GA.
-    legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {2: {"gate": "branch"}, 3: {"start": "lora-ga"}}
+    # before version 3 predate the start option and started from LoRA-GA; files before version 4 were written when
+    # the default was the `share` rule with λ and 1 − λ gates and one rate for both branches.
+    legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {
+        2: {"gate": "branch"},
+        3: {"start": "lora-ga"},
+        4: {"rule": "share", "gate_norm": "sum", "orthogonal_lr_scale": 1.0},
+    }
 
     def validate(self) -> None:
         super().validate()
@@ -225,9 +237,11 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         scales = {"lora_A": self.config.low_rank_lr_scale, "lora_B": self.config.low_rank_lr_scale}
         return scales | {name: self.config.orthogonal_lr_scale for name in ("boft_skew", "boft_scale")}
 
-    def shares(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(low-rank share, orthogonal share)``: ``(λ, 1 − λ)``, or both over max(λ, 1 − λ) (``gate_norm='max'``)."""
-        low_rank, orthogonal = self.mix, 1 - self.mix
+    def shares(self, mix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low-rank share, orthogonal share)`` of λ (``mix``, default the layer's): ``(λ, 1 − λ)``, or both over
+        max(λ, 1 − λ) (``gate_norm='max'``)."""
+        mix = self.mix if mix is None else mix
+        low_rank, orthogonal = mix, 1 - mix
         if self.config.gate_norm == "max":
             larger = torch.maximum(low_rank, orthogonal)
             return low_rank / larger, orthogonal / larger
@@ -253,7 +267,8 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
     def base_offset(self) -> torch.Tensor | None:
         if self.config.gate != "branch":  # B0A0 is subtracted in the branch, never from the base
             return None
-        return self.mix_start * self.lora_scaling * (self.lora_B0.float() @ self.lora_A0.float())
+        start_gate = self.shares(self.mix_start)[0]  # the low-rank gate at λ0, which the forward pass applies
+        return start_gate * self.lora_scaling * (self.lora_B0.float() @ self.lora_A0.float())
 
     @torch.no_grad()
     def initialise(self, a0: torch.Tensor, b0: torch.Tensor) -> None:

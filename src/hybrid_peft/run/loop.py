@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_peft.adapters import adapter_layers
+from hybrid_peft.adapters import parameter_groups
 from hybrid_peft.errors import BatchDoesNotFitError, HybridPeftError, NonFiniteLossError
 from hybrid_peft.methods.hybrid import hybrid_layers, split_steps, update_mixing
 from hybrid_peft.telemetry import block_gradient_norms
@@ -57,16 +57,8 @@ def make_optimiser(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise HybridPeftError("no parameter requires grad: attach an adapter or unfreeze the model first")
-    scales = {}
-    for layer in adapter_layers(model).values():
-        for name, scale in layer.learning_rate_scales().items():
-            parameter = getattr(layer, name)
-            scales[id(parameter)] = scale
-    groups: dict[float, list[nn.Parameter]] = {1.0: []}  # the run's own rate first: its group's rate is logged
-    for p in params:
-        groups.setdefault(scales.get(id(p), 1.0), []).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": group, "lr": learning_rate * scale, "lr_scale": scale} for scale, group in groups.items() if group],
+        parameter_groups(model, learning_rate),  # the run's own rate first: its group's rate is logged
         lr=learning_rate,
         weight_decay=weight_decay,
         fused=fused_optimiser_supported(params) or None,
