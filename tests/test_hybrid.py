@@ -379,6 +379,7 @@ def test_the_trainer_callback_warns_when_the_optimiser_ignores_the_rotations_rat
     from transformers import Trainer, TrainingArguments
 
     from hybrid_peft import mixing_callback, parameter_groups
+    from hybrid_peft.adapters import rate_scales_not_applied
 
     data = [{"input_ids": b["input_ids"][0], "labels": b["labels"][0]} for b in random_batches(2, seed=3)]
     arguments = TrainingArguments(
@@ -398,6 +399,11 @@ def test_the_trainer_callback_warns_when_the_optimiser_ignores_the_rotations_rat
         Trainer(model=plain, args=arguments, train_dataset=data, callbacks=[mixing_callback()]).train()
 
     model = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4))
+    warming = torch.optim.AdamW(parameter_groups(model, 1e-2))
+    torch.optim.lr_scheduler.LambdaLR(warming, lambda step: step / 10)  # warm-up: every rate 0 at the start
+    assert rate_scales_not_applied(warming, model) == {}
+    plain_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    assert rate_scales_not_applied(plain_optimizer, model) == {0.3: pytest.approx(1.0)}
     groups = parameter_groups(model, 1e-2)
     assert [(g["lr"], g["lr_scale"]) for g in groups] == [(1e-2, 1.0), (pytest.approx(3e-3), 0.3)]
     rotations = {id(p) for layer in hybrid_layers(model).values() for p in (layer.boft_skew, layer.boft_scale)}

@@ -141,7 +141,8 @@ def rate_scales_not_applied(optimizer: torch.optim.Optimizer, model: nn.Module) 
     scales = learning_rate_scales(model)
     if not scales:
         return {}
-    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    # a scheduler's warm-up may have set every group's rate to 0 already: compare the rates it started from
+    rate_of = {id(p): group.get("initial_lr", group["lr"]) for group in optimizer.param_groups for p in group["params"]}
     plain = {rate_of[id(p)] for p in model.parameters() if p.requires_grad and p not in scales and id(p) in rate_of}
     if len(plain) != 1:  # no reference, or the caller set its own rates per group: nothing to compare with
         return {}
