@@ -33,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -311,9 +312,47 @@ def run_state(run: BenchRun) -> str:
     return "finished" if finished_summary(run) is not None else "stale"
 
 
-def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, Any]:
+def stream_process(
+    command: list[str], env: dict[str, str], log_path: Path, timeout_s: float, echo: Any = None
+) -> str | None:
+    """Run ``command``, its output (stdout and stderr) written to ``log_path`` and passed line by line to ``echo``
+    as it comes; ``None`` when it exits with status 0, else what went wrong. Killed after ``timeout_s`` seconds,
+    or when the caller is interrupted."""
+    timed_out = threading.Event()
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace"
+        )
+
+        def kill() -> None:
+            timed_out.set()
+            process.kill()
+
+        timer = threading.Timer(timeout_s, kill)
+        timer.start()
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                if echo is not None and line.strip():
+                    echo(f"  {line.rstrip()}")
+            status = process.wait()
+        except BaseException:  # Ctrl-C in the bench: the run goes too
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            timer.cancel()
+    if timed_out.is_set():
+        return f"timed out after {timeout_s:.0f} s"
+    return None if status == 0 else f"exit status {status}"
+
+
+def execute(run: BenchRun, timeout_s: float, rerun: bool = False, echo: Any = None) -> dict[str, Any]:
     """One run in its own ``hybrid-peft train`` process; its result row (reused when it finished with the same
-    options, see :func:`finished_summary`)."""
+    options, see :func:`finished_summary`). The run's output goes to its ``run.log`` and, line by line, to
+    ``echo``."""
     summary_path = run.folder / SUMMARY_FILE
     summary = None if rerun else finished_summary(run)
     if summary is None:
@@ -323,14 +362,7 @@ def execute(run: BenchRun, timeout_s: float, rerun: bool = False) -> dict[str, A
         config_file = str(run.folder / "run.json")
         command = [sys.executable, "-m", "hybrid_peft.cli", "train", "--config", config_file, "--overwrite"]
         env = os.environ | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TQDM_DISABLE": "1"}
-        with open(run.folder / "run.log", "w", encoding="utf-8") as log:
-            try:
-                finished = subprocess.run(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, check=False
-                )
-                failure = None if finished.returncode == 0 else f"exit status {finished.returncode}"
-            except subprocess.TimeoutExpired:
-                failure = f"timed out after {timeout_s:.0f} s"
+        failure = stream_process(command, env, run.folder / "run.log", timeout_s, echo)
         if failure or not summary_path.is_file():
             lines = (run.folder / "run.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
             detail = next((line for line in reversed(lines) if line.strip()), "") if lines else ""
@@ -466,7 +498,7 @@ def run_bench(
         nonlocal unwritten
         tick = time.perf_counter()
         ran = rerun or finished_summary(run) is None
-        row = execute(run, plan.run_timeout_s, rerun)
+        row = execute(run, plan.run_timeout_s, rerun, echo if ran else None)
         rows[run.key] = row
         progress.report(run, row, time.perf_counter() - tick, ran)
         unwritten = True

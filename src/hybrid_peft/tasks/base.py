@@ -149,6 +149,25 @@ def mean_loss(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def completion_loss_and_accuracy(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """Causal-LM batches (``labels`` -100 outside the completion): the token-weighted mean loss and the share of
+    completion tokens that are the model's top-1 prediction, in one forward pass per batch, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    for batch in batches:
+        output = model(**batch)
+        targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+        scored = targets != -100
+        n = int(scored.sum())
+        total += float(output.loss) * n
+        correct += int((output.logits[:, :-1].argmax(-1) == targets)[scored].sum())
+        count += n
+    model.train(was_training)
+    return total / max(count, 1), correct / max(count, 1)
+
+
 def held_out_loss(
     task: Task, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int, max_length: int
 ) -> float:

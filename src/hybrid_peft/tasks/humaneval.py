@@ -14,7 +14,12 @@ from tqdm.auto import tqdm
 
 from hybrid_peft.models import package_folder
 from hybrid_peft.sandbox import run_python
-from hybrid_peft.tasks.base import greedy_generate, held_out_loss, prompt_completion_batch
+from hybrid_peft.tasks.base import (
+    completion_loss_and_accuracy,
+    greedy_generate,
+    length_sorted_batches,
+    prompt_completion_batch,
+)
 from hybrid_peft.tasks.registry import register_task
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""', "\n```")
@@ -54,7 +59,8 @@ def check_program(problem: dict[str, Any], completion: str) -> str:
 @register_task("humaneval")
 class HumanEvalTask:
     """Fine-tune on problems 0–131 (prompt → canonical solution, loss on the solution); evaluate on 132–163:
-    held-out loss and pass@1 of greedy completions, each run in the sandbox (time and memory limits, no network)."""
+    held-out loss, token accuracy (the share of solution tokens that are the model's top-1 prediction) and, with
+    ``generate``, pass@1 of greedy completions, each run in the sandbox (time and memory limits, no network)."""
 
     name = "humaneval"
     runs_model_code = True  # pass@1 runs the completions (in the sandbox)
@@ -92,7 +98,9 @@ class HumanEvalTask:
         loss_model: Any = None,
         **_: Any,
     ) -> dict[str, float]:
-        metrics = {"loss": held_out_loss(self, loss_model or model, tokenizer, rows, batch_size, max_length)}
+        batches = [b for _, b in length_sorted_batches(self.batch, tokenizer, rows, batch_size, max_length)]
+        loss, token_accuracy = completion_loss_and_accuracy(loss_model or model, batches)
+        metrics = {"loss": loss, "token_accuracy": token_accuracy}
         if generate:
             completions = greedy_generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
             programs = [check_program(r, truncate_completion(c)) for r, c in zip(rows, completions, strict=True)]
