@@ -48,8 +48,9 @@ def gsm8k_batches(model_name: str, data: str | None, count: int, batch_size: int
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from hybrid_peft import LoRAGAConfig, apply_lora_ga_factors, attach, estimate_gradients, load_model
-    from hybrid_peft.methods.lora_ga import lora_ga_factors_for
+    from hybrid_peft import LoRAGAConfig, attach, load_model
+    from hybrid_peft.gradient_estimation import estimate_gradients
+    from hybrid_peft.methods.lora_ga import apply_lora_ga_factors, lora_ga_factors_for
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

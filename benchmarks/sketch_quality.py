@@ -31,8 +31,8 @@ def main() -> None:
 
     import torch
 
-    from hybrid_peft import LoRAGAConfig, attach, estimate_gradients, load_model
-    from hybrid_peft.gradient_estimation import SketchGradient
+    from hybrid_peft import LoRAGAConfig, attach, load_model
+    from hybrid_peft.gradient_estimation import SketchGradient, estimate_gradients
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

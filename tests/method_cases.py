@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_peft import (
-    AdapterConfig,
-    BOFTConfig,
-    HybridConfig,
-    LoRAConfig,
-    LoRAGAConfig,
-    UnitaryConfig,
-    lora_ga_initialise,
-)
+from hybrid_peft import BOFTConfig, HybridConfig, LoRAConfig, LoRAGAConfig, UnitaryConfig, lora_ga_initialise
 from hybrid_peft.adapters import adapter_layers, adapter_parameters
+from hybrid_peft.config import AdapterConfig
 
 from conftest import VOCAB
 

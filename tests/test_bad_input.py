@@ -7,18 +7,9 @@ import json
 import pytest
 import torch
 
-from hybrid_peft import (
-    AdapterFileError,
-    BaseModelMismatchError,
-    ConfigError,
-    HybridPeftError,
-    LoRAConfig,
-    TargetError,
-    adapter_layers,
-    attach,
-    load_adapter,
-    save_adapter,
-)
+from hybrid_peft import HybridPeftError, LoRAConfig, attach, load_adapter, save_adapter
+from hybrid_peft.adapters import adapter_layers
+from hybrid_peft.errors import AdapterFileError, BaseModelMismatchError, ConfigError, TargetError
 from hybrid_peft.serialization import CONFIG_NAME, WEIGHTS_NAME
 
 from conftest import model_output, tiny_gpt2, tiny_llama

@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybrid_peft import BOFTConfig, ConfigError, adapter_layers, attach
+from hybrid_peft import BOFTConfig, attach
+from hybrid_peft.adapters import adapter_layers
+from hybrid_peft.errors import ConfigError
 from hybrid_peft.methods.boft import (
     ButterflyRotate,
     block_multiply,

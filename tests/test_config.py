@@ -9,7 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hybrid_peft import AdapterConfig, ConfigError, LoRAConfig, available_methods, get_method
+from hybrid_peft import LoRAConfig
+from hybrid_peft.config import AdapterConfig
+from hybrid_peft.errors import ConfigError
+from hybrid_peft.registry import available_methods, get_method
 
 
 @given(

@@ -10,7 +10,8 @@ import copy
 import pytest
 import torch
 
-from hybrid_peft import adapter_layers, adapter_parameters, attach, detach, load_adapter, merge, save_adapter, unmerge
+from hybrid_peft import attach, detach, load_adapter, merge, save_adapter, unmerge
+from hybrid_peft.adapters import adapter_layers, adapter_parameters
 
 from conftest import MODEL_FACTORIES, model_output
 from method_cases import METHOD_CASES, offsets_base, perturb_adapters, prepare

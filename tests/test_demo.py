@@ -103,8 +103,15 @@ def test_the_demo_runs_with_no_data_folder_anywhere(
             {
                 "seeds": [0],
                 "defaults": {"threads": 1, "generate": False, "warmup_steps": 1, "merge": True, "eval_batch_size": 8},
-                "tasks": {"code-tiny": {"task": real_task["task"], "model": tiny_lm, "steps": 3, "batch_size": 2,
-                                        "max_length": 48}},
+                "tasks": {
+                    "code-tiny": {
+                        "task": real_task["task"],
+                        "model": tiny_lm,
+                        "steps": 3,
+                        "batch_size": 2,
+                        "max_length": 48,
+                    }
+                },
                 "methods": {
                     "full": {"method": "full", "learning_rate": 1e-3},
                     "lora": {"method": "lora", "adapter": {"rank": 2}, "learning_rate": 1e-2},

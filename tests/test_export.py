@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from hybrid_peft import HybridPeftError, adapter_layers, attach, export_peft, save_merged
+from hybrid_peft import HybridPeftError, attach, export_peft, save_merged
+from hybrid_peft.adapters import adapter_layers
 
 from conftest import MODEL_FACTORIES, model_output
 from method_cases import METHOD_CASES, perturb_adapters

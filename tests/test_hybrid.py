@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from hybrid_peft import (
-    ConfigError,
     HybridConfig,
     UnitaryConfig,
-    adapter_layers,
     attach,
     load_adapter,
     lora_ga_initialise,
     save_adapter,
     update_mixing,
 )
+from hybrid_peft.adapters import adapter_layers
+from hybrid_peft.errors import ConfigError
 from hybrid_peft.methods.hybrid import MIXING_RULES, BranchNorms, HybridLayer, hybrid_layers
 from hybrid_peft.telemetry import MixingTelemetry, plot_mixing_heatmap, read_mixing_telemetry
 
@@ -494,7 +494,7 @@ def test_bad_hybrid_config(kwargs: dict, field: str) -> None:
 
 
 def test_layer_class_registered() -> None:
-    from hybrid_peft import get_method
+    from hybrid_peft.registry import get_method
 
     assert get_method("hybrid").layer_class is HybridLayer
 

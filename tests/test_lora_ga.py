@@ -8,17 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_peft import (
-    HybridPeftError,
-    LoRAGAConfig,
-    adapter_layers,
-    attach,
-    detach,
-    estimate_gradients,
-    export_peft,
-    lora_ga_initialise,
-)
-from hybrid_peft.gradient_estimation import ExactGradient, SketchGradient, load_estimates
+from hybrid_peft import HybridPeftError, LoRAGAConfig, attach, detach, export_peft, lora_ga_initialise
+from hybrid_peft.adapters import adapter_layers
+from hybrid_peft.gradient_estimation import ExactGradient, SketchGradient, estimate_gradients, load_estimates
 from hybrid_peft.methods.lora_ga import lora_ga_factors
 
 from conftest import DATA, MODEL_FACTORIES, model_output, run_torchrun

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_peft import LoRAConfig, adapter_layers, attach, export_peft
+from hybrid_peft import LoRAConfig, attach, export_peft
+from hybrid_peft.adapters import adapter_layers
 
 from conftest import MODEL_FACTORIES, model_output
 from method_cases import perturb_adapters

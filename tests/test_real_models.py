@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_peft import LoRAConfig, ModelLoadError, attach, load_adapter, load_model, load_tokenizer, save_adapter
+from hybrid_peft import LoRAConfig, attach, load_adapter, load_model, load_tokenizer, save_adapter
+from hybrid_peft.errors import ModelLoadError
 from hybrid_peft.models import resolve_model_path
 
 pytestmark = pytest.mark.real_model

@@ -10,15 +10,8 @@ import pytest
 import torch
 import transformers
 
-from hybrid_peft import (
-    HybridPeftError,
-    adapter_layers,
-    attach,
-    load_adapter,
-    merge,
-    save_adapter,
-    save_merged,
-)
+from hybrid_peft import HybridPeftError, attach, load_adapter, merge, save_adapter, save_merged
+from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.errors import ConfigError, ModelLoadError
 from hybrid_peft.layer import dequantised_weight, quantisation_of
 from hybrid_peft.losses import chunked_causal_lm_loss

@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from hybrid_peft import ConfigError, UnitaryConfig, adapter_layers, attach
+from hybrid_peft import UnitaryConfig, attach
+from hybrid_peft.adapters import adapter_layers
+from hybrid_peft.errors import ConfigError
 from hybrid_peft.methods.unitary import UnitaryLayer, reflection, unitary_parameter_count
 
 from conftest import MODEL_FACTORIES

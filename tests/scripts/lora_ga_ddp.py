@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hybrid_peft import LoRAGAConfig, adapter_layers, attach, lora_ga_initialise  # noqa: E402
+from hybrid_peft import LoRAGAConfig, attach, lora_ga_initialise
+from hybrid_peft.adapters import adapter_layers
 
 from conftest import tiny_llama  # noqa: E402
 from method_cases import random_batches  # noqa: E402
