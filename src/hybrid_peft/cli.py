@@ -555,7 +555,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "merge": "also export the merged model to OUTPUT_DIR/merged",
         "threads": "torch CPU threads (0: torch's default)",
         "learning_rate": "peak AdamW rate (default: the method's, the rate it did best at in the benchmark, "
-        f"BENCHMARKS.md: {learning_rate_defaults()})",
+        f"{learning_rate_defaults()})",
         "dtype": "the frozen base's dtype: float32, bfloat16 or float16 (adapters and optimiser state stay fp32)",
         "quantise_base": "load the frozen base quantised with bitsandbytes: nf4 (QLoRA's 4-bit) or int8",
         "gradient_checkpointing": "recompute each block's activations in backward instead of keeping them",

@@ -82,7 +82,7 @@ class AdapterConfig:
     # --- costs of one adapted ``in → out`` linear layer, read by ``hybrid-peft estimate`` -----------------------
 
     # The training recipe's learning rate when none is given (AdamW, warm-up then cosine): the rate this method did
-    # best at in the benchmark (BENCHMARKS.md); methods override it.
+    # best at in the benchmark; methods override it.
     default_learning_rate: ClassVar[float] = 1e-3
 
     # The layer keeps its output for backward (BOFT's scaled linear recovers x W0ᵀ from it).

@@ -35,7 +35,7 @@ PEER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-# Learning rates when none is given: the rates their hybrid-peft counterparts use (BENCHMARKS.md section 2).
+# Learning rates when none is given: the rates their hybrid-peft counterparts use.
 PEER_LEARNING_RATES: dict[str, float] = {
     "peft-lora": 1e-3,
     "peft-lora-ga": 1e-3,

@@ -57,8 +57,7 @@ class BOFTConfig(AdapterConfig):
     apply_to: str = "auto"
 
     keeps_output = True  # the scaled linear keeps y to recover x W0ᵀ for the scale's gradient
-    # Orthogonal methods barely move at LoRA's 1e-3 (BENCHMARKS.md section 2); swept ×0.3/1/3 around 1e-2, 3e-3 was
-    # chosen on both SST-2 tasks and 3e-2 collapsed on SmolLM2-135M (section 0).
+    # Orthogonal methods barely move at LoRA's 1e-3: a rotation's parameters want a few times LoRA's rate.
     default_learning_rate = 3e-3
 
     def validate(self) -> None:

@@ -10,20 +10,12 @@ from the mix λ, which a rule may set from gradient norms::
             ``start="lora-ga"`` (the paper's): A = A0, B = B0 from LoRA-GA's gradient estimate (methods/lora_ga.py)
             Either way W_eff = W0 at step 0.
 
-**The default** (adapter format version 4) is both branches at full strength: ``rule="fixed"`` keeps λ at
-``mix_init`` = 0.5, where the max-normalised gates are 1 and 1, so W_eff = diag(s)·W0·R(K)ᵀ + s_lora·B A, LoRA's
-update beside BOFT's rotation, and the rotation's parameters train at 0.3× the run's rate
-(``orthogonal_lr_scale=0.3``; the optimiser must apply it: :func:`hybrid_peft.parameter_groups`, which the recipe
-uses). BENCHMARKS.md section 0 measured every variant at its own tuned rate; section 0j found why the paper's
-gradient-norm mix trailed LoRA on SmolLM2: the ``share`` rule settles λ near 0.12 there (B = 0 makes the low-rank
-branch's gradient per parameter tens of times smaller than the rotation's), so that branch moved at about an eighth
-of LoRA's speed. Section 0k has the default against LoRA, full fine-tuning and the earlier default on SST-2 (two
-models), FLORES and GSM8K. Adapters saved before format version 4 load with the rule, gates and rate they were
-trained with (``share``, ``sum``, 1.0); before version 3 with ``start="lora-ga"``.
-
-The rules (``share``, ``sigmoid``), the LoRA-GA start, ``gate_norm="sum"``, ``mix_init_from`` and the rate
-multipliers stay options, each with its measurements in BENCHMARKS.md section 0: the LoRA-GA start lost to the plain
-one on SST-2 at tuned rates, did better on FLORES (0h) and worse on GSM8K (0i).
+**The default** is both branches at full strength: ``rule="fixed"`` keeps λ at ``mix_init`` = 0.5, where the
+max-normalised gates are 1 and 1, so W_eff = diag(s)·W0·R(K)ᵀ + s_lora·B A, LoRA's update beside BOFT's rotation,
+and the rotation's parameters train at 0.3× the run's rate (``orthogonal_lr_scale=0.3``; the optimiser must apply
+it: :func:`hybrid_peft.parameter_groups`, which the recipe uses). The paper's gradient-norm mix is ``rule="share"``
+or ``rule="sigmoid"`` (below); ``start="lora-ga"`` is the paper's gradient-aligned start. Adapter files written by
+earlier versions, whose defaults differed, load with the options they were trained with (``legacy_defaults``).
 
 This is ``gate="update"`` (the default): the gate g_lr scales what the low-rank branch has learnt, B A − B0 A0,
 computed (with a LoRA-GA start) as one rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the unmodified base.
@@ -32,8 +24,7 @@ computed (with a LoRA-GA start) as one rank-2r product x [A; A0]ᵀ [B, −B0]�
     W_eff = diag(s) · W0' · R(g_orth K)ᵀ  +  g_lr · s_lora · B A,      W0' = W0 − g_lr(λ0) · s_lora · B0 A0
 
 There B A starts at B0 A0 ≠ 0, so every move of λ away from λ0 shifts the output by (λ − λ0)·s_lora·B0A0, a change
-no optimiser step asked for; the update gate has no such shift (BENCHMARKS.md compares the two). Adapters saved
-before the option existed (format version 1) load as ``branch``.
+no optimiser step asked for; the update gate has no such shift.
 
 ``gate="step"`` keeps λ out of the forward pass altogether (both branches at full strength, λ = 1 and 1 − λ = 1
 above) and applies it as a split of the optimiser's step instead: each step moves a layer's low-rank parameters by
@@ -105,11 +96,9 @@ class HybridConfig(LoRAGAConfig):
         gate: what λ gates: ``update`` (default: only the learnt λ·s·(B A − B0A0); the base is never offset),
             ``branch`` (all of λ·s·B A, with the base offset by λ0·s·B0A0; DESIGN.md's formula) or ``step`` (not
             the output but each optimiser step: the low-rank parameters move by λ, the skew ones by 1 − λ of it;
-            needs the optimiser from ``make_optimiser`` or :func:`split_steps`). See the module docstring and
-            BENCHMARKS.md.
+            needs the optimiser from ``make_optimiser`` or :func:`split_steps`). See the module docstring.
         start: the low-rank branch's start: ``lora`` (default: PEFT's LoRA start, B = 0, so no gradient estimate and
-            a rank-r branch) or ``lora-ga`` (A0, B0 from the gradient estimate, the paper's; it trailed at tuned
-            rates, BENCHMARKS.md section 0).
+            a rank-r branch) or ``lora-ga`` (A0, B0 from the gradient estimate, the paper's).
         gate_norm: ``max`` (default): the gates λ and 1 − λ divided by max(λ, 1 − λ), so the favoured branch runs at
             full strength and λ only allocates (at λ = 0.5 both run at full strength); ``sum``: the gates are λ and
             1 − λ (they shrink both branches, by half at λ = 0.5).
@@ -167,7 +156,7 @@ class HybridConfig(LoRAGAConfig):
             require_float(name, getattr(self, name), minimum=0.0, min_inclusive=False)
 
     keeps_output = True  # one scaled linear for both branches, as BOFT's
-    default_learning_rate = 1e-3  # the plain LoRA start trains at LoRA's rate (BENCHMARKS.md section 0a)
+    default_learning_rate = 1e-3  # the low-rank branch trains at LoRA's rate
 
     @property
     def low_rank_width(self) -> int:

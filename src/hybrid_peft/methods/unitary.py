@@ -51,7 +51,7 @@ class UnitaryConfig(AdapterConfig):
         super().validate()
         require_float("lr_scale", self.lr_scale, minimum=0.0, min_inclusive=False)
 
-    default_learning_rate = 1e-2  # orthogonal methods need more than LoRA's rate (BENCHMARKS.md section 2); not swept
+    default_learning_rate = 1e-2  # orthogonal methods need more than LoRA's rate ; not swept
 
     def parameter_count(self, in_features: int, out_features: int) -> int:
         return 7 * (in_features // 2) + 2  # three phase vectors, two complex reflection vectors, two angles

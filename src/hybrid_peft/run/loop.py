@@ -74,10 +74,8 @@ FUSED_DEVICES = ("cpu", "cuda")
 
 def fused_optimiser_supported(params: list[nn.Parameter]) -> bool:
     """Whether AdamW's fused kernel can take ``params``: floating point, on the CPU or a CUDA device. It updates every
-    parameter in one pass over memory; on CPU PyTorch's default is a loop of about ten operations per parameter,
-    whose step alone takes 0.37 s over SmolLM2-135M's parameters against the fused kernel's 0.07 s
-    (``benchmarks/optimiser_step.py``; in a whole training step the gain measured smaller, BENCHMARKS.md, "The
-    hybrid's step on short batches")."""
+    parameter in one pass over memory, where PyTorch's default on CPU is a loop of about ten operations per
+    parameter (``benchmarks/optimiser_step.py`` times both)."""
     return all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
 
 

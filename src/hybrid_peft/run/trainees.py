@@ -118,7 +118,7 @@ class UnitaryHybrid(OwnAdapter):
     """``hybrid-unitary``, the paper's whole system as one method: the unitary adapter (uRNN constraints) on the
     attention projections and the hybrid on every other linear layer (the MLP). The adapter options are the
     hybrid's, plus ``unitary: {...}`` for the unitary part. The unitary part trains at ``unitary_lr_scale`` times
-    the run's rate (default 10: orthogonal methods need about ten times LoRA's rate, BENCHMARKS.md section 2)."""
+    the run's rate (default 10: orthogonal methods need about ten times LoRA's rate)."""
 
     NAME = "hybrid-unitary"
     UNITARY_LR_SCALE = 10.0
@@ -150,7 +150,7 @@ class FullFineTuning:
     resumable = True
     needs_model_state = True
     WEIGHTS = "model.safetensors"
-    # The rates the bench's sweeps chose (BENCHMARKS.md section 0): 6e-5 on MiniLM-L6 (22.7M parameters, SST-2);
+    # The rates the bench's sweeps chose : 6e-5 on MiniLM-L6 (22.7M parameters, SST-2);
     # 9e-5 (SST-2), 6e-5 (FLORES) and 1.8e-4 (GSM8K) on SmolLM2-135M. 1e-4 sits within a factor of two of each.
     # Nothing larger was measured: above 200M parameters the default is 3e-5, a usual rate for larger models.
     SMALL_MODEL_PARAMETERS = 200_000_000
