@@ -50,7 +50,11 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(
     ]
     lines: list[str] = []
     rows = run_bench(plan, echo=lines.append)
-    assert len(rows) == 6 and len(lines) == 6
+    reports = [line for line in lines if line.startswith("[")]  # one per run, after it
+    assert len(rows) == 6 and len(reports) == 6
+    # each run's output reaches the caller as it comes (indented), its progress lines included
+    assert all(line.startswith("  ") for line in lines if not line.startswith("["))
+    assert any(line.startswith("  full: step 3/3 · loss ") and line.endswith(" left") for line in lines)
     status = {(r["method"], r["seed"]): r["status"] for r in rows}
     assert status == {
         ("full-ft", 0): "ok",
@@ -199,7 +203,8 @@ def test_bench_sweeps_rates_on_validation_rows_then_runs_the_chosen_rate_on_ever
     lines: list[str] = []
     rows = run_bench(plan, echo=lines.append)
     assert len(rows) == 6  # 4 sweep runs, then seed 1 at each chosen rate
-    assert lines[0].startswith("[1/6]") and "lr 0.0001" in lines[0] and any("left" in line for line in lines)
+    reports = [line for line in lines if line.startswith("[")]
+    assert reports[0].startswith("[1/6]") and "lr 0.0001" in reports[0] and any("left" in line for line in reports)
     out = tmp_path / "out"
     with open(out / "sweep.csv", newline="") as handle:
         sweep = list(csv.DictReader(handle))

@@ -30,7 +30,7 @@ def test_each_method_has_its_own_default_learning_rate() -> None:
     assert TrainConfig(method="boft").learning_rate_is_default
     train_help = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions  # noqa: SLF001
                       if "--learning-rate" in a.option_strings).help  # fmt: skip
-    assert "boft" in train_help and "0.003" in train_help and "BENCHMARKS.md" in train_help
+    assert "boft" in train_help and "0.003" in train_help
 
 
 def test_the_rate_used_is_printed(tiny_bert: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -168,3 +168,29 @@ def test_dataset_accepts_a_dev_split(tmp_path: Path) -> None:
     task = get_task("sst2", dataset=str(tmp_path))
     assert len(task.train_rows()) == 2 and len(task.eval_rows()) == 1
     assert DATA.is_dir()
+
+
+def test_progress_lines_come_every_few_seconds_with_the_time_left() -> None:
+    from hybrid_peft.run.progress import ProgressLines, format_duration
+
+    now = [0.0]
+    shown: list[str] = []
+    lines = ProgressLines("lora", total=10, every_s=5.0, echo=shown.append, clock=lambda: now[0])
+    for step in range(1, 11):
+        now[0] += 2.0  # a step every 2 s
+        lines.update(step, loss=1.0 / step, step_seconds=2.0)
+    # the first step, then at most one line per 5 s, and the last step
+    assert [line.split(" · ")[0] for line in shown] == ["lora: step 1/10", "lora: step 4/10", "lora: step 7/10",
+                                                         "lora: step 10/10"]  # fmt: skip
+    assert shown[1] == "lora: step 4/10 · loss 0.2500 · 2.00 s/step · 12 s left"
+    assert shown[-1].endswith("0 s left")
+    assert [format_duration(s) for s in (42, 185, 3720)] == ["42 s", "3 min 05 s", "1 h 02 min"]
+
+
+def test_a_run_without_a_terminal_prints_progress_lines(tiny_lm: str, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    config = TrainConfig(model=tiny_lm, task="humaneval", steps=3, batch_size=2, max_length=48, eval_examples=2,
+                         generate=False, threads=1, output_dir=str(tmp_path / "run"))  # fmt: skip
+    run_training(config)
+    out = capsys.readouterr().out  # captured: not a terminal, so no bar is drawn
+    assert "lora: training 3 steps" in out and "lora: evaluating (before) on 2 rows" in out
+    assert "lora: step 1/3 · loss " in out and "lora: step 3/3 · loss " in out and " s left" in out

@@ -1,0 +1,35 @@
+"""The root package exports what a user calls; internals stay importable from their own modules."""
+
+from __future__ import annotations
+
+import importlib
+
+import hybrid_peft
+
+USER_SURFACE = {
+    "attach", "detach", "merge", "unmerge", "parameter_groups", "parameter_counts",
+    "LoRAConfig", "LoRAGAConfig", "BOFTConfig", "UnitaryConfig", "HybridConfig",
+    "save_adapter", "load_adapter", "save_merged", "export_peft",
+    "load_model", "load_tokenizer", "lora_ga_initialise", "update_mixing", "mixing_callback",
+    "HybridPeftError", "__version__",
+}  # fmt: skip
+
+
+def test_the_root_exports_the_user_surface_and_nothing_else() -> None:
+    assert set(hybrid_peft.__all__) == USER_SURFACE
+    for name in hybrid_peft.__all__:
+        assert getattr(hybrid_peft, name) is not None
+
+
+def test_internals_stay_importable_from_their_modules() -> None:
+    for module, name in [
+        ("hybrid_peft.adapters", "adapter_layers"),
+        ("hybrid_peft.config", "AdapterConfig"),
+        ("hybrid_peft.errors", "BaseModelMismatchError"),
+        ("hybrid_peft.methods", "HybridLayer"),
+        ("hybrid_peft.methods.lora_ga", "lora_ga_factors_for"),
+        ("hybrid_peft.registry", "register_method"),
+        ("hybrid_peft.serialization", "read_adapter_config"),
+        ("hybrid_peft.telemetry", "plot_mixing_heatmap"),
+    ]:
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
