@@ -515,7 +515,7 @@ def test_project_training_loop_applies_the_rule() -> None:
     assert any(abs(float(m.mix) - 0.5) > 1e-6 for m in hybrid_layers(model).values())
 
 
-# --- the options the hybrid's redesign measured (BENCHMARKS.md) ----------------------------------------------------
+# --- the options the hybrid's redesign measured (CHANGELOG.md) ---------------------------------------------------
 
 
 def test_a_plain_lora_start_needs_no_gradient_estimate_and_starts_exactly(input_ids: torch.Tensor) -> None:
