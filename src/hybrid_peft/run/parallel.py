@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from hybrid_peft.errors import ConfigError
+from hybrid_peft.run.checkpoint import validate_optimizer_state
 
 
 class Parallelism:
@@ -90,11 +92,14 @@ class Parallelism:
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
         }
 
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        indices = {name: index for index, name in _parameter_names(model, optimizer).items()}
-        missing = sorted(set(state["state"]) - set(indices))
-        if missing:
-            raise ConfigError(f"the checkpoint's optimiser state names parameters this model lacks: {missing[:3]}")
+    def load_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], step: int, where: Path
+    ) -> None:
+        """Load a checkpoint's name-keyed optimiser state, validated first against the parameters
+        (:func:`~hybrid_peft.run.checkpoint.validate_optimizer_state`)."""
+        names = _parameter_names(model, optimizer)
+        validate_optimizer_state(state, _trained_parameters(model, optimizer), step, where)
+        indices = {name: index for index, name in names.items()}
         optimizer.load_state_dict(
             {
                 "state": {indices[name]: values for name, values in state["state"].items()},
@@ -172,9 +177,12 @@ class Sharded(Parallelism):
 
         return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
 
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    def load_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], step: int, where: Path
+    ) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        validate_optimizer_state(state, _trained_parameters(model, optimizer), step, where)
         options = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
 
@@ -183,6 +191,12 @@ class Sharded(Parallelism):
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.contiguous() for k, v in state.items()}
+
+
+def _trained_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimiser's parameters by name (their full shapes, sharded or not)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
 
 
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:

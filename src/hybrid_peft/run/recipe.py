@@ -261,8 +261,8 @@ class Recipe:
         )
         if self.checkpoint is not None:
             optimizer_state = restore_training_state(self.checkpoint, self.schedule)
-            self.parallel.load_optimizer_state(self.model, self.optimizer, optimizer_state)
             saved = read_trainer_state(self.checkpoint)
+            self.parallel.load_optimizer_state(self.model, self.optimizer, optimizer_state, saved.step, self.checkpoint)
             if saved.processes != self.world and self.main:
                 print(
                     f"resuming a run of {saved.processes} process(es) on {self.world}: the state is resharded, but "
