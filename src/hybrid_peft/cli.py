@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hybrid_peft.errors import BaseModelMismatchError, ConfigError, HybridPeftError
+from hybrid_peft.errors import BaseModelMismatchError, ConfigError, HybridPeftError, TrainingInterrupted
 from hybrid_peft.version import __version__
 
 
@@ -627,6 +627,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning_once
     try:
         return args.handler(args)
+    except TrainingInterrupted as exc:  # stopped on a signal, with a checkpoint and the command that continues
+        print(str(exc), file=sys.stderr)
+        return exc.exit_status
     except HybridPeftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -37,3 +37,11 @@ class NonFiniteLossError(HybridPeftError, FloatingPointError):
 
 class BatchDoesNotFitError(HybridPeftError, MemoryError):
     """A training or evaluation batch ran out of (accelerator or host) memory."""
+
+
+class TrainingInterrupted(HybridPeftError):
+    """Training stopped on a signal after saving a checkpoint; ``exit_status`` is the shell's 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signum

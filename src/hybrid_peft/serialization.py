@@ -180,9 +180,16 @@ def _read_weights(directory: Path, expected_sha256: str) -> dict[str, torch.Tens
             "file is truncated, corrupt or from another save; restore it or save the adapter again"
         )
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFileError(f"{path} could not be read as safetensors ({exc}); the file is corrupt") from exc
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterFileError(
+            f"{path} holds non-finite values (inf or NaN) in {bad[0]}{' and others' if len(bad) > 1 else ''}: it was "
+            "saved from a run that diverged; use an earlier checkpoint's adapter, or train again at a lower rate"
+        )
+    return tensors
 
 
 def _fingerprints_agree(saved: dict, current: dict, quantised: bool = False) -> bool:

@@ -19,6 +19,7 @@ from torch import nn
 
 from hybrid_peft.adapters import adapter_layers, rate_scales_not_applied
 from hybrid_peft.errors import HybridPeftError
+from hybrid_peft.fileio import append_line
 from hybrid_peft.methods.hybrid import split_steps, update_mixing
 from hybrid_peft.norms import grouped_squared_norms
 
@@ -38,8 +39,7 @@ class MixingTelemetry:
     def log(self, step: int, records: dict[str, dict[str, float]]) -> None:
         if not records:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": step, "layers": records}) + "\n")
+        append_line(self.path, json.dumps({"step": step, "layers": records}))
 
 
 def read_mixing_telemetry(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -135,8 +135,7 @@ class AdapterTelemetry:
             errors = orthogonality_errors(model)
             if errors:
                 record["orthogonality"] = errors
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:

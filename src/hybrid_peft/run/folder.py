@@ -12,6 +12,7 @@ from hybrid_peft.errors import HybridPeftError
 LOG_FILE = "train_log.jsonl"
 MIXING_FILE = "mixing.jsonl"
 LOCK_FILE = ".lock"
+RESUME_CONFIG_FILE = "resume_config.json"  # the run's options, written when a signal stops it
 # What a run writes into its folder (besides the lock): a folder holding any of these holds a run.
 RUN_OUTPUTS = (
     "checkpoints",
@@ -27,6 +28,7 @@ RUN_OUTPUTS = (
     "lambda.png",
     "adapter_telemetry.jsonl",
     "tracking",
+    RESUME_CONFIG_FILE,
 )
 
 

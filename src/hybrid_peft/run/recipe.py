@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -35,14 +36,15 @@ import torch
 from tqdm.auto import tqdm
 
 from hybrid_peft.adapters import parameter_counts
-from hybrid_peft.errors import ConfigError, HybridPeftError, NonFiniteLossError
-from hybrid_peft.fileio import atomic_write_text
+from hybrid_peft.errors import ConfigError, HybridPeftError, NonFiniteLossError, TrainingInterrupted
+from hybrid_peft.fileio import append_line, atomic_write_text
 from hybrid_peft.losses import ChunkedLossModel
 from hybrid_peft.methods.hybrid import hybrid_layers
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.run.checkpoint import (
     RESUMABLE_CHANGES,
     TrainerState,
+    checkpoint_folders,
     config_differences,
     latest_checkpoint,
     read_trainer_state,
@@ -53,11 +55,13 @@ from hybrid_peft.run.config import TrainConfig
 from hybrid_peft.run.folder import (
     LOG_FILE,
     MIXING_FILE,
+    RESUME_CONFIG_FILE,
     RUN_OUTPUTS,
     RunFolderLock,
     before_checkpoint,
     read_log,
 )
+from hybrid_peft.run.interrupt import StopRequests
 from hybrid_peft.run.loop import StepResult, batch_indices, batch_must_fit, make_optimiser, training_steps
 from hybrid_peft.run.memory import check_fits, fit_check_enabled
 from hybrid_peft.run.parallel import parallelism_for
@@ -220,7 +224,9 @@ class Recipe:
             model = trainee.restore(model, checkpoint)
             self.start_step, self.history, self.metrics_before = state.step, state.history, state.before
             self.start_seconds = state.start_seconds
-            self.pending = checkpoint
+            self.pending = checkpoint  # good once its next step has a finite loss; the one before it already is
+            earlier = checkpoint_folders(self.output_dir)[:-1]
+            self.last_good = earlier[-1] if earlier else None
             if self.main:  # drop log lines written after the checkpoint by the interrupted run
                 for name in (LOG_FILE, MIXING_FILE, ADAPTER_TELEMETRY_FILE):
                     kept = [r for r in read_log(self.output_dir / name) if before_checkpoint(r, self.start_step)]
@@ -237,7 +243,7 @@ class Recipe:
                 )
             if self.main:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
-                for stale in (LOG_FILE, MIXING_FILE):
+                for stale in (LOG_FILE, MIXING_FILE, ADAPTER_TELEMETRY_FILE):
                     (self.output_dir / stale).unlink(missing_ok=True)
                 self.metrics_before = self.evaluate("before")
                 self.append_log({"step": 0, "eval": self.metrics_before})
@@ -326,25 +332,13 @@ class Recipe:
             watch=watch,
         )
         try:
-            for result in steps:
-                if self.pending is not None:  # its next step trained with a finite loss
-                    self.last_good, self.pending = self.pending, None
-                if telemetry is not None:
-                    telemetry.log(result.step, result.mixing)
-                if checks is not None:
-                    checks.log(result.step, self.inner, result.block_grad_norms)
-                self.log_step(result, bar)
-                done = result.step + 1
-                if lines is not None and self.main:
-                    lines.update(done, result.loss, result.seconds)
-                if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                    metrics = self.evaluate_where_needed(f"step {done}", generate=False)  # generation: at the end
-                    self.append_log({"step": done, "eval": metrics, "train_seconds": self.train_seconds})
-                    self.track({f"eval/{k}": v for k, v in metrics.items()}, done)
-                    self.parallel.barrier()
-                if config.save_every and done % config.save_every == 0 and done < config.steps:
-                    self.pending = self.save_checkpoint(done)
-                    self.parallel.barrier()
+            with StopRequests() as stop:
+                for result in steps:
+                    self.after_step(result, bar, lines, telemetry, checks)
+                    done = result.step + 1
+                    signum = stop.requested(self.world) if done < config.steps else 0
+                    if signum:
+                        self.stop_on_signal(done, signum)
         except NonFiniteLossError as exc:  # from the loop, or from a checkpoint that would hold non-finite weights
             if self.pending is not None and self.main:  # its weights gave a non-finite loss: keep it out of --resume
                 os.replace(self.pending, self.pending.with_name(self.pending.name + ".nonfinite"))
@@ -356,6 +350,12 @@ class Recipe:
         summary = None
         model_state = self.parallel.model_state(self.inner) if self.trainee.needs_model_state else None
         with self.parallel.full_parameters(self.inner):
+            bad = [n for n, p in self.inner.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+            if bad:  # never saved as the result: the last good checkpoint stays what --resume continues from
+                raise NonFiniteLossError(
+                    f"step {self.config.steps}: the last update made the weights non-finite ({bad[0]}"
+                    f"{' and others' if len(bad) > 1 else ''}), so no result was saved; {self.stopped_advice()}"
+                )
             in_sync = _ranks_in_sync(self.parallel, self.inner)
             if self.main:  # save before the final evaluation: an error or Ctrl-C there loses no training
                 self.trainee.save_result(self.inner, self.output_dir, self.tokenizer, model_state)
@@ -448,6 +448,51 @@ class Recipe:
                 loss_model=ChunkedLossModel(model, config.loss_chunk_tokens) if config.loss_chunk_tokens else None,
             )
 
+    def after_step(
+        self,
+        result: StepResult,
+        bar: tqdm,
+        lines: ProgressLines | None,
+        telemetry: MixingTelemetry | None,
+        checks: AdapterTelemetry | None,
+    ) -> None:
+        """Everything after one training step: logs, progress, periodic evaluation and checkpoint."""
+        config = self.config
+        if self.pending is not None:  # its next step trained with a finite loss
+            self.last_good, self.pending = self.pending, None
+        if telemetry is not None:
+            telemetry.log(result.step, result.mixing)
+        if checks is not None:
+            checks.log(result.step, self.inner, result.block_grad_norms)
+        self.log_step(result, bar)
+        done = result.step + 1
+        if lines is not None and self.main:
+            lines.update(done, result.loss, result.seconds)
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            metrics = self.evaluate_where_needed(f"step {done}", generate=False)  # generation: at the end
+            self.append_log({"step": done, "eval": metrics, "train_seconds": self.train_seconds})
+            self.track({f"eval/{k}": v for k, v in metrics.items()}, done)
+            self.parallel.barrier()
+        if config.save_every and done % config.save_every == 0 and done < config.steps:
+            self.pending = self.save_checkpoint(done)
+            self.parallel.barrier()
+
+    def stop_on_signal(self, done: int, signum: int) -> None:
+        """SIGINT or SIGTERM during training: a checkpoint after step ``done`` (unless one was just written), the
+        run's options beside it, and the command that continues it."""
+        just_saved = bool(self.config.save_every) and done % self.config.save_every == 0  # the same on every process
+        checkpoint = self.pending if just_saved else self.save_checkpoint(done)
+        self.parallel.barrier()
+        resume_config = self.output_dir / RESUME_CONFIG_FILE
+        if self.main:
+            atomic_write_text(resume_config, json.dumps(self.config.to_dict(), indent=1) + "\n")
+        launcher = "hybrid-peft" if self.world == 1 else f"torchrun --nproc_per_node {self.world} -m hybrid_peft.cli"
+        raise TrainingInterrupted(
+            f"{signal.Signals(signum).name} at step {done} of {self.config.steps}: saved {checkpoint}. Continue with: "
+            f"{launcher} train --config {resume_config} --resume",
+            signum,
+        )
+
     def stopped_advice(self) -> str:
         if self.last_good is None:
             return "stopped (no good checkpoint yet). Lower --learning-rate, set --max-grad-norm, or check the data"
@@ -490,8 +535,7 @@ class Recipe:
 
     def append_log(self, record: dict[str, Any]) -> None:
         if self.main:
-            with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_line(self.output_dir / LOG_FILE, json.dumps(record))
 
     def save_checkpoint(self, step: int) -> Path | None:
         """Every process calls this (gathering sharded state is collective); the main one writes and returns the
