@@ -80,6 +80,12 @@ class ScriptedJudge(BaseHTTPRequestHandler):
     script: list[tuple] = []
     seen: list[dict] = []
 
+    def do_GET(self) -> None:  # noqa: N802 - what a followed 302 would send
+        ScriptedJudge.seen.append({"authorization": self.headers.get("Authorization")})
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers["Content-Length"]))
         ScriptedJudge.seen.append({"authorization": self.headers.get("Authorization")})
@@ -173,3 +179,64 @@ def test_api_key_only_over_https_unless_allowed(scripted_judge: str, monkeypatch
     ScriptedJudge.seen = []
     judge_answers(some_answers(1), scripted_judge, "judge", DATA, progress=False, allow_insecure_key=True)
     assert all(seen["authorization"] == "Bearer sk-test" for seen in ScriptedJudge.seen)
+
+
+class RedirectingJudge(BaseHTTPRequestHandler):
+    """Answers every POST with a redirect to ``target``."""
+
+    target = ""
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(302)
+        self.send_header("Location", RedirectingJudge.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:  # noqa: ANN002
+        pass
+
+
+@pytest.fixture
+def redirecting_judge():  # noqa: ANN201
+    server = HTTPServer(("127.0.0.1", 0), RedirectingJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_a_redirect_to_another_origin_is_not_followed_and_never_carries_the_key(
+    redirecting_judge: str, scripted_judge: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hybrid_peft.tasks.mt_bench import JudgeError
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    RedirectingJudge.target = scripted_judge + "/chat/completions"  # another port: another origin
+    ScriptedJudge.script = [("ok", 9)]
+    with pytest.raises(JudgeError, match="redirected to .*not followed"):
+        judge_answers(
+            some_answers(1), redirecting_judge + "/v1", "judge", DATA, progress=False, allow_insecure_key=True
+        )
+    assert ScriptedJudge.seen == [], "the other origin was contacted"
+
+
+def test_stored_verdicts_are_checked_and_tied_to_their_judge(scripted_judge: str, tmp_path: Path) -> None:
+    verdicts = tmp_path / "verdicts.jsonl"
+    answers = some_answers(2)
+    first, second = answers[0]["question_id"], answers[1]["question_id"]
+    judge = {"url": scripted_judge, "model": "judge"}
+    stored = [
+        {"question_id": first, "turn": 1, "score": 42, "judgment": "[[42]]", "judge": judge},  # out of range
+        {"question_id": first, "turn": 2, "score": "NaN", "judgment": "[[5]]", "judge": judge},  # not its text's
+        {"question_id": second, "turn": 1, "score": 3.0, "judgment": "[[3]]", "judge": {**judge, "model": "other"}},
+        {"question_id": 99999, "turn": 1, "score": 3.0, "judgment": "[[3]]", "judge": judge},  # unknown question
+        {"question_id": second, "turn": 2, "score": 6.0, "judgment": "Rating: [[6]]", "judge": judge},  # reusable
+    ]
+    verdicts.write_text("".join(json.dumps(v) + "\n" for v in stored))
+    ScriptedJudge.script = [("ok", 7), ("ok", 7), ("ok", 7)]
+    with pytest.warns(UserWarning, match="4 stored verdict"):
+        result = judge_answers(answers, scripted_judge, "judge", DATA, progress=False, verdicts_file=verdicts)
+    assert len(ScriptedJudge.seen) == 3, "only the valid verdict of this judge is reused"
+    assert [v["score"] for v in result["verdicts"]] == [7.0, 7.0, 7.0, 6.0] and result["score"] == 6.75
+    with pytest.raises(HybridPeftError, match="question ids MT-Bench does not have"):
+        judge_answers([{"question_id": 99999, "turns": ["a", "b"]}], scripted_judge, "judge", DATA, progress=False)

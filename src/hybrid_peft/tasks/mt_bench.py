@@ -14,7 +14,9 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,24 @@ class JudgeError(HybridPeftError):
 
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_REPLY_BYTES = 4 << 20  # a verdict of max_tokens=1024 is a few kB; more is not a judge's reply
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the same scheme, host and port: urllib would carry the ``Authorization`` header to
+    wherever the judge points (an https judge redirecting to ``http://`` would send the API key in clear)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if (old.scheme, old.hostname, old.port) != (new.scheme, new.hostname, new.port):
+            raise JudgeError(
+                f"the judge at {old.scheme}://{old.netloc} redirected to {new.scheme}://{new.netloc}, another scheme "
+                "or host; not followed, so the API key stays where it was sent. Pass the final address as --judge-url"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects)
 
 
 def call_judge(
@@ -144,8 +164,13 @@ def call_judge(
         wait = backoff_s * 2**attempt
         try:
             request = urllib.request.Request(endpoint, data=body, headers=headers)
-            with urllib.request.urlopen(request, timeout=remaining) as response:
-                return _reply_text(response.read(), url)
+            with _OPENER.open(request, timeout=remaining) as response:
+                raw = response.read(MAX_REPLY_BYTES + 1)
+                if len(raw) > MAX_REPLY_BYTES:
+                    raise JudgeError(
+                        f"the judge at {url} answered with over {MAX_REPLY_BYTES >> 20} MB; that is not a verdict"
+                    )
+                return _reply_text(raw, url)
         except urllib.error.HTTPError as exc:
             problem = f"HTTP {exc.code} {exc.reason}"
             if exc.code not in RETRY_STATUS:
@@ -203,6 +228,19 @@ def read_verdicts(path: Path) -> list[dict[str, Any]]:
     return verdicts
 
 
+def reusable_verdict(verdict: Any, judge: dict[str, str], question_ids: set[Any]) -> bool:
+    """Whether a stored verdict may stand in for a new call: given by this judge (URL and model), for a known
+    question and turn, its score the one its judgment text states (1–10, or none)."""
+    return (
+        isinstance(verdict, dict)
+        and verdict.get("judge") == judge
+        and verdict.get("question_id") in question_ids
+        and verdict.get("turn") in (1, 2)
+        and isinstance(verdict.get("judgment"), str)
+        and verdict.get("score") == parse_rating(verdict["judgment"])
+    )
+
+
 def judge_answers(
     answers: Sequence[dict[str, Any]],
     judge_url: str | None,
@@ -224,14 +262,28 @@ def judge_answers(
         raise HybridPeftError(NO_JUDGE)
     questions, references, prompts = load_mt_bench(data_dir)
     by_id = {q["question_id"]: q for q in questions}
+    unknown = [a.get("question_id") for a in answers if not isinstance(a, dict) or a.get("question_id") not in by_id]
+    if unknown:
+        raise HybridPeftError(
+            f"answers for question ids MT-Bench does not have ({unknown[:3]}); the answers come from another question "
+            "set: generate them again without --judge-only"
+        )
+    judge = {"url": judge_url, "model": judge_model}
     path = Path(verdicts_file) if verdicts_file is not None else None
-    received = {(v["question_id"], v["turn"]): v for v in read_verdicts(path)} if path else {}
+    stored = read_verdicts(path) if path else []
+    received = {(v["question_id"], v["turn"]): v for v in stored if reusable_verdict(v, judge, set(by_id))}
+    if len(received) < len(stored):
+        warnings.warn(
+            f"{len(stored) - len(received)} stored verdict(s) in {path} were given by another judge or are damaged; "
+            "they are asked for again",
+            stacklevel=2,
+        )
     verdicts = []
     for answer in tqdm(answers, desc="MT-Bench judging", unit="question", disable=not progress):
         question = by_id[answer["question_id"]]
         for turn in (1, 2):
             if (question["question_id"], turn) in received:
-                verdicts.append(received[question["question_id"], turn])
+                verdicts.append(received[question["question_id"], turn] | {"category": question["category"]})
                 continue
             system, user = judge_prompt(question, answer, turn, references, prompts)
             text = call_judge(
@@ -249,6 +301,7 @@ def judge_answers(
                 "turn": turn,
                 "score": parse_rating(text),
                 "judgment": text,
+                "judge": judge,
             }
             verdicts.append(verdict)
             if path is not None:
