@@ -120,3 +120,45 @@ def test_a_diverging_loss_gets_a_warning(tiny_bert: str, tmp_path: Path) -> None
     with pytest.warns(UserWarning, match=r"over 100× the first step's.*diverging.*--learning-rate \(now 1e\+06\)"):
         summary = run_training(run, progress=False)
     assert summary.final_loss > 100  # finite, and far above the first step's ~0.69
+
+
+def _bad_model_folders(root: Path, tiny_lm: str) -> dict[str, tuple[str, str]]:
+    """A model source per case, and the words its one-line error must hold."""
+    import shutil
+
+    empty = root / "empty"
+    empty.mkdir()
+    a_file = root / "weights.safetensors"
+    a_file.write_bytes(b"not a model")
+    pickled = root / "pickled"
+    pickled.mkdir()
+    shutil.copy(Path(tiny_lm) / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    remote_code = root / "remote-code"
+    shutil.copytree(tiny_lm, remote_code)
+    config = json.loads((remote_code / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (remote_code / "config.json").write_text(json.dumps(config))
+    return {
+        "missing path": (str(root / "no" / "such" / "model"), "no model folder at"),
+        "empty name": ("", "no model given"),
+        "a file": (str(a_file), "is a file"),
+        "no config.json": (str(empty), "has no config.json"),
+        "only pickled weights": (str(pickled), "only as pickles"),
+        "auto_map": (str(remote_code), "auto_map"),
+        "offline hub id": ("someone/not-cached-here", "could not load"),
+    }
+
+
+def test_a_bad_model_source_is_one_line_naming_the_fix(
+    tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from hybrid_peft.cli import main
+
+    for case, (model, words) in _bad_model_folders(tmp_path, tiny_lm).items():
+        for task in ("causal-lm", "auto"):  # auto reads the model's config first
+            code = main(["info", "--model", model, "--task", task])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and err.startswith("error: "), (case, task, err)
+            assert words in err or task == "auto" and "could not read the config" in err, (case, task, err)
+            assert "\n" not in err and "Traceback" not in err, (case, task, err)

