@@ -162,3 +162,20 @@ def test_a_bad_model_source_is_one_line_naming_the_fix(
             assert code == 2 and err.startswith("error: "), (case, task, err)
             assert words in err or task == "auto" and "could not read the config" in err, (case, task, err)
             assert "\n" not in err and "Traceback" not in err, (case, task, err)
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tiny_lm: str, tmp_path: Path) -> None:
+    import os
+
+    common = {"model": tiny_lm, "task": "humaneval", "steps": 1, "batch_size": 2, "max_length": 48, "threads": 1,
+              "eval_examples": 2, "generate": False}  # fmt: skip
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for output in (a_file / "run", tmp_path / ("x" * 300)):  # below a file; a name too long for the file system
+        with pytest.raises(HybridPeftError, match="cannot write the run's folder .* choose another --output-dir"):
+            run_training(TrainConfig(**common, output_dir=str(output)), progress=False)
+    if os.geteuid() != 0:  # root writes to read-only folders anyway
+        read_only = tmp_path / "read-only"
+        read_only.mkdir(mode=0o500)
+        with pytest.raises(HybridPeftError, match="cannot write the run's folder"):
+            run_training(TrainConfig(**common, output_dir=str(read_only / "run")), progress=False)

@@ -66,12 +66,16 @@ class RunFolderLock:
         from filelock import Timeout
 
         if self.enabled:
-            self.folder.mkdir(parents=True, exist_ok=True)
             try:
+                self.folder.mkdir(parents=True, exist_ok=True)
                 self.lock.acquire()
             except Timeout:
                 raise HybridPeftError(
                     f"{self.folder} is in use by another run; wait for it or choose another --output-dir"
+                ) from None
+            except OSError as exc:  # read-only, not a folder, a name too long, ...
+                raise HybridPeftError(
+                    f"cannot write the run's folder {self.folder} ({exc.strerror or exc}); choose another --output-dir"
                 ) from None
         return self
 
