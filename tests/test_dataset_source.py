@@ -127,3 +127,13 @@ def test_training_recipe_reads_a_dataset(tiny_bert: str, tmp_path: Path) -> None
     )
     assert summary.config.dataset == source
     assert set(summary.after) == {"accuracy", "f1", "mcc", "loss"}
+
+
+def test_data_that_is_not_utf8_is_one_line_naming_the_fix(tmp_path: Path) -> None:
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        (folder / f"{split}.tsv").write_bytes("sentence\tlabel\ncafé bien\t1\nmal\t0\n".encode("latin-1"))
+    with pytest.raises(TaskDataError, match="not UTF-8 text: convert it") as caught:
+        get_task("sst2", dataset=str(folder)).train_rows()
+    assert "\n" not in str(caught.value)

@@ -78,3 +78,15 @@ def test_a_link_planted_under_a_log_name_is_not_written_through(tiny_lm: str, tm
     run_training(config_for(tiny_lm, output, steps=2, save_every=0), progress=False)
     assert not outside.exists(), "a log was written outside the run's folder"
     assert not (output / "adapter_telemetry.jsonl").is_symlink()
+
+
+def test_overwrite_removes_a_linked_folder_without_following_it(tiny_lm: str, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    output.mkdir()
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    os.symlink(elsewhere, output / "adapter", target_is_directory=True)
+    run_training(config_for(tiny_lm, output, steps=1, save_every=0), overwrite=True, progress=False)
+    assert (elsewhere / "keep.txt").read_text() == "mine"
+    assert (output / "adapter").is_dir() and not (output / "adapter").is_symlink()

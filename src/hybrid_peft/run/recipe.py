@@ -153,7 +153,10 @@ class Recipe:
             )
         for name in found:
             path = self.output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:  # a file, or a link (removed, never followed: what it points to is not the run's)
+                path.unlink()
 
     def setup_data(self) -> None:
         config = self.config

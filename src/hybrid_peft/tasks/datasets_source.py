@@ -90,6 +90,8 @@ def load_splits(source: str) -> dict[str, list[dict[str, Any]]]:
                 "and HF_HUB_OFFLINE=1 block downloads)"
             )
         cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ is not None else ""
+        if isinstance(exc, UnicodeDecodeError) or isinstance(exc.__cause__, UnicodeDecodeError):
+            hint = "; the data is not UTF-8 text: convert it (e.g. iconv -f latin1 -t utf-8)"
         raise TaskDataError(
             f"--dataset {source}: could not be loaded: {type(exc).__name__}: {exc}{cause}{hint}"
         ) from exc
