@@ -77,6 +77,16 @@ def test_a_full_disk_names_the_folder_and_how_to_continue(
     with pytest.raises(HybridPeftError, match=r"no space left on the device holding .*run.*--resume"):
         run_training(config_for(tiny_lm, tmp_path / "run", save_every=1), progress=False)
 
+    from safetensors import SafetensorError
+
+    def no_space_in_safetensors(*args, **kwargs) -> None:  # noqa: ANN002, ANN003 - its Rust writer's report
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')  # fmt: skip
+
+    monkeypatch.setattr(checkpoint, "save_file", no_space_in_safetensors)
+    with pytest.raises(HybridPeftError, match=r"no space left on the device holding .*--resume"):
+        run_training(config_for(tiny_lm, tmp_path / "run2", save_every=1), progress=False)
+
 
 def test_max_length_beyond_the_models_positions(tiny_lm: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--max-length 300 is beyond the 256 positions.*--max-length 256"):

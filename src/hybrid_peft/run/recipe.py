@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from hybrid_peft.adapters import parameter_counts
@@ -125,12 +126,13 @@ class Recipe:
                 self.setup_optimiser()
                 self.train()
                 return self.finish()
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except (OSError, SafetensorError) as exc:
+            if not _out_of_space(exc):
                 raise
             kept = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was kept"
+            where = getattr(exc, "filename", None) or getattr(exc, "strerror", None) or "writing safetensors"
             raise HybridPeftError(
-                f"no space left on the device holding {self.output_dir} ({exc.filename or exc.strerror}); {kept}. "
+                f"no space left on the device holding {self.output_dir} ({where}); {kept}. "
                 "Free space (or choose another --output-dir, or save less often with --save-every), then continue "
                 "with --resume"
             ) from None
@@ -568,6 +570,14 @@ class Recipe:
             raise NonFiniteLossError(
                 f"step {step}: the weights became non-finite ({bad[0]}{' and others' if len(bad) > 1 else ''})"
             )
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """A full disk or quota: an ``OSError``, or safetensors' writer reporting the OS error in its message."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return any(marker in text for marker in ("StorageFull", "No space left", f"code: {errno.ENOSPC}"))
 
 
 VALIDATION_SEED = 20250724  # the held-out draw is the same for every run seed, so rates are chosen on one set
