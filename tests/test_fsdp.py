@@ -15,6 +15,8 @@ from hybrid_peft.run import RunSummary, TrainConfig, run_training
 
 from conftest import run_torchrun
 
+pytestmark = pytest.mark.slow  # two processes over gloo for every check
+
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_recipe.py"
 
 

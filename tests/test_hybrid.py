@@ -420,6 +420,7 @@ def test_the_trainer_callback_warns_when_the_optimiser_ignores_the_rotations_rat
     assert sizes["lora_B"] == pytest.approx(1e-2, rel=1e-3) and sizes["boft_skew"] == pytest.approx(3e-3, rel=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_share_rule_does_not_collapse_on_sst2() -> None:
     """MiniLM-L6 on SST-2, hybrid on every linear layer, share rule, 100 steps: λ stays strictly inside

@@ -98,6 +98,7 @@ def test_sketch_recovers_a_low_rank_gradient_exactly() -> None:
     torch.testing.assert_close(sketch.dense(), g, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_sketch_quality_on_real_smollm2_gradients() -> None:
     """Default sketch (k = 16·2r, r = 8) on real gradients (GSM8K text, 8 batches of 4×128), every target layer:

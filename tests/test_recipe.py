@@ -64,6 +64,7 @@ def test_resume_continues_exactly(tiny_lm: str, tmp_path: Path, method: str, ada
         assert (tmp_path / "resumed" / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_a_lora_ga_start_counts_as_training_time_and_survives_resume(tiny_lm: str, tmp_path: Path) -> None:
     """LoRA-GA's gradient estimate replaces no step but costs time before step 1: the time-to-quality clock
     (``train_seconds`` of each evaluation) starts with it, and a resumed run keeps it."""

@@ -81,6 +81,7 @@ def test_one_method_list_everywhere(tmp_path: Path) -> None:
     assert set(training_methods()) >= {"full", "peft-lora", "lora", "hybrid"}
 
 
+@pytest.mark.slow
 def test_warnings_in_our_words_once(tiny_bert: str, tmp_path: Path) -> None:
     import subprocess
     import sys
