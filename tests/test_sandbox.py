@@ -216,3 +216,64 @@ def test_refuses_without_isolation_unless_told(monkeypatch: pytest.MonkeyPatch) 
         run_python("print(1)")
     result = run_python("print(1)", allow_unsandboxed=True)
     assert result.passed and result.output.strip() == "1"
+
+
+def test_no_new_namespaces_or_mounts_inside() -> None:
+    program = """
+import ctypes, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+refused = [
+    libc.unshare(0x10000000) != 0,                                      # a new user namespace
+    libc.unshare(0x00020000) != 0,                                      # a new mount namespace
+    libc.mount(b"none", b"/sandbox", b"tmpfs", 0, None) != 0,            # a mount
+    subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode != 0,
+]
+print(refused)
+sys.exit(0 if all(refused) else 1)
+"""
+    result = attack(program, timeout=15)
+    assert result.passed, result.output
+
+
+@pytest.mark.parametrize("cgroup", [True, False], ids=["cgroup", "no-cgroup"])
+def test_a_first_process_that_leaves_the_group_still_dies(cgroup: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The program (the namespace's first process) calls setsid, so a kill of the caller's process group misses it;
+    without a cgroup nothing else knows its processes."""
+    if not cgroup:
+        monkeypatch.setattr(sandbox._TreeLimits, "__init__", lambda self, *a: setattr(self, "folders", []))
+    marker = f"hybrid-peft-leaver-{uuid.uuid4().hex}"
+    program = f"""
+import os, subprocess, sys, time
+os.setsid()
+subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])
+time.sleep(60)
+"""
+    started = time.monotonic()
+    result = attack(program, timeout=2)
+    assert result.reason == "timed out" and time.monotonic() - started < 10, "the kill missed the first process"
+    time.sleep(0.5)
+    assert _alive_with(marker) == [], "a process outlived the sandbox"
+
+
+def test_process_count_is_limited_without_a_cgroup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox._TreeLimits, "__init__", lambda self, *a: setattr(self, "folders", []))
+    test_process_count_is_limited()
+
+
+def test_the_sandbox_cgroup_sits_under_the_callers_own() -> None:
+    """Created at a hierarchy's root, the sandbox's cgroup would escape the limits the caller itself runs under."""
+    own = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            own[controller] = path
+    limits = sandbox._TreeLimits(256, 16)
+    try:
+        if not limits.active:
+            pytest.skip("this machine gives this process no cgroup it may create children in")
+        for folder in limits.folders:
+            controller = "" if (Path("/sys/fs/cgroup") / "cgroup.controllers").is_file() else folder.parts[4]
+            expected = Path("/sys/fs/cgroup", controller, own[controller].lstrip("/"))
+            assert folder.parent == expected, (folder, own)
+    finally:
+        limits.remove()

@@ -64,7 +64,26 @@ class RunResult:
 # (or -1), the interpreter, the folders to show read-only. Reads the program on stdin.
 LAUNCHER = r"""
 import ctypes, os, subprocess, sys
-root, scratch_mb, uid, python, *shown = sys.argv[1:]
+root, scratch_mb, uid, max_processes, python, *shown = sys.argv[1:]
+import struct
+# A seccomp filter (x86_64): new namespaces and mounts are refused with EPERM, clone3 with ENOSYS (so the C library
+# falls back to clone, whose flags the filter can read), any other architecture's system calls with EPERM.
+ALLOW, DENY, NO_CLONE3 = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+NAMESPACE_FLAGS = 0x7E020080  # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME
+REFUSED = (272, 308, 165, 166, 155, 428, 429, 430, 431, 432, 442)  # unshare setns mount umount2 pivot_root fs*
+def statement(code, k, jt=0, jf=0):
+    return struct.pack("HBBI", code, jt, jf, k)
+program = [statement(0x20, 4), statement(0x15, 0xC000003E, 1, 0), statement(0x06, DENY),  # arch is x86_64
+           statement(0x20, 0), statement(0x35, 0x40000000, 0, 1), statement(0x06, DENY)]  # no x32 calls
+for number in REFUSED:
+    program += [statement(0x15, number, 0, 1), statement(0x06, DENY)]
+program += [statement(0x15, 435, 0, 1), statement(0x06, NO_CLONE3),
+            statement(0x15, 56, 0, 3), statement(0x20, 16), statement(0x45, NAMESPACE_FLAGS, 0, 1),
+            statement(0x06, DENY), statement(0x06, ALLOW)]
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+FILTER = b"".join(program)
+SECCOMP_PROGRAM = SockFprog(len(program), FILTER)
 source = sys.stdin.buffer.read()
 devnull = os.open("/dev/null", os.O_RDONLY)
 os.dup2(devnull, 0)
@@ -109,6 +128,15 @@ if int(uid) >= 0:
     os.setgroups([])
     os.setgid(int(uid))
     os.setuid(int(uid))
+libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG SIGKILL again: a change of user cleared the one unshare set
+for capability in range(64):  # no capabilities, even as the namespace's root: the process limit then applies
+    libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
+header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+libc.capset(header, (ctypes.c_uint32 * 6)())
+import resource
+resource.setrlimit(resource.RLIMIT_NPROC, (int(max_processes), int(max_processes)))
+if os.uname().machine == "x86_64":
+    libc.prctl(22, 2, ctypes.byref(SECCOMP_PROGRAM))  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 os.execve(python, [python, "-I", "-S", "program.py"],
           {"PATH": "/usr/bin:/bin", "HOME": "/sandbox", "TMPDIR": "/sandbox", "LANG": "C.UTF-8"})
 """
@@ -204,7 +232,9 @@ class _TreeLimits:
                 (folder / "memory.swap.max").write_text("0") if (folder / "memory.swap.max").exists() else None
                 (folder / "pids.max").write_text(str(max_processes))
             elif (unified / "memory").is_dir() and (unified / "pids").is_dir():
-                memory, pids = unified / "memory" / name, unified / "pids" / name
+                # under this process's own cgroups, so the caller's limits still bound the sandbox
+                memory = self._v1_parent(unified, "memory") / name
+                pids = self._v1_parent(unified, "pids") / name
                 memory.mkdir()
                 self.folders.append(memory)
                 pids.mkdir()
@@ -226,6 +256,14 @@ class _TreeLimits:
         if not {"memory", "pids"} <= set(controllers):
             raise OSError("the memory and pids controllers are not delegated here")
         return parent
+
+    @staticmethod
+    def _v1_parent(root: Path, controller: str) -> Path:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controller in controllers.split(","):
+                return root / controller / path.lstrip("/")
+        raise OSError(f"this process is in no {controller} cgroup")
 
     @property
     def active(self) -> bool:
@@ -321,10 +359,12 @@ def _run_isolated(source: str, *, timeout: float, memory_mb: int, max_processes:
     uid = NOBODY if os.geteuid() == 0 else -1
     tree = _TreeLimits(memory_mb, max_processes)
     root = tempfile.mkdtemp(prefix="hybrid-peft-sandbox-root-")  # stays empty outside the namespace
-    command = [*_unshare_command(), python, "-I", "-S", "-c", LAUNCHER, root, str(64), str(uid), python, *shown]
-    # Without a cgroup, per-process limits: address space (the tree can then hold a few times memory_mb) and, for a
-    # program not running as root, the process count.
-    fallback_processes = None if tree.active or uid == -1 else max_processes
+    command = [
+        *_unshare_command(), python, "-I", "-S", "-c", LAUNCHER,
+        root, "64", str(uid), str(max_processes), python, *shown,
+    ]  # fmt: skip
+    # The launcher limits the process count inside the namespace (counted there afresh, without capabilities);
+    # without a cgroup, each process's address space is limited too (the tree holds at most max_processes of them).
     try:
         process = subprocess.Popen(
             command,
@@ -337,7 +377,7 @@ def _run_isolated(source: str, *, timeout: float, memory_mb: int, max_processes:
             preexec_fn=lambda: _child_limits(  # noqa: PLW1509 - sets limits between fork and exec
                 0 if tree.active else memory_mb + 256,
                 int(timeout) + 2,
-                fallback_processes,
+                None,
                 tree if tree.active else None,
             ),
         )
@@ -348,8 +388,7 @@ def _run_isolated(source: str, *, timeout: float, memory_mb: int, max_processes:
             pass
 
         def kill() -> None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # unshare; --kill-child then ends the namespace's init
+            _kill_tree(process.pid)  # every process it started, in whatever session or group
             tree.kill_all()
 
         return _communicate(process, timeout, max_output, kill)
@@ -358,6 +397,32 @@ def _run_isolated(source: str, *, timeout: float, memory_mb: int, max_processes:
         tree.remove()
         with contextlib.suppress(OSError):
             os.rmdir(root)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from ``/proc``'s children lists), deepest last."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                queue += children
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s whole tree: stopped first (so it cannot fork away), then killed, its group too."""
+    tree = [pid, *_descendants(pid)]
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member, signal.SIGSTOP)
+    for member in [pid, *_descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _run_unisolated(source: str, *, timeout: float, memory_mb: int, max_output: int) -> RunResult:
