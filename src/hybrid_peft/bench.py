@@ -313,11 +313,16 @@ def run_state(run: BenchRun) -> str:
 
 
 def stream_process(
-    command: list[str], env: dict[str, str], log_path: Path, timeout_s: float, echo: Any = None
+    command: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    timeout_s: float,
+    echo: Any = None,
+    shown: tuple[str, ...] = (),
 ) -> str | None:
-    """Run ``command``, its output (stdout and stderr) written to ``log_path`` and passed line by line to ``echo``
-    as it comes; ``None`` when it exits with status 0, else what went wrong. Killed after ``timeout_s`` seconds,
-    or when the caller is interrupted."""
+    """Run ``command``, its output (stdout and stderr) written to ``log_path`` and, for the lines that start with
+    one of ``shown`` (all lines when empty), passed to ``echo`` as they come; ``None`` when it exits with status 0,
+    else what went wrong. Killed after ``timeout_s`` seconds, or when the caller is interrupted."""
     timed_out = threading.Event()
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(
@@ -335,7 +340,7 @@ def stream_process(
             for line in process.stdout:
                 log.write(line)
                 log.flush()
-                if echo is not None and line.strip():
+                if echo is not None and line.strip() and (not shown or line.startswith(shown)):
                     echo(f"  {line.rstrip()}")
             status = process.wait()
         except BaseException:  # Ctrl-C in the bench: the run goes too
@@ -362,7 +367,9 @@ def execute(run: BenchRun, timeout_s: float, rerun: bool = False, echo: Any = No
         config_file = str(run.folder / "run.json")
         command = [sys.executable, "-m", "hybrid_peft.cli", "train", "--config", config_file, "--overwrite"]
         env = os.environ | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TQDM_DISABLE": "1"}
-        failure = stream_process(command, env, run.folder / "run.log", timeout_s, echo)
+        # the terminal gets the run's progress, warnings and errors; run.log everything (its summary included)
+        shown = (f"{run.config.method}:", "warning:", "error:", "Traceback")
+        failure = stream_process(command, env, run.folder / "run.log", timeout_s, echo, shown)
         if failure or not summary_path.is_file():
             lines = (run.folder / "run.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
             detail = next((line for line in reversed(lines) if line.strip()), "") if lines else ""
@@ -550,7 +557,7 @@ def _with_finished_runs(
 
 def _describe(row: dict[str, Any]) -> str:
     metric = row.get("metric")
-    parts = [f"{row['metric_name']} {metric:.4f}" if metric is not None else f"{row['metric_name']} –"]
+    parts = [f"{row['metric_name']} {metric:.4f}"] if metric is not None else []  # not measured (no generation)
     if row.get("held_out_loss") is not None:
         parts.append(f"loss {row['held_out_loss']:.4f}")
     if row.get("validation_loss") is not None:
