@@ -16,6 +16,26 @@ from hybrid_peft.demo import DEMO_PROFILES, MERGE_TOLERANCE, RELOAD_TOLERANCE, c
 from hybrid_peft.errors import ConfigError, HybridPeftError
 
 
+def tiny_profile(path: Path, task: dict, **defaults: object) -> Path:
+    """A demo profile of one tiny task: full fine-tuning, LoRA and the hybrid, a few steps each."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "seeds": [0],
+                "defaults": {"threads": 1, "generate": False, "warmup_steps": 1, "merge": True, **defaults},
+                "tasks": {"tiny": task},
+                "methods": {
+                    "full": {"method": "full", "learning_rate": 1e-3},
+                    "lora": {"method": "lora", "adapter": {"rank": 2}, "learning_rate": 1e-2},
+                    "hybrid": {"method": "hybrid", "adapter": {"rank": 2, "block_size": 4}, "learning_rate": 1e-2},
+                },
+            },
+            sort_keys=False,
+        )
+    )
+    return path
+
+
 @pytest.mark.parametrize("task", sorted(DEMO_PROFILES))
 def test_each_demo_profile_compares_full_fine_tuning_lora_and_the_hybrid_on_one_task(task: str) -> None:
     plan = load_plan(DEMO_PROFILES[task])
@@ -28,21 +48,10 @@ def test_each_demo_profile_compares_full_fine_tuning_lora_and_the_hybrid_on_one_
 
 @pytest.mark.slow
 def test_comparison_table_and_reload_merge_checks(tiny_bert: str, tmp_path: Path) -> None:
-    profile = tmp_path / "demo.yaml"
-    profile.write_text(
-        yaml.safe_dump(
-            {
-                "seeds": [0],
-                "defaults": {"threads": 1, "generate": False, "warmup_steps": 1, "merge": True, "eval_examples": 32},
-                "tasks": {"sst2-tiny": {"task": "sst2", "model": tiny_bert, "steps": 3, "batch_size": 4}},
-                "methods": {
-                    "full": {"method": "full", "learning_rate": 1e-3},
-                    "lora": {"method": "lora", "adapter": {"rank": 2}, "learning_rate": 1e-2},
-                    "hybrid": {"method": "hybrid", "adapter": {"rank": 2, "block_size": 4}, "learning_rate": 1e-2},
-                },
-            },
-            sort_keys=False,
-        )
+    profile = tiny_profile(
+        tmp_path / "demo.yaml",
+        {"task": "sst2", "model": tiny_bert, "steps": 3, "batch_size": 4},
+        eval_examples=32,
     )
     from transformers.utils import logging as transformers_logging
 
@@ -99,29 +108,10 @@ def test_the_demo_runs_with_no_data_folder_anywhere(
     home = _no_data_anywhere(tmp_path, monkeypatch)
     real = load_plan(DEMO_PROFILES["code"])
     ((real_task,),) = [tuple(real.tasks.values())]
-    profile = home / "demo-code.yaml"
-    profile.write_text(
-        yaml.safe_dump(
-            {
-                "seeds": [0],
-                "defaults": {"threads": 1, "generate": False, "warmup_steps": 1, "merge": True, "eval_batch_size": 8},
-                "tasks": {
-                    "code-tiny": {
-                        "task": real_task["task"],
-                        "model": tiny_lm,
-                        "steps": 3,
-                        "batch_size": 2,
-                        "max_length": 48,
-                    }
-                },
-                "methods": {
-                    "full": {"method": "full", "learning_rate": 1e-3},
-                    "lora": {"method": "lora", "adapter": {"rank": 2}, "learning_rate": 1e-2},
-                    "hybrid": {"method": "hybrid", "adapter": {"rank": 2, "block_size": 4}, "learning_rate": 1e-2},
-                },
-            },
-            sort_keys=False,
-        )
+    profile = tiny_profile(
+        home / "demo-code.yaml",
+        {"task": real_task["task"], "model": tiny_lm, "steps": 3, "batch_size": 2, "max_length": 48},
+        eval_batch_size=8,
     )
     lines: list[str] = []
     rows = run_comparison(output_dir=str(home / "out"), threads=1, echo=lines.append, profile=str(profile))
