@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hybrid_peft.errors import BaseModelMismatchError, ConfigError, HybridPeftError, TrainingInterrupted
+from hybrid_peft.errors import (
+    BaseModelMismatchError,
+    ConfigError,
+    HybridPeftError,
+    ModelLoadError,
+    TrainingInterrupted,
+    first_line,
+)
 from hybrid_peft.version import __version__
 
 
@@ -47,13 +54,10 @@ def infer_task(path: str) -> str:
     """``causal-lm`` for checkpoints whose architecture is a causal LM, otherwise the bare model (``base``)."""
     from transformers import AutoConfig
 
-    from hybrid_peft.errors import ModelLoadError
-
     try:
         architectures = AutoConfig.from_pretrained(path).architectures or []
     except (OSError, ValueError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelLoadError(f"could not read the config of {path!r} ({first_line})") from None
+        raise ModelLoadError(f"could not read the config of {path!r} ({first_line(exc)})") from None
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
         return "causal-lm"
     if any(a.endswith("ForSequenceClassification") for a in architectures):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_peft.errors import ModelLoadError
+from hybrid_peft.errors import ModelLoadError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -219,9 +219,8 @@ def load_model(
         model, info = auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:  # huggingface_hub's HFValidationError is a ValueError
         aliases = ", ".join(ALIASES)
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelLoadError(
-            f"could not load {str(name_or_path)!r} ({first_line}). Give a local model folder, a hub id (needs a "
+            f"could not load {str(name_or_path)!r} ({first_line(exc)}). Give a local model folder, a hub id (needs a "
             f"network, or the model in the Hugging Face cache), or a built-in alias ({aliases})"
         ) from exc
     finally:
@@ -293,8 +292,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
     except (OSError, ValueError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelLoadError(f"could not load the tokenizer of {str(name_or_path)!r} ({first_line})") from exc
+        raise ModelLoadError(f"could not load the tokenizer of {str(name_or_path)!r} ({first_line(exc)})") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hybrid_peft.adapters import parameter_groups
-from hybrid_peft.errors import BatchDoesNotFitError, HybridPeftError, NonFiniteLossError
+from hybrid_peft.errors import BatchDoesNotFitError, HybridPeftError, NonFiniteLossError, first_line
 from hybrid_peft.methods.hybrid import hybrid_layers, split_steps, update_mixing
 from hybrid_peft.telemetry import block_gradient_norms
 
@@ -97,8 +97,7 @@ class batch_must_fit:  # noqa: N801 - used as a context manager, like contextlib
         )
         if not out_of_memory:
             return False
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BatchDoesNotFitError(f"{self.what} does not fit in memory ({first_line[:200]}); {self.fix}") from None
+        raise BatchDoesNotFitError(f"{self.what} does not fit in memory ({first_line(exc, 200)}); {self.fix}") from None
 
 
 @dataclass(frozen=True)

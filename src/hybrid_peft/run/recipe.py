@@ -355,7 +355,7 @@ class Recipe:
         summary = None
         model_state = self.parallel.model_state(self.inner) if self.trainee.needs_model_state else None
         with self.parallel.full_parameters(self.inner):
-            bad = [n for n, p in self.inner.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+            bad = _non_finite_parameters(self.inner)
             if bad:  # never saved as the result: the last good checkpoint stays what --resume continues from
                 raise NonFiniteLossError(
                     f"step {self.config.steps}: the last update made the weights non-finite ({bad[0]}"
@@ -548,7 +548,7 @@ class Recipe:
         optimizer_state = self.parallel.optimizer_state(self.inner, self.optimizer)
         model_state = self.parallel.model_state(self.inner) if self.trainee.needs_model_state else None
         with self.parallel.full_parameters(self.inner):
-            bad = [n for n, p in self.inner.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+            bad = _non_finite_parameters(self.inner)
             if bad or not self.main:
                 return self._checkpoint_refused(step, bad)
             state = TrainerState(
@@ -570,6 +570,11 @@ class Recipe:
             raise NonFiniteLossError(
                 f"step {step}: the weights became non-finite ({bad[0]}{' and others' if len(bad) > 1 else ''})"
             )
+
+
+def _non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """The trained parameters holding inf or NaN (never saved as a checkpoint or a result)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
 
 
 def _out_of_space(exc: BaseException) -> bool:
