@@ -322,8 +322,9 @@ class Recipe:
             disable=None if (self.progress and self.main) else True,  # None: shown on a terminal only
         )
         # where no bar is drawn (a log file, the bench's runs): a plain line every few seconds instead
-        lines = ProgressLines(config.method, config.steps, self.start_step) if self.progress and bar.disable else None
-        if lines is not None and self.main:
+        shown = self.progress and self.main and bar.disable
+        lines = ProgressLines(config.method, config.steps, self.start_step) if shown else None
+        if lines is not None:
             print(f"{config.method}: training {config.steps - self.start_step} steps", flush=True)
         steps = training_steps(
             self.model,
@@ -471,7 +472,7 @@ class Recipe:
             checks.log(result.step, self.inner, result.block_grad_norms)
         self.log_step(result, bar)
         done = result.step + 1
-        if lines is not None and self.main:
+        if lines is not None:
             lines.update(done, result.loss, result.seconds)
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
             metrics = self.evaluate_where_needed(f"step {done}", generate=False)  # generation: at the end
