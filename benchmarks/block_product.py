@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from hybrid_peft.methods import boft
+from hybrid_peft.methods import butterfly as boft
 
 
 def median_ms(function: Callable[[], object], repeats: int) -> float:
@@ -32,9 +32,12 @@ def median_ms(function: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def rotate_forward_backward(x: torch.Tensor, rotations: torch.Tensor, upstream: torch.Tensor) -> None:
+def rotate_forward_backward(x: torch.Tensor, rotations: torch.Tensor, upstream: torch.Tensor, group: int) -> None:
+    """Grouping the blocks (and its backward) included, as a layer's forward and backward pay for it."""
     x, rotations = x.detach().requires_grad_(), rotations.detach().requires_grad_()
-    boft.ButterflyRotate.apply(x, rotations, None, None).backward(upstream)
+    m, n, b, _ = rotations.shape
+    grouped = boft.group_blocks(rotations.reshape(m * n, b, b), group).view(m, n // group, group * b, group * b)
+    boft.ButterflyRotate.apply(x, grouped, None, None).backward(upstream)
 
 
 def main() -> None:
@@ -49,7 +52,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     b = args.block_size
     widths = [int(w) for w in args.widths.split(",")]
-    default_width = boft.GROUP_WIDTH
 
     print(f"\nx · blockdiag(Q), b = {b}, float32, {args.threads} threads, median of {args.repeats}\n")
     print("| T | in | group width | product ms | × ungrouped | rotate fwd+bwd ms | × ungrouped |")
@@ -68,11 +70,9 @@ def main() -> None:
                 grouped = boft.group_blocks(blocks, group)
                 torch.testing.assert_close(boft.block_multiply(x, grouped), reference, atol=1e-5, rtol=0)
                 product = median_ms(lambda x=x, g=grouped: boft.block_multiply(x, g), args.repeats)
-                boft.GROUP_WIDTH = width
                 rotate = median_ms(
-                    lambda x=x, q=blocks[None], u=upstream: rotate_forward_backward(x, q, u), args.repeats
+                    lambda x=x, q=blocks[None], u=upstream, g=group: rotate_forward_backward(x, q, u, g), args.repeats
                 )
-                boft.GROUP_WIDTH = default_width
                 rows.append((group * b, product, rotate))
             _, base_product, base_rotate = rows[0]
             for width, product, rotate in rows:

@@ -67,7 +67,7 @@ def test_peft_loads_our_boft_export_with_the_same_logits(kind: str, input_ids, t
 def test_boft_export_with_two_factors_holds_peft_tensors_and_conv1d_is_refused(tmp_path) -> None:  # noqa: ANN001
     from safetensors.torch import load_file
 
-    from hybrid_peft.methods.boft import skew_symmetric
+    from hybrid_peft.methods.butterfly import skew_symmetric
 
     ours = attach(MODEL_FACTORIES["llama"](), METHOD_CASES["boft-m2"])
     perturb_adapters(ours, seed=3)

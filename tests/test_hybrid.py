@@ -533,11 +533,12 @@ def test_a_plain_lora_start_needs_no_gradient_estimate_and_starts_exactly(input_
 
 @pytest.mark.parametrize(("mix", "expected"), [(0.5, (1.0, 1.0)), (0.2, (0.25, 1.0)), (0.8, (1.0, 0.25))])
 def test_max_normalised_gates_let_the_favoured_branch_run_at_full_strength(mix: float, expected: tuple) -> None:
-    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, start="lora", gate_norm="max"))
+    config = HybridConfig(rank=2, block_size=4, start="lora", gate_norm="max", rule="share")  # a rule moves λ
+    model = attach(MODEL_FACTORIES["llama"](), config)
     layer = next(iter(hybrid_layers(model).values()))
     layer.mix.fill_(mix)
     assert tuple(float(g) for g in layer.gates()) == pytest.approx(expected)
-    summed = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, start="lora", gate_norm="sum"))
+    summed = attach(MODEL_FACTORIES["llama"](), config.replace(gate_norm="sum"))
     other = next(iter(hybrid_layers(summed).values()))
     other.mix.fill_(mix)
     assert tuple(float(g) for g in other.gates()) == pytest.approx((mix, 1 - mix))

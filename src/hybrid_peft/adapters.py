@@ -11,7 +11,9 @@ on the attention projections and the hybrid on the MLP layers).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,6 +78,7 @@ def wrap_modules(model: nn.Module, names: list[str], config: AdapterConfig, *, f
         layer.train(module.training)  # a model in eval mode stays in eval mode (dropout off)
         parent, child = _parent_and_child(model, name)
         setattr(parent, child, layer)
+    layer_class.after_attach(model)
     if freeze_base:
         adapter_params = {id(p) for p in adapter_parameters(model).values()}
         for p in model.parameters():
@@ -153,6 +156,49 @@ def rate_scales_not_applied(optimizer: torch.optim.Optimizer, model: nn.Module) 
         if abs(applied - asked) > 1e-6 * asked:
             wrong[asked] = applied
     return wrong
+
+
+# --- the methods' hooks (AdapterLayer's class methods), called per layer class -------------------------------------
+
+
+def layers_by_class(model: nn.Module) -> dict[type[AdapterLayer], dict[str, AdapterLayer]]:
+    """``model``'s adapter layers grouped by their class, in the order the classes first appear."""
+    groups: dict[type[AdapterLayer], dict[str, AdapterLayer]] = {}
+    for name, layer in adapter_layers(model).items():
+        groups.setdefault(type(layer), {})[name] = layer
+    return groups
+
+
+def initialise_adapters(
+    model: nn.Module,
+    batches: Callable[[], Iterable[Any]],
+    *,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Run every data-dependent start the attached methods declare (LoRA-GA's, the hybrid's with a LoRA-GA start),
+    each once; ``batches()`` gives a fresh iterable of training batches for each. A no-op for methods without one."""
+    done = set()
+    for layer_class in layers_by_class(model):
+        hook = layer_class.initialise_from_data
+        if hook.__func__ not in done:  # classes sharing one start (a mixin's) run it once
+            done.add(hook.__func__)
+            hook(model, batches, loss_fn=loss_fn, progress=progress)
+    return model
+
+
+def after_backward_hooks(model: nn.Module, *, sharded: bool = False) -> list[Callable[[], dict]]:
+    """The per-step hooks of the attached methods (run each after ``backward()``, before the optimiser step; each
+    returns per-layer records). Empty when no method has one, e.g. the hybrid without a mixing rule."""
+    hooks = [cls.after_backward(layers, sharded=sharded) for cls, layers in layers_by_class(model).items()]
+    return [hook for hook in hooks if hook is not None]
+
+
+def prepare_optimiser(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """Let each attached method adjust ``optimizer`` (built over ``model``'s parameters); returns it."""
+    for cls, layers in layers_by_class(model).items():
+        cls.prepare_optimiser(optimizer, layers)
+    return optimizer
 
 
 def merge(model: nn.Module) -> nn.Module:

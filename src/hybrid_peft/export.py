@@ -16,13 +16,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from hybrid_peft.adapters import _parent_and_child, adapter_layers
+from hybrid_peft.adapters import _parent_and_child, adapter_layers, layers_by_class
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.fileio import atomic_write_text, atomic_write_with
-from hybrid_peft.layer import is_transposed, linear_weight, quantisation_of
-from hybrid_peft.methods.boft import BOFTLayer
-from hybrid_peft.methods.lora import LoRALayer
-from hybrid_peft.serialization import model_name
+from hybrid_peft.layer import linear_weight, quantisation_of
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -142,82 +139,14 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any =
     return directory
 
 
-def _one_config(layers: dict[str, nn.Module], kind: str) -> Any:
-    configs = {layer.config for layer in layers.values()}
-    if len(configs) != 1:
-        raise HybridPeftError(f"PEFT export needs one {kind} config for all layers; this model mixes several")
-    return configs.pop()
-
-
-def _peft_config(model: nn.Module, layers: dict[str, nn.Module], peft_type: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "peft_type": peft_type,
-        "task_type": None,
-        "base_model_name_or_path": model_name(model),
-        "target_modules": sorted(layers),
-        "fan_in_fan_out": any(is_transposed(layer.base_layer) for layer in layers.values()),
-        "bias": "none",
-        "inference_mode": True,
-        "modules_to_save": None,
-        **fields,
-    }
-
-
-def peft_lora_export(model: nn.Module, layers: dict[str, LoRALayer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and ``adapter_config.json`` contents of PEFT's LoRA format for LoRA and LoRA-GA layers."""
-    config = _one_config(layers, "LoRA")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        lora_A, lora_B = layer.peft_factors()  # LoRA-GA: rank 2r, valid on the unmodified base
-        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
-    rank = lora_A.shape[0]
-    # PEFT scales by alpha/r (alpha/sqrt(r) with rsLoRA) of the exported rank; keep our scaling s exactly.
-    alpha = config.scaling * (rank**0.5 if config.use_rslora else rank)
-    fields = {"r": rank, "lora_alpha": alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora}
-    return tensors, _peft_config(model, layers, "LORA", init_lora_weights=True, **fields)
-
-
-def peft_boft_export(model: nn.Module, layers: dict[str, BOFTLayer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and ``adapter_config.json`` contents of PEFT's BOFT format: the same function (PEFT stores each
-    block's full b×b matrix and uses its skew part, we store the b(b−1)/2 free entries). PEFT 0.21 runs more than one
-    butterfly factor only with its CUDA extension (on CPU it builds every layer with one factor and cannot load such
-    a file)."""
-    config = _one_config(layers, "BOFT")
-    transposed = sorted(name for name, layer in layers.items() if is_transposed(layer.base_layer))
-    if transposed:
-        raise HybridPeftError(
-            f"PEFT's BOFT adapts nn.Linear layers only, not GPT-2's Conv1D ({transposed[0]} ...); export the merged "
-            "checkpoint instead: save_merged(model, folder)"
-        )
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        for key, value in layer.to_peft_state().items():
-            tensors[f"base_model.model.{name}.{key}"] = value.detach().cpu().contiguous()
-    fields = {
-        "boft_block_size": config.block_size,
-        "boft_block_num": config.block_num,
-        "boft_n_butterfly_factor": config.butterfly_factors,
-        "boft_dropout": config.dropout,
-        "init_weights": True,
-    }
-    return tensors, _peft_config(model, layers, "BOFT", **fields)
-
-
-PEFT_EXPORTS = {LoRALayer: peft_lora_export, BOFTLayer: peft_boft_export}
-
-
 def peft_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """PEFT's tensors and config for ``model``'s adapters: LoRA and LoRA-GA as LoRA, BOFT as BOFT."""
-    layers = adapter_layers(model)
-    if not layers:
+    """PEFT's tensors and config for ``model``'s adapters, from the layer class's ``peft_export`` hook (LoRA and
+    LoRA-GA as LoRA, BOFT as BOFT)."""
+    groups = layers_by_class(model)
+    if not groups:
         raise HybridPeftError("the model has no adapters attached; nothing to export")
-    for layer_class, export in PEFT_EXPORTS.items():
-        if all(isinstance(layer, layer_class) for layer in layers.values()):
-            return export(model, layers)
-    kinds = sorted({type(layer).__name__ for layer in layers.values()})
-    exportable = tuple(PEFT_EXPORTS)
-    inexpressible = sorted({type(layer).__name__ for layer in layers.values() if not isinstance(layer, exportable)})
+    exports = {cls: cls.peft_export(model, layers) for cls, layers in groups.items()}
+    inexpressible = sorted(cls.__name__ for cls, export in exports.items() if export is None)
     if inexpressible:
         raise HybridPeftError(
             f"PEFT has no adapter format for {', '.join(inexpressible)} (PEFT exports cover LoRA, LoRA-GA and "
@@ -225,7 +154,10 @@ def peft_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, An
             "hybrid-peft train --merge) writes a plain transformers model that from_pretrained loads without "
             "hybrid-peft"
         )
-    raise HybridPeftError(f"PEFT export takes one kind of adapter per model; this model mixes {kinds}")
+    if len(exports) > 1:
+        kinds = sorted(cls.__name__ for cls in exports)
+        raise HybridPeftError(f"PEFT export takes one kind of adapter per model; this model mixes {kinds}")
+    return next(iter(exports.values()))
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:

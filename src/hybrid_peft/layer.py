@@ -13,7 +13,8 @@ The wrapper says which tensors are its own (:meth:`AdapterLayer.adapter_state`),
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -109,6 +110,38 @@ class AdapterLayer(nn.Module):
         self.out_features, self.in_features = linear_shape(base_layer)
         self.quantised = quantisation_of(base_layer)  # a frozen 4-/8-bit base: read dequantised, never written
         self.merged = False
+
+    # --- method hooks: what a method adds to attaching, starting, each step, the optimiser and export. Called per
+    # layer class with the model's layers of that class (``adapters.py``, ``export.py``); the training loop, the
+    # trainees and the Trainer callback call these and name no method. -----------------------------------------
+
+    @classmethod
+    def after_attach(cls, model: nn.Module) -> None:
+        """Called once its layers are installed in ``model`` (by ``attach`` and by loading): a method that shares
+        work across its layers links them here (BOFT and the hybrid build every layer's rotation in one call)."""
+
+    @classmethod
+    def initialise_from_data(
+        cls, model: nn.Module, batches: Any, *, loss_fn: Callable | None = None, progress: bool = False
+    ) -> None:
+        """A data-dependent start, run once before training (LoRA-GA's gradient-aligned start); a no-op here."""
+
+    @classmethod
+    def after_backward(cls, layers: dict[str, AdapterLayer], *, sharded: bool = False) -> Callable[[], dict] | None:
+        """A step to run after each backward pass, before the optimiser step (the hybrid's mixing rule), returning
+        per-layer records for telemetry; None when the method has none (the loop then does nothing extra)."""
+        return None
+
+    @classmethod
+    def prepare_optimiser(cls, optimizer: torch.optim.Optimizer, layers: dict[str, AdapterLayer]) -> None:
+        """Adjust an optimiser built over these layers' parameters (the hybrid's ``gate='step'`` splits its steps)."""
+
+    @classmethod
+    def peft_export(
+        cls, model: nn.Module, layers: dict[str, AdapterLayer]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """PEFT's tensors and ``adapter_config.json`` for these layers; None where PEFT has no such format."""
+        return None
 
     # --- what belongs to the adapter ----------------------------------------------------------------------
 

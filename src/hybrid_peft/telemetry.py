@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_peft.adapters import adapter_layers, rate_scales_not_applied
+from hybrid_peft.adapters import adapter_layers, after_backward_hooks, prepare_optimiser, rate_scales_not_applied
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.fileio import append_line
-from hybrid_peft.methods.hybrid import split_steps, update_mixing
 from hybrid_peft.norms import grouped_squared_norms
 
 ADAPTER_TELEMETRY_FILE = "adapter_telemetry.jsonl"
@@ -253,8 +252,9 @@ def warn_if_rate_scales_not_applied(optimizer: torch.optim.Optimizer, model: nn.
 
 
 def mixing_callback(telemetry_path: str | os.PathLike | None = None, *, sharded: bool = False) -> Any:
-    """A ``transformers.TrainerCallback`` that runs :func:`update_mixing` before every optimiser step (and logs), and
-    splits the Trainer's optimiser steps for ``gate='step'`` hybrids (:func:`split_steps`). The Trainer's own
+    """A ``transformers.TrainerCallback`` that runs the attached methods' after-backward hooks before every optimiser
+    step (the hybrid's mixing rule, when it has one; logged) and lets each method prepare the Trainer's optimiser
+    (``gate='step'`` hybrids split its steps). The Trainer's own
     optimiser trains every parameter at one rate: where an adapter asks for a multiple of it (the hybrid's
     ``orthogonal_lr_scale``, 0.3 by default), the callback warns at the start of training; pass
     ``optimizers=(torch.optim.AdamW(parameter_groups(model, rate)), None)`` to the Trainer instead."""
@@ -266,11 +266,13 @@ def mixing_callback(telemetry_path: str | os.PathLike | None = None, *, sharded:
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
             if optimizer is not None and model is not None:
                 inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimiser
-                split_steps(inner, model)
+                prepare_optimiser(inner, model)
                 warn_if_rate_scales_not_applied(inner, model)
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
-            records = update_mixing(model, sharded=sharded)
+            records = {}
+            for hook in after_backward_hooks(model, sharded=sharded):
+                records.update(hook())
             if telemetry is not None and state.is_world_process_zero:
                 telemetry.log(state.global_step, records)
 

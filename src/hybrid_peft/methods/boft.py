@@ -11,26 +11,35 @@ output row is rescaled::
 the same function as PEFT 0.21's ``BOFTConfig`` given the same parameters (PEFT stores full b×b matrices and uses their
 skew part; we store only the b(b−1)/2 free numbers per block).
 
-The training path never builds a dense ``in×in`` matrix: each factor is an index gather plus one batched product of
-its blocks (folded into dense groups about 16 wide, which the BLAS runs far faster than many b×b products),
-consecutive gathers are folded into one, and a custom autograd function recomputes the intermediates in backward
-instead of saving them (it keeps only ``x`` and the small grouped ``Q``). Without gradients and with more tokens
-than output features it is cheaper to rotate the weight instead (``apply_to="auto"``). The dense ``M`` is built only
-for merging and for the reference path the tests compare against.
+The maths (permutations, Cayley blocks, the grouped products and their memory-lean autograd functions) is in
+``methods/butterfly.py``; the branch this layer shares with the hybrid, and the batched build of every layer's
+blocks in one call per step, in ``methods/rotations.py``. Without gradients and with more tokens than output features
+it is cheaper to rotate the weight instead of the input (``apply_to="auto"``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybrid_peft.config import AdapterConfig, require_choice, require_float, require_int
-from hybrid_peft.errors import ConfigError
-from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
+from hybrid_peft.errors import ConfigError, HybridPeftError
+from hybrid_peft.layer import AdapterLayer, adapter_dtype_for, is_transposed
+from hybrid_peft.methods.butterfly import (
+    ButterflyRotate,
+    boft_parameter_count,
+    butterfly_rotate_plain,
+    group_size,
+    reverse_plan,
+    scaled_linear,
+    skew_symmetric,
+)
+from hybrid_peft.methods.rotations import ButterflyBranch
+from hybrid_peft.peft_format import one_config, peft_adapter_config
 from hybrid_peft.registry import register_method
 
 
@@ -93,413 +102,6 @@ def validate_butterfly_fields(config: AdapterConfig) -> None:
     require_int("butterfly_factors", config.butterfly_factors, minimum=1)
 
 
-# --- the maths, as free functions ------------------------------------------------------------------------------
-
-
-def _blocks_valid(features: int, block_size: int, butterfly_factors: int) -> bool:
-    if block_size <= 0 or features % block_size:
-        return False
-    if butterfly_factors == 1:
-        return True
-    span = block_size * 2 ** (butterfly_factors - 1)
-    return block_size % 2 == 0 and (features // block_size) % 2 == 0 and features % span == 0
-
-
-def resolve_blocks(features: int, block_size: int, block_num: int, butterfly_factors: int) -> tuple[int, int]:
-    """``(b, N)`` for a layer of ``features`` inputs, with PEFT's constraints; a clear error says what would work."""
-    if block_num:
-        if features % block_num:
-            raise ConfigError(f"block_num: {block_num} does not divide the input width {features}")
-        block_size = features // block_num
-    if not _blocks_valid(features, block_size, butterfly_factors):
-        valid = [d for d in range(1, min(features, 256) + 1) if _blocks_valid(features, d, butterfly_factors)]
-        why = (
-            f"{block_size} does not divide the input width {features}"
-            if features % block_size
-            else f"with {butterfly_factors} butterfly factors, b and N={features // block_size} must be even and "
-            f"b·2^(m−1)={block_size * 2 ** (butterfly_factors - 1)} must divide {features}"
-        )
-        field = "block_num" if block_num else "block_size"
-        suggestion = f"block sizes that work: {valid[:12]}" if valid else "use fewer butterfly_factors"
-        raise ConfigError(f"{field}: {why}; {suggestion}")
-    return block_size, features // block_size
-
-
-def butterfly_permutation(features: int, blocks: int, half_block: int, butterfly_factors: int) -> torch.Tensor:
-    """PEFT's ``block_butterfly_perm``: within each of ``blocks`` chunks, reorder sub-blocks of ``half_block``
-    features as evens then odds (the butterfly). Identity when ``butterfly_factors`` is 1."""
-    if butterfly_factors == 1:
-        return torch.arange(features)
-    chunk = features // blocks
-    groups = chunk // half_block
-    order = torch.cat([torch.arange(0, groups, 2), torch.arange(1, groups, 2)])
-    within = (order[:, None] * half_block + torch.arange(half_block)).reshape(-1)  # (chunk,)
-    return (torch.arange(0, features, chunk)[:, None] + within).reshape(-1)
-
-
-def butterfly_permutations(features: int, block_size: int, butterfly_factors: int) -> list[torch.Tensor]:
-    """``perm_i`` for i = 0..m−1, where ``P_i[j, perm_i[j]] = 1`` as in PEFT."""
-    block_num = features // block_size
-    return [
-        butterfly_permutation(features, block_num // 2**i, block_size // 2, butterfly_factors)
-        for i in range(butterfly_factors)
-    ]
-
-
-def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
-    matrix = torch.zeros(len(perm), len(perm))
-    matrix[torch.arange(len(perm)), perm] = 1.0
-    return matrix
-
-
-def skew_symmetric(free: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``(..., b(b−1)/2)`` free numbers -> ``(..., b, b)`` skew-symmetric matrices (upper triangle = ``free``)."""
-    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=free.device)
-    upper = free.new_zeros(*free.shape[:-1], block_size, block_size)
-    upper[..., rows, cols] = free
-    return upper - upper.transpose(-1, -2)
-
-
-def cayley(skew: torch.Tensor) -> torch.Tensor:
-    """``(I + K)⁻¹ (I − K)``: orthogonal for skew-symmetric ``K``; batched over leading dimensions."""
-    eye = torch.eye(skew.shape[-1], device=skew.device, dtype=skew.dtype).expand_as(skew)
-    return torch.linalg.solve(eye + skew, eye - skew)
-
-
-def block_multiply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``x (T, N·b)`` times ``blockdiag(blocks)`` with ``blocks (N, b, b)``, as one batched product: the plain
-    reference for the grouped products of :class:`ButterflyRotate` (which pass it dense groups of blocks)."""
-    n, b, _ = blocks.shape
-    return torch.bmm(x.view(-1, n, b).transpose(0, 1), blocks).transpose(0, 1).reshape(x.shape)  # (N,T,b)@(N,b,b)
-
-
-# Blocks are multiplied in dense groups about this wide: a batched product of many tiny b×b matrices is bound by the
-# per-matrix cost of the BLAS call, not by arithmetic; folding four 4×4 blocks into one 16×16 block-diagonal matrix
-# does 4× the arithmetic in a quarter of the products and runs 2–4× faster on CPU, the rotation's forward and
-# backward about 2× (benchmarks/block_product.py; 16 was the fastest width or within 10% of it at every layer width
-# of the default models). The zeros between blocks contribute exact zeros.
-GROUP_WIDTH = 16
-
-
-def group_size(block_num: int, block_size: int, width: int | None = None) -> int:
-    """How many consecutive ``block_size`` blocks to fold into one dense block: the largest divisor of
-    ``block_num`` with ``group · block_size ≤ width`` (default :data:`GROUP_WIDTH`; 1 when blocks are that wide)."""
-    largest = max((width or GROUP_WIDTH) // block_size, 1)
-    return max(g for g in range(1, min(largest, block_num) + 1) if block_num % g == 0)
-
-
-def group_blocks(blocks: torch.Tensor, group: int) -> torch.Tensor:
-    """``(N, b, b)`` -> ``(N/G, G·b, G·b)``: each run of ``G`` consecutive blocks as one block-diagonal matrix."""
-    n, b, _ = blocks.shape
-    dense = blocks.new_zeros(n // group, group, b, group, b)
-    dense.diagonal(dim1=1, dim2=3).copy_(blocks.view(n // group, group, b, b).permute(0, 2, 3, 1))
-    return dense.view(n // group, group * b, group * b)
-
-
-def ungroup_blocks(dense: torch.Tensor, group: int) -> torch.Tensor:
-    """The diagonal ``b × b`` blocks of ``(N/G, G·b, G·b)`` as ``(N, b, b)``; inverse of :func:`group_blocks`."""
-    groups, width, _ = dense.shape
-    b = width // group
-    diagonal = dense.view(groups, group, b, group, b).diagonal(dim1=1, dim2=3)  # (N/G, b, b, G)
-    return diagonal.permute(0, 3, 1, 2).reshape(groups * group, b, b)
-
-
-def grouped_block_gradient(x: torch.Tensor, grad: torch.Tensor, group: int, block_size: int) -> torch.Tensor:
-    """``Σ_t x_nᵀ g_n`` per ``b × b`` block, ``(N, b, b)``: the gradient of :func:`block_multiply`'s blocks, computed
-    per dense group (``(N/G, G·b, T) @ (N/G, T, G·b)``) and cut back to the diagonal blocks."""
-    width = group * block_size
-    groups = x.shape[-1] // width
-    dense = torch.bmm(x.reshape(-1, groups, width).permute(1, 2, 0), grad.reshape(-1, groups, width).transpose(0, 1))
-    return ungroup_blocks(dense, group)
-
-
-def butterfly_dense(rotations: torch.Tensor, perms: list[torch.Tensor]) -> torch.Tensor:
-    """The dense ``M = M_{m−1} ··· M_0`` (``in × in``): for merging and for reference tests only."""
-    factors = [
-        permutation_matrix(perm).to(rotations)
-        @ torch.block_diag(*rotations[i])
-        @ permutation_matrix(perm).to(rotations).T
-        for i, perm in enumerate(perms)
-    ]
-    dense = factors[0]
-    for factor in factors[1:]:
-        dense = factor @ dense
-    return dense
-
-
-def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(len(perm), device=perm.device)
-    return inverse
-
-
-def gather_plan(perms: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """Index gathers for ``x ↦ x M``: ``x M_i = (x[:, perm_i⁻¹] · blockdiag(Q_i))[:, perm_i]``, factors applied
-    m−1 first. Gathers between two block products are folded into one; identities become ``None``.
-    Returns ``m + 1`` entries: before the first product, between products, after the last."""
-    order = list(reversed(range(len(perms))))
-    plan: list[torch.Tensor] = [inverse_permutation(perms[order[0]])]
-    for previous, following in zip(order, order[1:], strict=False):
-        plan.append(perms[previous][inverse_permutation(perms[following])])
-    plan.append(perms[order[-1]])
-    return [None if torch.equal(idx, torch.arange(len(idx))) else idx for idx in plan]
-
-
-def _gather(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    return x if index is None else x.index_select(-1, index)
-
-
-def butterfly_rotate_plain(x: torch.Tensor, rotations: torch.Tensor, plan: list[torch.Tensor | None]) -> torch.Tensor:
-    """``x M`` with plain autograd (saves every intermediate); the reference for :class:`ButterflyRotate`."""
-    m = rotations.shape[0]
-    for step, i in enumerate(reversed(range(m))):
-        x = block_multiply(_gather(x, plan[step]), rotations[i])
-    return _gather(x, plan[m])
-
-
-class ButterflyRotate(torch.autograd.Function):
-    """``x M`` for ``x (T, in)``; saves only ``x`` and the grouped rotations, recomputes intermediates in backward.
-    Each factor's blocks are multiplied in dense groups (:func:`group_blocks`); :func:`butterfly_rotate_plain` is the
-    reference it is tested against."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, rotations: torch.Tensor, *plan: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
-        m, n, b, _ = rotations.shape
-        ctx.plan, ctx.shape = plan, rotations.shape
-        ctx.group = group = group_size(n, b)
-        grouped = [group_blocks(rotations[i], group) for i in range(m)]
-        ctx.save_for_backward(x, *grouped)  # the grouped blocks (in·G·b numbers per factor), not rebuilt in backward
-        for step, i in enumerate(reversed(range(m))):
-            x = block_multiply(_gather(x, plan[step]), grouped[i])
-        return _gather(x, plan[m])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        x, *grouped = ctx.saved_tensors
-        plan, group = ctx.plan, ctx.group
-        m, n, b, _ = ctx.shape
-        order = list(reversed(range(m)))
-        # Recompute the input of each block product (the last product's output is not needed).
-        inputs = [_gather(x, plan[0])]
-        for step, i in enumerate(order[:-1]):
-            inputs.append(_gather(block_multiply(inputs[-1], grouped[i]), plan[step + 1]))
-        grad_rotations = grouped[0].new_zeros(ctx.shape) if ctx.needs_input_grad[1] else None
-        g = _gather(grad, None if plan[m] is None else inverse_permutation(plan[m]))
-        for step in reversed(range(m)):
-            i = order[step]
-            if grad_rotations is not None:
-                grad_rotations[i] = grouped_block_gradient(inputs[step], g, group, b)
-            if step == 0 and not ctx.needs_input_grad[0]:
-                break  # x's gradient is not wanted: skip the last product
-            g = block_multiply(g, grouped[i].transpose(-1, -2))
-            if plan[step] is not None:
-                g = _gather(g, inverse_permutation(plan[step]))
-        return (g if ctx.needs_input_grad[0] else None, grad_rotations, *([None] * len(plan)))
-
-
-def scaled_linear_plain(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    low_rank_input: torch.Tensor | None = None,
-    low_rank_weight: torch.Tensor | None = None,
-    low_rank_scale: torch.Tensor | float = 0.0,
-) -> torch.Tensor:
-    """``y = (x W0ᵀ) ⊙ s + b [+ c · h Bᵀ]`` with plain autograd: the reference for :class:`ScaledLinear`."""
-    out = F.linear(x.to(weight.dtype), weight).to(scale.dtype) * scale
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    if low_rank_input is not None:
-        out = out + low_rank_scale * F.linear(low_rank_input, low_rank_weight)
-    return out
-
-
-# Below this |s| the output-based recovery of x W0ᵀ loses precision, so the product itself is kept instead.
-SMALL_SCALE = 1e-3
-
-
-def _scaled_output(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    low_rank_input: torch.Tensor | None,
-    low_rank_weight: torch.Tensor | None,
-    low_rank_scale: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:class:`ScaledLinear`'s forward maths: the output, the base product ``x W0ᵀ`` and ``c · B``."""
-    product = F.linear(x.to(weight.dtype), weight).to(scale.dtype)
-    out = product * scale if bias is None else torch.addcmul(bias.to(scale.dtype), product, scale)
-    scaled_weight = None
-    if low_rank_input is not None:
-        scaled_weight = low_rank_scale * low_rank_weight
-        out.addmm_(low_rank_input, scaled_weight.T)  # out is ours: fused, no (T, out) temporary
-    return out, product, scaled_weight
-
-
-class ScaledLinear(torch.autograd.Function):
-    """:func:`scaled_linear_plain` for ``x (T, in)`` and a frozen ``W0``, saving the *output* ``y`` rather than the
-    product ``z = x W0ᵀ`` that the scale's gradient needs. That gradient is a column sum, so it is recovered from
-    ``y = s ⊙ z + b + c·h Bᵀ`` without rebuilding ``z``::
-
-        ∂L/∂s = Σ_t g ⊙ z = (Σ_t g ⊙ y − b ⊙ Σ_t g − c · rowsum(B ⊙ gᵀh)) / s
-
-    where ``gᵀh`` is the product B's gradient needs anyway: no (T, out) temporary beyond ``g ⊙ y``. When the next
-    operation saves ``y`` too (an activation, a product, attention's values), the two share storage, so the scale
-    costs no activation memory. The low-rank term is the hybrid's LoRA branch (``h = x Aᵀ``, ``c = λ·s_lora``, no
-    gradient for ``c``); ``c`` is folded into the small ``B`` rather than applied to (T, out) tensors."""
-
-    @staticmethod
-    def forward(ctx, x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale):  # noqa: ANN001, ANN205
-        out, product, scaled_weight = _scaled_output(
-            x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale
-        )
-        # A host read (a GPU sync), so only where the scale trains; exactness first.
-        ctx.keep_product = ctx.needs_input_grad[2] and bool((scale.abs() < SMALL_SCALE).any())
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(
-            weight, scale, bias, low_rank_input, scaled_weight, low_rank_scale, product if ctx.keep_product else out
-        )
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        weight, scale, bias, low_rank_input, scaled_weight, low_rank_scale, saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        if needs[1]:
-            raise RuntimeError("ScaledLinear needs a frozen base weight; use scaled_linear_plain to train it")
-        grad_x = grad_scale = grad_bias = grad_input = grad_low_rank = None
-        if needs[0]:
-            grad_x = ((grad * scale).to(weight.dtype) @ weight).to(grad.dtype)
-        has_low_rank = low_rank_input is not None
-        recover = needs[2] and not ctx.keep_product  # the scale's gradient from the saved output
-        # gᵀh (out, r): B's gradient, and the low-rank part of the output the scale's gradient must take out.
-        grad_h_product = grad.T @ low_rank_input if has_low_rank and (needs[5] or recover) else None
-        grad_sum = grad.sum(0) if needs[3] or (recover and ctx.has_bias) else None
-        if needs[2]:
-            column_sum = (grad * saved).sum(0)
-            if recover:
-                if ctx.has_bias:
-                    column_sum = column_sum - bias.to(column_sum.dtype) * grad_sum
-                if has_low_rank:
-                    column_sum = column_sum - (scaled_weight * grad_h_product).sum(1)
-                column_sum = column_sum / scale
-            grad_scale = column_sum
-        if needs[3]:
-            grad_bias = grad_sum.to(bias.dtype)
-        if has_low_rank:
-            if needs[4]:
-                grad_input = grad @ scaled_weight  # (T, out) @ (out, r)
-            if needs[5]:
-                grad_low_rank = low_rank_scale * grad_h_product
-        return grad_x, None, grad_scale, grad_bias, grad_input, grad_low_rank, None
-
-
-def scaled_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    low_rank_input: torch.Tensor | None = None,
-    low_rank_weight: torch.Tensor | None = None,
-    low_rank_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The fast path when the base weight is frozen, else the plain one (same maths). Where nothing needs a gradient
-    (evaluation, generation) the fast path's forward runs alone: nothing saved, no host read."""
-    if weight.requires_grad:
-        scale_term = 0.0 if low_rank_scale is None else low_rank_scale
-        return scaled_linear_plain(x, weight, scale, bias, low_rank_input, low_rank_weight, scale_term)
-    coefficient = low_rank_scale if low_rank_scale is not None else scale.new_zeros(())
-    trains = (x, scale, bias, low_rank_input, low_rank_weight)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trains)):
-        return _scaled_output(x, weight, scale, bias, low_rank_input, low_rank_weight, coefficient)[0]
-    return ScaledLinear.apply(x, weight, scale, bias, low_rank_input, low_rank_weight, coefficient)
-
-
-def multiplicative_dropout(rotations: torch.Tensor, p: float) -> torch.Tensor:
-    """PEFT's BOFT dropout: in one random factor, replace ``int(p·N)`` random blocks by the identity."""
-    m, n, b, _ = rotations.shape
-    count = int(p * n)
-    if count == 0:
-        return rotations
-    mask = torch.zeros(m, n, 1, 1, device=rotations.device, dtype=rotations.dtype)
-    mask[torch.randint(0, m, (1,)).item(), torch.randperm(n, device=rotations.device)[:count]] = 1.0
-    eye = torch.eye(b, device=rotations.device, dtype=rotations.dtype)
-    return (1 - mask) * rotations + mask * eye
-
-
-def register_gather_plan(module: nn.Module, perms: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Store the gather plan of ``perms`` on ``module`` as non-persistent buffers ``_gather_0..m`` (derived from the
-    shape, so never saved; they follow the module across devices). Returns ``perms``."""
-    device = next(module.parameters()).device
-    for k, index in enumerate(gather_plan(perms)):
-        module.register_buffer(f"_gather_{k}", None if index is None else index.to(device), persistent=False)
-    return perms
-
-
-# --- the layer ---------------------------------------------------------------------------------------------------
-
-
-class ButterflyBranch:
-    """The orthogonal branch, shared by :class:`BOFTLayer` and the hybrid: ``m × N`` Cayley blocks stored as their
-    skew parts (``boft_skew``), a per-output scale (``boft_scale``) and the gather plan. The host is an
-    :class:`AdapterLayer`; it may scale the skew parameters (:meth:`rotation_skew`) and names its dropout rate."""
-
-    boft_skew: nn.Parameter
-    boft_scale: nn.Parameter
-    rotation_dropout: float = 0.0
-
-    def _init_butterfly(self, config: AdapterConfig, factory: dict) -> None:
-        self.butterfly_factors = m = config.butterfly_factors
-        self.block_size, self.block_num = resolve_blocks(self.in_features, config.block_size, config.block_num, m)
-        free = self.block_size * (self.block_size - 1) // 2
-        self.boft_skew = nn.Parameter(torch.zeros(m, self.block_num, free, **factory))
-        self.boft_scale = nn.Parameter(torch.ones(self.out_features, **factory))
-        self._perms = register_gather_plan(self, butterfly_permutations(self.in_features, self.block_size, m))
-
-    @property
-    def plan(self) -> list[torch.Tensor | None]:
-        return [getattr(self, f"_gather_{k}") for k in range(self.butterfly_factors + 1)]
-
-    def rotation_skew(self) -> torch.Tensor:
-        """The free skew-symmetric entries the rotation is built from, ``(m, N, b(b−1)/2)``."""
-        return self.boft_skew
-
-    def rotations(self) -> torch.Tensor:
-        """The orthogonal blocks ``Q`` as ``(m, N, b, b)``, with dropout applied in training."""
-        rotations = cayley(skew_symmetric(self.rotation_skew(), self.block_size))
-        if self.training and self.rotation_dropout > 0:
-            rotations = multiplicative_dropout(rotations, self.rotation_dropout)
-        return rotations
-
-    @torch.no_grad()
-    def orthogonality_error(self) -> float:
-        """The largest ‖QᵀQ − I‖_F over the butterfly blocks (Cayley blocks are orthogonal up to rounding)."""
-        blocks = cayley(skew_symmetric(self.rotation_skew().float(), self.block_size))
-        eye = torch.eye(self.block_size, dtype=blocks.dtype, device=blocks.device)
-        return float(torch.linalg.matrix_norm(blocks.transpose(-1, -2) @ blocks - eye).max())
-
-    def rotation_matrix(self) -> torch.Tensor:
-        """Dense ``M`` (``in × in``)."""
-        return butterfly_dense(cayley(skew_symmetric(self.rotation_skew(), self.block_size)), self._perms)
-
-    def orthogonal_weight(self) -> torch.Tensor:
-        """``diag(s) · W0 · Mᵀ`` in the adapter's dtype."""
-        rotation = self.rotation_matrix()
-        return self.boft_scale[:, None] * (self.base_weight.to(rotation.dtype) @ rotation.T)
-
-    def scaled_base_output(self, rotated: torch.Tensor) -> torch.Tensor:
-        """``s ⊙ ((x M) W0ᵀ) + b`` computed by the base layer itself on the rotated input: the path for a quantised
-        base, whose weight is only ever read by its own kernel (same maths as :func:`scaled_linear`)."""
-        out = self.base_layer(rotated)
-        bias = self.base_layer.bias
-        if bias is None:
-            return out * self.boft_scale
-        bias = bias.to(out.dtype)
-        return torch.addcmul(bias, out - bias, self.boft_scale)
-
-
 @register_method(BOFTConfig)
 class BOFTLayer(ButterflyBranch, AdapterLayer):
     """``y = s ⊙ ((x M) W0ᵀ) + b``; see the module docstring."""
@@ -528,24 +130,22 @@ class BOFTLayer(ButterflyBranch, AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        rotations = self.rotations()
-        x2d = x.reshape(-1, self.in_features)
-        if self.quantised:
-            rotated = ButterflyRotate.apply(x2d.to(rotations.dtype), rotations, *self.plan)
-            out = self.scaled_base_output(rotated)
-            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        base = self.base_weight
-        if self._use_weight_side(x2d.shape[0]):
+        x2d = x.reshape(-1, self.in_features).to(self.boft_skew.dtype)
+        if not self.quantised and self._use_weight_side(x2d.shape[0]):
             # W0 Mᵀ: each row of W0 is rotated by Mᵀ = M⁻¹, i.e. the transposed blocks applied in reverse order.
+            rotations = self.rotations()
             rotated_weight = butterfly_rotate_plain(
-                base.to(rotations.dtype), rotations.transpose(-1, -2).flip(0), _reverse_plan(self.plan)
+                self.base_weight.to(rotations.dtype), rotations.transpose(-1, -2).flip(0), reverse_plan(self.plan)
             )
-            out = F.linear(x2d.to(rotations.dtype), rotated_weight)
+            out = F.linear(x2d, rotated_weight)
             bias = self.base_layer.bias
             out = out * self.boft_scale if bias is None else torch.addcmul(bias.to(out.dtype), out, self.boft_scale)
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        rotated = ButterflyRotate.apply(x2d, self.grouped_rotations(), *self.plan)
+        if self.quantised:
+            out = self.scaled_base_output(rotated)
         else:
-            rotated = ButterflyRotate.apply(x2d.to(rotations.dtype), rotations, *self.plan)
-            out = scaled_linear(rotated, base, self.boft_scale, self.base_layer.bias)
+            out = scaled_linear(rotated, self.base_weight, self.boft_scale, self.base_layer.bias)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -563,6 +163,12 @@ class BOFTLayer(ButterflyBranch, AdapterLayer):
             "boft_s": self.boft_scale.detach()[:, None],
         }
 
+    @classmethod
+    def peft_export(
+        cls, model: nn.Module, layers: dict[str, BOFTLayer]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return peft_boft_export(model, layers)
+
     @torch.no_grad()
     def load_peft_state(self, boft_R: torch.Tensor, boft_s: torch.Tensor) -> None:
         """Take PEFT's tensors: only the skew part of ``boft_R`` matters (PEFT uses ``0.5 (R − Rᵀ)``)."""
@@ -572,11 +178,27 @@ class BOFTLayer(ButterflyBranch, AdapterLayer):
         self.boft_scale.copy_(boft_s.reshape(-1))
 
 
-def _reverse_plan(plan: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """The gather plan of ``Mᵀ``: the same gathers in reverse order, each inverted."""
-    return [None if index is None else inverse_permutation(index) for index in reversed(plan)]
-
-
-def boft_parameter_count(in_features: int, out_features: int, block_size: int, butterfly_factors: int) -> int:
-    """Trainable numbers of one adapted ``in → out`` layer: the skew parts of ``m × in/b`` blocks and the scale."""
-    return butterfly_factors * (in_features // block_size) * math.comb(block_size, 2) + out_features
+def peft_boft_export(model: nn.Module, layers: dict[str, BOFTLayer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and ``adapter_config.json`` contents of PEFT's BOFT format: the same function (PEFT stores each
+    block's full b×b matrix and uses its skew part, we store the b(b−1)/2 free entries). PEFT 0.21 runs more than one
+    butterfly factor only with its CUDA extension (on CPU it builds every layer with one factor and cannot load such
+    a file)."""
+    config = one_config(layers, "BOFT")
+    transposed = sorted(name for name, layer in layers.items() if is_transposed(layer.base_layer))
+    if transposed:
+        raise HybridPeftError(
+            f"PEFT's BOFT adapts nn.Linear layers only, not GPT-2's Conv1D ({transposed[0]} ...); export the merged "
+            "checkpoint instead: save_merged(model, folder)"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        for key, value in layer.to_peft_state().items():
+            tensors[f"base_model.model.{name}.{key}"] = value.detach().cpu().contiguous()
+    fields = {
+        "boft_block_size": config.block_size,
+        "boft_block_num": config.block_num,
+        "boft_n_butterfly_factor": config.butterfly_factors,
+        "boft_dropout": config.dropout,
+        "init_weights": True,
+    }
+    return tensors, peft_adapter_config(model, layers, "BOFT", **fields)

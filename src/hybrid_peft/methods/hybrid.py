@@ -64,15 +64,11 @@ from torch import nn
 from hybrid_peft.config import require_choice, require_float
 from hybrid_peft.errors import ConfigError, HybridPeftError
 from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
-from hybrid_peft.methods.boft import (
-    BOFTConfig,
-    ButterflyBranch,
-    ButterflyRotate,
-    scaled_linear,
-    validate_butterfly_fields,
-)
+from hybrid_peft.methods.boft import BOFTConfig, validate_butterfly_fields
+from hybrid_peft.methods.butterfly import ButterflyRotate, scaled_linear
 from hybrid_peft.methods.lora import LowRankBranch
 from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
+from hybrid_peft.methods.rotations import ButterflyBranch
 from hybrid_peft.norms import grouped_squared_norms
 from hybrid_peft.registry import register_method
 
@@ -236,16 +232,41 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
             return low_rank / larger, orthogonal / larger
         return low_rank, orthogonal
 
-    def gates(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The factors on each branch in the forward pass: the shares, or 1 and 1 with ``gate='step'`` (whose shares
-        split the optimiser's step instead, :func:`split_steps`)."""
-        if self.config.gate == "step":
-            one = torch.ones((), dtype=self.mix.dtype, device=self.mix.device)
-            return one, one
+    @property
+    def full_strength(self) -> bool:
+        """Both branches always run at full strength: ``gate='step'`` (λ splits the optimiser's step instead), or
+        the fixed rule at λ = 0.5 under max normalisation (the default). No gate is computed then."""
+        config = self.config
+        if config.gate == "step":
+            return True
+        constant = config.rule == "fixed" and config.mix_init_from == "constant"
+        return constant and config.gate_norm == "max" and config.mix_init == 0.5
+
+    def gates(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """The factors on each branch in the forward pass: the shares, or 1 and 1 at :attr:`full_strength`."""
+        if self.full_strength:
+            return 1.0, 1.0
         return self.shares()
 
-    def rotation_skew(self) -> torch.Tensor:
-        return self.gates()[1] * self.boft_skew
+    def rotation_factor(self) -> torch.Tensor | None:
+        return None if self.full_strength else self.gates()[1]
+
+    def rotation_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.boft_skew,) if self.full_strength else (self.boft_skew, self.mix)
+
+    # --- method hooks -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def after_backward(cls, layers: dict[str, HybridLayer], *, sharded: bool = False) -> Callable[[], dict] | None:
+        """The mixing rule after each backward pass (:func:`update_mixing`); None when every layer holds λ fixed."""
+        if all(layer.config.rule == "fixed" for layer in layers.values()):
+            return None
+        return lambda: mixing_step(layers, sharded=sharded)
+
+    @classmethod
+    def prepare_optimiser(cls, optimizer: torch.optim.Optimizer, layers: dict[str, HybridLayer]) -> None:
+        """Split the optimiser's steps for ``gate='step'`` layers (:func:`split_steps`)."""
+        split_layer_steps(optimizer, [layer for layer in layers.values() if layer.config.gate == "step"])
 
     # --- GradientAlignedStart ---------------------------------------------------------------------------------
 
@@ -269,7 +290,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
 
     @classmethod
     @torch.no_grad()
-    def start_gates_from_estimates(cls, layers: dict[str, HybridLayer], estimates: dict[str, Any]) -> None:
+    def after_gradient_estimate(cls, layers: dict[str, HybridLayer], estimates: dict[str, Any]) -> None:
         """λ0 per layer (``mix_init_from='gradient'``) from LoRA-GA's gradient estimate: the RMS of its top-2r
         singular values, through the ``sigmoid`` rule's formula across the layers of one config. Call before the
         LoRA-GA start is applied (the branch gate's base offset uses λ0)."""
@@ -318,7 +339,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
             return self.base_layer(x)
         dtype = self.boft_skew.dtype
         x2d = x.reshape(-1, self.in_features).to(dtype)
-        rotated = ButterflyRotate.apply(x2d, self.rotations(), *self.plan)
+        rotated = ButterflyRotate.apply(x2d, self.grouped_rotations(), *self.plan)
         lora_a, lora_b = self.low_rank_factors()
         low_rank_input = F.linear(self.lora_dropout(x2d), lora_a)  # (T, r), or (T, 2r) with the update gate
         if self.quantised:  # the base layer's own kernel on the rotated input, plus the low-rank branch
@@ -395,14 +416,19 @@ def hybrid_layers(model: nn.Module) -> dict[str, HybridLayer]:
 
 
 def split_steps(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[Any]:
+    """:func:`split_layer_steps` for the ``gate='step'`` hybrid layers of ``model``."""
+    layers = [layer for layer in hybrid_layers(model).values() if layer.config.gate == "step"]
+    return split_layer_steps(optimizer, layers)
+
+
+def split_layer_steps(optimizer: torch.optim.Optimizer, layers: list[HybridLayer]) -> list[Any]:
     """For the ``gate='step'`` hybrid layers of ``model``: make every ``optimizer.step()`` move each layer's
     low-rank parameters (A, B) by its low-rank share λ and its skew parameters by 1 − λ (the shares of
     :meth:`HybridLayer.shares`) of the step the optimiser computed, i.e. ``p ← p_before + share · (p_after −
     p_before)``: for AdamW, the learning rate times the share. λ is read after the step (set by
     :func:`update_mixing` before it). Returns the hooks' handles (empty when no layer has ``gate='step'``); a second
     call for the same optimiser returns the first call's (the split must apply once).
-    :func:`hybrid_peft.run.loop.make_optimiser` calls this for you."""
-    layers = [layer for layer in hybrid_layers(model).values() if layer.config.gate == "step"]
+    :func:`hybrid_peft.run.loop.make_optimiser` calls this for you (through the layer's ``prepare_optimiser``)."""
     if not layers:
         return []
     if hasattr(optimizer, "_hybrid_peft_split_steps"):
@@ -461,7 +487,12 @@ def update_mixing(model: nn.Module, *, sharded: bool = False) -> dict[str, dict[
     Returns ``{layer: {"lambda", "grad_low_rank", "grad_orthogonal"}}`` for telemetry. With ``sharded=True`` (FSDP)
     the squared gradient norms are summed across ranks before the rule runs.
     """
-    layers = hybrid_layers(model)
+    return mixing_step(hybrid_layers(model), sharded=sharded)
+
+
+@torch.no_grad()
+def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dict[str, dict[str, float]]:
+    """:func:`update_mixing` for the given layers (the layer class's ``after_backward`` hook)."""
     if not layers:
         return {}
     rms_tensor = _branch_rms(list(layers.values()), sharded=sharded)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch import nn
 from hybrid_peft.config import AdapterConfig, require_bool, require_float, require_int
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.layer import AdditiveAdapterLayer, adapter_dtype_for
+from hybrid_peft.peft_format import one_config, peft_adapter_config
 from hybrid_peft.registry import register_method
 
 
@@ -129,5 +131,26 @@ class LoRALayer(LowRankBranch, AdditiveAdapterLayer):
         """``(A, B)`` such that PEFT's LoRA on the unmodified base weight computes this adapter."""
         return self.lora_A, self.lora_B
 
+    @classmethod
+    def peft_export(
+        cls, model: nn.Module, layers: dict[str, LoRALayer]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return peft_lora_export(model, layers)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.config.rank}, scaling={self.scaling:g}"
+
+
+def peft_lora_export(model: nn.Module, layers: dict[str, LoRALayer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and ``adapter_config.json`` contents of PEFT's LoRA format for LoRA and LoRA-GA layers."""
+    config = one_config(layers, "LoRA")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        lora_A, lora_B = layer.peft_factors()  # LoRA-GA: rank 2r, valid on the unmodified base
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
+    rank = lora_A.shape[0]
+    # PEFT scales by alpha/r (alpha/sqrt(r) with rsLoRA) of the exported rank; keep our scaling s exactly.
+    alpha = config.scaling * (rank**0.5 if config.use_rslora else rank)
+    fields = {"r": rank, "lora_alpha": alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora}
+    return tensors, peft_adapter_config(model, layers, "LORA", init_lora_weights=True, **fields)

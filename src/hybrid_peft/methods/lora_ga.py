@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_peft.adapters import adapter_layers
+from hybrid_peft.adapters import adapter_layers, layers_by_class
 from hybrid_peft.config import require_choice, require_float, require_int
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.gradient_estimation import (
@@ -131,6 +131,23 @@ class GradientAlignedStart:
 
     needs_gradient_init = True
     offset_applied: bool
+
+    @classmethod
+    def initialise_from_data(
+        cls,
+        model: nn.Module,
+        batches: Callable[[], Iterable[Any]],
+        *,
+        loss_fn: Callable | None = None,
+        progress: bool = False,
+    ) -> None:
+        """LoRA-GA's start for every layer of ``model`` that wants one (:func:`lora_ga_initialise`)."""
+        if any(layer.needs_gradient_init for layer in adapter_layers(model).values()):
+            lora_ga_initialise(model, batches(), loss_fn=loss_fn, progress=progress)
+
+    @classmethod
+    def after_gradient_estimate(cls, layers: dict[str, nn.Module], estimates: dict[str, Any]) -> None:
+        """Read the gradient estimate before the start is applied (the hybrid sets λ0 from it); a no-op here."""
 
     def _register_start_buffers(self) -> None:
         self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
@@ -283,10 +300,9 @@ def lora_ga_initialise(
         )
         if cache_file is not None:
             save_estimates(estimates, cache_file)
-    for layer_class in {type(layer) for layer in adapter_layers(model).values()}:
-        start_gates = getattr(layer_class, "start_gates_from_estimates", None)  # the hybrid's λ0 from the estimate
-        if start_gates is not None:
-            start_gates({n: m for n, m in adapter_layers(model).items() if isinstance(m, layer_class)}, estimates)
+    for layer_class, layers in layers_by_class(model).items():
+        if issubclass(layer_class, GradientAlignedStart):
+            layer_class.after_gradient_estimate(layers, estimates)
     factors = lora_ga_factors_for(model, estimates)
     apply_lora_ga_factors(model, factors)
     return factors

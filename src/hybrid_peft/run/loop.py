@@ -1,8 +1,8 @@
 """The one training loop, used by the recipe, the benchmarks and the tests alike.
 
-Each step: forward, check the loss, backward, the hybrid's mixing rule (λ per layer from the gradient norms), clip,
-optimiser step, schedule step. :func:`training_steps` yields a :class:`StepResult` after each step and leaves
-logging, evaluation and checkpoints to its caller. The batches are a pure function of the step
+Each step: forward, check the loss, backward, the attached methods' after-backward hooks (the hybrid's mixing rule,
+when it has one), clip, optimiser step, schedule step. :func:`training_steps` yields a :class:`StepResult` after each
+step and leaves logging, evaluation and checkpoints to its caller. The batches are a pure function of the step
 (:func:`batch_indices`), so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_peft.adapters import parameter_groups
+from hybrid_peft.adapters import after_backward_hooks, parameter_groups, prepare_optimiser
 from hybrid_peft.errors import BatchDoesNotFitError, HybridPeftError, NonFiniteLossError, first_line
-from hybrid_peft.methods.hybrid import hybrid_layers, split_steps, update_mixing
 from hybrid_peft.telemetry import block_gradient_norms
 
 OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
@@ -51,8 +50,8 @@ def make_optimiser(
     model: nn.Module, *, learning_rate: float, weight_decay: float, steps: int, warmup_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the parameters that require grad, with :func:`warmup_cosine`; one parameter group per learning
-    rate multiplier that adapter layers ask for (:meth:`AdapterLayer.learning_rate_scales`); the step split of
-    ``gate='step'`` hybrid layers registered (:func:`~hybrid_peft.methods.hybrid.split_steps`). AdamW runs its fused
+    rate multiplier that adapter layers ask for (:meth:`AdapterLayer.learning_rate_scales`); then each method's
+    ``prepare_optimiser`` hook (:func:`~hybrid_peft.adapters.prepare_optimiser`). AdamW runs its fused
     kernel where every parameter allows it (:func:`fused_optimiser_supported`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -63,7 +62,7 @@ def make_optimiser(
         weight_decay=weight_decay,
         fused=fused_optimiser_supported(params) or None,
     )
-    split_steps(optimizer, model)
+    prepare_optimiser(optimizer, model)
     warmup = min(warmup_steps, steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     return optimizer, schedule
@@ -107,7 +106,7 @@ class StepResult:
     learning_rate: float  # the rate this step used
     seconds: float  # forward to optimiser step, this process
     tokens: int  # attention-masked tokens in this process's batch
-    mixing: dict[str, dict[str, float]] = field(default_factory=dict)  # the hybrid's λ and branch norms per layer
+    mixing: dict[str, dict[str, float]] = field(default_factory=dict)  # the hooks' records: the hybrid's λ per layer
     block_grad_norms: dict[int, float] = field(default_factory=dict)  # with watch=True: ‖∇‖ per transformer block
 
 
@@ -125,12 +124,12 @@ def training_steps(
 ) -> Iterator[StepResult]:
     """Train steps ``start .. stop-1``, yielding after each. With several processes pass the run's ``parallel``
     strategy (``run/parallel.py``) and the model and optimiser it prepared: it does the backward pass, the
-    clipping and the loss's mean over processes; the hybrid's λ is set from the averaged gradients (from the
-    all-reduced norms of the shards under FSDP). ``watch`` adds each block's gradient norm to the result (not under
-    FSDP, whose gradients are shards), outside the step's timing."""
+    clipping and the loss's mean over processes; the after-backward hooks see the averaged gradients (the hybrid's
+    rule all-reduces the norms of the shards under FSDP). ``watch`` adds each block's gradient norm to the result
+    (not under FSDP, whose gradients are shards), outside the step's timing."""
     inner = parallel.unwrap(model) if parallel is not None else model
-    mixing = bool(hybrid_layers(inner))
     sharded = parallel is not None and parallel.sharded
+    hooks = after_backward_hooks(inner, sharded=sharded)  # none for methods without a per-step rule
     device = parallel.device if parallel is not None else None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
@@ -151,7 +150,9 @@ def training_steps(
         with fits:
             parallel.backward(loss) if parallel is not None else loss.backward()
         learning_rate = schedule.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0)  # the run's rate
-        records = update_mixing(inner, sharded=sharded) if mixing else {}
+        records = {}
+        for hook in hooks:
+            records.update(hook())
         watched = time.perf_counter()
         block_norms = block_gradient_norms(inner) if watch and not sharded else {}
         watched = time.perf_counter() - watched

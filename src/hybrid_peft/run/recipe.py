@@ -12,7 +12,7 @@ only rank 0 writes files, each rank sees its own slice of every global batch.
 Output folder::
 
     train_log.jsonl          one line per step (loss, lr, tokens/s, λ summary) and per periodic evaluation
-    mixing.jsonl             the hybrid's λ and branch gradient norms per layer per step
+    mixing.jsonl             the hybrid's λ and branch gradient norms per layer per step (with a mixing rule)
     checkpoints/step-N/      written atomically every ``save_every`` steps; ``--resume`` continues from the last
     adapter/                 the final adapter (model/ for full fine-tuning), merged/ on request
     summary.json, report.md, loss.png
@@ -36,11 +36,10 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from hybrid_peft.adapters import parameter_counts
+from hybrid_peft.adapters import after_backward_hooks, parameter_counts
 from hybrid_peft.errors import ConfigError, HybridPeftError, NonFiniteLossError, TrainingInterrupted
 from hybrid_peft.fileio import append_line, atomic_write_text
 from hybrid_peft.losses import ChunkedLossModel
-from hybrid_peft.methods.hybrid import hybrid_layers
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.run.checkpoint import (
     RESUMABLE_CHANGES,
@@ -309,8 +308,8 @@ class Recipe:
                 k: v if isinstance(v, int | float | str | bool) else json.dumps(v) for k, v in config.to_dict().items()
             }
             self.parallel.accelerator.init_trackers(self.output_dir.name, config=flat)
-        mixing = bool(hybrid_layers(self.inner))
-        telemetry = MixingTelemetry(self.output_dir / MIXING_FILE) if mixing and self.main else None
+        records = bool(after_backward_hooks(self.inner))  # a method with a per-step rule (the hybrid's) logs it
+        telemetry = MixingTelemetry(self.output_dir / MIXING_FILE) if records and self.main else None
         watch = self.main and not self.parallel.sharded and isinstance(self.trainee, OwnAdapter | FullFineTuning)
         checks = AdapterTelemetry(self.output_dir / ADAPTER_TELEMETRY_FILE) if watch else None
         bar = tqdm(

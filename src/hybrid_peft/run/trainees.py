@@ -26,12 +26,11 @@ import torch
 from torch import nn
 
 from hybrid_peft import peers
-from hybrid_peft.adapters import adapter_layers, attach
+from hybrid_peft.adapters import attach, initialise_adapters
 from hybrid_peft.config import AdapterConfig
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.export import save_merged
 from hybrid_peft.losses import chunked_causal_lm_loss
-from hybrid_peft.methods.lora_ga import lora_ga_initialise
 from hybrid_peft.registry import available_methods
 from hybrid_peft.serialization import load_adapter, save_adapter
 
@@ -95,11 +94,11 @@ class OwnAdapter:
         return model
 
     def initialise(self, model: nn.Module, config: TrainConfig, classifier: bool, batches: Batches) -> nn.Module:
-        if any(layer.needs_gradient_init for layer in adapter_layers(model).values()):
-            chunked = config.loss_chunk_tokens  # the estimate's backward then never builds the whole logits either
-            loss_fn = (lambda m, batch: chunked_causal_lm_loss(m, batch, chunked)) if chunked else None
-            lora_ga_initialise(model, batches(), loss_fn=loss_fn, progress=True)  # a bar on a terminal only
-        return model
+        chunked = (
+            config.loss_chunk_tokens
+        )  # a data-dependent start's backward then never builds the whole logits either
+        loss_fn = (lambda m, batch: chunked_causal_lm_loss(m, batch, chunked)) if chunked else None
+        return initialise_adapters(model, batches, loss_fn=loss_fn, progress=True)  # a bar on a terminal only
 
     def restore(self, model: nn.Module, checkpoint: Path) -> nn.Module:
         return load_adapter(model, checkpoint / "adapter", trainable=True)
