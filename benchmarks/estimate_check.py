@@ -37,7 +37,6 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-METHODS = ("full", "lora", "boft", "unitary", "hybrid")
 MODES = ("plain", "nf4", "checkpointing", "chunked", "all")
 CHUNK_TOKENS = 128
 
@@ -55,8 +54,11 @@ def worker(args: argparse.Namespace) -> None:
 
     import torch
 
-    from hybrid_peft import BOFTConfig, HybridConfig, LoRAConfig, UnitaryConfig, attach, load_model
-    from hybrid_peft.methods.hybrid import update_mixing
+    from hybrid_peft import attach, load_model
+    from hybrid_peft.adapters import initialise_adapters
+    from hybrid_peft.estimate import method_config
+    from hybrid_peft.losses import ChunkedLossModel
+    from hybrid_peft.run.loop import make_optimiser, training_steps
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -70,14 +72,8 @@ def worker(args: argparse.Namespace) -> None:
     if mode in ("checkpointing", "all"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     chunk = CHUNK_TOKENS if mode in ("chunked", "all") else 0
-    configs = {
-        "lora": lambda: LoRAConfig(rank=args.rank, alpha=2 * args.rank),
-        "boft": lambda: BOFTConfig(block_size=args.block_size, butterfly_factors=1),
-        "unitary": lambda: UnitaryConfig(),
-        "hybrid": lambda: HybridConfig(rank=args.rank, alpha=2 * args.rank, block_size=args.block_size),
-    }
-    if args.method != "full":
-        attach(model, configs[args.method]())
+    if args.method != "full":  # the registry's config, as the estimate builds it
+        attach(model, method_config(args.method, rank=args.rank, block_size=args.block_size))
     vocab = model.config.vocab_size
     sharded = None
     if args.fsdp:
@@ -96,21 +92,16 @@ def worker(args: argparse.Namespace) -> None:
     ids = torch.randint(5, vocab, (args.batch_size, args.seq_len))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     batch["labels"] = torch.randint(0, 2, (args.batch_size,)) if classify else ids.clone()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=1e-5)
-    model.train()
+    initialise_adapters(model, lambda: [batch])  # a data-dependent start (LoRA-GA's), before the peak is reset
+    steps = 3
+    optimiser, schedule = make_optimiser(model, learning_rate=1e-5, weight_decay=0.0, steps=steps, warmup_steps=0)
+    trained = ChunkedLossModel(model, chunk) if chunk else model
     gc.collect()
     with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
         handle.write("5")  # reset VmHWM to the current RSS
-    from hybrid_peft.losses import chunked_causal_lm_loss
-
-    for _ in range(3):
-        loss = chunked_causal_lm_loss(model, batch, chunk) if chunk else model(**batch).loss
-        loss.backward()
-        if args.method == "hybrid":
-            update_mixing(model, sharded=sharded is not None)
-        optimiser.step()
-        optimiser.zero_grad(set_to_none=True)
+    # The project's one training loop, as the recipe runs it (methods' hooks included).
+    for _ in training_steps(trained, lambda _: batch, optimiser, schedule, start=0, stop=steps, parallel=sharded):
+        pass
     peak_kib = _status_kib("VmHWM")
     print("RESULT " + json.dumps({"measured_mb": (peak_kib - runtime_kib) / 1024, "fixed_mb": fixed_kib / 1024}))
 
@@ -118,7 +109,10 @@ def worker(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2-135m,minilm-l6")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    from hybrid_peft.registry import methods_in_registration_order
+
+    methods = ["full", *methods_in_registration_order()]
+    parser.add_argument("--methods", default=",".join(methods), help="comma-separated (default: every method)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8)

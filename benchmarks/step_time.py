@@ -1,7 +1,7 @@
 """Training-step time and peak memory of each method on the default model, each method in its own process.
 
     python benchmarks/step_time.py                       # SmolLM2-135M, 4x128, all linear layers, 2 threads
-    python benchmarks/step_time.py --methods peft-lora,boft-m1 --steps 8
+    python benchmarks/step_time.py --methods peft-lora,boft --steps 8
     python benchmarks/step_time.py --device cuda --dtype bfloat16
     python benchmarks/step_time.py --methods lora,hybrid --profile 3   # and where each method's time goes
 
@@ -53,7 +53,11 @@ def _hybrid_unitary(model):  # noqa: ANN001, ANN202
 
 
 def method_builders() -> dict[str, Callable]:
-    from hybrid_peft import BOFTConfig, HybridConfig, LoRAConfig, UnitaryConfig
+    """Every registered method at the estimate's settings (rank 8, block size 4: ``estimate.method_config``), the
+    bench's hybrid variants under the bench's names and options, full fine-tuning and PEFT's LoRA and BOFT."""
+    from hybrid_peft import BOFTConfig, HybridConfig, UnitaryConfig
+    from hybrid_peft.estimate import method_config
+    from hybrid_peft.registry import methods_in_registration_order
 
     def peft_lora():  # noqa: ANN202
         import peft
@@ -65,25 +69,26 @@ def method_builders() -> dict[str, Callable]:
 
         return peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules="all-linear")
 
-    return {
+    hybrid = {"rank": 8, "alpha": 16, "block_size": 4}
+    paper = {"start": "lora-ga", "gate_norm": "sum", "orthogonal_lr_scale": 1.0}  # the bench's pinned variants
+    builders = {
+        method: _ours(lambda method=method: method_config(method, rank=8, block_size=4))
+        for method in methods_in_registration_order()
+    }
+    return builders | {
         "full": lambda model: model,
         "peft-lora": _peft(peft_lora),
-        "lora": _ours(lambda: LoRAConfig(rank=8, alpha=16)),
-        "boft-m1": _ours(lambda: BOFTConfig(block_size=4, butterfly_factors=1)),
-        "boft-m2": _ours(lambda: BOFTConfig(block_size=4, butterfly_factors=2)),
-        "unitary": _ours(lambda: UnitaryConfig(targets="all-linear")),
-        "hybrid-share": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, rule="share")),
-        "hybrid-sigmoid": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, rule="sigmoid")),
-        "hybrid-fixed": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, rule="fixed")),
-        "hybrid": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4)),  # the defaults
-        "hybrid-lora-start": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, start="lora")),
-        "hybrid-step": _ours(lambda: HybridConfig(rank=8, alpha=16, block_size=4, gate="step")),
-        "hybrid-unitary": _hybrid_unitary,
         "peft-boft": _peft(peft_boft),
+        "boft-m2": _ours(lambda: BOFTConfig(block_size=4, butterfly_factors=2)),
+        "unitary-all-linear": _ours(lambda: UnitaryConfig(targets="all-linear")),
+        "hybrid-share": _ours(lambda: HybridConfig(**hybrid, rule="share", **paper)),
+        "hybrid-sigmoid": _ours(lambda: HybridConfig(**hybrid, rule="sigmoid", **paper)),
+        "hybrid-step": _ours(lambda: HybridConfig(**hybrid, gate="step", mix_init=0.3, start="lora-ga")),
+        "hybrid-unitary": _hybrid_unitary,
     }
 
 
-DEFAULT_METHODS = "peft-lora,lora,boft-m1,boft-m2,unitary,hybrid-share,hybrid-sigmoid,hybrid-fixed,peft-boft,full"
+DEFAULT_METHODS = "peft-lora,lora,boft,boft-m2,unitary,hybrid,hybrid-share,hybrid-sigmoid,peft-boft,full"
 
 
 def peak_memory_mb(device: str) -> float:
@@ -98,6 +103,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from hybrid_peft import load_model
+    from hybrid_peft.adapters import initialise_adapters
     from hybrid_peft.run.loop import make_optimiser, training_steps
 
     torch.set_num_threads(args.threads)
@@ -115,9 +121,10 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(args.warmup + args.steps + args.profile):
         ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
         batches.append({"input_ids": ids, "labels": ids})
+    initialise_adapters(model, lambda: batches[:2])  # a data-dependent start (LoRA-GA's), outside the timing
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    # The project's one training loop (the hybrid's rule runs after every backward, as in training).
+    # The project's one training loop (the methods' hooks run as in training).
     optimizer, schedule = make_optimiser(
         model, learning_rate=1e-5, weight_decay=0.0, steps=len(batches), warmup_steps=0
     )

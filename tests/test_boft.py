@@ -208,7 +208,7 @@ def test_scaled_linear_matches_plain_autograd(
     upstream = randn(tokens, outputs)
     tolerance = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
     results = []
-    for function in (ScaledLinear.apply, scaled_linear_plain):
+    for function in (lambda *args: ScaledLinear.apply(*args, None), scaled_linear_plain):
         inputs = [t.clone().requires_grad_() for t in (x, scale, h, b)]
         low_rank = (inputs[2], inputs[3], coefficient) if with_low_rank else (None, None, coefficient)
         out = function(inputs[0], weight, inputs[1], bias, *low_rank)
@@ -233,7 +233,7 @@ def test_scaled_linear_without_gradients_runs_the_fast_forward_alone(monkeypatch
     b = torch.nn.Parameter(torch.randn(40, 6, generator=generator))
     coefficient = torch.tensor(0.7)
     with torch.no_grad():
-        expected = boft_module.ScaledLinear.apply(x, weight, scale, bias, h, b, coefficient)
+        expected = boft_module.ScaledLinear.apply(x, weight, scale, bias, h, b, coefficient, None)
 
     def refuse(*args: object) -> None:
         raise AssertionError("the autograd function ran without a gradient to compute")

@@ -8,20 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_peft import BOFTConfig, HybridConfig, LoRAConfig, LoRAGAConfig, UnitaryConfig, attach
+from hybrid_peft import HybridConfig, attach
 from hybrid_peft.adapters import parameter_counts
 from hybrid_peft.cli import main
 from hybrid_peft.errors import ConfigError
-from hybrid_peft.estimate import estimate, load_architecture
+from hybrid_peft.estimate import estimate, load_architecture, method_config
+from hybrid_peft.registry import methods_in_registration_order
 
 from conftest import tiny_bert_classifier, tiny_llama
 
+# Every registered method, at the settings the estimates below are asked for.
 CONFIGS = {
-    "lora": lambda: LoRAConfig(rank=4, alpha=8),
-    "lora-ga": lambda: LoRAGAConfig(rank=4, alpha=8),
-    "boft": lambda: BOFTConfig(block_size=4, butterfly_factors=2),
-    "unitary": lambda: UnitaryConfig(),
-    "hybrid": lambda: HybridConfig(rank=4, alpha=8, block_size=4, butterfly_factors=2),
+    method: (lambda method=method: method_config(method, rank=4, block_size=4, butterfly_factors=2))
+    for method in methods_in_registration_order()
 }
 
 
@@ -97,7 +96,6 @@ def test_memory_parts_follow_the_options() -> None:
     # Frozen weights skip the weight-gradient matmul (4·P instead of 6·P per token); the hybrid runs its low-rank
     # branch next to BOFT's rotation: at rank r with its default plain LoRA start, at rank 2r with a LoRA-GA start
     # and the update gate ([A; A0], [B, −B0]).
-    from hybrid_peft import HybridConfig
 
     frozen = full.flops * 4 / 6
     boft, hybrid = estimate(arch, "boft"), estimate(arch, "hybrid")

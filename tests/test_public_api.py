@@ -33,3 +33,24 @@ def test_internals_stay_importable_from_their_modules() -> None:
         ("hybrid_peft.telemetry", "plot_mixing_heatmap"),
     ]:
         assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+
+
+def test_the_loop_the_recipe_and_export_name_no_method() -> None:
+    """What a method adds to training or export reaches the loop, the trainees, the Trainer callback and export
+    through the layer class's hooks (``AdapterLayer.after_backward`` ...), never by importing the method."""
+    import ast
+    from pathlib import Path
+
+    from hybrid_peft.registry import available_methods, get_method
+
+    package = Path(hybrid_peft.__file__).parent
+    method_names = {get_method(m).layer_class.__name__ for m in available_methods()}
+    method_names |= {get_method(m).config_class.__name__ for m in available_methods()}
+    files = [*sorted((package / "run").glob("*.py")), package / "export.py", package / "telemetry.py"]
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("hybrid_peft.methods"), f"{path.name} imports {node.module}"
+            if isinstance(node, ast.Name):
+                assert node.id not in method_names, f"{path.name} names {node.id}"

@@ -194,3 +194,16 @@ def test_a_change_through_data_needs_a_refresh(input_ids: torch.Tensor) -> None:
                 layer.boft_skew.data.mul_(2.0)
         refresh_rotations(model)
         torch.testing.assert_close(model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits)
+
+
+def test_a_tiny_scale_is_seen_by_the_batched_build_as_by_the_layer(input_ids: torch.Tensor) -> None:
+    """Where some |s| is below SMALL_SCALE the scaled linear keeps its product: the bank reads that for all layers at
+    once, and the gradients stay the reference's."""
+    model, reference = trained_pair(CONFIGS["hybrid"])
+    for m in (model, reference):
+        with torch.no_grad():
+            butterfly_layers(m)[3].boft_scale[5] = 1e-5
+        loss_of(m, input_ids).backward()
+    assert_same_gradients(model, reference)
+    parts = butterfly_layers(model)[0].rotation_bank._parts
+    assert [part[3] for part in parts.values()].count(True) == 1

@@ -141,11 +141,13 @@ class BOFTLayer(ButterflyBranch, AdapterLayer):
             bias = self.base_layer.bias
             out = out * self.boft_scale if bias is None else torch.addcmul(bias.to(out.dtype), out, self.boft_scale)
             return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        rotated = ButterflyRotate.apply(x2d, self.grouped_rotations(), *self.plan)
+        grouped, small_scale = self.grouped_rotations()
+        rotated = ButterflyRotate.apply(x2d, grouped, *self.plan)
         if self.quantised:
             out = self.scaled_base_output(rotated)
         else:
-            out = scaled_linear(rotated, self.base_weight, self.boft_scale, self.base_layer.bias)
+            bias = self.base_layer.bias
+            out = scaled_linear(rotated, self.base_weight, self.boft_scale, bias, small_scale=small_scale)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -278,12 +278,13 @@ class ScaledLinear(torch.autograd.Function):
     gradient for ``c``); ``c`` is folded into the small ``B`` rather than applied to (T, out) tensors."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale, small_scale):  # noqa: ANN001, ANN205
         out, product, scaled_weight = _scaled_output(
             x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale
         )
-        # A host read (a GPU sync), so only where the scale trains; exactness first.
-        ctx.keep_product = ctx.needs_input_grad[2] and bool((scale.abs() < SMALL_SCALE).any())
+        if ctx.needs_input_grad[2] and small_scale is None:  # a host read (a GPU sync): exactness first
+            small_scale = bool((scale.abs() < SMALL_SCALE).any())
+        ctx.keep_product = ctx.needs_input_grad[2] and small_scale
         ctx.has_bias = bias is not None
         ctx.save_for_backward(weight, scale, bias, low_rank_input, scaled_weight, product if ctx.keep_product else out)
         ctx.low_rank_scale = low_rank_scale  # a number, or a scalar tensor without gradient
@@ -320,7 +321,7 @@ class ScaledLinear(torch.autograd.Function):
                 grad_input = grad @ scaled_weight  # (T, out) @ (out, r)
             if needs[5]:
                 grad_low_rank = low_rank_scale * grad_h_product
-        return grad_x, None, grad_scale, grad_bias, grad_input, grad_low_rank, None
+        return grad_x, None, grad_scale, grad_bias, grad_input, grad_low_rank, None, None
 
 
 def scaled_linear(
@@ -331,9 +332,12 @@ def scaled_linear(
     low_rank_input: torch.Tensor | None = None,
     low_rank_weight: torch.Tensor | None = None,
     low_rank_scale: torch.Tensor | float | None = None,
+    small_scale: bool | None = None,
 ) -> torch.Tensor:
     """The fast path when the base weight is frozen, else the plain one (same maths). Where nothing needs a gradient
-    (evaluation, generation) the fast path's forward runs alone: nothing saved, no host read."""
+    (evaluation, generation) the fast path's forward runs alone: nothing saved, no host read. ``small_scale``:
+    whether any ``|s|`` is below :data:`SMALL_SCALE`, if the caller knows (the rotation bank reads it for every
+    layer at once); else the fast path reads it itself."""
     if weight.requires_grad:
         scale_term = 0.0 if low_rank_scale is None else low_rank_scale
         return scaled_linear_plain(x, weight, scale, bias, low_rank_input, low_rank_weight, scale_term)
@@ -341,7 +345,7 @@ def scaled_linear(
     trains = (x, scale, bias, low_rank_input, low_rank_weight)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trains)):
         return _scaled_output(x, weight, scale, bias, low_rank_input, low_rank_weight, coefficient)[0]
-    return ScaledLinear.apply(x, weight, scale, bias, low_rank_input, low_rank_weight, coefficient)
+    return ScaledLinear.apply(x, weight, scale, bias, low_rank_input, low_rank_weight, coefficient, small_scale)
 
 
 def multiplicative_dropout(rotations: torch.Tensor, p: float) -> torch.Tensor:

@@ -252,7 +252,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         return None if self.full_strength else self.gates()[1]
 
     def rotation_inputs(self) -> tuple[torch.Tensor, ...]:
-        return (self.boft_skew,) if self.full_strength else (self.boft_skew, self.mix)
+        return (self.boft_skew, self.boft_scale) + (() if self.full_strength else (self.mix,))
 
     # --- method hooks -----------------------------------------------------------------------------------------
 
@@ -339,7 +339,8 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
             return self.base_layer(x)
         dtype = self.boft_skew.dtype
         x2d = x.reshape(-1, self.in_features).to(dtype)
-        rotated = ButterflyRotate.apply(x2d, self.grouped_rotations(), *self.plan)
+        grouped, small_scale = self.grouped_rotations()
+        rotated = ButterflyRotate.apply(x2d, grouped, *self.plan)
         lora_a, lora_b = self.low_rank_factors()
         low_rank_input = F.linear(self.lora_dropout(x2d), lora_a)  # (T, r), or (T, 2r) with the update gate
         if self.quantised:  # the base layer's own kernel on the rotated input, plus the low-rank branch
@@ -356,6 +357,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
             low_rank_input,
             lora_b,
             self.gates()[0] * self.lora_scaling,
+            small_scale,
         )
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 

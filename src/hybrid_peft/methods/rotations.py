@@ -32,6 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from hybrid_peft.config import AdapterConfig
 from hybrid_peft.methods.butterfly import (
+    SMALL_SCALE,
     butterfly_dense,
     butterfly_permutations,
     cayley,
@@ -122,7 +123,8 @@ class RotationBank:
     def __init__(self, layers: Sequence[ButterflyBranch]) -> None:
         self.layers = list(layers)
         self.disabled = False
-        self._parts: dict[int, tuple[torch.Tensor, tuple, bool]] = {}  # id(layer) -> (grouped, token, with_grad)
+        # id(layer) -> (grouped blocks, token, built with gradients, any |scale| below SMALL_SCALE)
+        self._parts: dict[int, tuple[torch.Tensor, tuple, bool, bool]] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # built rotations carry a graph: never copied or pickled
         return {"layers": self.layers, "disabled": self.disabled, "_parts": {}}
@@ -130,9 +132,9 @@ class RotationBank:
     def clear(self) -> None:
         self._parts.clear()
 
-    def grouped_rotations(self, layer: ButterflyBranch) -> torch.Tensor | None:
-        """``layer``'s grouped blocks from the bank, built for every layer if ``layer``'s are stale; None where the
-        bank cannot serve (the caller builds its own)."""
+    def grouped_rotations(self, layer: ButterflyBranch) -> tuple[torch.Tensor, bool] | None:
+        """``layer``'s grouped blocks and whether any of its scales is below ``SMALL_SCALE``, from the bank, built
+        for every layer if ``layer``'s are stale; None where the bank cannot serve (the caller builds its own)."""
         if self.disabled:
             return None
         part = self._parts.get(id(layer))
@@ -142,11 +144,11 @@ class RotationBank:
             part = self._parts.get(id(layer))
             if part is None:
                 return None
-        return part[0]
+        return part[0], part[3]
 
     @staticmethod
-    def _valid(layer: ButterflyBranch, part: tuple[torch.Tensor, tuple, bool]) -> bool:
-        _, token, with_grad = part
+    def _valid(layer: ButterflyBranch, part: tuple[torch.Tensor, tuple, bool, bool]) -> bool:
+        _, token, with_grad, _ = part
         if token != layer.rotation_token():
             return False
         return with_grad or not (torch.is_grad_enabled() and layer.boft_skew.requires_grad)
@@ -163,13 +165,25 @@ class RotationBank:
             by_kind.setdefault(key, []).append(layer)
         self._parts.clear()
         with_grad = torch.is_grad_enabled()
-        for (block_size, group, _, _), members in by_kind.items():
+        for (block_size, group, _, device), members in by_kind.items():
             tokens = [layer.rotation_token() for layer in members]
             factors = tuple(layer.rotation_factor() for layer in members)
             built = BatchedCayley.apply(block_size, group, factors, *(layer.boft_skew for layer in members))
-            for layer, grouped, token in zip(members, built, tokens, strict=True):
-                self._parts[id(layer)] = (grouped, token, with_grad and grouped.requires_grad)
+            small = _any_small_scale([layer.boft_scale for layer in members], device)
+            for layer, grouped, token, tiny in zip(members, built, tokens, small, strict=True):
+                self._parts[id(layer)] = (grouped, token, with_grad and grouped.requires_grad, tiny)
         return True
+
+
+def _any_small_scale(scales: list[torch.Tensor], device: torch.device) -> list[bool]:
+    """Per scale vector, whether any entry's magnitude is below ``SMALL_SCALE`` (the scaled linear then keeps its
+    product for backward): one host read for all of them instead of one per layer and forward pass."""
+    with torch.no_grad():
+        small = torch.cat([s.reshape(-1) for s in scales]).abs() < SMALL_SCALE
+        sizes = torch.tensor([s.numel() for s in scales], device=device)
+        owners = torch.repeat_interleave(torch.arange(len(scales), device=device), sizes)
+        counts = torch.zeros(len(scales), device=device).index_add_(0, owners, small.to(torch.float32))
+        return (counts > 0).tolist()
 
 
 def link_rotation_banks(model: nn.Module) -> None:
@@ -219,8 +233,8 @@ class ButterflyBranch:
         return self.boft_skew if factor is None else factor * self.boft_skew
 
     def rotation_inputs(self) -> tuple[torch.Tensor, ...]:
-        """The tensors the rotation is built from: a change to any of them makes a built rotation stale."""
-        return (self.boft_skew,)
+        """The tensors a built rotation (and its scale's flag) depends on: a change to any of them makes it stale."""
+        return (self.boft_skew, self.boft_scale)
 
     def rotation_token(self) -> tuple:
         """What a built rotation of this layer is valid for (see the module docstring)."""
@@ -241,15 +255,16 @@ class ButterflyBranch:
         """This layer's grouped blocks ``(m, N/G, G·b, G·b)``, built by itself: the reference for the bank's."""
         return group_factors(self.rotations())
 
-    def grouped_rotations(self) -> torch.Tensor:
-        """The grouped blocks :class:`~hybrid_peft.methods.butterfly.ButterflyRotate` multiplies by: the bank's
-        batched build where it may serve, else this layer's own."""
+    def grouped_rotations(self) -> tuple[torch.Tensor, bool | None]:
+        """The grouped blocks :class:`~hybrid_peft.methods.butterfly.ButterflyRotate` multiplies by, and whether any
+        ``|s|`` is below ``SMALL_SCALE`` (for ``scaled_linear``): the bank's batched build where it may serve, else
+        this layer's own blocks and None (``scaled_linear`` then reads the scale itself)."""
         bank = self.rotation_bank
         if bank is not None and self.bank_may_serve():
-            grouped = bank.grouped_rotations(self)
-            if grouped is not None:
-                return grouped
-        return self.own_grouped_rotations()
+            served = bank.grouped_rotations(self)
+            if served is not None:
+                return served
+        return self.own_grouped_rotations(), None
 
     @torch.no_grad()
     def orthogonality_error(self) -> float:
