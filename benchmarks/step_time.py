@@ -4,11 +4,16 @@
     python benchmarks/step_time.py --methods peft-lora,boft --steps 8
     python benchmarks/step_time.py --device cuda --dtype bfloat16
     python benchmarks/step_time.py --methods lora,hybrid --profile 3   # and where each method's time goes
+    python benchmarks/step_time.py --paired lora,hybrid --steps 40      # both in one process, steps alternated
 
 Prints one markdown table: trainable parameters, median step time (forward + backward + AdamW step), its ratio to
 PEFT LoRA r=8 measured in the same run, and peak memory (process peak RSS on CPU, peak allocated on CUDA) with its
 ratio. Use ratios, not absolute seconds: machines are noisy. ``--profile N`` profiles N more steps of each method
 (first process only, after the timed ones) and prints its operators by self time.
+
+``--paired A,B`` answers "how much slower is B than A" on a noisy machine: both models live in one process and
+their training steps alternate (A, B, A, B, ...), so a slow spell of the machine hits both alike; it prints each
+method's median step and the median of the per-pair ratios B/A with a 95% bootstrap interval.
 """
 
 from __future__ import annotations
@@ -152,6 +157,59 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def paired(args: argparse.Namespace) -> None:
+    """Two methods in one process, their steps alternated; the ratio of each adjacent pair of steps."""
+    import random
+
+    import torch
+
+    from hybrid_peft import load_model
+    from hybrid_peft.adapters import initialise_adapters
+    from hybrid_peft.run.loop import make_optimiser, training_steps
+
+    torch.set_num_threads(args.threads)
+    names = [m.strip() for m in args.paired.split(",")]
+    if len(names) != 2 or any(n not in method_builders() for n in names):
+        raise SystemExit(f"--paired takes two methods, e.g. lora,hybrid; choose from {sorted(method_builders())}")
+    dtype = getattr(torch, args.dtype)
+    total = args.warmup + args.steps
+    generator = torch.Generator().manual_seed(0)
+    runs = []
+    for name in names:
+        torch.manual_seed(0)
+        model = method_builders()[name](load_model(args.model, dtype=dtype, device=args.device)).train()
+        if name == "full":
+            model.requires_grad_(True)
+        vocab = model.config.vocab_size
+        batches = []
+        for _ in range(total):
+            ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
+            batches.append({"input_ids": ids, "labels": ids})
+        initialise_adapters(model, lambda batches=batches: batches[:2])
+        optimizer, schedule = make_optimiser(model, learning_rate=1e-5, weight_decay=0.0, steps=total, warmup_steps=0)
+        runs.append(training_steps(model, batches.__getitem__, optimizer, schedule, start=0, stop=total))
+    times: list[list[float]] = [[], []]
+    for step in range(total):
+        order = (0, 1) if step % 2 == 0 else (1, 0)  # alternate who goes first
+        for index in order:
+            result = next(runs[index])
+            if step >= args.warmup:
+                times[index].append(result.seconds)
+    ratios = [b / a for a, b in zip(*times, strict=True)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choice(ratios) for _ in ratios) for _ in range(2000))  # bootstrap over pairs
+    low, high = medians[int(0.025 * len(medians))], medians[int(0.975 * len(medians)) - 1]
+    print(
+        f"\n{args.model}, batch {args.batch_size}x{args.seq_len}, {args.device} {args.dtype}, {args.threads} threads, "
+        f"{args.steps} alternated steps of each after {args.warmup} warm-up, one process\n"
+    )
+    print(f"| method | step s (median) | × {names[0]} (median of pair ratios) | 95% interval |")
+    print("|---|---|---|---|")
+    print(f"| {names[0]} | {statistics.median(times[0]):.3f} | 1.00 | |")
+    ratio = statistics.median(ratios)
+    print(f"| {names[1]} | {statistics.median(times[1]):.3f} | {ratio:.3f} | {low:.3f}–{high:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
@@ -167,8 +225,12 @@ def main() -> None:
     parser.add_argument("--baseline", default="peft-lora", help="method the ratios are relative to")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--profile", type=int, default=0, help="profile N more steps per method and print the top ops")
+    parser.add_argument("--paired", help="two methods, e.g. lora,hybrid: one process, steps alternated, paired ratio")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paired:
+        paired(args)
+        return
     if args.worker:
         worker(args)
         return
