@@ -21,7 +21,8 @@ from hybrid_peft import (
 )
 from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.errors import ConfigError
-from hybrid_peft.methods.hybrid import MIXING_RULES, BranchNorms, HybridLayer, hybrid_layers
+from hybrid_peft.methods.hybrid import HybridLayer, hybrid_layers
+from hybrid_peft.methods.mixing import MIXING_RULES, BranchNorms
 from hybrid_peft.telemetry import MixingTelemetry, plot_mixing_heatmap, read_mixing_telemetry
 
 from conftest import DATA, MODEL_FACTORIES, model_output, run_torchrun
