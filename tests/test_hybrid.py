@@ -602,3 +602,14 @@ def test_hybrid_unitary_composes_unitary_attention_and_the_hybrid_elsewhere(tiny
     assert kinds["q_proj"] == "UnitaryLayer" and kinds["down_proj"] == "HybridLayer"
     with pytest.raises(ConfigError, match="unitary part's targets"):
         TrainConfig(method="hybrid-unitary", adapter={"targets": ["q_proj"]})
+
+
+def test_only_a_hybrid_with_a_rule_has_a_per_step_hook() -> None:
+    """At the default (λ fixed) the training loop has nothing to run after backward: no gradient norms, no host read."""
+    from hybrid_peft.adapters import after_backward_hooks
+
+    fixed = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4))
+    assert after_backward_hooks(fixed) == []
+    assert all(layer.full_strength and layer.rotation_factor() is None for layer in hybrid_layers(fixed).values())
+    shared = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, rule="share"))
+    assert len(after_backward_hooks(shared)) == 1

@@ -231,6 +231,8 @@ def test_two_processes_train_in_sync_and_only_rank_zero_writes(tiny_lm: str, tmp
             "hybrid",
             "--set",
             "rank=2",
+            "--set",
+            "rule=share",  # a per-step rule, so each step writes λ (the default, fixed λ, writes none)
             "--steps",
             "4",
             "--batch-size",
