@@ -104,29 +104,36 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(args: argparse.Namespace) -> None:
+def prepared(method: str, args: argparse.Namespace, steps: int) -> tuple:
+    """``method`` on the model in training mode, its data-dependent start run (outside any timing), and ``steps``
+    random batches (the same for every method)."""
     import torch
 
     from hybrid_peft import load_model
     from hybrid_peft.adapters import initialise_adapters
-    from hybrid_peft.run.loop import make_optimiser, training_steps
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    model = load_model(args.model, dtype=dtype, device=args.device)
-    model = method_builders()[args.worker](model)
-    model.train()
-    if args.worker == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model = method_builders()[method](model).train()
+    if method == "full":
+        model.requires_grad_(True)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     batches = []
-    for _ in range(args.warmup + args.steps + args.profile):
+    for _ in range(steps):
         ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
         batches.append({"input_ids": ids, "labels": ids})
-    initialise_adapters(model, lambda: batches[:2])  # a data-dependent start (LoRA-GA's), outside the timing
+    initialise_adapters(model, lambda: batches[:2])  # LoRA-GA's start, for example
+    return model, batches
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from hybrid_peft.run.loop import make_optimiser, training_steps
+
+    torch.set_num_threads(args.threads)
+    model, batches = prepared(args.worker, args, args.warmup + args.steps + args.profile)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     # The project's one training loop (the methods' hooks run as in training).
@@ -163,29 +170,16 @@ def paired(args: argparse.Namespace) -> None:
 
     import torch
 
-    from hybrid_peft import load_model
-    from hybrid_peft.adapters import initialise_adapters
     from hybrid_peft.run.loop import make_optimiser, training_steps
 
     torch.set_num_threads(args.threads)
     names = [m.strip() for m in args.paired.split(",")]
     if len(names) != 2 or any(n not in method_builders() for n in names):
         raise SystemExit(f"--paired takes two methods, e.g. lora,hybrid; choose from {sorted(method_builders())}")
-    dtype = getattr(torch, args.dtype)
     total = args.warmup + args.steps
-    generator = torch.Generator().manual_seed(0)
     runs = []
     for name in names:
-        torch.manual_seed(0)
-        model = method_builders()[name](load_model(args.model, dtype=dtype, device=args.device)).train()
-        if name == "full":
-            model.requires_grad_(True)
-        vocab = model.config.vocab_size
-        batches = []
-        for _ in range(total):
-            ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
-            batches.append({"input_ids": ids, "labels": ids})
-        initialise_adapters(model, lambda batches=batches: batches[:2])
+        model, batches = prepared(name, args, total)
         optimizer, schedule = make_optimiser(model, learning_rate=1e-5, weight_decay=0.0, steps=total, warmup_steps=0)
         runs.append(training_steps(model, batches.__getitem__, optimizer, schedule, start=0, stop=total))
     times: list[list[float]] = [[], []]

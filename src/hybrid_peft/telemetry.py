@@ -269,9 +269,13 @@ def mixing_callback(telemetry_path: str | os.PathLike | None = None, *, sharded:
                 prepare_optimiser(inner, model)
                 warn_if_rate_scales_not_applied(inner, model)
 
+        hooks: list | None = None  # the methods' after-backward hooks, found once
+
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+            if self.hooks is None:
+                self.hooks = after_backward_hooks(model, sharded=sharded)
             records = {}
-            for hook in after_backward_hooks(model, sharded=sharded):
+            for hook in self.hooks:
                 records.update(hook())
             if telemetry is not None and state.is_world_process_zero:
                 telemetry.log(state.global_step, records)

@@ -200,6 +200,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         # The gate and the rule's state: buffers (saved, never optimised).
         self.register_buffer("mix", torch.tensor(config.mix_init, **factory))
         self.register_buffer("mix_start", torch.tensor(config.mix_init, **factory))  # λ0 of the base offset
+        self.full_strength = full_strength(config)
 
     # --- branches -------------------------------------------------------------------------------------------
 
@@ -222,16 +223,6 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
             larger = torch.maximum(low_rank, orthogonal)
             return low_rank / larger, orthogonal / larger
         return low_rank, orthogonal
-
-    @property
-    def full_strength(self) -> bool:
-        """Both branches always run at full strength: ``gate='step'`` (λ splits the optimiser's step instead), or
-        the fixed rule at λ = 0.5 under max normalisation (the default). No gate is computed then."""
-        config = self.config
-        if config.gate == "step":
-            return True
-        constant = config.rule == "fixed" and config.mix_init_from == "constant"
-        return constant and config.gate_norm == "max" and config.mix_init == 0.5
 
     def gates(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """The factors on each branch in the forward pass: the shares, or 1 and 1 at :attr:`full_strength`."""
@@ -358,6 +349,15 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
             f"butterfly_factors={self.config.butterfly_factors}, rule={self.config.rule}, gate={self.config.gate}, "
             f"start={self.config.start}, gate_norm={self.config.gate_norm}, mix={float(self.mix):.3f}"
         )
+
+
+def full_strength(config: HybridConfig) -> bool:
+    """Both branches always run at full strength: ``gate='step'`` (λ splits the optimiser's step instead), or the
+    fixed rule at λ = 0.5 under max normalisation (the default). No gate is computed then."""
+    if config.gate == "step":
+        return True
+    constant = config.rule == "fixed" and config.mix_init_from == "constant"
+    return constant and config.gate_norm == "max" and config.mix_init == 0.5
 
 
 # --- the model-level entry points ------------------------------------------------------------------------------

@@ -80,9 +80,8 @@ class BatchedCayley(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block_size: int, group: int, factors: tuple, *skews: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
         shapes = [s.shape for s in skews]
-        flat = torch.cat(
-            [s.reshape(-1, s.shape[-1]) * (1 if f is None else f) for s, f in zip(skews, factors, strict=True)]
-        )  # (Σ m·N, b(b−1)/2), each layer's scaled by its factor
+        flat = torch.cat([_scaled(s.reshape(-1, s.shape[-1]), f) for s, f in zip(skews, factors, strict=True)])
+        # (Σ m·N, b(b−1)/2), each layer's scaled by its factor
         blocks = cayley(skew_symmetric(flat, block_size))  # (Σ m·N, b, b)
         ctx.blocks, ctx.shapes, ctx.factors, ctx.block_size, ctx.group = blocks, shapes, factors, block_size, group
         grouped = group_blocks(blocks, group)  # (Σ m·N/G, G·b, G·b)
@@ -110,10 +109,14 @@ class BatchedCayley(torch.autograd.Function):
         grad_free = (grad_skew - grad_skew.transpose(-1, -2))[:, rows, cols]  # K = U − Uᵀ, U's free entries
         sizes = [math.prod(shape[:-1]) for shape in shapes]
         grads_out = [
-            part.reshape(shape) * (1 if factor is None else factor)
+            _scaled(part.reshape(shape), factor)
             for part, shape, factor in zip(grad_free.split(sizes), shapes, ctx.factors, strict=True)
         ]
         return (None, None, None, *grads_out)
+
+
+def _scaled(tensor: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    return tensor if factor is None else tensor * factor
 
 
 class RotationBank:
