@@ -83,7 +83,7 @@ def worker(args: argparse.Namespace) -> None:
         configs = {
             "lora": lambda: LoRAConfig(rank=args.rank, alpha=2 * args.rank),
             "lora-ga": lambda: LoRAGAConfig(rank=args.rank, alpha=2 * args.rank),
-            "hybrid": lambda: HybridConfig(rank=args.rank, alpha=2 * args.rank, block_size=4),
+            "hybrid": lambda: HybridConfig(low_rank=LoRAConfig(rank=args.rank, alpha=2 * args.rank)),
         }
         attach(model, configs[args.worker]())
         if args.worker in ("lora-ga", "hybrid"):

@@ -28,7 +28,7 @@ def trainable_parameters(method: str, model_name: str) -> list:
     model = load_model(model_name)
     if method == "full":
         return [p.requires_grad_(True) for p in model.parameters()]
-    config = {"lora": LoRAConfig(rank=8, alpha=16), "hybrid": HybridConfig(rank=8, alpha=16, block_size=4)}[method]
+    config = {"lora": LoRAConfig(rank=8, alpha=16), "hybrid": HybridConfig()}[method]
     return [p for p in attach(model, config).parameters() if p.requires_grad]
 
 

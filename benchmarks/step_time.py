@@ -54,7 +54,7 @@ def _hybrid_unitary(model):  # noqa: ANN001, ANN202
     from hybrid_peft import HybridConfig, UnitaryConfig, attach
 
     attach(model, UnitaryConfig(lr_scale=10.0))
-    return attach(model, HybridConfig(rank=8, alpha=16, block_size=4))
+    return attach(model, HybridConfig())  # rank 8, alpha 16, block size 4
 
 
 def method_builders() -> dict[str, Callable]:
@@ -74,8 +74,7 @@ def method_builders() -> dict[str, Callable]:
 
         return peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules="all-linear")
 
-    hybrid = {"rank": 8, "alpha": 16, "block_size": 4}
-    paper = {"start": "lora-ga", "gate_norm": "sum", "orthogonal_lr_scale": 1.0}  # the bench's pinned variants
+    paper = {"rank": 8, "alpha": 16, "low_rank": "lora-ga", "orthogonal.lr_scale": 1.0}  # as the bench's variants
     builders = {
         method: _ours(lambda method=method: method_config(method, rank=8, block_size=4))
         for method in methods_in_registration_order()
@@ -86,9 +85,8 @@ def method_builders() -> dict[str, Callable]:
         "peft-boft": _peft(peft_boft),
         "boft-m2": _ours(lambda: BOFTConfig(block_size=4, butterfly_factors=2)),
         "unitary-all-linear": _ours(lambda: UnitaryConfig(targets="all-linear")),
-        "hybrid-share": _ours(lambda: HybridConfig(**hybrid, rule="share", **paper)),
-        "hybrid-sigmoid": _ours(lambda: HybridConfig(**hybrid, rule="sigmoid", **paper)),
-        "hybrid-step": _ours(lambda: HybridConfig(**hybrid, gate="step", mix_init=0.3, start="lora-ga")),
+        "hybrid-share": _ours(lambda: HybridConfig.from_dict({**paper, "rule": "share"})),
+        "hybrid-sigmoid": _ours(lambda: HybridConfig.from_dict({**paper, "rule": "sigmoid"})),
         "hybrid-unitary": _hybrid_unitary,
     }
 

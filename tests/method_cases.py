@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_peft import BOFTConfig, HybridConfig, LoRAConfig, LoRAGAConfig, UnitaryConfig, lora_ga_initialise
+from hybrid_peft import (
+    BOFTConfig,
+    HybridConfig,
+    LoRAConfig,
+    LoRAGAConfig,
+    ShareRule,
+    SigmoidRule,
+    UnitaryConfig,
+    lora_ga_initialise,
+)
 from hybrid_peft.adapters import adapter_layers, adapter_parameters
 from hybrid_peft.config import AdapterConfig
 
@@ -23,26 +32,23 @@ METHOD_CASES: dict[str, AdapterConfig] = {
     "boft-m1": BOFTConfig(block_size=4, butterfly_factors=1),
     "boft-m2": BOFTConfig(block_size=4, butterfly_factors=2),
     "boft-blocknum-dropout": BOFTConfig(block_size=0, block_num=4, butterfly_factors=2, dropout=0.25),
-    "hybrid-default": HybridConfig(rank=2, alpha=4.0, block_size=4),  # both branches at full strength
+    "hybrid-default": HybridConfig(low_rank=LoRAConfig(rank=2, alpha=4.0)),  # both branches at full strength
     "hybrid-share": HybridConfig(
-        rank=2, alpha=4.0, block_size=4, rule="share", gate_norm="sum", orthogonal_lr_scale=1.0
+        low_rank=LoRAConfig(rank=2, alpha=4.0), orthogonal=BOFTConfig(lr_scale=1.0), rule=ShareRule(mix_init=0.4)
     ),
-    "hybrid-sigmoid-m2": HybridConfig(rank=2, alpha=4.0, block_size=4, butterfly_factors=2, rule="sigmoid"),
-    "hybrid-lora-ga-start": HybridConfig(rank=2, alpha=4.0, block_size=4, start="lora-ga"),
-    "hybrid-fixed-sketch": HybridConfig(
-        rank=2, alpha=4.0, block_size=4, rule="fixed", mix_init=0.3, estimator="sketch", start="lora-ga"
+    "hybrid-sigmoid-m2": HybridConfig(
+        low_rank=LoRAConfig(rank=2, alpha=4.0, lr_scale=2.0),
+        orthogonal=BOFTConfig(butterfly_factors=2, lr_scale=10.0),
+        rule=SigmoidRule(gates="max"),
     ),
-    "hybrid-branch-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="branch", mix_init=0.4, start="lora-ga"),
-    "hybrid-max-gates": HybridConfig(rank=2, alpha=4.0, block_size=4, rule="share", gate_norm="max"),
-    "hybrid-step-gate": HybridConfig(rank=2, alpha=4.0, block_size=4, gate="step", mix_init=0.3, start="lora-ga"),
-    "hybrid-gradient-mix-branch-lr": HybridConfig(
-        rank=2,
-        alpha=4.0,
-        block_size=4,
-        mix_init_from="gradient",
-        orthogonal_lr_scale=10.0,
-        gate="branch",
-        start="lora-ga",
+    "hybrid-lora-ga-start": HybridConfig(low_rank=LoRAGAConfig(rank=2, alpha=4.0)),
+    "hybrid-lora-ga-sketch-share": HybridConfig(
+        low_rank=LoRAGAConfig(rank=2, alpha=4.0, estimator="sketch"), rule=ShareRule(mix_init=0.3)
+    ),
+    "hybrid-max-gates-dropout": HybridConfig(
+        low_rank=LoRAConfig(rank=2, alpha=4.0, dropout=0.1),
+        orthogonal=BOFTConfig(dropout=0.25),
+        rule=ShareRule(gates="max"),
     ),
     "unitary": UnitaryConfig(),
     "unitary-all-linear": UnitaryConfig(targets="all-linear"),

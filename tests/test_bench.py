@@ -170,6 +170,9 @@ def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, caps
         plan = load_plan(name)
         assert plan.sweep_runs() if plan.sweep else plan.runs()
     assert "hybrid" in load_plan("full").methods and "hybrid" in load_plan("quick").methods  # the default hybrid
+    for path in sorted((Path(__file__).parents[1] / "benchmarks").glob("*.yaml")):  # and the benchmark scripts'
+        plan = load_plan(str(path))
+        assert plan.sweep_runs() if plan.sweep else plan.runs(), path.name
     config = write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")
     with pytest.raises(ConfigError, match=r"unknown method\(s\) \['nope'\]"):
         load_plan(str(config)).runs(methods=["nope"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_peft import HybridConfig, attach
+from hybrid_peft import HybridConfig, LoRAConfig, LoRAGAConfig, attach
 from hybrid_peft.adapters import parameter_counts
 from hybrid_peft.cli import main
 from hybrid_peft.errors import ConfigError
@@ -100,8 +100,8 @@ def test_memory_parts_follow_the_options() -> None:
     frozen = full.flops * 4 / 6
     boft, hybrid = estimate(arch, "boft"), estimate(arch, "hybrid")
     assert hybrid.flops - boft.flops == pytest.approx(lora.flops - frozen)
-    lora_ga_start = HybridConfig(rank=8, block_size=4, start="lora-ga")
-    assert lora_ga_start.low_rank_width == 16 and HybridConfig(rank=8).low_rank_width == 8
+    lora_ga_start = HybridConfig(low_rank=LoRAGAConfig(rank=8))
+    assert lora_ga_start.low_rank_width == 16 and HybridConfig(low_rank=LoRAConfig(rank=8)).low_rank_width == 8
     quantised = estimate(arch, "lora", quantised_base=4)
     assert quantised.weights < 0.3 * lora.weights
     longer = estimate(arch, "lora", seq_len=1024)

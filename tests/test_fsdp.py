@@ -32,7 +32,7 @@ def runs(tiny_lm: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return output
 
 
-@pytest.mark.parametrize("method", ["lora", "boft", "hybrid", "hybrid-step", "full"])
+@pytest.mark.parametrize("method", ["lora", "boft", "hybrid", "hybrid-default", "full"])
 def test_fsdp_trains_like_ddp(runs: Path, method: str) -> None:
     ddp, fsdp = RunSummary.read(runs / f"{method}-ddp"), RunSummary.read(runs / f"{method}-fsdp")
     assert (ddp.distributed_type, fsdp.distributed_type) == ("MULTI_CPU", "FSDP2")

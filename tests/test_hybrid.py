@@ -3,6 +3,7 @@ data parallelism, per-pattern method assignment, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 from hybrid_peft import (
+    BOFTConfig,
     HybridConfig,
+    LoRAConfig,
+    LoRAGAConfig,
     UnitaryConfig,
     attach,
     load_adapter,
@@ -22,17 +26,17 @@ from hybrid_peft import (
 from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.methods.hybrid import HybridLayer, hybrid_layers
-from hybrid_peft.methods.mixing import MIXING_RULES, BranchNorms
+from hybrid_peft.methods.mixing import RULES, BranchNorms, ShareRule, SigmoidRule, mixing_rule
 from hybrid_peft.telemetry import MixingTelemetry, plot_mixing_heatmap, read_mixing_telemetry
 
 from conftest import DATA, MODEL_FACTORIES, model_output, run_torchrun
 from method_cases import random_batches
 
 
-def hybrid_model(rule: str = "share", **kwargs) -> torch.nn.Module:  # noqa: ANN003
-    """A hybrid with the paper's LoRA-GA start and λ, 1 − λ gates (the defaults, a plain LoRA start and both
-    branches at full strength, are tested in the conformance rows and below)."""
-    config = HybridConfig(rank=2, block_size=4, rule=rule, **({"start": "lora-ga", "gate_norm": "sum"} | kwargs))
+def hybrid_model(rule: str | None = "share", **settings) -> torch.nn.Module:  # noqa: ANN003
+    """A hybrid with the paper's LoRA-GA start and a rule (``settings``: the rule's) with λ, 1 − λ gates (the
+    default, a plain LoRA start and both branches at full strength, is tested in the conformance rows and below)."""
+    config = HybridConfig(low_rank=LoRAGAConfig(rank=2), rule=mixing_rule(rule and {"name": rule, **settings}))
     model = attach(MODEL_FACTORIES["llama"](), config)
     lora_ga_initialise(model, random_batches())
     return model
@@ -50,8 +54,8 @@ def train_steps(model: torch.nn.Module, steps: int, telemetry: MixingTelemetry |
         optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("rule", sorted(MIXING_RULES))
-def test_effective_weight_is_the_base_weight_at_step_zero(rule: str) -> None:
+@pytest.mark.parametrize("rule", [None, *sorted(RULES)])
+def test_effective_weight_is_the_base_weight_at_step_zero(rule: str | None) -> None:
     original = MODEL_FACTORIES["llama"]()
     model = hybrid_model(rule)
     for name, layer in hybrid_layers(model).items():
@@ -59,25 +63,22 @@ def test_effective_weight_is_the_base_weight_at_step_zero(rule: str) -> None:
         torch.testing.assert_close(layer.merged_weight(), original.get_submodule(name).weight, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("gate", ["branch", "update", "step"])
-def test_lambda_moves_without_moving_the_output_except_with_the_branch_gate(gate: str, input_ids: torch.Tensor) -> None:
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_lambda_moves_without_moving_the_output_or_the_base(rule: str, input_ids: torch.Tensor) -> None:
     original = MODEL_FACTORIES["llama"]().eval()
-    model = hybrid_model("fixed", gate=gate).eval()
+    model = hybrid_model(rule).eval()
     expected = model_output(original, input_ids)
     torch.testing.assert_close(model_output(model, input_ids), expected, atol=1e-5, rtol=0)
     for layer in hybrid_layers(model).values():
         layer.mix.fill_(0.9)  # λ moves before any training
-    moved = model_output(model, input_ids)
-    if gate != "branch":  # B A − B0 A0 = 0 at the start, whatever λ is (and the step gate is not in the forward)
-        torch.testing.assert_close(moved, expected, atol=1e-5, rtol=0)
-        for name, layer in hybrid_layers(model).items():  # and the base weight was never offset
-            assert torch.equal(layer.base_weight, original.get_submodule(name).weight)
-    else:  # the whole branch is gated: (λ − λ0)·s·B0A0 reaches the output
-        assert (moved - expected).abs().max() > 1e-3
+    # B A − B0 A0 = 0 at the start, whatever λ is, and the base weight is never offset
+    torch.testing.assert_close(model_output(model, input_ids), expected, atol=1e-5, rtol=0)
+    for name, layer in hybrid_layers(model).items():
+        assert torch.equal(layer.base_weight, original.get_submodule(name).weight)
 
 
-def test_update_gate_learns_the_same_update_as_an_explicit_reference() -> None:
-    model = hybrid_model("share", gate="update")
+def test_the_gated_update_is_the_same_as_an_explicit_reference() -> None:
+    model = hybrid_model("share")
     train_steps(model, 3)
     for name, layer in hybrid_layers(model).items():
         rotation = layer.rotation_matrix()
@@ -89,56 +90,15 @@ def test_update_gate_learns_the_same_update_as_an_explicit_reference() -> None:
         assert (update.abs().max() > 0) and (float(layer.mix) != 0.5), "training should have moved B A and λ"
 
 
-def test_adapters_saved_before_the_gate_option_load_with_the_branch_gate(input_ids: torch.Tensor, tmp_path) -> None:  # noqa: ANN001
-    import json
-
-    model = hybrid_model(gate="branch")
-    train_steps(model, 2)
-    model.eval()
-    expected = model_output(model, input_ids)
-    save_adapter(model, tmp_path / "adapter")
-    config_file = tmp_path / "adapter" / "adapter_config.json"
-    document = json.loads(config_file.read_text())
-    for config in document["configs"]:  # what format version 1 wrote: no gate field
-        del config["gate"]
-    document["format_version"] = 1
-    config_file.write_text(json.dumps(document))
-    fresh = load_adapter(MODEL_FACTORIES["llama"]().eval(), tmp_path / "adapter")
-    assert {layer.config.gate for layer in hybrid_layers(fresh).values()} == {"branch"}
-    torch.testing.assert_close(model_output(fresh, input_ids), expected, atol=1e-5, rtol=0)
-    assert HybridConfig().gate == "update"  # new adapters get the update gate
-
-
-def test_adapters_saved_before_format_4_load_with_the_share_rule(input_ids: torch.Tensor, tmp_path) -> None:  # noqa: ANN001
-    import json
-
-    # what the default was before format version 4: the share rule, λ and 1 − λ gates, one rate for both branches
-    old_default = HybridConfig(rank=2, block_size=4, rule="share", gate_norm="sum", orthogonal_lr_scale=1.0)
-    model = attach(MODEL_FACTORIES["llama"](), old_default)
-    train_steps(model, 2)
-    model.eval()
-    expected = model_output(model, input_ids)
-    assert any(float(m.mix) != 0.5 for m in hybrid_layers(model).values())  # λ moved, so the gates are not 1 and 1
-    save_adapter(model, tmp_path / "adapter")
-    config_file = tmp_path / "adapter" / "adapter_config.json"
-    document = json.loads(config_file.read_text())
-    for config in document["configs"]:  # a file from before gate_norm and the rate multipliers existed
-        del config["gate_norm"], config["orthogonal_lr_scale"], config["low_rank_lr_scale"]
-    document["format_version"] = 3
-    config_file.write_text(json.dumps(document))
-    fresh = load_adapter(MODEL_FACTORIES["llama"]().eval(), tmp_path / "adapter")
-    assert {layer.config for layer in hybrid_layers(fresh).values()} == {old_default}
-    torch.testing.assert_close(model_output(fresh, input_ids), expected, atol=1e-5, rtol=0)
-
-
 def test_the_default_hybrid_runs_both_branches_at_full_strength_and_the_rotation_at_a_third_of_the_rate() -> None:
     from hybrid_peft.run.loop import make_optimiser
 
-    config = HybridConfig(rank=2, block_size=4)
-    assert (config.rule, config.gate_norm, config.start, config.mix_init) == ("fixed", "max", "lora", 0.5)
+    config = HybridConfig(low_rank=LoRAConfig(rank=2))
+    assert config.rule is None and type(config.low_rank) is LoRAConfig and config.orthogonal.lr_scale == 0.3
     model = attach(MODEL_FACTORIES["llama"](), config)
     layers = hybrid_layers(model)
     assert all(tuple(float(g) for g in layer.gates()) == (1.0, 1.0) for layer in layers.values())
+    assert not any("mix" in layer.adapter_state() for layer in layers.values())  # no λ at all
     optimizer, schedule = make_optimiser(model, learning_rate=1e-2, weight_decay=0.0, steps=10, warmup_steps=0)
     before = hybrid_snapshot(model)
     for batch in random_batches(1, seed=3):
@@ -148,7 +108,6 @@ def test_the_default_hybrid_runs_both_branches_at_full_strength_and_the_rotation
     sizes = first_step_sizes(before, model)  # AdamW's first step moves each entry by its group's rate
     assert sizes["lora_B"] == pytest.approx(1e-2, rel=1e-3)
     assert sizes["boft_skew"] == pytest.approx(0.3e-2, rel=1e-3)
-    assert all(float(layer.mix) == 0.5 for layer in layers.values())  # the fixed rule never moves λ
 
 
 def first_step_sizes(before: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, float]:
@@ -167,55 +126,8 @@ def hybrid_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in kinds}
 
 
-def test_the_step_gate_splits_adamws_rate_between_the_branches() -> None:
-    from hybrid_peft.run.loop import make_optimiser
-
-    config = HybridConfig(
-        rank=2, block_size=4, gate="step", rule="fixed", mix_init=0.25, gate_norm="sum", orthogonal_lr_scale=1.0
-    )
-    model = attach(MODEL_FACTORIES["llama"](), config)
-    reference = attach(MODEL_FACTORIES["llama"](), config.replace(gate="update"))
-    reference.load_state_dict(model.state_dict())
-    ones = (torch.ones(()), torch.ones(()))
-    for layer in hybrid_layers(reference).values():  # the step gate's forward: both gates at 1
-        layer.gates = lambda: ones  # type: ignore[method-assign]
-    optimizer, schedule = make_optimiser(model, learning_rate=1e-2, weight_decay=0.01, steps=10, warmup_steps=0)
-    # The reference: the same AdamW with the rate split by hand, 0.25 for A and B, 0.75 for the skew parameters.
-    shares = {"lora_A": 0.25, "lora_B": 0.25, "boft_skew": 0.75}
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for name, p in reference.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(shares.get(name.rsplit(".", 1)[-1], 1.0), []).append(p)
-    reference_optimizer = torch.optim.AdamW(
-        [{"params": ps, "lr": 1e-2 * share} for share, ps in groups.items()], weight_decay=0.01
-    )
-    reference_schedule = torch.optim.lr_scheduler.LambdaLR(reference_optimizer, schedule.lr_lambdas[0])
-    before = hybrid_snapshot(model)
-    for step, batch in enumerate(random_batches(3, seed=5)):
-        for net, opt, sched in ((model, optimizer, schedule), (reference, reference_optimizer, reference_schedule)):
-            net(**batch).loss.backward()
-            update_mixing(net)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-        if step == 0:
-            sizes = first_step_sizes(before, model)
-            assert sizes["lora_B"] == pytest.approx(0.25e-2, rel=1e-3)  # A's gradient is 0 while B = 0
-            assert sizes["boft_skew"] == pytest.approx(0.75e-2, rel=1e-3)
-            assert sizes["boft_scale"] == pytest.approx(1e-2 * 1.01, rel=1e-3)  # not split; its decay moves s = 1 too
-    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
-    assert all(float(m.mix) == 0.25 for m in hybrid_layers(model).values())
-
-
-def test_the_share_rule_does_not_divide_out_a_gate_the_forward_pass_does_not_apply() -> None:
-    config = HybridConfig(rank=2, ema=0.0, mix_min=0.01, gate="step")
-    assert MIXING_RULES["share"](config, [0.2], [BranchNorms(1.0, 1.0)])[0] == pytest.approx(0.5)
-    assert MIXING_RULES["share"](config, [0.5], [BranchNorms(3.0, 1.0)])[0] == pytest.approx(0.75)
-
-
 def test_mix_is_a_buffer_the_optimiser_never_sees() -> None:
-    model = hybrid_model("fixed", mix_init=0.3)
+    model = hybrid_model("share", mix_init=0.3)
     layer = next(iter(hybrid_layers(model).values()))
     assert all(p is not layer.mix for p in model.parameters())
     assert "mix" in dict(layer.named_buffers()) and "mix" in layer.adapter_state()
@@ -229,22 +141,22 @@ def test_mix_is_a_buffer_the_optimiser_never_sees() -> None:
 
 
 def test_share_rule_follows_the_gate_normalised_gradients() -> None:
-    config = HybridConfig(rank=2, ema=0.0, mix_min=0.01)
+    rule = ShareRule(ema=0.0, mix_min=0.01)
     # Same raw gradients, but the low-rank gate is small: dividing it out favours the low-rank branch.
-    assert MIXING_RULES["share"](config, [0.2], [BranchNorms(1.0, 1.0)])[0] == pytest.approx(0.8)
-    assert MIXING_RULES["share"](config, [0.5], [BranchNorms(3.0, 1.0)])[0] == pytest.approx(0.75)
-    smoothed = HybridConfig(rank=2, ema=0.9)
-    assert MIXING_RULES["share"](smoothed, [0.5], [BranchNorms(3.0, 1.0)])[0] == pytest.approx(0.9 * 0.5 + 0.1 * 0.75)
+    assert rule.update([0.2], [BranchNorms(1.0, 1.0)])[0] == pytest.approx(0.8)
+    assert rule.update([0.5], [BranchNorms(3.0, 1.0)])[0] == pytest.approx(0.75)
+    smoothed = ShareRule(ema=0.9)
+    assert smoothed.update([0.5], [BranchNorms(3.0, 1.0)])[0] == pytest.approx(0.9 * 0.5 + 0.1 * 0.75)
 
 
 def test_sigmoid_rule_sends_loud_layers_to_the_low_rank_branch() -> None:
-    config = HybridConfig(rank=2, rule="sigmoid", temperature=0.5, ema=0.0)
+    rule = SigmoidRule(temperature=0.5, ema=0.0)
     norms = [BranchNorms(4.0, 0.0), BranchNorms(1.0, 0.0)]
-    loud, calm = MIXING_RULES["sigmoid"](config, [0.5, 0.5], norms)
+    loud, calm = rule.update([0.5, 0.5], norms)
     # log-norms 2·log 2 and 0, mean log 2: λ = σ(±log 2 / 0.5) = σ(±log 4) = 4/5 and 1/5.
     assert loud == pytest.approx(0.8) and calm == pytest.approx(0.2)
-    smoothed = HybridConfig(rank=2, rule="sigmoid", temperature=0.5, ema=0.9)
-    loud, calm = MIXING_RULES["sigmoid"](smoothed, [0.5, 0.5], norms)  # one step of the moving average
+    smoothed = SigmoidRule(temperature=0.5, ema=0.9)
+    loud, calm = smoothed.update([0.5, 0.5], norms)  # one step of the moving average
     assert loud == pytest.approx(0.9 * 0.5 + 0.1 * 0.8) and calm == pytest.approx(0.9 * 0.5 + 0.1 * 0.2)
 
 
@@ -309,7 +221,7 @@ def test_save_load_keeps_lambda_and_outputs(input_ids: torch.Tensor, tmp_path) -
 def test_per_pattern_assignment_unitary_attention_hybrid_mlp(input_ids: torch.Tensor, tmp_path) -> None:  # noqa: ANN001
     model = MODEL_FACTORIES["llama"]().eval()
     attach(model, UnitaryConfig())  # attention projections
-    attach(model, HybridConfig(rank=2, block_size=4, targets=["gate_proj", "up_proj", "down_proj"], start="lora-ga"))
+    attach(model, HybridConfig(targets=["gate_proj", "up_proj", "down_proj"], low_rank=LoRAGAConfig(rank=2)))
     lora_ga_initialise(model, random_batches())
     kinds = {name.rsplit(".", 1)[-1]: type(layer).__name__ for name, layer in adapter_layers(model).items()}
     assert kinds == {
@@ -340,15 +252,13 @@ def test_telemetry_jsonl_and_heatmap(tmp_path) -> None:  # noqa: ANN001
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("gate", ["update", "step"])
-def test_hugging_face_trainer_callback(gate: str, tmp_path) -> None:  # noqa: ANN001
+def test_hugging_face_trainer_callback(tmp_path) -> None:  # noqa: ANN001
     from transformers import Trainer, TrainingArguments
 
     from hybrid_peft import mixing_callback
 
-    model = hybrid_model(gate=gate)
-    before = hybrid_snapshot(model)
-    steps = 3 if gate == "update" else 1  # one step: AdamW's first moves every entry by its rate
+    model = hybrid_model()
+    steps = 3
     data = [{"input_ids": b["input_ids"][0], "labels": b["labels"][0]} for b in random_batches(8, seed=3)]
     arguments = TrainingArguments(
         output_dir=str(tmp_path / "trainer"),
@@ -368,10 +278,6 @@ def test_hugging_face_trainer_callback(gate: str, tmp_path) -> None:  # noqa: AN
     rows = read_mixing_telemetry(tmp_path / "mixing.jsonl")
     assert len(rows) == steps
     assert any(abs(float(m.mix) - 0.5) > 1e-6 for m in hybrid_layers(model).values())
-    if gate == "step":  # the callback split the Trainer's step: B moved by λ times the rate, the skew by 1 − λ
-        for name, layer in hybrid_layers(model).items():
-            moved = (layer.lora_B.detach() - before[f"{name}.lora_B"]).abs().max()
-            assert float(moved) == pytest.approx(1e-2 * float(layer.mix), rel=1e-3), name
 
 
 def test_the_trainer_callback_warns_when_the_optimiser_ignores_the_rotations_rate_and_parameter_groups_apply_it(
@@ -395,11 +301,11 @@ def test_the_trainer_callback_warns_when_the_optimiser_ignores_the_rotations_rat
         logging_strategy="no",
         disable_tqdm=True,
     )
-    plain = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4))  # the rotation at 0.3× the rate
+    plain = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2)))  # the rotation at 0.3×
     with pytest.warns(UserWarning, match=r"0\.3× \(applied 1×\).*parameter_groups\(model"):
         Trainer(model=plain, args=arguments, train_dataset=data, callbacks=[mixing_callback()]).train()
 
-    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4))
+    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2)))
     warming = torch.optim.AdamW(parameter_groups(model, 1e-2))
     torch.optim.lr_scheduler.LambdaLR(warming, lambda step: step / 10)  # warm-up: every rate 0 at the start
     assert rate_scales_not_applied(warming, model) == {}
@@ -433,7 +339,7 @@ def test_share_rule_does_not_collapse_on_sst2() -> None:
     rows = [line.split("\t") for line in lines[:800]]
     tokenizer = load_tokenizer("minilm-l6")
     model = load_model("minilm-l6", task="sequence-classification", num_labels=2)
-    config = HybridConfig(rank=4, block_size=4, targets="all-linear", mix_min=0.05, start="lora-ga")
+    config = HybridConfig(low_rank=LoRAGAConfig(rank=4), rule=ShareRule(mix_min=0.05))
     attach(model, config)
     for p in model.classifier.parameters():  # the new head trains fully
         p.requires_grad_(True)
@@ -462,7 +368,7 @@ def test_share_rule_does_not_collapse_on_sst2() -> None:
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, "the task should be learning"
     for name, layer in hybrid_layers(model).items():
         mix = float(layer.mix)
-        assert config.mix_min < mix < 1 - config.mix_min, f"{name}: λ collapsed to {mix}"
+        assert config.rule.mix_min < mix < 1 - config.rule.mix_min, f"{name}: λ collapsed to {mix}"
         assert not torch.equal(layer.lora_A, start[name][0]), f"{name}: low-rank branch did not move"
         assert layer.boft_skew.abs().max() > 0, f"{name}: orthogonal branch did not move"
 
@@ -477,22 +383,56 @@ def test_lambda_identical_across_two_data_parallel_processes(tmp_path) -> None: 
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
+    ("settings", "message"),
     [
-        ({"mix_min": 0.0}, "mix_min"),
-        ({"mix_min": 0.5}, "mix_min"),
-        ({"mix_min": -0.1}, "mix_min"),
-        ({"rule": "vote"}, "rule"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"temperature": -1.0}, "temperature"),
-        ({"mix_init": 0.99, "mix_min": 0.05}, "mix_init"),
-        ({"ema": 1.0}, "ema"),
-        ({"gate": "all"}, "gate"),
+        ({"rule": {"name": "share", "mix_min": 0.0}}, "rule.mix_min:"),
+        ({"rule": {"name": "share", "mix_min": 0.5}}, "rule.mix_min:"),
+        ({"rule": {"name": "sigmoid", "mix_min": -0.1}}, "rule.mix_min:"),
+        ({"rule": "vote"}, "rule: 'vote' is not one of"),
+        ({"rule": {"name": "sigmoid", "temperature": 0.0}}, "rule.temperature:"),
+        ({"rule": {"name": "share", "temperature": 1.0}}, r"rule 'share': unknown setting\(s\) \['temperature'\]"),
+        ({"rule": {"name": "share", "mix_init": 0.99}}, "rule.mix_init:"),
+        ({"rule": {"name": "share", "ema": 1.0}}, "rule.ema:"),
+        ({"rule": {"name": "share", "gates": "min"}}, "rule.gates:"),
+        ({"rule.ema": 0.5}, "rule: settings"),
+        ({"low_rank": "boft"}, "low_rank: a 'boft' config cannot be the low_rank part"),
+        ({"low_rank": {"rank": 0}}, "low_rank: rank: must be >= 1"),
+        ({"orthogonal": {"block_size": 0}}, "orthogonal: block_size/block_num"),
+        ({"orthogonal": {"apply_to": "weight"}}, "orthogonal.apply_to"),
+        ({"dropout": 0.1}, "dropout: both parts have it; write low_rank.dropout or orthogonal.dropout"),
+        ({"gate": "step"}, r"unknown hybrid config field\(s\) \['gate'\]"),
+        ({"spare.rank": 2}, "spare.rank: the hybrid has no part 'spare'"),
+        ({"low_rank": {"rank": 2, "targets": ["q_proj"]}}, "low_rank: targets and exclude belong to the HybridConfig"),
     ],
 )
-def test_bad_hybrid_config(kwargs: dict, field: str) -> None:
-    with pytest.raises(ConfigError, match=rf"^{field}:"):
-        HybridConfig(**kwargs)
+def test_bad_hybrid_config(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{message}"):
+        HybridConfig.from_dict(settings)
+
+
+def test_the_config_reads_nested_dotted_and_bare_keys_and_round_trips() -> None:
+    from hybrid_peft.config import AdapterConfig
+
+    expected = HybridConfig(
+        low_rank=LoRAGAConfig(rank=16, estimator="sketch"),
+        orthogonal=BOFTConfig(block_size=8, lr_scale=0.3),
+        rule=ShareRule(ema=0.8),
+    )
+    given = [
+        {"low_rank": {"method": "lora-ga", "rank": 16, "estimator": "sketch"}, "orthogonal": {"block_size": 8},
+         "rule": {"name": "share", "ema": 0.8}},
+        {"low_rank": "lora-ga", "low_rank.rank": 16, "estimator": "sketch", "block_size": 8, "rule": "share",
+         "rule.ema": 0.8},
+        {"rule.ema": 0.8, "rule": "share", "rank": 16, "low_rank.method": "lora-ga", "low_rank.estimator": "sketch",
+         "orthogonal.block_size": 8},
+    ]  # fmt: skip
+    for data in given:
+        assert HybridConfig.from_dict(data) == expected
+        assert AdapterConfig.from_dict({"method": "hybrid", **data}) == expected
+    assert AdapterConfig.from_json(expected.to_json()) == expected
+    assert HybridConfig(orthogonal=BOFTConfig(block_size=8)).orthogonal.lr_scale == 1.0  # a part keeps its own
+    assert HybridConfig.from_dict({"orthogonal": {"block_size": 8}}).orthogonal.lr_scale == 0.3  # onto the default
+    assert len(dataclasses.fields(HybridConfig)) <= 6
 
 
 def test_layer_class_registered() -> None:
@@ -522,7 +462,7 @@ def test_project_training_loop_applies_the_rule() -> None:
 
 def test_a_plain_lora_start_needs_no_gradient_estimate_and_starts_exactly(input_ids: torch.Tensor) -> None:
     original = MODEL_FACTORIES["llama"]().eval()
-    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, start="lora")).eval()
+    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2))).eval()
     layers = hybrid_layers(model)
     assert not any(layer.needs_gradient_init for layer in layers.values())
     assert not any("lora_A0" in dict(layer.named_buffers()) for layer in layers.values())  # nothing frozen to store
@@ -532,37 +472,11 @@ def test_a_plain_lora_start_needs_no_gradient_estimate_and_starts_exactly(input_
     assert any(layer.lora_B.abs().sum() > 0 for layer in layers.values())
 
 
-@pytest.mark.parametrize(("mix", "expected"), [(0.5, (1.0, 1.0)), (0.2, (0.25, 1.0)), (0.8, (1.0, 0.25))])
-def test_max_normalised_gates_let_the_favoured_branch_run_at_full_strength(mix: float, expected: tuple) -> None:
-    config = HybridConfig(rank=2, block_size=4, start="lora", gate_norm="max", rule="share")  # a rule moves λ
-    model = attach(MODEL_FACTORIES["llama"](), config)
-    layer = next(iter(hybrid_layers(model).values()))
-    layer.mix.fill_(mix)
-    assert tuple(float(g) for g in layer.gates()) == pytest.approx(expected)
-    summed = attach(MODEL_FACTORIES["llama"](), config.replace(gate_norm="sum"))
-    other = next(iter(hybrid_layers(summed).values()))
-    other.mix.fill_(mix)
-    assert tuple(float(g) for g in other.gates()) == pytest.approx((mix, 1 - mix))
-
-
-def test_lambda_can_start_from_the_gradient_estimate_per_layer(input_ids: torch.Tensor) -> None:
-    original = MODEL_FACTORIES["llama"]().eval()
-    model = hybrid_model("fixed", mix_init_from="gradient", mix_min=0.05).eval()
-    mixes = [float(layer.mix) for layer in hybrid_layers(model).values()]
-    assert len(set(mixes)) > 1 and all(0.05 <= m <= 0.95 for m in mixes)  # per layer, clamped
-    # the layer with the loudest gradient leans to the low-rank branch (the sigmoid rule's formula)
-    torch.testing.assert_close(model_output(model, input_ids), model_output(original, input_ids), atol=1e-5, rtol=0)
-    train_steps(model, 1)
-    assert [float(layer.mix) for layer in hybrid_layers(model).values()] == pytest.approx(mixes)  # fixed keeps λ0
-    with pytest.raises(ConfigError, match="start='lora-ga'"):
-        HybridConfig(start="lora", mix_init_from="gradient")
-
-
 def test_branch_rate_multipliers_become_optimiser_groups_and_survive_a_resume_at_a_new_rate(tmp_path) -> None:  # noqa: ANN001
     from hybrid_peft.run.loop import make_optimiser
 
     model = attach(
-        MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, start="lora", orthogonal_lr_scale=10.0)
+        MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2), orthogonal=BOFTConfig(lr_scale=10.0))
     )
     optimizer, _ = make_optimiser(model, learning_rate=1e-3, weight_decay=0.0, steps=4, warmup_steps=0)
     groups = {group["lr_scale"]: group for group in optimizer.param_groups}
@@ -608,8 +522,8 @@ def test_only_a_hybrid_with_a_rule_has_a_per_step_hook() -> None:
     """At the default (λ fixed) the training loop has nothing to run after backward: no gradient norms, no host read."""
     from hybrid_peft.adapters import after_backward_hooks
 
-    fixed = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4))
+    fixed = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2)))
     assert after_backward_hooks(fixed) == []
-    assert all(layer.full_strength and layer.rotation_factor() is None for layer in hybrid_layers(fixed).values())
-    shared = attach(MODEL_FACTORIES["llama"](), HybridConfig(rank=2, block_size=4, rule="share"))
+    assert all(layer.rotation_factor() is None for layer in hybrid_layers(fixed).values())
+    shared = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2), rule=ShareRule()))
     assert len(after_backward_hooks(shared)) == 1

@@ -8,7 +8,7 @@ import hybrid_peft
 
 USER_SURFACE = {
     "attach", "detach", "merge", "unmerge", "parameter_groups", "parameter_counts",
-    "LoRAConfig", "LoRAGAConfig", "BOFTConfig", "UnitaryConfig", "HybridConfig",
+    "LoRAConfig", "LoRAGAConfig", "BOFTConfig", "UnitaryConfig", "HybridConfig", "ShareRule", "SigmoidRule",
     "save_adapter", "load_adapter", "save_merged", "export_peft",
     "load_model", "load_tokenizer", "lora_ga_initialise", "update_mixing", "mixing_callback",
     "HybridPeftError", "__version__",

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from hybrid_peft import BOFTConfig, HybridConfig, attach
+from hybrid_peft import BOFTConfig, HybridConfig, LoRAConfig, ShareRule, attach
 from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.methods.butterfly import cayley, group_factors, skew_symmetric
 from hybrid_peft.methods.rotations import BatchedCayley, ButterflyBranch, RotationBank
@@ -38,11 +38,11 @@ def trained_pair(config_of: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 CONFIGS = {
     "boft-m2": {"boft": BOFTConfig(block_size=4, butterfly_factors=2)},
-    "hybrid": {"hybrid": HybridConfig(rank=2, block_size=4)},
-    "hybrid-share": {"hybrid": HybridConfig(rank=2, block_size=4, rule="share", gate_norm="sum", mix_init=0.3)},
+    "hybrid": {"hybrid": HybridConfig(low_rank=LoRAConfig(rank=2))},
+    "hybrid-share": {"hybrid": HybridConfig(low_rank=LoRAConfig(rank=2), rule=ShareRule(mix_init=0.3))},
     "boft+hybrid": {  # two block sizes in one model: one batched call per kind
         "boft": BOFTConfig(block_size=8, targets=["q_proj", "v_proj"]),
-        "hybrid": HybridConfig(rank=2, block_size=4, targets=["gate_proj", "up_proj", "down_proj"]),
+        "hybrid": HybridConfig(low_rank=LoRAConfig(rank=2), targets=["gate_proj", "up_proj", "down_proj"]),
     },
 }
 

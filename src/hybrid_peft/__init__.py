@@ -14,6 +14,7 @@ from hybrid_peft.export import export_peft, save_merged
 from hybrid_peft.methods import BOFTConfig, HybridConfig, LoRAConfig, LoRAGAConfig, UnitaryConfig
 from hybrid_peft.methods.hybrid import update_mixing
 from hybrid_peft.methods.lora_ga import lora_ga_initialise
+from hybrid_peft.methods.mixing import ShareRule, SigmoidRule
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.serialization import load_adapter, save_adapter
 from hybrid_peft.telemetry import mixing_callback
@@ -25,6 +26,8 @@ __all__ = [
     "HybridPeftError",
     "LoRAConfig",
     "LoRAGAConfig",
+    "ShareRule",
+    "SigmoidRule",
     "UnitaryConfig",
     "__version__",
     "attach",

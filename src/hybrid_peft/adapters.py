@@ -110,7 +110,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def learning_rate_scales(model: nn.Module) -> dict[nn.Parameter, float]:
     """The parameters whose adapter asks for a multiple of the run's learning rate (the hybrid's
-    ``orthogonal_lr_scale``, the unitary adapter's ``lr_scale``), with the multiple; every other trainable
+    ``orthogonal.lr_scale``, any config's ``lr_scale``), with the multiple; every other trainable
     parameter trains at the run's rate."""
     scales = {}
     for layer in adapter_layers(model).values():

@@ -37,9 +37,6 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
-    # Fields whose default changed, with the value that adapter files of older format versions (which did not store
-    # the field) meant: {format version that introduced the new default: {field: old value}}.
-    legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {}
 
     targets: str | tuple[str, ...] = ALL_LINEAR
     exclude: tuple[str, ...] = ()
@@ -134,6 +131,8 @@ class AdapterConfig:
             if method is None:
                 raise ConfigError("config has no 'method' key; add one, e.g. {'method': 'lora', ...}")
             target_cls = get_method(method).config_class
+            if target_cls.from_dict.__func__ is not AdapterConfig.from_dict.__func__:  # it reads its own dicts
+                return target_cls.from_dict(data, strict=strict)  # type: ignore[return-value]
         elif method is not None and method != cls.method:
             raise ConfigError(f"method: this is a {cls.__name__} ({cls.method!r}) but the data says {method!r}")
         names = {f.name for f in dataclasses.fields(target_cls)}
@@ -147,11 +146,26 @@ class AdapterConfig:
         return target_cls(**data)  # type: ignore[return-value]
 
     @classmethod
+    def option_names(cls) -> set[str]:
+        """The keys :meth:`from_dict` takes (besides ``method``)."""
+        return {field.name for field in dataclasses.fields(cls)}
+
+    @classmethod
     def from_json(cls: type[ConfigT], text: str, *, strict: bool = True) -> ConfigT:
         return cls.from_dict(json.loads(text), strict=strict)
 
     def replace(self: ConfigT, **changes: Any) -> ConfigT:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def upgrade_saved(
+        cls, data: dict[str, Any], version: int, tensors: dict[str, dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """Convert a config written in adapter format ``version`` (older than today's) to today's form, and, when
+        given, the tensors of the modules that use it (``{module: {name: tensor}}``, changed in place) so that the
+        adapter computes what it computed. Raise :class:`ConfigError` saying how to convert where it cannot be done.
+        Unchanged by default: fields added since then take their defaults."""
+        return data
 
 
 # --- small validators shared by method configs ------------------------------------------------------------------

@@ -31,7 +31,6 @@ skipped, so 4·P_linear plus the adapter's own.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -150,9 +149,9 @@ def method_config(method: str, rank: int = 8, block_size: int = 4, butterfly_fac
     if method not in available_methods():
         raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     config_class = get_method(method).config_class
-    fields = {f.name for f in dataclasses.fields(config_class)}
+    names = config_class.option_names()
     options = {"rank": rank, "block_size": block_size, "butterfly_factors": butterfly_factors}
-    return config_class(**{k: v for k, v in options.items() if k in fields})
+    return config_class.from_dict({k: v for k, v in options.items() if k in names})
 
 
 def adapted_linears(arch: Architecture, config: AdapterConfig) -> list[tuple[str, int, int]]:

@@ -159,8 +159,10 @@ class AdapterLayer(nn.Module):
 
     def learning_rate_scales(self) -> dict[str, float]:
         """Multipliers of the run's learning rate for some of this layer's parameters, by local name (``{}``: all
-        train at the run's rate). The training loop's optimiser makes one parameter group per multiplier."""
-        return {}
+        train at the run's rate): the config's ``lr_scale`` for all of them, where it has one. The training loop's
+        optimiser makes one parameter group per multiplier."""
+        scale = getattr(self.config, "lr_scale", 1.0)
+        return {} if scale == 1.0 else {name: scale for name, _ in self.adapter_named_parameters()}
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Every tensor that defines this adapter (trainable parameters and persistent buffers), by local name."""

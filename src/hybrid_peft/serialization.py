@@ -30,7 +30,7 @@ from hybrid_peft.config import AdapterConfig
 from hybrid_peft.errors import AdapterFileError, BaseModelMismatchError, ConfigError, HybridPeftError
 from hybrid_peft.fileio import atomic_write_text, atomic_write_with, sha256_file
 from hybrid_peft.layer import linear_weight, quantisation_of
-from hybrid_peft.registry import get_method
+from hybrid_peft.registry import available_methods, get_method
 from hybrid_peft.targeting import linear_candidates
 from hybrid_peft.version import __version__
 
@@ -39,8 +39,9 @@ CONFIG_NAME = "adapter_config.json"
 FORMAT_NAME = "hybrid-peft-adapter"
 # 2: the hybrid's gate defaults to 'update' (version-1 files meant 'branch'); 3: its low-rank branch starts as plain
 # LoRA by default (version-2 files meant 'lora-ga'); 4: its default is both branches at full strength (rule 'fixed',
-# gate_norm 'max', the rotation at 0.3× the rate; version-3 files meant 'share', 'sum' and 1.0)
-FORMAT_VERSION = 4
+# gate_norm 'max', the rotation at 0.3× the rate; version-3 files meant 'share', 'sum' and 1.0); 5: the hybrid's
+# config is made of parts (low_rank, orthogonal, rule). Older files are converted on load (saved_configs).
+FORMAT_VERSION = 5
 TRAINED_PREFIX = "trained_base::"
 
 # Two fingerprints agree when every sampled value is within this fraction of the sample's largest magnitude:
@@ -142,31 +143,46 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return document
 
 
-def saved_configs(directory: str | os.PathLike, document: dict[str, Any] | None = None) -> list[AdapterConfig]:
-    """The adapter configs saved in ``directory``, as they were trained: fields the file's format version did not
-    store get the defaults of that version (``legacy_defaults``), the others today's defaults."""
+def saved_configs(
+    directory: str | os.PathLike,
+    document: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> list[AdapterConfig]:
+    """The adapter configs saved in ``directory``, in today's form: a file of an older format version goes through
+    its methods' converters (``AdapterConfig.upgrade_saved``), which also convert ``tensors`` (the file's weights,
+    changed in place) where the old form computed the same function from other values."""
     document = document if document is not None else read_adapter_config(directory)
-    try:
-        version = document.get("format_version", 1)
-        return [AdapterConfig.from_dict(_with_legacy_defaults(c, version), strict=False) for c in document["configs"]]
-    except (ConfigError, TypeError) as exc:
-        raise AdapterFileError(f"{Path(directory) / CONFIG_NAME} holds an invalid config: {exc}") from exc
+    path = Path(directory) / CONFIG_NAME
+    version = document.get("format_version", 1)
+    configs = []
+    for index, data in enumerate(document["configs"]):
+        if version < FORMAT_VERSION and isinstance(data, dict) and data.get("method") in available_methods():
+            modules = [name for name, i in document["modules"].items() if i == index]
+            try:
+                data = _upgrade(data, version, modules, tensors)
+            except ConfigError as exc:
+                raise AdapterFileError(f"{path}: {exc}") from exc
+        try:
+            configs.append(AdapterConfig.from_dict(data, strict=False))
+        except (ConfigError, TypeError) as exc:
+            raise AdapterFileError(f"{path} holds an invalid config: {exc}") from exc
+    return configs
 
 
-def _with_legacy_defaults(data: dict[str, Any], version: int) -> dict[str, Any]:
-    """Fill fields a file of format ``version`` did not store with the defaults it was written under."""
-    if not isinstance(data, dict) or "method" not in data:
-        return data
-    try:
-        config_class = get_method(data["method"]).config_class
-    except ConfigError:  # an unknown method: from_dict reports it
-        return data
-    filled = dict(data)
-    for changed_in, old_defaults in config_class.legacy_defaults.items():
-        if version < changed_in:
-            for name, value in old_defaults.items():
-                filled.setdefault(name, value)
-    return filled
+def _upgrade(
+    data: dict[str, Any], version: int, modules: list[str], tensors: dict[str, torch.Tensor] | None
+) -> dict[str, Any]:
+    """One config of format ``version`` and the weights of the modules using it, converted to today's format."""
+    config_class = get_method(data["method"]).config_class
+    if tensors is None:
+        return config_class.upgrade_saved(dict(data), version)
+    states = {m: {k[len(m) + 1 :]: v for k, v in tensors.items() if k.startswith(m + ".")} for m in modules}
+    upgraded = config_class.upgrade_saved(dict(data), version, states)
+    for module, state in states.items():
+        for key in [k for k in tensors if k.startswith(module + ".")]:
+            del tensors[key]
+        tensors.update({f"{module}.{local}": tensor for local, tensor in state.items()})
+    return upgraded
 
 
 def _read_weights(directory: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
@@ -265,8 +281,8 @@ def load_adapter(
     document = read_adapter_config(directory)
     if adapter_layers(model):
         raise HybridPeftError("the model already has adapters attached; call detach(model) before loading another")
-    configs = saved_configs(directory, document)
     tensors = _read_weights(directory, document["weights_sha256"])
+    configs = saved_configs(directory, document, tensors)
     if check_base:
         check_base_model(model, document)
     by_config: dict[int, list[str]] = {}

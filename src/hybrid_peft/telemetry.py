@@ -244,7 +244,7 @@ def warn_if_rate_scales_not_applied(optimizer: torch.optim.Optimizer, model: nn.
         asked = ", ".join(f"{a:g}× (applied {b:g}×)" for a, b in sorted(wrong.items()))
         warnings.warn(
             f"the adapters ask for some parameters at a multiple of the learning rate ({asked}; e.g. the hybrid's "
-            "orthogonal_lr_scale), which this optimiser does not apply: build it from "
+            "orthogonal.lr_scale), which this optimiser does not apply: build it from "
             "hybrid_peft.parameter_groups(model, learning_rate), e.g. Trainer(..., optimizers=(torch.optim.AdamW("
             "parameter_groups(model, lr)), None))",
             stacklevel=2,
@@ -256,7 +256,7 @@ def mixing_callback(telemetry_path: str | os.PathLike | None = None, *, sharded:
     step (the hybrid's mixing rule, when it has one; logged) and lets each method prepare the Trainer's optimiser
     (``gate='step'`` hybrids split its steps). The Trainer's own
     optimiser trains every parameter at one rate: where an adapter asks for a multiple of it (the hybrid's
-    ``orthogonal_lr_scale``, 0.3 by default), the callback warns at the start of training; pass
+    ``orthogonal.lr_scale``, 0.3 by default), the callback warns at the start of training; pass
     ``optimizers=(torch.optim.AdamW(parameter_groups(model, rate)), None)`` to the Trainer instead."""
     from transformers import TrainerCallback
 

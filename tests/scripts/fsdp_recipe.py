@@ -18,8 +18,8 @@ RUNS = {  # run name: (method, adapter options)
     "lora": ("lora", {"rank": 2}),
     "boft": ("boft", {"block_size": 4}),
     # the share rule, so that λ moves (all-reduced norms under FSDP); the rotation at 0.3× the rate, a second group
-    "hybrid": ("hybrid", {"rank": 2, "block_size": 4, "start": "lora-ga", "rule": "share"}),
-    "hybrid-step": ("hybrid", {"rank": 2, "block_size": 4, "gate": "step", "rule": "share"}),  # λ splits the step
+    "hybrid": ("hybrid", {"rank": 2, "block_size": 4, "low_rank": "lora-ga", "rule": "share"}),
+    "hybrid-default": ("hybrid", {"rank": 2, "block_size": 4}),  # both branches at full strength, no λ
     "full": ("full", {}),
 }
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hybrid_peft import HybridConfig, attach, lora_ga_initialise, update_mixing  # noqa: E402
+from hybrid_peft import HybridConfig, LoRAGAConfig, ShareRule, attach, lora_ga_initialise, update_mixing  # noqa: E402
 from hybrid_peft.methods.hybrid import hybrid_layers  # noqa: E402
 
 from conftest import tiny_llama  # noqa: E402
@@ -23,7 +23,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     model = attach(
-        tiny_llama(), HybridConfig(rank=2, block_size=4, targets=["q_proj", "down_proj"], start="lora-ga", rule="share")
+        tiny_llama(),
+        HybridConfig(targets=["q_proj", "down_proj"], low_rank=LoRAGAConfig(rank=2), rule=ShareRule()),
     )
     lora_ga_initialise(model, random_batches(4, seed=5)[rank::world])  # sketches/gradients all-reduced inside
     ddp = torch.nn.parallel.DistributedDataParallel(model)

@@ -55,6 +55,7 @@ class BOFTConfig(AdapterConfig):
             the identity [boft_dropout].
         apply_to: ``"input"`` rotates the activations, ``"weight"`` rotates W0, ``"auto"`` picks the cheaper: the
             input while training, the weight when no gradient is needed and tokens outnumber output features.
+        lr_scale: multiplies the run's learning rate for this adapter's parameters (as every method's config).
     """
 
     method = "boft"
@@ -64,6 +65,7 @@ class BOFTConfig(AdapterConfig):
     butterfly_factors: int = 1
     dropout: float = 0.0
     apply_to: str = "auto"
+    lr_scale: float = 1.0
 
     keeps_output = True  # the scaled linear keeps y to recover x W0ᵀ for the scale's gradient
     # Orthogonal methods barely move at LoRA's 1e-3: a rotation's parameters want a few times LoRA's rate.
@@ -73,6 +75,7 @@ class BOFTConfig(AdapterConfig):
         validate_butterfly_fields(self)
         require_float("dropout", self.dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
         require_choice("apply_to", self.apply_to, ("auto", "input", "weight"))
+        require_float("lr_scale", self.lr_scale, minimum=0.0, min_inclusive=False)
 
     def parameter_count(self, in_features: int, out_features: int) -> int:
         return boft_parameter_count(in_features, out_features, _block_side(self, in_features), self.butterfly_factors)

@@ -36,6 +36,8 @@ class LoRAConfig(AdapterConfig):
         alpha: scale numerator; the update is multiplied by ``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
         dropout: dropout probability applied to the adapter's input only.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)``.
+        lr_scale: multiplies the run's learning rate for this adapter's parameters (the optimiser gets a parameter
+            group per multiple: :func:`hybrid_peft.parameter_groups`); every method's config names it so.
     """
 
     method = "lora"
@@ -44,12 +46,14 @@ class LoRAConfig(AdapterConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     use_rslora: bool = False
+    lr_scale: float = 1.0
 
     def validate(self) -> None:
         require_int("rank", self.rank, minimum=1)
         require_float("alpha", self.alpha, minimum=0.0, min_inclusive=False)
         require_float("dropout", self.dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
         require_bool("use_rslora", self.use_rslora)
+        require_float("lr_scale", self.lr_scale, minimum=0.0, min_inclusive=False)
 
     @property
     def scaling(self) -> float:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_peft.adapters import adapter_layers, layers_by_class
+from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.config import require_choice, require_float, require_int
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.gradient_estimation import (
@@ -145,9 +145,10 @@ class GradientAlignedStart:
         if any(layer.needs_gradient_init for layer in adapter_layers(model).values()):
             lora_ga_initialise(model, batches(), loss_fn=loss_fn, progress=progress)
 
-    @classmethod
-    def after_gradient_estimate(cls, layers: dict[str, nn.Module], estimates: dict[str, Any]) -> None:
-        """Read the gradient estimate before the start is applied (the hybrid sets λ0 from it); a no-op here."""
+    @property
+    def start_config(self) -> LoRAGAConfig:
+        """The LoRA-GA settings of this layer's start (the layer's config, or the hybrid's low-rank part)."""
+        return self.config  # type: ignore[attr-defined]
 
     def _register_start_buffers(self) -> None:
         self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
@@ -247,7 +248,7 @@ def lora_ga_factors_for(
         raise HybridPeftError(f"no gradient estimate for LoRA-GA layer(s) {missing[:3]}; estimate them first")
     factors = {}
     for name, layer in layers.items():
-        c = layer.config
+        c = layer.start_config
         u, s, vh = estimates[name].top_singular(2 * c.rank, c.svd)
         factors[name] = lora_ga_factors(u, s, vh, c.rank, direction=c.direction, scale=c.scale, gamma=c.gamma)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -279,7 +280,7 @@ def lora_ga_initialise(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Estimate, factor and apply in one call, using the attached LoRA-GA layers' configs. With ``cache_file`` the
     gradient estimates are read from it if it exists, else computed and written there. Returns the factors."""
-    configs = {layer.config for layer in adapter_layers(model).values() if layer.needs_gradient_init}
+    configs = {layer.start_config for layer in adapter_layers(model).values() if layer.needs_gradient_init}
     if not configs:
         raise HybridPeftError("the model has no LoRA-GA layers; attach(model, LoRAGAConfig(...)) first")
     if len(configs) > 1:
@@ -300,9 +301,6 @@ def lora_ga_initialise(
         )
         if cache_file is not None:
             save_estimates(estimates, cache_file)
-    for layer_class, layers in layers_by_class(model).items():
-        if issubclass(layer_class, GradientAlignedStart):
-            layer_class.after_gradient_estimate(layers, estimates)
     factors = lora_ga_factors_for(model, estimates)
     apply_lora_ga_factors(model, factors)
     return factors

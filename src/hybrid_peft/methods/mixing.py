@@ -1,33 +1,39 @@
 """The hybrid's mixing rules: λ per layer from gradient norms, set after each backward pass and before the optimiser
-step (:func:`mixing_step`, the hybrid layer's ``after_backward`` hook), clamped to [λmin, 1 − λmin]:
+step (:func:`mixing_step`, the hybrid layer's ``after_backward`` hook), clamped to [λmin, 1 − λmin]. A rule is a small
+frozen dataclass with its own settings; ``HybridConfig(rule=None)`` (the default) has no λ and no per-step work.
 
-``share``    g_lr = ‖∇_{A,B}‖/λ, g_orth = ‖∇_K‖/(1 − λ) (dividing out the gate so a small gate cannot starve its
-             own branch), each RMS-normalised by its parameter count; λ ← EMA_β(g_lr / (g_lr + g_orth)).
-``sigmoid``  λℓ ← EMA_β(σ((log‖gℓ‖ − mean_ℓ log‖gℓ‖)/τ)): layers whose gradient is above the model's average lean
-             to the fast low-rank branch, calm layers to the stable orthogonal branch. Without the moving average
-             (β = 0) λ follows each batch's gradient noise.
-``fixed``    λ stays at its initial value (the default; the layer then has no per-step hook at all).
+:class:`ShareRule` (``"share"``)
+    Hypothesis: a branch whose gradient is large has more to learn, so it should get more of the layer.
+    g_lr = ‖∇_{A,B}‖/λ, g_orth = ‖∇_K‖/(1 − λ) (dividing out the gate so a small gate cannot starve its own branch),
+    each RMS-normalised by its parameter count; λ ← EMA_β(g_lr / (g_lr + g_orth)).
+:class:`SigmoidRule` (``"sigmoid"``)
+    Hypothesis: layers the task pulls on hard should learn through the fast low-rank branch, calm layers through the
+    stable orthogonal one. λℓ ← EMA_β(σ((log‖gℓ‖ − mean_ℓ log‖gℓ‖)/τ)). Without the moving average (β = 0) λ follows
+    each batch's gradient noise.
 
-With ``gate="step"`` λ splits the optimiser's step instead of gating the output (:func:`split_layer_steps`). Under
-DDP gradients are already averaged, so λ is identical on every rank; with sharded gradients (FSDP) the squared
-norms are all-reduced first.
+λ becomes the two branches' gates by ``gates``: ``"sum"`` (λ and 1 − λ; the published runs) or ``"max"`` (both
+divided by max(λ, 1 − λ), so the favoured branch runs at full strength and λ only allocates). Under DDP gradients
+are already averaged, so λ is identical on every rank; with sharded gradients (FSDP) the squared norms are
+all-reduced first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
 
-from hybrid_peft.errors import HybridPeftError
+from hybrid_peft.config import require_choice, require_float
+from hybrid_peft.errors import ConfigError, HybridPeftError
 from hybrid_peft.norms import grouped_squared_norms
 
 if TYPE_CHECKING:
-    from hybrid_peft.methods.hybrid import HybridConfig, HybridLayer
+    from hybrid_peft.methods.hybrid import HybridLayer
+
+GATES = ("sum", "max")
 
 
 @dataclass(frozen=True)
@@ -38,72 +44,115 @@ class BranchNorms:
     orthogonal: float
 
 
-def _share_rule(config: HybridConfig, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
-    updated = []
-    for mix, norm in zip(mixes, norms, strict=True):
-        if config.gate == "step":  # λ is not in the forward pass: the gradients are not gated
-            low_rank, orthogonal = norm.low_rank, norm.orthogonal
-        else:
+@dataclass(frozen=True)
+class MixingRule:
+    """What every rule shares.
+
+    Args:
+        mix_init: λ0, the low-rank branch's share at the start.
+        mix_min: λmin; λ is clamped to [λmin, 1 − λmin], 0 < λmin < 0.5.
+        ema: β of the moving average of λ (0 = none).
+        gates: how λ becomes the gates: ``"sum"`` (λ, 1 − λ) or ``"max"`` (both over max(λ, 1 − λ)).
+    """
+
+    name: ClassVar[str] = ""
+
+    mix_init: float = 0.5
+    mix_min: float = 0.05
+    ema: float = 0.9
+    gates: str = "sum"
+
+    def __post_init__(self) -> None:
+        require_float("rule.mix_min", self.mix_min, minimum=0.0, maximum=0.5, min_inclusive=False, max_inclusive=False)
+        require_float("rule.mix_init", self.mix_init, minimum=self.mix_min, maximum=1 - self.mix_min)
+        require_float("rule.ema", self.ema, minimum=0.0, maximum=1.0, max_inclusive=False)
+        require_choice("rule.gates", self.gates, GATES)
+
+    def update(self, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
+        """The next λ of each layer (before clamping) from the current ones and the layers' gradient norms."""
+        raise NotImplementedError
+
+    def shares(self, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low-rank gate, orthogonal gate)`` of λ."""
+        low_rank, orthogonal = mix, 1 - mix
+        if self.gates == "max":
+            larger = torch.maximum(low_rank, orthogonal)
+            return low_rank / larger, orthogonal / larger
+        return low_rank, orthogonal
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name} | dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ShareRule(MixingRule):
+    """λ ← EMA_β(g_lr / (g_lr + g_orth)) with each branch's RMS gradient over its gate (module docstring)."""
+
+    name = "share"
+
+    def update(self, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
+        updated = []
+        for mix, norm in zip(mixes, norms, strict=True):
             low_rank, orthogonal = norm.low_rank / mix, norm.orthogonal / (1 - mix)
-        target = low_rank / (low_rank + orthogonal) if low_rank + orthogonal > 0 else mix
-        updated.append(config.ema * mix + (1 - config.ema) * target)
-    return updated
+            target = low_rank / (low_rank + orthogonal) if low_rank + orthogonal > 0 else mix
+            updated.append(self.ema * mix + (1 - self.ema) * target)
+        return updated
 
 
-def _sigmoid_rule(config: HybridConfig, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
-    logs = [0.5 * math.log(n.low_rank**2 + n.orthogonal**2 + 1e-30) for n in norms]
-    mean = sum(logs) / len(logs)
-    return [
-        config.ema * mix + (1 - config.ema) * sigmoid((value - mean) / config.temperature)
-        for mix, value in zip(mixes, logs, strict=True)
-    ]
+@dataclass(frozen=True)
+class SigmoidRule(MixingRule):
+    """λℓ ← EMA_β(σ((log‖gℓ‖ − mean log‖g‖)/τ)) across the layers of one config (module docstring).
+
+    Args:
+        temperature: τ > 0; smaller spreads λ further from 0.5.
+    """
+
+    name = "sigmoid"
+
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_float("rule.temperature", self.temperature, minimum=0.0, min_inclusive=False)
+
+    def update(self, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
+        logs = [0.5 * math.log(n.low_rank**2 + n.orthogonal**2 + 1e-30) for n in norms]
+        mean = sum(logs) / len(logs)
+        return [
+            self.ema * mix + (1 - self.ema) * sigmoid((value - mean) / self.temperature)
+            for mix, value in zip(mixes, logs, strict=True)
+        ]
+
+
+RULES: dict[str, type[MixingRule]] = {rule.name: rule for rule in (ShareRule, SigmoidRule)}
+
+
+def mixing_rule(value: MixingRule | str | dict[str, Any] | None) -> MixingRule | None:
+    """A rule from its config form: None (or ``"none"``), a rule's name, ``{"name": ..., settings}`` or a rule."""
+    if value is None or isinstance(value, MixingRule):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"rule: expected None, a rule name or a mapping, got {value!r}")
+    settings = dict(value)
+    name = settings.pop("name", None)
+    if name in (None, "none"):
+        if settings:
+            raise ConfigError(f"rule: settings {sorted(settings)} without a rule; add name: share or sigmoid")
+        return None
+    if name not in RULES:
+        raise ConfigError(f"rule: {name!r} is not one of {['none', *RULES]}")
+    rule = RULES[name]
+    known = {f.name for f in dataclasses.fields(rule)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"rule {name!r}: unknown setting(s) {unknown}; valid settings are {sorted(known)}")
+    return rule(**settings)
 
 
 def sigmoid(z: float) -> float:
     return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))  # no overflow for large |z|
-
-
-def _fixed_rule(config: HybridConfig, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
-    return list(mixes)  # λ stays at its start: mix_init, or the per-layer λ0 of mix_init_from='gradient'
-
-
-MixingRule = Callable[["HybridConfig", list[float], list[BranchNorms]], list[float]]
-MIXING_RULES: dict[str, MixingRule] = {"share": _share_rule, "sigmoid": _sigmoid_rule, "fixed": _fixed_rule}
-
-
-def split_layer_steps(optimizer: torch.optim.Optimizer, layers: list[HybridLayer]) -> list[Any]:
-    """For the ``gate='step'`` hybrid layers of ``model``: make every ``optimizer.step()`` move each layer's
-    low-rank parameters (A, B) by its low-rank share λ and its skew parameters by 1 − λ (the shares of
-    :meth:`HybridLayer.shares`) of the step the optimiser computed, i.e. ``p ← p_before + share · (p_after −
-    p_before)``: for AdamW, the learning rate times the share. λ is read after the step (set by
-    :func:`update_mixing` before it). Returns the hooks' handles (empty when no layer has ``gate='step'``); a second
-    call for the same optimiser returns the first call's (the split must apply once).
-    :func:`hybrid_peft.run.loop.make_optimiser` calls this for you (through the layer's ``prepare_optimiser``)."""
-    if not layers:
-        return []
-    if hasattr(optimizer, "_hybrid_peft_split_steps"):
-        return optimizer._hybrid_peft_split_steps
-    before: list[list[torch.Tensor]] = []
-
-    def groups() -> list[list[nn.Parameter]]:  # looked up at each step: sharding or .to() may replace parameters
-        return [params for layer in layers for params in (layer.low_rank_parameters(), layer.orthogonal_parameters())]
-
-    def keep(*_: Any) -> None:
-        before[:] = [[p.detach().clone() for p in params] for params in groups()]
-
-    @torch.no_grad()
-    def split(*_: Any) -> None:
-        device = layers[0].mix.device
-        shares = torch.stack([s.to(device) for layer in layers for s in layer.shares()]).tolist()  # one host read
-        for params, olds, share in zip(groups(), before, shares, strict=True):
-            if share != 1.0:
-                for p, old in zip(params, olds, strict=True):
-                    p.lerp_(old, 1.0 - share)  # p ← p + (1 − share)(old − p) = old + share (p − old)
-        before.clear()
-
-    handles = [optimizer.register_step_pre_hook(keep), optimizer.register_step_post_hook(split)]
-    optimizer._hybrid_peft_split_steps = handles  # type: ignore[attr-defined]
-    return handles
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -132,7 +181,9 @@ def _branch_rms(layers: list[HybridLayer], *, sharded: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dict[str, dict[str, float]]:
-    """:func:`update_mixing` for the given layers (the layer class's ``after_backward`` hook)."""
+    """Set every given layer's λ by its rule from the current gradients (call after ``backward()``, before the
+    optimiser step). Returns ``{layer: {"lambda", "grad_low_rank", "grad_orthogonal"}}`` for telemetry."""
+    layers = {name: layer for name, layer in layers.items() if layer.config.rule is not None}
     if not layers:
         return {}
     rms_tensor = _branch_rms(list(layers.values()), sharded=sharded)
@@ -142,15 +193,15 @@ def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dic
     if not any(rms):
         raise HybridPeftError("no hybrid layer has a gradient: call update_mixing after loss.backward()")
     norms = {name: BranchNorms(rms[2 * i], rms[2 * i + 1]) for i, name in enumerate(layers)}
-    by_config: dict[HybridConfig, list[str]] = {}
+    by_config: dict[Any, list[str]] = {}  # a rule compares the layers of one config (the sigmoid's mean)
     for name, layer in layers.items():
         by_config.setdefault(layer.config, []).append(name)
     records = {}
     for config, names in by_config.items():
-        mixes = [current[n] for n in names]
-        updated = MIXING_RULES[config.rule](config, mixes, [norms[n] for n in names])
+        rule = config.rule
+        updated = rule.update([current[n] for n in names], [norms[n] for n in names])
         for name, value in zip(names, updated, strict=True):
-            value = min(max(value, config.mix_min), 1 - config.mix_min)
+            value = min(max(value, rule.mix_min), 1 - rule.mix_min)
             layers[name].mix.fill_(value)
             records[name] = {
                 "lambda": value,

@@ -38,8 +38,8 @@ class UnitaryConfig(AdapterConfig):
     (``q_proj/k_proj/v_proj/o_proj``, BERT's ``query/key/value``, GPT-2's ``c_attn``); any pattern works.
 
     Args:
-        lr_scale: multiplies the run's learning rate for this adapter's parameters (when it shares a run with
-            adapters that want a lower rate, as in the ``hybrid-unitary`` composition).
+        lr_scale: multiplies the run's learning rate for this adapter's parameters (the ``hybrid-unitary``
+            composition trains it at 10× the hybrid's rate).
     """
 
     method = "unitary"
@@ -143,11 +143,6 @@ class UnitaryLayer(AdapterLayer):
         vectors = torch.randn(2, n, 2, device=weight.device, dtype=dtype) / (2 * n) ** 0.5
         self.unitary_reflections = nn.Parameter(vectors)  # (2, n, 2): real and imaginary parts
         self.unitary_angles = nn.Parameter(torch.zeros(2, device=weight.device, dtype=dtype))
-
-    def learning_rate_scales(self) -> dict[str, float]:
-        if self.config.lr_scale == 1.0:
-            return {}
-        return {name: self.config.lr_scale for name in ("unitary_phases", "unitary_reflections", "unitary_angles")}
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``ρ(U) x`` for real ``x (..., in)``, computed in the adapter's dtype (fp32 at least)."""
