@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hybrid_peft.bench import aggregate, builtin_profiles, load_plan, run_bench, run_state
+from hybrid_peft.bench import BenchRow, aggregate, builtin_profiles, load_plan, run_bench, run_state
 from hybrid_peft.cli import main
 from hybrid_peft.errors import ConfigError
 
@@ -56,7 +56,7 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(
     # each run's output reaches the caller as it comes (indented), its progress lines included
     assert all(line.startswith("  ") for line in lines if not line.startswith("["))
     assert any(line.startswith("  full: step 3/3 · loss ") and line.endswith(" left") for line in lines)
-    status = {(r["method"], r["seed"]): r["status"] for r in rows}
+    status = {(r.method, r.seed): r.status for r in rows}
     assert status == {
         ("full-ft", 0): "ok",
         ("full-ft", 1): "ok",
@@ -65,14 +65,14 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(
         ("broken", 0): "failed",
         ("broken", 1): "failed",
     }
-    broken = next(r for r in rows if r["method"] == "broken")
-    assert "training loss is" in broken["error"]  # the run's own last message, not a traceback
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert all(r["median_step_s"] > 0 and r["peak_rss_mb"] > 0 and r["held_out_loss"] > 0 for r in ok)
-    assert all(r["finished_at"] and "commit" in r for r in ok)  # each row says when and from which source
-    full = next(r for r in ok if r["method"] == "full-ft")
-    lora = next(r for r in ok if r["method"] == "lora")
-    assert full["trainable_parameters"] == full["total_parameters"] > lora["trainable_parameters"] > 0
+    broken = next(r for r in rows if r.method == "broken")
+    assert "training loss is" in broken.error  # the run's own last message, not a traceback
+    ok = [r for r in rows if r.status == "ok"]
+    assert all(r.median_step_s > 0 and r.peak_rss_mb > 0 and r.held_out_loss > 0 for r in ok)
+    assert all(r.finished_at and r.commit for r in ok)  # each row says when and from which source
+    full = next(r for r in ok if r.method == "full-ft")
+    lora = next(r for r in ok if r.method == "lora")
+    assert full.trainable_parameters == full.total_parameters > lora.trainable_parameters > 0
 
     entries = {e["method"]: e for e in aggregate(rows)["he-tiny"]}
     assert entries["full-ft"]["time_x_full"] == pytest.approx(1.0)
@@ -93,7 +93,7 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(
     # A second invocation reuses finished runs (no new process, same numbers) and retries failed ones.
     log = out / "runs" / "he-tiny" / "lora" / "seed-0" / "run.log"
     stamp = log.stat().st_mtime_ns
-    import hybrid_peft.bench as bench_module
+    import hybrid_peft.bench.running as bench_module
 
     writes: list[int] = []
     write_outputs = bench_module.write_outputs
@@ -101,10 +101,10 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(
     again = run_bench(plan, methods=["lora"], echo=lambda _: None)
     assert log.stat().st_mtime_ns == stamp
     assert len(writes) == 1  # reused runs: the tables and plots are written once, not after each run
-    assert [r["median_step_s"] for r in again] == [r["median_step_s"] for r in rows if r["method"] == "lora"]
+    assert [r.median_step_s for r in again] == [r.median_step_s for r in rows if r.method == "lora"]
     # A part (one method, one seed) still reports every finished run of the config.
     part = run_bench(plan, methods=["lora"], seeds=[1], echo=lambda _: None)
-    assert [(r["method"], r["seed"]) for r in part] == [("lora", 1)]
+    assert [(r.method, r.seed) for r in part] == [("lora", 1)]
     with open(out / "results.csv", newline="") as handle:
         reported = {(r["method"], r["seed"]) for r in csv.DictReader(handle)}
     assert reported == {("full-ft", "0"), ("full-ft", "1"), ("lora", "0"), ("lora", "1")}
@@ -156,7 +156,7 @@ def test_bench_reruns_runs_whose_options_changed(tiny_lm: str, tmp_path: Path, c
     lines.clear()
     rows = run_bench(load_plan(str(path)), methods=["lora"], seeds=[0], echo=lines.append)
     assert "2 finished run(s) used other options" in lines[0] and "the 1 selected now run again" in lines[0]
-    assert log.stat().st_mtime_ns != stamp and rows[0]["status"] == "ok"
+    assert log.stat().st_mtime_ns != stamp and rows[0].status == "ok"
     with open(tmp_path / "out" / "results.csv", newline="") as handle:
         reported = {(r["method"], r["seed"]) for r in csv.DictReader(handle)}
     assert reported == {("lora", "0")}  # full-ft seed 0 ran 3 steps: no longer reported
@@ -213,7 +213,7 @@ def test_bench_sweeps_rates_on_validation_rows_then_runs_the_chosen_rate_on_ever
     assert reports[0].startswith("[1/6]") and "lr 0.0001" in reports[0] and any("left" in line for line in reports)
     out = tmp_path / "out"
     with open(out / "sweep.csv", newline="") as handle:
-        sweep = list(csv.DictReader(handle))
+        sweep = list(csv.DictReader(handle))  # the CSV's rows: dicts of strings
     assert len(sweep) == 4 and all(float(r["validation_loss"]) > 0 for r in sweep)
     for method in ("full-ft", "lora"):
         candidates = [r for r in sweep if r["method"] == method]
@@ -227,7 +227,7 @@ def test_bench_sweeps_rates_on_validation_rows_then_runs_the_chosen_rate_on_ever
     assert "## Learning-rate sweep" in table
     assert len(re.findall(r"\*\*[0-9.e-]+: ", table)) == 2  # one bold (chosen) cell per method
     # held-out validation rows are not trained on: the run's training set is smaller by exactly that many
-    summary = json.loads((Path(rows[0]["folder"]) / "summary.json").read_text())
+    summary = json.loads((Path(rows[0].folder) / "summary.json").read_text())
     assert summary["config"]["validation_examples"] == 6 and set(summary["validation"]) >= {"loss"}
 
 
@@ -235,7 +235,7 @@ def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
     from hybrid_peft.bench import time_to_quality, time_to_quality_lines
     from hybrid_peft.telemetry import spearman
 
-    def run(method: str, seed: int, losses: list[float], step_seconds: float, recipe: str) -> dict:
+    def run(method: str, seed: int, losses: list[float], step_seconds: float, recipe: str) -> BenchRow:
         folder = tmp_path / method / str(seed)
         folder.mkdir(parents=True)
         records = [{"step": 0, "eval": {"loss": 1.0}}]
@@ -244,11 +244,10 @@ def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
             for i, loss in enumerate(losses)
         ]
         (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        return {
-            "task": "t", "method": method, "seed": seed, "status": "ok", "folder": str(folder), "model": "m",
-            "base_task": "b", "metric_name": "accuracy", "recipe_method": recipe, "metric": 0.5,
-            "held_out_loss": losses[-1], "learning_rate": 1e-3,
-        }  # fmt: skip
+        return BenchRow(
+            task="t", method=method, seed=seed, status="ok", folder=str(folder), model="m", base_task="b",
+            metric_name="accuracy", recipe_method=recipe, metric=0.5, held_out_loss=losses[-1], learning_rate=1e-3,
+        )  # fmt: skip
 
     rows = [
         run("full", 0, [0.8, 0.6, 0.5], 2.0, "full"),
@@ -275,7 +274,7 @@ def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
     lines = time_to_quality_lines(rows)
     assert "| lora | 20 steps, 20.0 s (3/3) | 30 steps, 30.0 s (3/3) |" in lines and "| slow | – | – |" in lines
     assert "| mixed | 20 steps, 20.0 s (2/3) | – |" in lines
-    full_best = time_to_quality([r for r in rows if r["method"] in ("full", "slow")])["t"]
+    full_best = time_to_quality([r for r in rows if r.method in ("full", "slow")])["t"]
     assert full_best["targets"] == {"full": ("full", 0.5)}  # full fine-tuning is the best: one target, one column
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -289,7 +288,7 @@ def test_checks_table_reports_lambda_at_the_end_per_method(tmp_path: Path) -> No
     without a mix (LoRA) shows a dash there."""
     from hybrid_peft.bench import telemetry_lines
 
-    def run(method: str, seed: int, final: list[float] | None) -> dict:
+    def run(method: str, seed: int, final: list[float] | None) -> BenchRow:
         folder = tmp_path / method / str(seed)
         folder.mkdir(parents=True)
         norms = {"block_grad_norms": {"0": 2.0, "1": 1.0}}
@@ -304,7 +303,7 @@ def test_checks_table_reports_lambda_at_the_end_per_method(tmp_path: Path) -> No
 
             rows = [{"step": 0, "layers": layers([0.5] * len(final))}, {"step": 1, "layers": layers(final)}]
             (folder / "mixing.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return {"task": "t", "method": method, "seed": seed, "status": "ok", "folder": str(folder)}
+        return BenchRow("t", method, seed, "ok", method, "m", "b", "accuracy", 1e-3, folder=str(folder))
 
     rows = [
         run("hybrid", 0, [0.1, 0.2, 0.3]),

@@ -417,7 +417,7 @@ def command_bench(args: argparse.Namespace) -> int:
         rerun=args.rerun,
         echo=lambda line: print(line, flush=True),
     )
-    failed = sum(r["status"] != "ok" for r in rows)
+    failed = sum(not r.ok for r in rows)
     print(f"wrote {plan.output_dir}/results.csv, results.md, plots/ ({len(rows) - failed} ok, {failed} failed)")
     return 1 if failed else 0
 
@@ -554,6 +554,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "method": f"{', '.join(training_methods())} (full: full fine-tuning; peft-*: PEFT's own, as baselines)",
         "eval_every": "evaluate every N steps (0: only before and after); generation metrics run only at the end",
         "eval_examples": "evaluate on the first N held-out examples (0: all)",
+        "retention_data": "general text the model is scored on before and after training, to measure forgetting: "
+        "auto (FLORES English devtest from the data folder, else Python's documentation prose), a text file (a "
+        "passage per line) or none",
+        "retention_examples": "passages of the retention text scored (0: none)",
         "report_to": "send loss, learning rate, tokens/s, λ per layer and evaluations to experiment trackers "
         "through accelerate: tensorboard (event files under OUTPUT_DIR/tracking/), wandb, mlflow; comma-separated; "
         "each needs its package installed (pip install tensorboard)",

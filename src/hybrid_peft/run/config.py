@@ -45,6 +45,8 @@ class TrainConfig:
     eval_examples: int = 0
     validation_examples: int = 0  # >0: held out of the training rows (seeded), evaluated at the end (rate choice)
     eval_batch_size: int = 8
+    retention_data: str = "auto"  # general text scored before and after training (run/retention.py), or "none"
+    retention_examples: int = 200
     generate: bool = True
     save_every: int = 0
     output_dir: str = "runs/train"
@@ -74,6 +76,7 @@ class TrainConfig:
             "threads",
             "examples_per_language",
             "eval_per_language",
+            "retention_examples",
         ):
             require_int(name, getattr(self, name), minimum=0)
         require_int("eval_batch_size", self.eval_batch_size, minimum=1)

@@ -68,6 +68,7 @@ from hybrid_peft.run.parallel import parallelism_for
 from hybrid_peft.run.progress import ProgressLines
 from hybrid_peft.run.provenance import peak_rss_mb, run_environment
 from hybrid_peft.run.report import write_report
+from hybrid_peft.run.retention import retention_loss, retention_texts
 from hybrid_peft.run.summary import RunSummary
 from hybrid_peft.run.trainees import FullFineTuning, OwnAdapter, resolved_adapter_options, trainee_for
 from hybrid_peft.sandbox import require_sandbox
@@ -172,6 +173,7 @@ class Recipe:
             eval_per_language=config.eval_per_language or None,
         )
         self.train_rows, self.eval_rows = self.task.train_rows(), self.task.eval_rows()
+        self.retention = retention_texts(config.retention_data, config.task, config.data_dir, config.retention_examples)
         if config.eval_examples:
             self.eval_rows = self.eval_rows[: config.eval_examples]
         if not self.train_rows:
@@ -442,7 +444,7 @@ class Recipe:
             f"evaluation ({label}) with --eval-batch-size {config.eval_batch_size}",
             "lower --eval-batch-size or --max-length",
         ):
-            return self.task.evaluate(
+            metrics = self.task.evaluate(
                 model,
                 self.tokenizer,
                 rows,
@@ -452,6 +454,13 @@ class Recipe:
                 allow_unsandboxed=config.unsafe_unsandboxed,
                 loss_model=ChunkedLossModel(model, config.loss_chunk_tokens) if config.loss_chunk_tokens else None,
             )
+            if label in ("before", "after") and self.retention is not None:  # forgetting: general text, not the task
+                texts, _ = self.retention
+                size = config.eval_batch_size
+                loss = retention_loss(model, self.tokenizer, texts, max_length=config.max_length, batch_size=size)
+                if loss is not None:
+                    metrics["retention_loss"] = loss
+            return metrics
 
     def after_step(
         self,

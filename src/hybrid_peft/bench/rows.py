@@ -1,0 +1,252 @@
+"""A bench run's result row (:class:`BenchRow`), the per-method aggregate over seeds, and paired comparisons.
+
+Paired differences: methods in one bench share seeds, data order and evaluation rows, so each method is compared with
+a reference (LoRA by default) seed by seed: d_s = value(method, seed s) − value(reference, seed s) over the seeds both
+finished, reported as mean(d) with a 95% paired t-interval across seeds, mean ± t(0.975, n − 1)·sd(d)/√n. "Level"
+means the interval covers 0, "ahead"/"behind" that it does not; its half-width is the comparison's resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hybrid_peft.run import FULL
+from hybrid_peft.tasks import primary_metric
+
+if TYPE_CHECKING:
+    from hybrid_peft.bench.plan import BenchPlan, BenchRun
+    from hybrid_peft.run import RunSummary
+
+REFERENCE = "lora"
+RETENTION = "retention_loss"
+# t(0.975, df) for df = 1..30; above that the normal quantile (1.96) is within 2%.
+T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One run's result: what it was, whether it finished, and what it measured (None where it measured nothing)."""
+
+    task: str
+    method: str
+    seed: int
+    status: str  # ok, failed, or missing (not run yet)
+    recipe_method: str
+    model: str
+    base_task: str
+    metric_name: str
+    learning_rate: float | None
+    metric_before: float | None = None
+    metric: float | None = None
+    validation_metric: float | None = None
+    validation_loss: float | None = None
+    loss_before: float | None = None
+    held_out_loss: float | None = None
+    retention_before: float | None = None  # loss per token on general text before training (run/retention.py)
+    retention_after: float | None = None
+    final_train_loss: float | None = None
+    median_step_s: float | None = None
+    wall_s: float | None = None
+    peak_rss_mb: float | None = None
+    trainable_parameters: int | None = None
+    total_parameters: int | None = None
+    commit: str | None = None
+    finished_at: str | None = None
+    error: str = ""
+    folder: str = ""
+
+    @classmethod
+    def of(cls, run: BenchRun, summary: RunSummary | None, error: str | None = None, status: str = "") -> BenchRow:
+        """The row of ``run`` from its summary (None: it did not finish, ``error`` says why)."""
+        config = run.config
+        row = cls(
+            task=run.task,
+            method=run.method,
+            seed=run.seed,
+            status=status or ("ok" if summary else "failed"),
+            recipe_method=config.method,
+            model=config.model,
+            base_task=config.task,
+            metric_name=primary_metric(config.task),
+            learning_rate=config.learning_rate,
+            folder=str(run.folder),
+            error=error or "",
+        )
+        if summary is None:
+            return row
+        environment = summary.environment
+        return dataclasses.replace(
+            row,
+            metric_before=summary.before.get(row.metric_name),
+            metric=summary.after.get(row.metric_name),
+            loss_before=summary.before.get("loss"),
+            validation_metric=summary.validation.get(row.metric_name),
+            validation_loss=summary.validation.get("loss"),
+            held_out_loss=summary.after.get("loss"),
+            retention_before=summary.before.get(RETENTION),
+            retention_after=summary.after.get(RETENTION),
+            final_train_loss=summary.final_loss,
+            median_step_s=summary.median_step_s,
+            wall_s=summary.wall_s,
+            peak_rss_mb=summary.peak_rss_mb,
+            trainable_parameters=summary.trainable_parameters,
+            total_parameters=summary.total_parameters,
+            commit=environment.commit if environment else None,
+            finished_at=environment.finished_at if environment else None,
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def full(self) -> bool:
+        return self.recipe_method == FULL
+
+    @property
+    def forgetting(self) -> float | None:
+        """The rise of the general-text loss over training (> 0: the model forgot some of what it knew)."""
+        if self.retention_before is None or self.retention_after is None:
+            return None
+        return self.retention_after - self.retention_before
+
+    @property
+    def gain(self) -> float | None:
+        """The task metric's rise over training."""
+        return None if self.metric is None or self.metric_before is None else self.metric - self.metric_before
+
+    def value(self, key: str) -> float | None:
+        """A field or property by name (``metric``, ``forgetting``, ``held_out_loss``, ...)."""
+        return getattr(self, key)
+
+
+CSV_FIELDS = tuple(f.name for f in dataclasses.fields(BenchRow) if f.name != "folder") + ("forgetting",)
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+AGGREGATED = ("metric", "metric_before", "held_out_loss", "forgetting", "median_step_s", "wall_s", "peak_rss_mb",
+              "trainable_parameters")  # fmt: skip
+
+
+def aggregate(rows: list[BenchRow]) -> dict[str, list[dict[str, Any]]]:
+    """Per task, one entry per method (in run order): mean ± std over seeds and ratios to full fine-tuning."""
+    by_task: dict[str, dict[str, list[BenchRow]]] = {}
+    for row in rows:
+        by_task.setdefault(row.task, {}).setdefault(row.method, []).append(row)
+    table: dict[str, list[dict[str, Any]]] = {}
+    for task, methods in by_task.items():
+        entries = []
+        for method, method_rows in methods.items():
+            ok = [r for r in method_rows if r.ok]
+            entry: dict[str, Any] = {
+                "method": method,
+                "runs": len(method_rows),
+                "ok": len(ok),
+                "metric_name": method_rows[0].metric_name,
+                "full": method_rows[0].full,
+                "learning_rates": sorted({r.learning_rate for r in method_rows if r.learning_rate}),
+            }
+            for key in AGGREGATED:
+                entry[key] = mean_std([r.value(key) for r in ok])
+            entries.append(entry)
+        full = next((e for e in entries if e["full"] and e["ok"]), None)
+        for entry in entries:
+            for key, ratio in (("median_step_s", "time_x_full"), ("peak_rss_mb", "memory_x_full")):
+                entry[ratio] = (
+                    entry[key][0] / full[key][0] if full and entry[key] and full[key] and full[key][0] else None
+                )
+        table[task] = entries
+    return table
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``method − reference`` of one value over the seeds both finished: mean, 95% interval (None with one seed)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    seeds: int
+
+    @property
+    def verdict(self) -> str:
+        """``level`` when the interval covers 0 (or there is none), else ``above`` or ``below``."""
+        if self.low is None or self.high is None or self.low <= 0 <= self.high:
+            return "level"
+        return "above" if self.low > 0 else "below"
+
+
+def paired_difference(values: list[float], references: list[float]) -> PairedDifference | None:
+    """The paired t-interval of ``values − references`` (matched by position, one pair per seed)."""
+    differences = [v - r for v, r in zip(values, references, strict=True)]
+    if not differences:
+        return None
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return PairedDifference(mean, None, None, 1)
+    t = T_975[len(differences) - 2] if len(differences) - 1 <= len(T_975) else 1.96
+    half = t * statistics.stdev(differences) / math.sqrt(len(differences))
+    return PairedDifference(mean, mean - half, mean + half, len(differences))
+
+
+def paired_differences(
+    rows: list[BenchRow], key: str = "metric", reference: str = REFERENCE
+) -> dict[str, dict[str, PairedDifference]]:
+    """Per task, per method other than ``reference``: its paired difference to ``reference`` in ``key``; tasks
+    without the reference, or methods sharing no finished seed with it, are left out."""
+    table: dict[str, dict[str, PairedDifference]] = {}
+    for task in dict.fromkeys(r.task for r in rows):
+        by_method: dict[str, dict[int, float]] = {}
+        for row in rows:
+            value = row.value(key) if row.task == task and row.ok else None
+            if value is not None:
+                by_method.setdefault(row.method, {})[row.seed] = value
+        base = by_method.get(reference)
+        if not base:
+            continue
+        for method, values in by_method.items():
+            seeds = sorted(set(values) & set(base))
+            if method == reference or not seeds:
+                continue
+            difference = paired_difference([values[s] for s in seeds], [base[s] for s in seeds])
+            if difference is not None:
+                table.setdefault(task, {})[method] = difference
+    return table
+
+
+def chosen_rates(plan: BenchPlan, sweep_rows: list[BenchRow]) -> dict[tuple[str, str], float]:
+    """The best rate per (task, method) whose sweep has finished every candidate: the highest validation metric,
+    ties (and ``select: loss``) by the lowest validation loss. Failed candidates never win."""
+    if plan.sweep is None:
+        return {}
+    by_pair: dict[tuple[str, str], list[BenchRow]] = {}
+    for row in sweep_rows:
+        by_pair.setdefault((row.task, row.method), []).append(row)
+    chosen = {}
+    for pair, rows in by_pair.items():
+        if len(rows) < len(plan.sweep.factors) or any(r.status == "missing" for r in rows):
+            continue  # its sweep has not finished
+        ok = [r for r in rows if r.ok and r.validation_loss is not None]
+        if not ok:
+            continue
+
+        def rank(row: BenchRow) -> tuple[float, float]:
+            metric = row.validation_metric
+            metric = -math.inf if metric is None or plan.sweep.select == "loss" else metric
+            return (-metric, row.validation_loss)
+
+        chosen[pair] = min(ok, key=rank).learning_rate
+    return chosen

@@ -1,0 +1,284 @@
+"""The bench's tables (``results.md``, ``results.csv``, ``sweep.csv``, ``report.html``): per task each method's mean ±
+std over seeds, its paired difference to the reference method, forgetting, time to quality and the paper's checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hybrid_peft.bench.rows import (
+    CSV_FIELDS,
+    REFERENCE,
+    BenchRow,
+    PairedDifference,
+    aggregate,
+    chosen_rates,
+    paired_differences,
+)
+from hybrid_peft.fileio import atomic_write_text
+from hybrid_peft.html_report import write_html_report
+from hybrid_peft.telemetry import telemetry_summary
+
+if TYPE_CHECKING:
+    from hybrid_peft.bench.plan import BenchPlan
+
+
+def _fmt(value: tuple[float, float] | None, digits: int = 4, std: bool = True, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    mean, deviation = value
+    shown = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return f"{shown} ± {deviation:.{digits}f}" if std else shown
+
+
+def sweep_table(plan: BenchPlan, sweep_rows: list[BenchRow]) -> list[str]:
+    """Per task: each method's validation metric (and loss) at every candidate rate, the chosen one in bold."""
+    if plan.sweep is None or not sweep_rows:
+        return []
+    rates = chosen_rates(plan, sweep_rows)
+    lines = [
+        "## Learning-rate sweep",
+        "",
+        f"Seed {plan.sweep.seed}, each method's rate × {', '.join(f'{f:g}' for f in plan.sweep.factors)}; validation "
+        f"metric (validation loss) on {plan.sweep.validation_examples} rows held out of the training data, never the "
+        "evaluation set. **Bold**: the rate chosen ("
+        + ("lowest validation loss" if plan.sweep.select == "loss" else "best validation metric, ties by loss")
+        + "), which the tables above report.",
+        "",
+    ]
+    for task in dict.fromkeys(r.task for r in sweep_rows):
+        task_rows = [r for r in sweep_rows if r.task == task]
+        lines += [
+            f"### {task}",
+            "",
+            "| method | " + " | ".join(["rate: validation metric (loss)"] * 1) + " |",
+            "|---|---|",
+        ]
+        for method in dict.fromkeys(r.method for r in task_rows):
+            cells = []
+            for row in sorted((r for r in task_rows if r.method == method), key=lambda r: r.learning_rate):
+                if not row.ok:
+                    text = f"{row.learning_rate:g}: failed"
+                else:
+                    metric = row.validation_metric
+                    shown = "–" if metric is None else f"{metric:.4f}"
+                    text = f"{row.learning_rate:g}: {shown} ({row.validation_loss:.4f})"
+                cells.append(f"**{text}**" if rates.get((task, method)) == row.learning_rate else text)
+            lines.append(f"| {method} | {' · '.join(cells)} |")
+        lines.append("")
+    return lines
+
+
+def _paired(difference: PairedDifference | None, digits: int = 4) -> str:
+    """``+0.0123 [-0.0040, +0.0286]`` (the mean and its 95% interval; bold where it excludes 0), or the mean alone
+    from one seed."""
+    if difference is None:
+        return "–"
+    if difference.low is None:
+        return f"{difference.mean:+.{digits}f} (1 seed)"
+    text = f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}]"
+    return text if difference.verdict == "level" else f"**{text}**"
+
+
+def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[BenchRow] = ()) -> str:
+    lines = [f"# Bench `{plan.name}`", ""]
+    seeds = ", ".join(str(s) for s in sorted({r.seed for r in rows}))
+    lines += [
+        f"Seeds {seeds or '–'}; mean ± std over the seeds that finished (a value without ± is one seed's). **Δ vs "
+        f"{REFERENCE}**: the method minus {REFERENCE} on the same seed, mean over the seeds both finished with a 95% "
+        "paired t-interval across seeds; in bold where the interval excludes 0 (the difference is real), else the "
+        "two are level. **Forgetting**: the rise of the loss per token on general text that is not the task "
+        "(`retention_data`), before to after training; lower keeps more of what the model knew. Time and memory "
+        "ratios are to full fine-tuning on the same task in the same bench (median training-step time; peak process "
+        "RSS; means over the finished seeds).",
+        "",
+    ]
+    metric_differences = paired_differences(rows, "metric")
+    forgetting_differences = paired_differences(rows, "forgetting")
+    for task, entries in aggregate(rows).items():
+        task_rows = [r for r in rows if r.task == task]
+        lines += [f"## {task} ({task_rows[0].model}, {task_rows[0].base_task})", ""]
+        metric = entries[0]["metric_name"]
+        lines.append(
+            f"| method | rate | {metric} | Δ vs {REFERENCE} [95% CI] | before | held-out loss | forgetting | "
+            "Δ forgetting [95% CI] | step s | time × full | peak RSS MB | memory × full | trainable | runs ok |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for e in entries:
+            ratio = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+            trainable = "–" if e["trainable_parameters"] is None else f"{e['trainable_parameters'][0]:,.0f}"
+            spread = e["ok"] > 1  # one seed has no spread: print the value alone, not "± 0"
+            rate = ", ".join(f"{r:g}" for r in e["learning_rates"]) or "–"
+            versus = metric_differences.get(task, {}).get(e["method"])
+            forgot = forgetting_differences.get(task, {}).get(e["method"])
+            lines.append(
+                f"| {e['method']} | {rate} | {_fmt(e['metric'], std=spread)} | {_paired(versus)} | "
+                f"{_fmt(e['metric_before'], std=False)} | {_fmt(e['held_out_loss'], std=spread)} | "
+                f"{_fmt(e['forgetting'], std=spread, signed=True)} | {_paired(forgot)} | "
+                f"{_fmt(e['median_step_s'], 3, std=False)} | {ratio(e['time_x_full'])} | "
+                f"{_fmt(e['peak_rss_mb'], 0, std=False)} | {ratio(e['memory_x_full'])} | {trainable} | "
+                f"{e['ok']}/{e['runs']} |"
+            )
+        for r in (r for r in task_rows if not r.ok):
+            lines.append(f"\nFailed: {r.method} seed {r.seed}: {r.error}")
+        lines.append("")
+    lines += time_to_quality_lines(rows)
+    lines += telemetry_lines(rows)
+    lines += sweep_table(plan, list(sweep_rows))
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[BenchRow]) -> str:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({name: row.value(name) for name in CSV_FIELDS} for row in rows)
+    return buffer.getvalue()
+
+
+def write_outputs(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[BenchRow] = ()) -> None:
+    """``results.csv`` (and ``sweep.csv`` with a sweep), ``results.md``, ``plots/`` and ``report.html`` (the tables
+    and every plot in one self-contained page)."""
+    atomic_write_text(plan.output_dir / "results.csv", _csv(rows))
+    if plan.sweep is not None:
+        atomic_write_text(plan.output_dir / "sweep.csv", _csv(list(sweep_rows)))
+    text = markdown_table(plan, rows, list(sweep_rows))
+    atomic_write_text(plan.output_dir / "results.md", text)
+    from hybrid_peft.bench.plots import write_plots  # the plots read the time-to-quality table of this module
+
+    plots = write_plots(plan, rows)
+    figures = ["## Plots", ""] + [f"![{path.stem}](plots/{path.name})" for path in plots]
+    write_html_report(plan.output_dir, text + "\n" + "\n\n".join(figures) + "\n", f"hybrid-peft bench {plan.name}")
+
+
+def evaluation_curve(folder: Path) -> list[tuple[int, float, float]]:
+    """``(step, training seconds, held-out loss)`` of every evaluation after step 0 in a run's log (runs without
+    ``train_seconds`` in their log, written before it existed, give none)."""
+    path = folder / "train_log.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        (r["step"], r["train_seconds"], r["eval"]["loss"])
+        for r in records
+        if "eval" in r and "loss" in r["eval"] and r.get("train_seconds") is not None and r["step"] > 0
+    ]
+
+
+def time_to_loss(curve: list[tuple[int, float, float]], target: float) -> tuple[int, float] | None:
+    """``(steps, training seconds)`` at the first evaluation whose held-out loss is at most ``target``."""
+    return next(((step, seconds) for step, seconds, loss in curve if loss <= target), None)
+
+
+def time_to_quality(rows: list[BenchRow]) -> dict[str, dict[str, Any]]:
+    """Per task: the two targets (full fine-tuning's final held-out loss, seed mean, and the best method's among those
+    with the most finished seeds) and, per method, the median over seeds of the steps and training seconds to reach
+    each, a seed that never did counting as never (None when most seeds never did), with ``seeds`` reached of all.
+    A target that is a seed mean is missed by about half the seeds of the method that set it, by construction: the
+    median, not "every seed", is the fair summary."""
+    table: dict[str, dict[str, Any]] = {}
+    for task, entries in aggregate(rows).items():
+        ok = [r for r in rows if r.task == task and r.ok]
+        full = next((e for e in entries if e["full"] and e["held_out_loss"]), None)
+        finished = [e for e in entries if e["held_out_loss"]]
+        if not finished:
+            continue
+        most = max(e["ok"] for e in finished)
+        best = min((e for e in finished if e["ok"] == most), key=lambda e: e["held_out_loss"][0])
+        targets = {}
+        if full is not None:
+            targets["full"] = (full["method"], full["held_out_loss"][0])
+        if best is not full:  # when full fine-tuning is the best, its one target is not measured and shown twice
+            targets["best"] = (best["method"], best["held_out_loss"][0])
+        methods = {}
+        for entry in entries:
+            curves = [evaluation_curve(Path(r.folder)) for r in ok if r.method == entry["method"]]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            reached = {}
+            for key, (_, target) in targets.items():
+                times = [time_to_loss(c, target) or (math.inf, math.inf) for c in curves]
+                steps, seconds = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+                hits = sum(math.isfinite(t[0]) for t in times)
+                reached[key] = None if math.isinf(seconds) else (steps, seconds, hits, len(times))
+            methods[entry["method"]] = {"reached": reached, "curves": curves}
+        table[task] = {"targets": targets, "methods": methods}
+    return table
+
+
+def time_to_quality_lines(rows: list[BenchRow]) -> list[str]:
+    table = time_to_quality(rows)
+    if not any(t["methods"] for t in table.values()):
+        return []
+    lines = [
+        "## Time to quality",
+        "",
+        "Steps and training seconds (the steps, and the gradient estimate of a LoRA-GA start; evaluation not counted; "
+        "median over seeds, a seed that never reached the target counting as never) until the held-out loss, "
+        "evaluated every `eval_every` steps, first reaches a target: full fine-tuning's final held-out loss (seed "
+        "mean), and the best method's among those with the most seeds. "
+        "(k/n): seeds that reached it. `–`: most seeds never reached it within the run.",
+        "",
+    ]
+    for task, data in table.items():
+        if not data["methods"]:
+            continue
+        targets = data["targets"]
+        keys = [k for k in ("full", "best") if k in targets]
+        heads = [f"to {targets[k][0]}'s {targets[k][1]:.4f}" for k in keys]
+        lines += [f"### {task}", "", "| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(keys)]
+        for method, data_method in data["methods"].items():
+            cells = []
+            for key in keys:
+                value = data_method["reached"][key]
+                if value is None:
+                    cells.append("–")
+                else:
+                    steps, seconds, hits, seeds = value
+                    cells.append(f"{steps:.0f} steps, {seconds:.1f} s ({hits}/{seeds})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def telemetry_lines(rows: list[BenchRow]) -> list[str]:
+    """The paper's checks per method (median over seeds): gradient-norm ratio first/last adapted block,
+    the largest orthogonality error, λ's rank correlation with the layers' gradient magnitudes, λ at the end."""
+    keys = ("depth_ratio", "orthogonality_error", "lambda_gradient_spearman", "final_lambda")
+    per_method: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for row in rows:
+        if not row.ok:
+            continue
+        summary = telemetry_summary(Path(row.folder))
+        bucket = per_method.setdefault((row.task, row.method), {k: [] for k in keys})
+        for key in keys:
+            if key in summary:
+                bucket[key].append(summary[key])
+    if not any(any(v) for v in per_method.values()):
+        return []
+    lines = [
+        "## The paper's checks",
+        "",
+        "Median over seeds. **‖∇‖ first/last block**: the adapter gradient norm of the first adapted transformer "
+        "block over the last one's, median over steps (1: preserved through depth). **‖RᵀR − I‖**: the largest "
+        "orthogonality error of any rotation at any logged step. **ρ(λ, ‖∇‖)**: Spearman correlation across layers "
+        "of λ and the layer's gradient magnitude, median over steps (hybrids). **λ at the end**: the low-rank "
+        "branch's share at the last step, mean over layers (hybrids; the orthogonal branch has 1 − λ).",
+        "",
+        "| task | method | ‖∇‖ first/last block | ‖RᵀR − I‖ | ρ(λ, ‖∇‖) | λ at the end |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (task, method), values in per_method.items():
+        shown = [
+            f"{statistics.median(values[k]):{'.2e' if k == 'orthogonality_error' else '.3f'}}" if values[k] else "–"
+            for k in keys
+        ]
+        lines.append(f"| {task} | {method} | " + " | ".join(shown) + " |")
+    return [*lines, ""]

@@ -1,0 +1,128 @@
+"""Retention: what training made the model forget, as the rise of its loss on general text that is not its task.
+
+Before and after training the recipe scores the model as a causal language model on ``retention_examples`` passages
+(mean negative log-likelihood per token, the measure PEFT's ``method_comparison`` calls forgetting). The text:
+
+- ``retention_data: auto`` (the default): FLORES-200's English devtest from the data folder, for every task but
+  FLORES itself (whose evaluation holds those sentences); else English prose that every Python installation carries
+  (the documentation topics of ``pydoc_data``), so a machine without the data folder measures it too;
+- a path: a text file (one passage per non-empty line) or JSON lines with a ``text`` field;
+- ``none``: not measured.
+
+A causal LM is scored directly. A sequence classifier over a decoder whose output embedding is tied to its input
+embedding (SmolLM2's) is scored through its backbone and that tied head, which training does not touch, so the
+measure sees what the adapters changed in the backbone. An encoder (MiniLM) has no such head: not measured (None).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_peft.errors import ConfigError
+from hybrid_peft.tasks.data import default_data_dir, read_text
+
+AUTO, NONE = "auto", "none"
+FLORES_ENGLISH = Path("flores") / "devtest" / "eng_Latn.devtest"
+
+
+def retention_texts(option: str | None, task: str, data_dir: str | None, count: int) -> tuple[list[str], str] | None:
+    """``(passages, where they come from)`` for the option, or None when retention is not measured."""
+    if option in (None, "", NONE) or count == 0:
+        return None
+    if option == AUTO:
+        base = Path(data_dir) if data_dir else default_data_dir()
+        if task != "flores" and base is not None and (base / FLORES_ENGLISH).is_file():
+            path = base / FLORES_ENGLISH
+            return _lines(read_text(path, "retention data"))[:count], "FLORES-200 English devtest"
+        return _python_docs()[:count], "Python's documentation topics (pydoc_data)"
+    path = Path(option)
+    if not path.is_file():
+        raise ConfigError(f"retention_data: {option!r} is not a file; give a text file, 'auto' or 'none'")
+    text = read_text(path, "retention data")
+    if path.suffix == ".jsonl":
+        passages = [json.loads(line).get("text", "") for line in text.splitlines() if line.strip()]
+    else:
+        passages = _lines(text)
+    passages = [p for p in passages if p.strip()]
+    if not passages:
+        raise ConfigError(f"retention_data: {path} holds no text")
+    return passages[:count], path.name
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _python_docs() -> list[str]:
+    """Paragraphs of prose (no code, 200–1000 characters) from Python's documentation topics, in a fixed order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # a Python built without its documentation
+        return []
+    paragraphs = []
+    for name in sorted(topics):
+        for paragraph in topics[name].split("\n\n"):
+            flat = " ".join(paragraph.split())
+            if 200 <= len(flat) <= 1000 and not paragraph.startswith((" ", "\t")) and ">>>" not in flat:
+                paragraphs.append(flat)
+    return paragraphs
+
+
+def _language_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
+    """``(backbone, tied output embedding)`` of a sequence classifier over a decoder with tied embeddings."""
+    config = getattr(model, "config", None)
+    backbone = getattr(model, "base_model", None)
+    if config is None or backbone is None or backbone is model or not getattr(config, "tie_word_embeddings", False):
+        return None
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    if not getattr(config, "is_decoder", False) and "CausalLM" not in architectures:
+        return None
+    embeddings = backbone.get_input_embeddings()
+    return (backbone, embeddings.weight) if embeddings is not None else None
+
+
+@torch.no_grad()
+def retention_loss(
+    model: nn.Module, tokenizer: Any, texts: list[str], *, max_length: int, batch_size: int
+) -> float | None:
+    """Mean NLL per token of ``model`` as a causal LM on ``texts``; None when the model cannot be scored so."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model: its wrapped model
+    causal = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
+    head = None if causal else _language_head(model)
+    if not texts or not (causal or head):
+        return None
+    was_training, padding_side = model.training, getattr(tokenizer, "padding_side", "right")
+    model.eval()
+    tokenizer.padding_side = "right"  # positions count from the first token
+    total, tokens = 0.0, 0
+    try:
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(
+                texts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            )
+            device = next(model.parameters()).device
+            ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+            if causal:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            else:
+                backbone, weight = head
+                hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+                logits = F.linear(hidden.to(weight.dtype), weight)
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            total += float(loss)
+            tokens += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = padding_side
+    return total / tokens if tokens else None

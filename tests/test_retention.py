@@ -1,0 +1,137 @@
+"""Retention (forgetting) and the bench's paired comparisons: the general-text loss before and after training, the
+paired t-interval against LoRA, and the learn–forget plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from hybrid_peft import LoRAConfig, attach, load_tokenizer
+from hybrid_peft.bench import BenchRow, markdown_table, paired_differences
+from hybrid_peft.bench.plots import learn_forget_plots, method_style
+from hybrid_peft.bench.rows import paired_difference
+from hybrid_peft.errors import ConfigError
+from hybrid_peft.run.retention import retention_loss, retention_texts
+
+from conftest import DATA, tiny_bert_classifier
+
+
+def test_the_retention_text_comes_from_flores_english_else_pythons_docs_else_a_file(tmp_path: Path) -> None:
+    passages, where = retention_texts("auto", "sst2", str(DATA), 5)
+    english = (DATA / "flores" / "devtest" / "eng_Latn.devtest").read_text(encoding="utf-8").splitlines()
+    assert where == "FLORES-200 English devtest" and passages == [line.strip() for line in english if line.strip()][:5]
+    passages, where = retention_texts("auto", "flores", str(DATA), 5)  # FLORES's own evaluation holds those lines
+    assert where.startswith("Python's documentation") and len(passages) == 5
+    assert all(200 <= len(p) <= 1000 and ">>>" not in p for p in passages)
+    passages, _ = retention_texts("auto", "sst2", str(tmp_path), 3)  # a data folder without FLORES
+    assert len(passages) == 3
+    text = tmp_path / "general.txt"
+    text.write_text("first passage\n\nsecond passage\n", encoding="utf-8")
+    assert retention_texts(str(text), "sst2", None, 10) == (["first passage", "second passage"], "general.txt")
+    lines = tmp_path / "general.jsonl"
+    lines.write_text(json.dumps({"text": "a line"}) + "\n", encoding="utf-8")
+    assert retention_texts(str(lines), "sst2", None, 10)[0] == ["a line"]
+    assert retention_texts("none", "sst2", None, 10) is None and retention_texts("auto", "sst2", None, 0) is None
+    with pytest.raises(ConfigError, match="retention_data: 'missing.txt' is not a file"):
+        retention_texts("missing.txt", "sst2", None, 10)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> transformers.PreTrainedTokenizerBase:
+    return load_tokenizer("minilm-l6")
+
+
+def tiny_decoder(tokenizer: transformers.PreTrainedTokenizerBase, kind: str) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True, architectures=["LlamaForCausalLM"], num_labels=2,
+    )  # fmt: skip
+    kinds = {"causal": transformers.LlamaForCausalLM, "classifier": transformers.LlamaForSequenceClassification}
+    return kinds[kind](config).eval()
+
+
+def test_retention_loss_is_the_causal_lm_loss_per_token_and_reads_a_classifier_through_its_tied_head(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+) -> None:
+    texts = ["the cat sat on the mat", "a longer sentence about the weather and the sea", "short"]
+    model = tiny_decoder(tokenizer, "causal")
+    total, count = 0.0, 0
+    for text in texts:  # by hand, one unpadded passage at a time
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        total += float(F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    batched = retention_loss(model, tokenizer, texts, max_length=64, batch_size=2)  # padded batches
+    assert batched == pytest.approx(total / count, rel=1e-5)
+    classifier = tiny_decoder(tokenizer, "classifier")
+    classifier.model.load_state_dict(model.model.state_dict())  # the same backbone; the tied head is its embedding
+    assert retention_loss(classifier, tokenizer, texts, max_length=64, batch_size=2) == pytest.approx(batched, rel=1e-5)
+    attach(classifier, LoRAConfig(rank=2))  # adapters in the backbone change what it scores once they are trained
+    for name, p in classifier.named_parameters():
+        if name.endswith("lora_B"):
+            p.data.normal_(0, 0.5)
+    assert retention_loss(classifier, tokenizer, texts, max_length=64, batch_size=2) != pytest.approx(batched)
+    assert retention_loss(tiny_bert_classifier(), tokenizer, texts, max_length=64, batch_size=2) is None  # encoder
+
+
+def test_the_recipe_records_the_retention_loss_before_and_after(tiny_lm: str, tmp_path: Path) -> None:
+    from hybrid_peft.run import RunSummary, TrainConfig, run_training
+
+    config = TrainConfig(
+        model=tiny_lm, task="humaneval", method="lora", steps=2, batch_size=2, max_length=32, eval_examples=2,
+        generate=False, threads=1, output_dir=str(tmp_path / "run"), learning_rate=5e-2, retention_examples=4,
+    )  # fmt: skip
+    run_training(config, progress=False)
+    summary = RunSummary.read(tmp_path / "run")
+    assert summary.before["retention_loss"] > 0 and summary.after["retention_loss"] > 0
+    assert summary.after["retention_loss"] != summary.before["retention_loss"]  # training moved it
+    run_training(dataclasses.replace(config, output_dir=str(tmp_path / "none"), retention_data="none"), progress=False)
+    assert "retention_loss" not in RunSummary.read(tmp_path / "none").after
+
+
+def row(method: str, seed: int, metric: float, before: float = 0.5, retention: float = 0.0) -> BenchRow:
+    recipe = "full" if method == "full" else "lora"
+    return BenchRow("sst2", method, seed, "ok", recipe, "m", "sst2", "accuracy", 1e-3, metric_before=before,
+                    metric=metric, retention_before=2.0, retention_after=2.0 + retention)  # fmt: skip
+
+
+def test_paired_differences_to_lora_with_a_t_interval_across_seeds() -> None:
+    difference = paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2) · sd / √n
+    assert (difference.mean, difference.low, difference.high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert difference.verdict == "level"
+    rows = [row("lora", s, m, retention=f) for s, (m, f) in enumerate([(0.80, 0.03), (0.82, 0.04), (0.81, 0.05)])]
+    rows += [row("ahead", s, m, retention=f) for s, (m, f) in enumerate([(0.82, 0.01), (0.84, 0.02), (0.83, 0.03)])]
+    rows += [row("level", s, m) for s, m in enumerate([0.81, 0.81, 0.81])]  # +0.01, −0.01, 0
+    rows += [row("one-seed", 5, 0.9)]  # no seed in common with LoRA: left out
+    metric = paired_differences(rows)["sst2"]
+    assert set(metric) == {"ahead", "level"}
+    assert metric["ahead"].mean == pytest.approx(0.02) and metric["ahead"].verdict == "above"
+    assert metric["level"].verdict == "level" and metric["level"].seeds == 3
+    forgetting = paired_differences(rows, "forgetting")["sst2"]
+    assert forgetting["ahead"].verdict == "below" and forgetting["ahead"].mean == pytest.approx(-0.02)
+    table = markdown_table(SimpleNamespace(name="t", sweep=None), rows)
+    ahead = next(line for line in table.splitlines() if line.startswith("| ahead |"))
+    assert "**+0.0200 [+0.0200, +0.0200]**" in ahead and "**-0.0200 [-0.0200, -0.0200]**" in ahead
+    level = next(line for line in table.splitlines() if line.startswith("| level |"))
+    assert "+0.0000 [-0.0248, +0.0248]" in level  # 4.303 · 0.01 / √3 = 0.0248: the resolution, covering 0
+
+
+def test_the_learn_forget_plot_has_a_point_per_method_and_seed(tmp_path: Path) -> None:
+    rows = [row("lora", s, 0.8 + 0.01 * s, retention=0.02) for s in range(3)]
+    rows += [row("full", s, 0.85, retention=0.08) for s in range(3)]
+    rows += [BenchRow("mrpc", "lora", 0, "ok", "lora", "minilm", "mrpc", "f1", 1e-3, metric_before=0.5, metric=0.7)]
+    (path,) = learn_forget_plots(rows, method_style(rows), tmp_path)
+    assert path.name == "learn_forget.png" and path.stat().st_size > 1000
+    assert learn_forget_plots(rows[-1:], method_style(rows), tmp_path) == []  # no retention measured: no plot
