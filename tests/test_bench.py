@@ -170,6 +170,9 @@ def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, caps
         plan = load_plan(name)
         assert plan.sweep_runs() if plan.sweep else plan.runs()
     assert "hybrid" in load_plan("full").methods and "hybrid" in load_plan("quick").methods  # the default hybrid
+    larger = load_plan("math", overrides={"model": "meta-llama/Llama-3.2-3B", "dtype": "bfloat16"})  # on a GPU
+    assert {(r.config.model, r.config.dtype) for r in larger.sweep_runs()} == {("meta-llama/Llama-3.2-3B", "bfloat16")}
+    assert {r.config.model for r in load_plan("math").sweep_runs()} == {"smollm2-135m"}
     for path in sorted((Path(__file__).parents[1] / "benchmarks").glob("*.yaml")):  # and the benchmark scripts'
         plan = load_plan(str(path))
         assert plan.sweep_runs() if plan.sweep else plan.runs(), path.name

@@ -380,7 +380,7 @@ def command_bench(args: argparse.Namespace) -> int:
     from hybrid_peft.bench import chosen_rates, finished_row, load_plan, run_bench, run_state
 
     seeds = [int(s) for s in _split_list(args.seeds)] if args.seeds else None
-    plan = load_plan(args.config, output_dir=args.output_dir)
+    plan = load_plan(args.config, output_dir=args.output_dir, overrides=_parse_settings(args.set))
     tasks, methods = _split_list(args.tasks), _split_list(args.methods)
     sweep = plan.sweep_runs(tasks, methods)
     rates = chosen_rates(plan, [finished_row(r) for r in sweep])
@@ -435,6 +435,14 @@ def add_bench_parser(commands: Any, threads: int) -> None:
     bench.add_argument("--methods", help="comma-separated method keys of the config to run (default: all)")
     bench.add_argument("--seeds", help="comma-separated seeds, replacing the config's")
     bench.add_argument("--output-dir", help="replaces the config's output_dir")
+    bench.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training option for every run, over the config's (e.g. --set model=meta-llama/Llama-3.2-3B --set "
+        "dtype=bfloat16 to run a profile on a larger model; pair it with --output-dir); repeatable",
+    )
     bench.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
     bench.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     bench.set_defaults(handler=command_bench)

@@ -72,6 +72,7 @@ class BenchPlan:
     defaults: dict[str, Any] = field(default_factory=dict)
     run_timeout_s: float = 3600.0
     sweep: Sweep | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # over every run's options (``bench --set``)
 
     def _check(self, tasks: list[str] | None, methods: list[str] | None) -> None:
         for chosen, known, kind in ((tasks, self.tasks, "task"), (methods, self.methods, "method")):
@@ -96,7 +97,7 @@ class BenchPlan:
         per_task = method_options.pop("tasks", {}) or {}
         options = merge_options(self.defaults, self.tasks[task_key])
         options = merge_options(options, method_options)
-        options = merge_options(options, per_task.get(task_key, {}))
+        options = merge_options(merge_options(options, per_task.get(task_key, {})), self.overrides)
         folder = self.output_dir / "runs" / task_key / method_key
         if self.sweep is not None:
             options.setdefault("validation_examples", self.sweep.validation_examples)
@@ -117,7 +118,8 @@ class BenchPlan:
         per_task = method_options.pop("tasks", {}) or {}
         options = merge_options(merge_options(self.defaults, self.tasks[task_key]), method_options)
         try:
-            return float(TrainConfig.from_dict(merge_options(options, per_task.get(task_key, {}))).learning_rate)
+            options = merge_options(merge_options(options, per_task.get(task_key, {})), self.overrides)
+            return float(TrainConfig.from_dict(options).learning_rate)
         except ConfigError as exc:
             raise ConfigError(f"bench {self.name}, task {task_key}, method {method_key}: {exc}") from exc
 
@@ -155,8 +157,9 @@ def builtin_profiles() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_plan(config: str, output_dir: str | None = None) -> BenchPlan:
-    """A built-in profile name (``quick``, ``full``) or a YAML/JSON file."""
+def load_plan(config: str, output_dir: str | None = None, overrides: dict[str, Any] | None = None) -> BenchPlan:
+    """A built-in profile name (``quick``, ``full``, ``math``, ...) or a YAML/JSON file; ``overrides`` are training
+    options set on every run over the config's own (``learning_rate`` included: a sweep then centres on it)."""
     import yaml
 
     if config in builtin_profiles():
@@ -187,6 +190,7 @@ def load_plan(config: str, output_dir: str | None = None) -> BenchPlan:
         defaults=data.get("defaults", {}) or {},
         run_timeout_s=float(data.get("run_timeout_s", 3600)),
         sweep=Sweep.from_dict(data["sweep"], f"bench config {config}") if data.get("sweep") is not None else None,
+        overrides=dict(overrides or {}),
     )
     # every combination validates before anything runs
     plan.sweep_runs() if plan.sweep is not None else plan.runs()

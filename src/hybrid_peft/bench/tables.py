@@ -99,15 +99,17 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
     ]
     metric_differences = paired_differences(rows, "metric")
     forgetting_differences = paired_differences(rows, "forgetting")
+    loss_differences = paired_differences(rows, "held_out_loss")
     for task, entries in aggregate(rows).items():
         task_rows = [r for r in rows if r.task == task]
         lines += [f"## {task} ({task_rows[0].model}, {task_rows[0].base_task})", ""]
         metric = entries[0]["metric_name"]
         lines.append(
-            f"| method | rate | {metric} | Δ vs {REFERENCE} [95% CI] | before | held-out loss | forgetting | "
-            "Δ forgetting [95% CI] | step s | time × full | peak RSS MB | memory × full | trainable | runs ok |"
+            f"| method | rate | {metric} | Δ vs {REFERENCE} [95% CI] | before | held-out loss | Δ loss [95% CI] | "
+            "forgetting | Δ forgetting [95% CI] | step s | time × full | peak RSS MB | memory × full | trainable | "
+            "runs ok |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for e in entries:
             ratio = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
             trainable = "–" if e["trainable_parameters"] is None else f"{e['trainable_parameters'][0]:,.0f}"
@@ -115,9 +117,10 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
             rate = ", ".join(f"{r:g}" for r in e["learning_rates"]) or "–"
             versus = metric_differences.get(task, {}).get(e["method"])
             forgot = forgetting_differences.get(task, {}).get(e["method"])
+            loss = loss_differences.get(task, {}).get(e["method"])
             lines.append(
                 f"| {e['method']} | {rate} | {_fmt(e['metric'], std=spread)} | {_paired(versus)} | "
-                f"{_fmt(e['metric_before'], std=False)} | {_fmt(e['held_out_loss'], std=spread)} | "
+                f"{_fmt(e['metric_before'], std=False)} | {_fmt(e['held_out_loss'], std=spread)} | {_paired(loss)} | "
                 f"{_fmt(e['forgetting'], std=spread, signed=True)} | {_paired(forgot)} | "
                 f"{_fmt(e['median_step_s'], 3, std=False)} | {ratio(e['time_x_full'])} | "
                 f"{_fmt(e['peak_rss_mb'], 0, std=False)} | {ratio(e['memory_x_full'])} | {trainable} | "
