@@ -54,7 +54,7 @@ def tiny_decoder(tokenizer: transformers.PreTrainedTokenizerBase, kind: str) -> 
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True, architectures=["LlamaForCausalLM"], num_labels=2,
+        tie_word_embeddings=True, num_labels=2,
     )  # fmt: skip
     kinds = {"causal": transformers.LlamaForCausalLM, "classifier": transformers.LlamaForSequenceClassification}
     return kinds[kind](config).eval()
@@ -75,6 +75,7 @@ def test_retention_loss_is_the_causal_lm_loss_per_token_and_reads_a_classifier_t
     batched = retention_loss(model, tokenizer, texts, max_length=64, batch_size=2)  # padded batches
     assert batched == pytest.approx(total / count, rel=1e-5)
     classifier = tiny_decoder(tokenizer, "classifier")
+    classifier.config.architectures = ["LlamaForSequenceClassification"]  # as saving it writes
     classifier.model.load_state_dict(model.model.state_dict())  # the same backbone; the tied head is its embedding
     assert retention_loss(classifier, tokenizer, texts, max_length=64, batch_size=2) == pytest.approx(batched, rel=1e-5)
     attach(classifier, LoRAConfig(rank=2))  # adapters in the backbone change what it scores once they are trained

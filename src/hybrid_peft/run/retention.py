@@ -80,11 +80,22 @@ def _language_head(model: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
     backbone = getattr(model, "base_model", None)
     if config is None or backbone is None or backbone is model or not getattr(config, "tie_word_embeddings", False):
         return None
-    architectures = " ".join(getattr(config, "architectures", None) or [])
-    if not getattr(config, "is_decoder", False) and "CausalLM" not in architectures:
+    if not _decoder_only(config):
         return None
     embeddings = backbone.get_input_embeddings()
     return (backbone, embeddings.weight) if embeddings is not None else None
+
+
+def _decoder_only(config: Any) -> bool:
+    """A decoder-only architecture (Llama, GPT-2, ...): it has a causal-LM class and no masked-LM one (BERT has
+    both). Read from the model type, not ``config.architectures``, which saving a classifier rewrites."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 @torch.no_grad()
