@@ -21,7 +21,7 @@ from hybrid_peft.bench.rows import paired_difference
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.run.retention import retention_loss, retention_texts
 
-from conftest import DATA, tiny_bert_classifier
+from conftest import DATA, VOCAB, tiny_bert_classifier, tiny_gpt2
 
 
 def test_the_retention_text_comes_from_flores_english_else_pythons_docs_else_a_file(tmp_path: Path) -> None:
@@ -84,6 +84,24 @@ def test_retention_loss_is_the_causal_lm_loss_per_token_and_reads_a_classifier_t
             p.data.normal_(0, 0.5)
     assert retention_loss(classifier, tokenizer, texts, max_length=64, batch_size=2) != pytest.approx(batched)
     assert retention_loss(tiny_bert_classifier(), tokenizer, texts, max_length=64, batch_size=2) is None  # encoder
+    gpt2 = tiny_gpt2()  # another family (its final norm in the base model, a separate head): the model's own loss
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        expected = float(gpt2(input_ids=ids, labels=ids).loss)
+    scored = retention_loss(gpt2, _FixedTokenizer(ids), ["any"], max_length=64, batch_size=1)
+    assert scored == pytest.approx(expected, rel=1e-5)
+
+
+class _FixedTokenizer:
+    """Hands back the given ids for any text (a tokenizer for a model with a tiny vocabulary)."""
+
+    padding_side = "left"
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __call__(self, texts: list[str], **_: object) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids, "attention_mask": torch.ones_like(self.ids)}
 
 
 def test_the_recipe_records_the_retention_loss_before_and_after(tiny_lm: str, tmp_path: Path) -> None:

@@ -98,16 +98,31 @@ def _decoder_only(config: Any) -> bool:
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+CHUNK_TOKENS = 256  # the vocabulary's logits for this many tokens at a time (SmolLM2: 50 MB), never for a batch
+
+
+def _scoring_parts(model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None] | None:
+    """``(backbone, head weight, head bias)``: a causal LM's base model and output embedding, or a decoder
+    classifier's backbone and tied input embedding; None when the model cannot be scored as a causal LM."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = getattr(model, "base_model", None)
+    if head is not None and backbone is not None and backbone is not model:
+        return backbone, head.weight, getattr(head, "bias", None)
+    tied = _language_head(model)
+    return None if tied is None else (tied[0], tied[1], None)
+
+
 @torch.no_grad()
 def retention_loss(
     model: nn.Module, tokenizer: Any, texts: list[str], *, max_length: int, batch_size: int
 ) -> float | None:
-    """Mean NLL per token of ``model`` as a causal LM on ``texts``; None when the model cannot be scored so."""
+    """Mean NLL per token of ``model`` as a causal LM on ``texts``; None when the model cannot be scored so. The
+    logits are formed a few hundred tokens at a time, so scoring adds little to the run's peak memory."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model: its wrapped model
-    causal = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
-    head = None if causal else _language_head(model)
-    if not texts or not (causal or head):
+    parts = _scoring_parts(model)
+    if not texts or parts is None:
         return None
+    backbone, weight, bias = parts
     was_training, padding_side = model.training, getattr(tokenizer, "padding_side", "right")
     model.eval()
     tokenizer.padding_side = "right"  # positions count from the first token
@@ -123,16 +138,15 @@ def retention_loss(
             )
             device = next(model.parameters()).device
             ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-            if causal:
-                logits = model(input_ids=ids, attention_mask=mask).logits
-            else:
-                backbone, weight = head
-                hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-                logits = F.linear(hidden.to(weight.dtype), weight)
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
-            total += float(loss)
-            tokens += int((targets != -100).sum())
+            keep = targets != -100
+            hidden, targets = hidden[keep], targets[keep]  # (tokens, d): padding never reaches the head
+            for chunk in range(0, len(targets), CHUNK_TOKENS):
+                piece = hidden[chunk : chunk + CHUNK_TOKENS].to(weight.dtype)
+                logits = F.linear(piece, weight, bias).float()
+                total += float(F.cross_entropy(logits, targets[chunk : chunk + CHUNK_TOKENS], reduction="sum"))
+            tokens += len(targets)
     finally:
         model.train(was_training)
         tokenizer.padding_side = padding_side
