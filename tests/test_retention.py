@@ -84,6 +84,16 @@ def test_retention_loss_is_the_causal_lm_loss_per_token_and_reads_a_classifier_t
             p.data.normal_(0, 0.5)
     assert retention_loss(classifier, tokenizer, texts, max_length=64, batch_size=2) != pytest.approx(batched)
     assert retention_loss(tiny_bert_classifier(), tokenizer, texts, max_length=64, batch_size=2) is None  # encoder
+    import peft  # PEFT's models, the mixed LoRA+OFT one included, are scored through the model they wrap
+
+    plain = tiny_decoder(tokenizer, "classifier")
+    plain.model.load_state_dict(model.model.state_dict())
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS")
+    oft = peft.OFTConfig(oft_block_size=4, target_modules=["v_proj"], task_type="SEQ_CLS")
+    mixed = peft.get_peft_model(plain, lora, adapter_name="low_rank", mixed=True)
+    mixed.add_adapter("orthogonal", oft)
+    mixed.set_adapter(["low_rank", "orthogonal"])
+    assert retention_loss(mixed, tokenizer, texts, max_length=64, batch_size=2) == pytest.approx(batched, rel=1e-4)
     gpt2 = tiny_gpt2()  # another family (its final norm in the base model, a separate head): the model's own loss
     ids = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():

@@ -98,6 +98,19 @@ def _decoder_only(config: Any) -> bool:
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model inside PEFT's wrappers (``PeftModel``, ``PeftMixedModel`` and their tuners)."""
+    for _ in range(4):
+        if not type(model).__module__.startswith("peft."):
+            break
+        # the wrapper's own child (attribute lookups forward to the wrapped model, so they cannot tell)
+        inner = model._modules.get("base_model") or model._modules.get("model")
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
 CHUNK_TOKENS = 256  # the vocabulary's logits for this many tokens at a time (SmolLM2: 50 MB), never for a batch
 
 
@@ -118,7 +131,7 @@ def retention_loss(
 ) -> float | None:
     """Mean NLL per token of ``model`` as a causal LM on ``texts``; None when the model cannot be scored so. The
     logits are formed a few hundred tokens at a time, so scoring adds little to the run's peak memory."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model: its wrapped model
+    model = _transformers_model(model)
     parts = _scoring_parts(model)
     if not texts or parts is None:
         return None
@@ -138,7 +151,10 @@ def retention_loss(
             )
             device = next(model.parameters()).device
             ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            output = backbone(input_ids=ids, attention_mask=mask)
+            if not hasattr(output, "last_hidden_state"):  # a wrapper this module does not know: not measured
+                return None
+            hidden = output.last_hidden_state[:, :-1]
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             keep = targets != -100
             hidden, targets = hidden[keep], targets[keep]  # (tokens, d): padding never reaches the head
