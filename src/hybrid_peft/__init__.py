@@ -17,11 +17,11 @@ from hybrid_peft.methods.lora_ga import lora_ga_initialise
 from hybrid_peft.methods.mixing import ShareRule, SigmoidRule
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.serialization import load_adapter, save_adapter
-from hybrid_peft.telemetry import mixing_callback
 from hybrid_peft.version import __version__
 
 __all__ = [
     "BOFTConfig",
+    "HybridPeftCallback",
     "HybridConfig",
     "HybridPeftError",
     "LoRAConfig",
@@ -46,3 +46,14 @@ __all__ = [
     "unmerge",
     "update_mixing",
 ]
+
+_LAZY = {"HybridPeftCallback": "hybrid_peft.integrations", "mixing_callback": "hybrid_peft.integrations"}
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """The Trainer callback, imported on first use (``transformers.TrainerCallback`` takes seconds to import)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hybrid_peft' has no attribute {name!r}")

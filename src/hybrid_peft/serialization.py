@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -264,20 +265,62 @@ def check_base_model(model: nn.Module, document: dict[str, Any]) -> None:
         )
 
 
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name", as the Hub spells repositories
+
+
+def resolve_adapter_directory(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The local folder of an adapter: ``source`` itself when it is a folder, else the snapshot of the Hugging Face
+    Hub repository ``source`` ("org/name"), downloaded or, offline (``HF_HUB_OFFLINE=1``), taken from the cache."""
+    path = Path(source)
+    if path.is_dir() or not HUB_REPO_ID.match(str(source)):
+        return path / subfolder if subfolder else path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    files = [CONFIG_NAME, WEIGHTS_NAME]
+    try:
+        snapshot = snapshot_download(
+            str(source),
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=[f"{subfolder}/{name}" for name in files] if subfolder else files,
+        )
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise AdapterFileError(
+            f"{str(source)!r} is neither a folder nor a Hugging Face Hub repository this machine can reach or has "
+            f"cached ({type(exc).__name__}: {exc}). Pass the adapter's folder, or download the repository first "
+            "(huggingface-cli download org/name) where the Hub is reachable"
+        ) from exc
+    return Path(snapshot) / subfolder if subfolder else Path(snapshot)
+
+
 def load_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
     *,
     trainable: bool = False,
     check_base: bool = True,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Attach the adapter saved in ``directory`` to ``model`` (in place) and load its weights.
+
+    ``directory`` is a folder :func:`save_adapter` wrote, or a Hugging Face Hub repository id ("org/name") holding
+    one (at ``revision``, in ``subfolder``), resolved as PEFT's ``from_pretrained`` does: downloaded into the Hub
+    cache (``cache_dir``), or read from it when ``HF_HUB_OFFLINE=1``.
 
     Args:
         trainable: leave the adapter's parameters requiring grad (to continue training); by default inference.
         check_base: refuse to load onto a base model whose target weights differ from the one it was saved with.
     """
-    directory = Path(directory)
+    directory = resolve_adapter_directory(directory, revision=revision, subfolder=subfolder, cache_dir=cache_dir)
     document = read_adapter_config(directory)
     if adapter_layers(model):
         raise HybridPeftError("the model already has adapters attached; call detach(model) before loading another")

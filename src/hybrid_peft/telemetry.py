@@ -1,7 +1,7 @@
 """Watching adapters train: the hybrid's per-step λ and branch gradient norms (``mixing.jsonl``) with a heatmap, the
 paper's checks for every method (``adapter_telemetry.jsonl``: each adapted block's gradient norm, so gradient-norm
-preservation through depth, and each rotation's orthogonality error ‖RᵀR − I‖), their one-line summaries, and a
-Hugging Face ``Trainer`` callback that runs the mixing rule before each optimiser step."""
+preservation through depth, and each rotation's orthogonality error ‖RᵀR − I‖) and their one-line summaries. The
+Trainer callback is :class:`hybrid_peft.integrations.HybridPeftCallback`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_peft.adapters import adapter_layers, after_backward_hooks, prepare_optimiser, rate_scales_not_applied
+from hybrid_peft.adapters import adapter_layers, rate_scales_not_applied
 from hybrid_peft.errors import HybridPeftError
 from hybrid_peft.fileio import append_line
 from hybrid_peft.norms import grouped_squared_norms
@@ -249,35 +249,3 @@ def warn_if_rate_scales_not_applied(optimizer: torch.optim.Optimizer, model: nn.
             "parameter_groups(model, lr)), None))",
             stacklevel=2,
         )
-
-
-def mixing_callback(telemetry_path: str | os.PathLike | None = None, *, sharded: bool = False) -> Any:
-    """A ``transformers.TrainerCallback`` that runs the attached methods' after-backward hooks before every optimiser
-    step (the hybrid's mixing rule, when it has one; logged) and lets each method prepare the Trainer's optimiser
-    (``gate='step'`` hybrids split its steps). The Trainer's own
-    optimiser trains every parameter at one rate: where an adapter asks for a multiple of it (the hybrid's
-    ``orthogonal.lr_scale``, 0.3 by default), the callback warns at the start of training; pass
-    ``optimizers=(torch.optim.AdamW(parameter_groups(model, rate)), None)`` to the Trainer instead."""
-    from transformers import TrainerCallback
-
-    telemetry = MixingTelemetry(telemetry_path) if telemetry_path else None
-
-    class HybridMixingCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
-            if optimizer is not None and model is not None:
-                inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimiser
-                prepare_optimiser(inner, model)
-                warn_if_rate_scales_not_applied(inner, model)
-
-        hooks: list | None = None  # the methods' after-backward hooks, found once
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
-            if self.hooks is None:
-                self.hooks = after_backward_hooks(model, sharded=sharded)
-            records = {}
-            for hook in self.hooks:
-                records.update(hook())
-            if telemetry is not None and state.is_world_process_zero:
-                telemetry.log(state.global_step, records)
-
-    return HybridMixingCallback()
