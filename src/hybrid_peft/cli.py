@@ -273,7 +273,7 @@ def add_eval_parser(commands: Any, threads: int) -> None:
     evaluate.add_argument(
         "--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or local folder"
     )
-    evaluate.add_argument("--adapter", help="an adapter saved by hybrid-peft: a folder or a Hub repository id (org/name)")
+    evaluate.add_argument("--adapter", help="a hybrid-peft adapter: a folder or a Hub repository id (org/name)")
     evaluate.add_argument(
         "--task", default="humaneval", help="the task to evaluate on (as for train: humaneval, sst2, ..., glue-spec:)"
     )
@@ -348,7 +348,7 @@ def add_mt_bench_parser(commands: Any, threads: int) -> None:
     mt_bench.add_argument(
         "--model", default="smollm2-135m", help="alias (smollm2-135m, minilm-l6), hub id or local folder"
     )
-    mt_bench.add_argument("--adapter", help="an adapter saved by hybrid-peft: a folder or a Hub repository id (org/name)")
+    mt_bench.add_argument("--adapter", help="a hybrid-peft adapter: a folder or a Hub repository id (org/name)")
     mt_bench.add_argument("--judge-url", help="OpenAI-compatible API base of the judge, e.g. http://127.0.0.1:8000/v1")
     mt_bench.add_argument("--judge-model", default="judge", help="model name to send to the judge API")
     mt_bench.add_argument("--answers-only", action="store_true", help="generate the answers, do not judge")
