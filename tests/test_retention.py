@@ -157,6 +157,53 @@ def test_paired_differences_to_lora_with_a_t_interval_across_seeds() -> None:
     assert "+0.0000 [-0.0248, +0.0248]" in level  # 4.303 · 0.01 / √3 = 0.0248: the resolution, covering 0
 
 
+def test_paired_differences_by_example_bootstrap_over_rows_of_the_recorded_scores(tmp_path: Path) -> None:
+    from hybrid_peft.bench.rows import bootstrap_difference, paired_example_differences
+
+    # 200 rows: the method gets 20 more right than LoRA on each seed (+0.10), or the same number (other rows).
+    def scored(method: str, seed: int, correct: list[float]) -> BenchRow:
+        folder = tmp_path / f"{method}-{seed}"
+        folder.mkdir()
+        document = {"evaluation": "after", "rows": len(correct), "scores": {"accuracy": correct}}
+        (folder / "eval_examples.json").write_text(json.dumps(document))
+        return dataclasses.replace(row(method, seed, sum(correct) / len(correct)), folder=str(folder))
+
+    lora = [[float(i % 2) for i in range(200)] for _ in range(3)]
+    ahead = [[1.0 if i < 40 else float(i % 2) for i in range(200)] for _ in range(3)]  # rows 0..39: 20 more right
+    swapped = [[float((i + 1) % 2) for i in range(200)] for _ in range(3)]  # as many right, other rows
+    rows = [scored("lora", s, lora[s]) for s in range(3)] + [scored("ahead", s, ahead[s]) for s in range(3)]
+    rows += [scored("swapped", s, swapped[s]) for s in range(3)]
+    rows += [row("unscored", s, 0.5) for s in range(3)]  # runs without the file: no example comparison
+    table = paired_example_differences(rows)["sst2"]
+    assert set(table) == {"ahead", "swapped"}
+    assert table["ahead"].mean == pytest.approx(0.10) and table["ahead"].verdict == "above"
+    assert table["ahead"].low == pytest.approx(0.10 - 1.96 * math.sqrt(0.1 * 0.9 / 200), abs=0.01)  # ≈ binomial
+    assert table["swapped"].mean == pytest.approx(0.0) and table["swapped"].verdict == "level"
+    assert table["swapped"].high - table["swapped"].low > 0.2  # every row differs: a wide interval around 0
+    again = bootstrap_difference(ahead, lora)
+    assert (again.low, again.high) == (table["ahead"].low, table["ahead"].high)  # a fixed seed: reproducible
+    markdown = markdown_table(SimpleNamespace(name="t", sweep=None), rows)
+    line = next(line for line in markdown.splitlines() if line.startswith("| ahead |"))
+    assert f"**+0.1000 [{table['ahead'].low:+.4f}, {table['ahead'].high:+.4f}]** (3 seeds)" in line
+    assert "Δ by example [95% CI]" in markdown
+
+
+def test_the_recipe_records_each_evaluation_rows_score_after_training(tiny_bert: str, tmp_path: Path) -> None:
+    from hybrid_peft.run import RunSummary, TrainConfig, run_training
+
+    fixture = Path(__file__).parent / "data"
+    config = TrainConfig(
+        model=tiny_bert, task="sst2", data_dir=str(fixture), method="lora", steps=2, batch_size=2, max_length=32,
+        eval_examples=6, threads=1, output_dir=str(tmp_path / "run"), learning_rate=1e-2,
+    )  # fmt: skip
+    run_training(config, progress=False)
+    document = json.loads((tmp_path / "run" / "eval_examples.json").read_text())
+    scores = document["scores"]["accuracy"]
+    assert document["evaluation"] == "after" and len(scores) == document["rows"] == 6
+    assert set(scores) <= {0.0, 1.0}
+    assert sum(scores) / len(scores) == pytest.approx(RunSummary.read(tmp_path / "run").after["accuracy"])
+
+
 def test_the_learn_forget_plot_has_a_point_per_method_and_seed(tmp_path: Path) -> None:
     rows = [row("lora", s, 0.8 + 0.01 * s, retention=0.02) for s in range(3)]
     rows += [row("full", s, 0.85, retention=0.08) for s in range(3)]

@@ -4,17 +4,28 @@ Paired differences: methods in one bench share seeds, data order and evaluation 
 a reference (LoRA by default) seed by seed: d_s = value(method, seed s) − value(reference, seed s) over the seeds both
 finished, reported as mean(d) with a 95% paired t-interval across seeds, mean ± t(0.975, n − 1)·sd(d)/√n. "Level"
 means the interval covers 0, "ahead"/"behind" that it does not; its half-width is the comparison's resolution.
+
+Example by example (:func:`paired_example_differences`): where a run recorded each evaluation row's score
+(``eval_examples.json``: accuracy as 0/1, exact match, pass@1), d_i = mean over seeds of score(method, s, i) −
+score(reference, s, i) for each row i, and a 95% percentile bootstrap over rows (10,000 resamples, a fixed seed) of
+mean(d). It answers "would another evaluation set of this size agree?", where the seed interval answers "would
+other training seeds agree?"; a difference is real when both exclude 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from hybrid_peft.run import FULL
+from hybrid_peft.run.folder import EXAMPLES_FILE
 from hybrid_peft.tasks import primary_metric
 
 if TYPE_CHECKING:
@@ -224,6 +235,58 @@ def paired_differences(
             difference = paired_difference([values[s] for s in seeds], [base[s] for s in seeds])
             if difference is not None:
                 table.setdefault(task, {})[method] = difference
+    return table
+
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def example_scores(row: BenchRow) -> list[float] | None:
+    """Each evaluation row's score in the row's metric after training, as the run recorded it (None where it
+    recorded none: a run before these files existed, or a metric that is no mean over rows, such as MCC)."""
+    path = Path(row.folder) / EXAMPLES_FILE
+    if not row.ok or not row.folder or not path.is_file():
+        return None
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8")).get("scores", {}).get(row.metric_name)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return [float(v) for v in scores] if isinstance(scores, list) else None
+
+
+def bootstrap_difference(
+    values: list[list[float]], references: list[list[float]], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> PairedDifference:
+    """The mean of ``values − references`` (one list per seed, one score per evaluation row, rows in the same order)
+    and its 95% percentile bootstrap interval over rows, the seeds averaged row by row."""
+    differences = (np.asarray(values, dtype=np.float64) - np.asarray(references, dtype=np.float64)).mean(axis=0)
+    generator = np.random.default_rng(seed)
+    means = differences[generator.integers(0, len(differences), (resamples, len(differences)))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return PairedDifference(float(differences.mean()), float(low), float(high), len(values))
+
+
+def paired_example_differences(
+    rows: list[BenchRow], reference: str = REFERENCE
+) -> dict[str, dict[str, PairedDifference]]:
+    """Per task, per method other than ``reference``: its difference to ``reference`` in the task metric, bootstrap
+    over evaluation rows (:func:`bootstrap_difference`) on the seeds both recorded row scores for."""
+    table: dict[str, dict[str, PairedDifference]] = {}
+    for task in dict.fromkeys(r.task for r in rows):
+        by_method: dict[str, dict[int, list[float]]] = {}
+        for row in rows:
+            scores = example_scores(row) if row.task == task else None
+            if scores:
+                by_method.setdefault(row.method, {})[row.seed] = scores
+        base = by_method.get(reference)
+        if not base:
+            continue
+        for method, scores in by_method.items():
+            seeds = [s for s in sorted(set(scores) & set(base)) if len(scores[s]) == len(base[s])]
+            if method != reference and seeds:
+                table.setdefault(task, {})[method] = bootstrap_difference(
+                    [scores[s] for s in seeds], [base[s] for s in seeds]
+                )
     return table
 
 

@@ -18,6 +18,7 @@ from hybrid_peft.bench.rows import (
     aggregate,
     chosen_rates,
     paired_differences,
+    paired_example_differences,
 )
 from hybrid_peft.fileio import atomic_write_text
 from hybrid_peft.html_report import write_html_report
@@ -73,11 +74,14 @@ def sweep_table(plan: BenchPlan, sweep_rows: list[BenchRow]) -> list[str]:
     return lines
 
 
-def _paired(difference: PairedDifference | None, digits: int = 4) -> str:
+def _paired(difference: PairedDifference | None, digits: int = 4, seeds: bool = True) -> str:
     """``+0.0123 [-0.0040, +0.0286]`` (the mean and its 95% interval; bold where it excludes 0), or the mean alone
-    from one seed."""
+    from one seed; with ``seeds=False`` (a bootstrap over rows) the number of seeds averaged follows."""
     if difference is None:
         return "–"
+    if not seeds:
+        text = f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}]"
+        return (text if difference.verdict == "level" else f"**{text}**") + f" ({difference.seeds} seeds)"
     if difference.low is None:
         return f"{difference.mean:+.{digits}f} (1 seed)"
     text = f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}]"
@@ -90,8 +94,11 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
     lines += [
         f"Seeds {seeds or '–'}; mean ± std over the seeds that finished (a value without ± is one seed's). **Δ vs "
         f"{REFERENCE}**: the method minus {REFERENCE} on the same seed, mean over the seeds both finished with a 95% "
-        "paired t-interval across seeds; in bold where the interval excludes 0 (the difference is real), else the "
-        "two are level. **Forgetting**: the rise of the loss per token on general text that is not the task "
+        "paired t-interval across seeds; in bold where the interval excludes 0, else the two are level. **Δ by "
+        "example**: where runs recorded each evaluation row's score, the same difference row by row (seeds "
+        "averaged) with a 95% bootstrap interval over rows: whether another evaluation set would agree, where the "
+        "seed interval says whether other training seeds would; a difference is real when both exclude 0. "
+        "**Forgetting**: the rise of the loss per token on general text that is not the task "
         "(`retention_data`), before to after training; lower keeps more of what the model knew. Time and memory "
         "ratios are to full fine-tuning on the same task in the same bench (median training-step time; peak process "
         "RSS; means over the finished seeds).",
@@ -100,16 +107,19 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
     metric_differences = paired_differences(rows, "metric")
     forgetting_differences = paired_differences(rows, "forgetting")
     loss_differences = paired_differences(rows, "held_out_loss")
+    example_differences = paired_example_differences(rows)
     for task, entries in aggregate(rows).items():
         task_rows = [r for r in rows if r.task == task]
         lines += [f"## {task} ({task_rows[0].model}, {task_rows[0].base_task})", ""]
         metric = entries[0]["metric_name"]
+        by_example = example_differences.get(task, {})
         lines.append(
-            f"| method | rate | {metric} | Δ vs {REFERENCE} [95% CI] | before | held-out loss | Δ loss [95% CI] | "
-            "forgetting | Δ forgetting [95% CI] | step s | time × full | peak RSS MB | memory × full | trainable | "
-            "runs ok |"
+            f"| method | rate | {metric} | Δ vs {REFERENCE} [95% CI] | "
+            + ("Δ by example [95% CI] | " if by_example else "")
+            + "before | held-out loss | Δ loss [95% CI] | forgetting | Δ forgetting [95% CI] | step s | time × full | "
+            "peak RSS MB | memory × full | trainable | runs ok |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---" * (15 + bool(by_example)) + "|")
         for e in entries:
             ratio = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
             trainable = "–" if e["trainable_parameters"] is None else f"{e['trainable_parameters'][0]:,.0f}"
@@ -120,7 +130,9 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
             loss = loss_differences.get(task, {}).get(e["method"])
             lines.append(
                 f"| {e['method']} | {rate} | {_fmt(e['metric'], std=spread)} | {_paired(versus)} | "
-                f"{_fmt(e['metric_before'], std=False)} | {_fmt(e['held_out_loss'], std=spread)} | {_paired(loss)} | "
+                + (f"{_paired(by_example.get(e['method']), seeds=False)} | " if by_example else "")
+                + f"{_fmt(e['metric_before'], std=False)} | {_fmt(e['held_out_loss'], std=spread)} | "
+                f"{_paired(loss)} | "
                 f"{_fmt(e['forgetting'], std=spread, signed=True)} | {_paired(forgot)} | "
                 f"{_fmt(e['median_step_s'], 3, std=False)} | {ratio(e['time_x_full'])} | "
                 f"{_fmt(e['peak_rss_mb'], 0, std=False)} | {ratio(e['memory_x_full'])} | {trainable} | "

@@ -13,6 +13,7 @@ LOG_FILE = "train_log.jsonl"
 MIXING_FILE = "mixing.jsonl"
 LOCK_FILE = ".lock"
 RESUME_CONFIG_FILE = "resume_config.json"  # the run's options, written when a signal stops it
+EXAMPLES_FILE = "eval_examples.json"  # each evaluation row's score after training (the bench pairs runs by row)
 # What a run writes into its folder (besides the lock): a folder holding any of these holds a run.
 RUN_OUTPUTS = (
     "checkpoints",
@@ -29,6 +30,7 @@ RUN_OUTPUTS = (
     "adapter_telemetry.jsonl",
     "tracking",
     RESUME_CONFIG_FILE,
+    EXAMPLES_FILE,
 )
 
 

@@ -15,6 +15,7 @@ Output folder::
     mixing.jsonl             the hybrid's λ and branch gradient norms per layer per step (with a mixing rule)
     checkpoints/step-N/      written atomically every ``save_every`` steps; ``--resume`` continues from the last
     adapter/                 the final adapter (model/ for full fine-tuning), merged/ on request
+    eval_examples.json       each evaluation row's score after training ({metric: [...]}, the mean-over-rows metrics)
     summary.json, report.md, loss.png
 """
 
@@ -53,6 +54,7 @@ from hybrid_peft.run.checkpoint import (
 )
 from hybrid_peft.run.config import TrainConfig
 from hybrid_peft.run.folder import (
+    EXAMPLES_FILE,
     LOG_FILE,
     MIXING_FILE,
     RESUME_CONFIG_FILE,
@@ -440,6 +442,7 @@ class Recipe:
         rows = self.eval_rows if rows is None else rows
         if self.progress and self.main:
             print(f"{config.method}: evaluating ({label}) on {len(rows)} rows", flush=True)
+        per_example: dict[str, list[float]] | None = {} if label == "after" else None
         with batch_must_fit(
             f"evaluation ({label}) with --eval-batch-size {config.eval_batch_size}",
             "lower --eval-batch-size or --max-length",
@@ -453,7 +456,11 @@ class Recipe:
                 generate=config.generate and generate is not False,
                 allow_unsandboxed=config.unsafe_unsandboxed,
                 loss_model=ChunkedLossModel(model, config.loss_chunk_tokens) if config.loss_chunk_tokens else None,
+                per_example=per_example,
             )
+            if per_example and self.main:
+                document = {"evaluation": label, "rows": len(rows), "scores": per_example}
+                atomic_write_text(self.output_dir / EXAMPLES_FILE, json.dumps(document) + "\n")
             if label in ("before", "after") and self.retention is not None:  # forgetting: general text, not the task
                 texts, _ = self.retention
                 size = config.eval_batch_size

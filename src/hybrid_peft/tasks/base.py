@@ -32,7 +32,9 @@ class Task(Protocol):
 
     def evaluate(self, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], **options: Any) -> dict[str, float]:
         """Metrics of ``model`` on ``rows``; options: ``batch_size``, ``max_length``, ``generate`` (generation
-        metrics), ``loss_model`` (what computes the held-out loss, e.g. the chunked loss; default ``model``)."""
+        metrics), ``loss_model`` (what computes the held-out loss, e.g. the chunked loss; default ``model``),
+        ``per_example`` (a dict the task fills with ``{metric: [score of each row, in order]}`` for the metrics that
+        are a mean over rows, e.g. accuracy as 0/1, for paired comparisons example by example)."""
         ...
 
 

@@ -248,10 +248,13 @@ class GlueTask:
         *,
         batch_size: int = 32,
         max_length: int = 128,
+        per_example: dict[str, list[float]] | None = None,
         **_: Any,
     ) -> dict[str, float]:
         predictions, loss = classify(model, tokenizer, rows, batch_size, max_length)
         metrics = classification_metrics(predictions, [r["label"] for r in rows])
+        if per_example is not None:
+            per_example["accuracy"] = [float(p == r["label"]) for p, r in zip(predictions, rows, strict=True)]
         return {**{k: metrics[k] for k in self.spec.metrics}, "loss": loss}
 
 

@@ -110,6 +110,7 @@ class Gsm8kTask:
         max_new_tokens: int = 192,
         generate: bool = True,
         loss_model: Any = None,
+        per_example: dict[str, list[float]] | None = None,
         **_: Any,
     ) -> dict[str, float]:
         metrics = {"loss": held_out_loss(self, loss_model or model, tokenizer, rows, batch_size, max_length)}
@@ -120,4 +121,6 @@ class Gsm8kTask:
                 for c, r in zip(completions, rows, strict=True)
             ]
             metrics["exact_match"] = sum(correct) / len(rows)
+            if per_example is not None:
+                per_example["exact_match"] = [float(c) for c in correct]
         return metrics

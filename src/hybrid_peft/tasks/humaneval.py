@@ -96,6 +96,7 @@ class HumanEvalTask:
         timeout: float = 10.0,
         allow_unsandboxed: bool = False,
         loss_model: Any = None,
+        per_example: dict[str, list[float]] | None = None,
         **_: Any,
     ) -> dict[str, float]:
         batches = [b for _, b in length_sorted_batches(self.batch, tokenizer, rows, batch_size, max_length)]
@@ -119,6 +120,8 @@ class HumanEvalTask:
                     )
                 )
             metrics["pass@1"] = sum(r.passed for r in results) / len(rows)
+            if per_example is not None:
+                per_example["pass@1"] = [float(r.passed) for r in results]
             # A weaker signal than pass@1 that still moves for small models: does the completion parse as Python?
             metrics["parses"] = sum(_parses(source) for source in programs) / len(rows)
         return metrics

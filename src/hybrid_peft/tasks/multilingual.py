@@ -112,9 +112,12 @@ class XnliTask:
         *,
         batch_size: int = 32,
         max_length: int = 128,
+        per_example: dict[str, list[float]] | None = None,
         **_: Any,
     ) -> dict[str, float]:
         predictions, loss = classify(model, tokenizer, rows, batch_size, max_length)
+        if per_example is not None:
+            per_example["accuracy"] = [float(p == r["label"]) for p, r in zip(predictions, rows, strict=True)]
         correct: dict[str, list[bool]] = {}
         for row, prediction in zip(rows, predictions, strict=True):
             correct.setdefault(row["language"], []).append(prediction == row["label"])
