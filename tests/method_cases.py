@@ -13,8 +13,11 @@ from hybrid_peft import (
     HybridConfig,
     LoRAConfig,
     LoRAGAConfig,
+    PressureRule,
+    ProtectRule,
     ShareRule,
     SigmoidRule,
+    SpectrumRule,
     UnitaryConfig,
     lora_ga_initialise,
 )
@@ -50,6 +53,9 @@ METHOD_CASES: dict[str, AdapterConfig] = {
         orthogonal=BOFTConfig(dropout=0.25),
         rule=ShareRule(gates="max"),
     ),
+    "hybrid-pressure": HybridConfig(low_rank=LoRAConfig(rank=2, alpha=4.0), rule=PressureRule(ema=0.5)),
+    "hybrid-protect-max-gates": HybridConfig(low_rank=LoRAConfig(rank=2, alpha=4.0), rule=ProtectRule(gates="max")),
+    "hybrid-spectrum": HybridConfig(low_rank=LoRAGAConfig(rank=2, alpha=4.0), rule=SpectrumRule()),
     "unitary": UnitaryConfig(),
     "unitary-all-linear": UnitaryConfig(targets="all-linear"),
 }

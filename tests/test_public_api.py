@@ -9,6 +9,7 @@ import hybrid_peft
 USER_SURFACE = {
     "attach", "detach", "merge", "unmerge", "parameter_groups", "parameter_counts",
     "LoRAConfig", "LoRAGAConfig", "BOFTConfig", "UnitaryConfig", "HybridConfig", "ShareRule", "SigmoidRule",
+    "PressureRule", "ProtectRule", "SpectrumRule",
     "save_adapter", "load_adapter", "save_merged", "export_peft",
     "load_model", "load_tokenizer", "lora_ga_initialise", "update_mixing", "mixing_callback", "HybridPeftCallback",
     "HybridPeftError", "__version__",

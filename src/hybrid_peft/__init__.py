@@ -14,7 +14,7 @@ from hybrid_peft.export import export_peft, save_merged
 from hybrid_peft.methods import BOFTConfig, HybridConfig, LoRAConfig, LoRAGAConfig, UnitaryConfig
 from hybrid_peft.methods.hybrid import update_mixing
 from hybrid_peft.methods.lora_ga import lora_ga_initialise
-from hybrid_peft.methods.mixing import ShareRule, SigmoidRule
+from hybrid_peft.methods.mixing import PressureRule, ProtectRule, ShareRule, SigmoidRule, SpectrumRule
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.serialization import load_adapter, save_adapter
 from hybrid_peft.version import __version__
@@ -26,8 +26,11 @@ __all__ = [
     "HybridPeftError",
     "LoRAConfig",
     "LoRAGAConfig",
+    "PressureRule",
+    "ProtectRule",
     "ShareRule",
     "SigmoidRule",
+    "SpectrumRule",
     "UnitaryConfig",
     "__version__",
     "attach",

@@ -7,7 +7,9 @@ low-rank branch and a BOFT orthogonal branch over one frozen weight and one base
                   gradient-aligned start: A = A0, B = B0 from LoRA-GA's gradient estimate; see methods/lora_ga.py)
     R(K), s       the orthogonal part: a BOFTConfig (butterfly rotation of the input, per-output scale)
     g_lr, g_orth  1 and 1 without a rule (the default: both branches at full strength); with a rule, the gates of
-                  the layer's mix λ (methods/mixing.py: the paper's gradient-norm rules ``share`` and ``sigmoid``)
+                  the layer's mix λ (methods/mixing.py: the paper's gradient-norm rules ``share`` and ``sigmoid``;
+                  ``pressure`` and ``protect`` from the relative gradient pressure ‖∇W‖/‖W0‖; ``spectrum`` from
+                  the gradient estimate's top-r energy share, set at the LoRA-GA start), each with its hypothesis
 
 W_eff = W0 at the start either way, so the model is unchanged at step 0, and merging is exact (the merged weight is
 W_eff). With a LoRA-GA start the learnt update B A − B0 A0 is one rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the
@@ -38,7 +40,7 @@ from hybrid_peft.methods.butterfly import ButterflyRotate, scaled_linear
 from hybrid_peft.methods.hybrid_formats import upgrade_hybrid
 from hybrid_peft.methods.lora import LoRAConfig, LowRankBranch
 from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
-from hybrid_peft.methods.mixing import MixingRule, mixing_rule, mixing_step
+from hybrid_peft.methods.mixing import MixingRule, SpectrumRule, mixing_rule, mixing_step
 from hybrid_peft.methods.rotations import ButterflyBranch
 from hybrid_peft.registry import get_method, register_method
 
@@ -54,7 +56,9 @@ class HybridConfig(AdapterConfig):
         orthogonal: a :class:`BOFTConfig`; the hybrid's default trains the rotation at 0.3× the run's rate
             (``BOFTConfig(lr_scale=0.3)``; a part you pass keeps its own ``lr_scale``, 1 unless you set it).
         rule: None (both branches at full strength, no per-step work), or a :class:`ShareRule` /
-            :class:`SigmoidRule` (the paper's gradient-norm mix).
+            :class:`SigmoidRule` (the paper's gradient-norm mix), :class:`PressureRule` / :class:`ProtectRule`
+            (λ from the relative gradient pressure ‖∇W‖/‖W0‖, either way round) or :class:`SpectrumRule` (λ from
+            the gradient's top-r energy share, with a ``LoRAGAConfig`` part); methods/mixing.py has each hypothesis.
 
     From a dict (``from_dict``, the CLI's ``--set``, bench profiles) each part is a mapping or a method name
     (``low_rank: lora-ga``), ``rule`` a name or ``{name: share, ema: 0.8}``; dotted keys reach inside
@@ -88,6 +92,11 @@ class HybridConfig(AdapterConfig):
                 raise ConfigError(f"{name}: targets and exclude belong to the HybridConfig, not to its parts")
         if self.orthogonal.apply_to != "auto":
             raise ConfigError("orthogonal.apply_to: the hybrid always rotates the input; leave it at 'auto'")
+        if isinstance(self.rule, SpectrumRule) and not self.gradient_aligned:
+            raise ConfigError(
+                "rule 'spectrum' sets λ from LoRA-GA's gradient estimate: give the hybrid a gradient-aligned "
+                "low-rank part (low_rank=LoRAGAConfig(...), or low_rank: lora-ga)"
+            )
 
     @property
     def gradient_aligned(self) -> bool:
@@ -273,10 +282,20 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
 
     @classmethod
     def after_backward(cls, layers: dict[str, HybridLayer], *, sharded: bool = False) -> Callable[[], dict] | None:
-        """The mixing rule after each backward pass (:func:`mixing_step`); None when no layer has a rule."""
-        if all(layer.config.rule is None for layer in layers.values()):
+        """The mixing rule after each backward pass (:func:`mixing_step`); None when no layer has a per-step rule."""
+        if not any(layer.config.rule is not None and layer.config.rule.per_step for layer in layers.values()):
             return None
         return lambda: mixing_step(layers, sharded=sharded)
+
+    @torch.no_grad()
+    def after_start(self, estimate: Any) -> None:
+        """After the LoRA-GA start: a :class:`SpectrumRule` sets λ from the layer's gradient estimate (rank 0's
+        value on every process, so λ is identical under DDP/FSDP)."""
+        rule = self.config.rule
+        if isinstance(rule, SpectrumRule):
+            self.mix.fill_(rule.start_mix(estimate, self.config.low_rank.rank, self.config.low_rank.svd))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(self.mix, src=0)
 
     # --- maths ------------------------------------------------------------------------------------------------
 

@@ -162,6 +162,10 @@ class GradientAlignedStart:
     def base_offset(self) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def after_start(self, estimate: Any) -> None:
+        """Called with the layer's gradient estimate once the start is applied (the hybrid's ``spectrum`` rule sets
+        λ from it); nothing by default."""
+
     def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank-2r factors ``[A; A0]``, ``[B, −B0]`` whose product is the learnt update ``B A − B0 A0``."""
         return (
@@ -303,4 +307,7 @@ def lora_ga_initialise(
             save_estimates(estimates, cache_file)
     factors = lora_ga_factors_for(model, estimates)
     apply_lora_ga_factors(model, factors)
+    layers = adapter_layers(model)
+    for name in factors:
+        layers[name].after_start(estimates[name])
     return factors

@@ -10,6 +10,23 @@ frozen dataclass with its own settings; ``HybridConfig(rule=None)`` (the default
     Hypothesis: layers the task pulls on hard should learn through the fast low-rank branch, calm layers through the
     stable orthogonal one. λℓ ← EMA_β(σ((log‖gℓ‖ − mean_ℓ log‖gℓ‖)/τ)). Without the moving average (β = 0) λ follows
     each batch's gradient noise.
+:class:`PressureRule` (``"pressure"``)
+    Hypothesis: the sigmoid's, on a scale-free measure. Raw gradient norms differ across layers by their shapes and
+    weight scales, so the sigmoid mostly ranks layer types; the *relative* pressure pℓ = ‖∇Wℓ‖/‖W0ℓ‖ compares how
+    hard the task pulls on each layer for its size. Layers under high relative pressure learn through the low-rank
+    branch, quiet ones stay orthogonal: λℓ ← EMA_β(σ((log pℓ − mean_ℓ log pℓ)/τ)). ‖∇W‖ is never formed: the
+    low-rank branch's gradient ∇B = g·s·∇W Aᵀ is a sketch of it through A's r rows, and for A's random start
+    (rows i.i.d., variance ‖A‖²/(r·in)) E‖∇W Aᵀ‖² = ‖A‖²/in · ‖∇W‖², so ‖∇W‖ ≈ ‖∇B‖·√in / (g·s·‖A‖) at no extra
+    cost (with a LoRA-GA start A holds the gradient's top directions, so this measures the gradient there).
+:class:`ProtectRule` (``"protect"``)
+    Hypothesis: the opposite allocation. Forgetting comes from the layers the task pulls hardest, so send that
+    pressure through the norm-preserving rotation and let the quiet layers learn low-rank:
+    λℓ ← EMA_β(σ(−(log pℓ − mean_ℓ log pℓ)/τ)).
+:class:`SpectrumRule` (``"spectrum"``)
+    Hypothesis: low-rank where the gradient is low-rank. A layer whose gradient has most of its energy in r
+    directions is served by a rank-r update; one whose energy is spread is better turned than patched. λℓ is the
+    share of the layer's gradient-estimate energy in its top r singular directions, Σ_{i≤r} σi² / ‖G‖²_F, set once at
+    the start from LoRA-GA's estimate (so it needs ``low_rank=LoRAGAConfig(...)``) and held: no per-step work.
 
 λ becomes the two branches' gates by ``gates``: ``"sum"`` (λ and 1 − λ; the published runs) or ``"max"`` (both
 divided by max(λ, 1 − λ), so the favoured branch runs at full strength and λ only allocates). Under DDP gradients
@@ -42,6 +59,7 @@ class BranchNorms:
 
     low_rank: float
     orthogonal: float
+    pressure: float = math.nan  # ‖∇W‖/‖W0‖ (PressureRule), only where a rule asks for it
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,8 @@ class MixingRule:
     """
 
     name: ClassVar[str] = ""
+    needs_pressure: ClassVar[bool] = False  # update() reads BranchNorms.pressure
+    per_step: ClassVar[bool] = True  # False: λ is set once at the start and held (no after-backward hook)
 
     mix_init: float = 0.5
     mix_min: float = 0.05
@@ -124,7 +144,63 @@ class SigmoidRule(MixingRule):
         ]
 
 
-RULES: dict[str, type[MixingRule]] = {rule.name: rule for rule in (ShareRule, SigmoidRule)}
+@dataclass(frozen=True)
+class PressureRule(MixingRule):
+    """λℓ ← EMA_β(σ((log pℓ − mean log p)/τ)) with pℓ the relative gradient pressure ‖∇Wℓ‖/‖W0ℓ‖ (module docstring).
+
+    Args:
+        temperature: τ > 0; smaller spreads λ further from 0.5.
+    """
+
+    name = "pressure"
+    needs_pressure = True
+    direction: ClassVar[float] = 1.0
+
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_float("rule.temperature", self.temperature, minimum=0.0, min_inclusive=False)
+
+    def update(self, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
+        logs = [math.log(max(n.pressure, 1e-30)) for n in norms]
+        mean = sum(logs) / len(logs)
+        return [
+            self.ema * mix + (1 - self.ema) * sigmoid(self.direction * (value - mean) / self.temperature)
+            for mix, value in zip(mixes, logs, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class ProtectRule(PressureRule):
+    """λℓ ← EMA_β(σ(−(log pℓ − mean log p)/τ)): the strongest pressure through the rotation (module docstring)."""
+
+    name = "protect"
+    direction = -1.0
+
+
+@dataclass(frozen=True)
+class SpectrumRule(MixingRule):
+    """λℓ = the top-r energy share of the layer's gradient estimate, set at the LoRA-GA start and held (module
+    docstring). ``ema`` is unused."""
+
+    name = "spectrum"
+    per_step = False
+
+    def update(self, mixes: list[float], norms: list[BranchNorms]) -> list[float]:
+        return mixes
+
+    def start_mix(self, estimate: Any, rank: int, svd: str = "exact") -> float:
+        """λ of one layer from its gradient estimate (a ``GradientEstimate``): Σ_{i≤r} σi² / ‖G‖²_F, clamped."""
+        total = float(estimate.dense().double().pow(2).sum())
+        top = float(estimate.top_singular(rank, svd)[1].double().pow(2).sum())
+        share = top / total if total > 0 else self.mix_init
+        return min(max(share, self.mix_min), 1 - self.mix_min)
+
+
+RULES: dict[str, type[MixingRule]] = {
+    rule.name: rule for rule in (ShareRule, SigmoidRule, PressureRule, ProtectRule, SpectrumRule)
+}
 
 
 def mixing_rule(value: MixingRule | str | dict[str, Any] | None) -> MixingRule | None:
@@ -179,6 +255,39 @@ def _branch_rms(layers: list[HybridLayer], *, sharded: bool) -> torch.Tensor:
     return (squares / torch.tensor(counts, dtype=torch.float64, device=device)).sqrt()
 
 
+def _relative_pressures(layers: list[HybridLayer], *, sharded: bool) -> torch.Tensor:
+    """pℓ = ‖∇Wℓ‖/‖W0ℓ‖ per layer, ‖∇W‖ ≈ ‖∇B‖·√in / (g·s·‖A‖) from the low-rank branch (module docstring);
+    float64 on the first layer's device. ‖W0‖ is computed once per layer (the base is frozen)."""
+    device = layers[0].mix.device
+    grads, owners = [], []
+    for i, layer in enumerate(layers):
+        if layer.lora_B.grad is not None:
+            grads.append(_local(layer.lora_B.grad).detach())
+            owners.append(2 * i)
+        grads.append(_local(layer.lora_A).detach())
+        owners.append(2 * i + 1)
+    squares = grouped_squared_norms(grads, owners, 2 * len(layers), device)
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(squares)
+    gradient, a_norm = squares.view(-1, 2).sqrt().unbind(1)
+    base = torch.tensor([_base_norm(layer, sharded=sharded) for layer in layers], dtype=torch.float64, device=device)
+    gates = torch.stack([layer.config.rule.shares(layer.mix)[0] for layer in layers]).to(torch.float64)
+    scale = torch.tensor([math.sqrt(layer.in_features) / layer.lora_scaling for layer in layers], dtype=torch.float64)
+    return gradient * scale.to(device) / (gates * a_norm * base).clamp_min(1e-30)
+
+
+def _base_norm(layer: HybridLayer, *, sharded: bool) -> float:
+    """‖W0‖_F of the layer's frozen base weight, computed once and kept on the layer."""
+    norm = getattr(layer, "_base_norm", None)
+    if norm is None:
+        square = _local(layer.base_weight).detach().double().pow(2).sum()
+        if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(square)
+        norm = float(square.sqrt())
+        layer._base_norm = norm
+    return norm
+
+
 @torch.no_grad()
 def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dict[str, dict[str, float]]:
     """Set every given layer's λ by its rule from the current gradients (call after ``backward()``, before the
@@ -192,7 +301,10 @@ def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dic
     rms, current = values[: len(rms_tensor)], dict(zip(layers, values[len(rms_tensor) :], strict=True))
     if not any(rms):
         raise HybridPeftError("no hybrid layer has a gradient: call update_mixing after loss.backward()")
-    norms = {name: BranchNorms(rms[2 * i], rms[2 * i + 1]) for i, name in enumerate(layers)}
+    pressure = [math.nan] * len(layers)
+    if any(layer.config.rule.needs_pressure for layer in layers.values()):
+        pressure = _relative_pressures(list(layers.values()), sharded=sharded).tolist()
+    norms = {name: BranchNorms(rms[2 * i], rms[2 * i + 1], pressure[i]) for i, name in enumerate(layers)}
     by_config: dict[Any, list[str]] = {}  # a rule compares the layers of one config (the sigmoid's mean)
     for name, layer in layers.items():
         by_config.setdefault(layer.config, []).append(name)
@@ -208,4 +320,6 @@ def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dic
                 "grad_low_rank": norms[name].low_rank,
                 "grad_orthogonal": norms[name].orthogonal,
             }
+            if rule.needs_pressure:
+                records[name]["pressure"] = norms[name].pressure
     return records
