@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from hybrid_peft import (
     BOFTConfig,
@@ -212,6 +212,41 @@ def test_trl_dpo_trainer_trains_lora_and_the_hybrid_against_the_start_as_referen
     assert logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
     assert logged[-1]["rewards/margins"] != pytest.approx(0.0, abs=1e-6)
     assert_only_adapters_trained(model, base, before)
+
+
+def test_transformers_trainer_runs_the_lora_ga_start_and_the_adapter_reloads(tiny_lm: str, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    base = snapshot(model)
+    ids = torch.randint(5, 1000, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    # --- README: transformers' Trainer ---
+    attach(model, LoRAGAConfig(rank=2, targets="all-linear"))
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "trainer"),
+            max_steps=3,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            use_cpu=True,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+        ),
+        train_dataset=data,
+        optimizers=(torch.optim.AdamW(parameter_groups(model, 1e-2)), None),
+        callbacks=[HybridPeftCallback(init_batches=2)],  # LoRA-GA's start on the first 2 batches
+    )
+    # --- README end ---
+    start = RecordStart()
+    trainer.add_callback(start)
+    trainer.train()
+    assert all(layer.initialised for layer in adapter_layers(model).values())
+    save_adapter(model, tmp_path / "adapter")
+    trained = logits(model)
+    fresh = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "adapter")
+    torch.testing.assert_close(logits(fresh), trained, atol=1e-5, rtol=0)
+    assert_only_adapters_trained(model, base, start.adapters)
 
 
 def test_trainer_resumed_from_a_checkpoint_keeps_the_trained_start(tiny_lm: str, tmp_path: Path) -> None:
