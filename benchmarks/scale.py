@@ -306,6 +306,9 @@ def main() -> None:
                         print(f"  {shape} {mode} {method}: {result['error']}", flush=True)
                     row["wall_s"] = time.perf_counter() - tick
                 rows.append(row)
+                if args.output:  # after every run, so an interrupted measurement keeps what it measured
+                    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.output).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
                 print(f"  {shape} {mode} {method}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
                                                                   f"{k}={v}" for k, v in row.items()
                                                                   if k not in ("shape", "mode", "method")),
@@ -314,9 +317,7 @@ def main() -> None:
     print()
     print(text)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text, encoding="utf-8")
-        Path(args.output).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
