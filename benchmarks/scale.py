@@ -1,13 +1,16 @@
 """Training memory and step time at the published Llama shapes, measured beside ``hybrid-peft estimate``.
 
-    python benchmarks/scale.py                     # Llama-3.2-1B, -3B, -3.1-8B shapes on this CPU: bf16, savings
+    python benchmarks/scale.py                     # Llama-3.2-1B, -3B, -3.1-8B shapes on this CPU: fp32, savings
     python benchmarks/scale.py --device cuda       # the GPU run: SmolLM2-135M, 1B, 3B shapes, bf16, every method
     python benchmarks/scale.py --shapes tiny --steps 2 --seq-len 16    # the reduced mode the tests run (seconds)
 
 The models are Llama-shaped with random weights (``SHAPES``: the published configs of Llama-3.2-1B, Llama-3.2-3B and
 Llama-3.1-8B; ``smollm2-135m`` is the real model from its package): each is written once, shard by shard in bf16
 (never a whole fp32 copy), as an ordinary checkpoint folder under ``--cache-dir``, and every run loads it the way a
-user's checkpoint loads (``load_model``, so ``nf4`` quantises while loading). Each (shape, method, mode) then runs in
+user's checkpoint loads (``load_model``, so ``nf4`` quantises while loading). Weights and compute are fp32 on a CPU
+(``--dtype``; bf16 on a GPU): on CPUs without bf16 instructions PyTorch's bf16 matmul in the backward pass's layout
+(grad_out @ W) runs at a thirtieth of fp32's speed (0.28 against 38 GFLOP/s here), so a model too large for fp32
+trains there with an NF4 base, which computes in fp32. Each (shape, method, mode) then runs in
 its own process, as ``benchmarks/estimate_check.py`` measures: the runtime's resident memory is read after imports,
 the model is loaded and the adapter attached, the peak counter is reset and ``--steps`` AdamW steps of
 ``--batch-size`` × ``--seq-len`` tokens run through the project's training loop. Measured = peak RSS during training −
@@ -253,10 +256,12 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--shapes", help="comma-separated, from " + ", ".join([*SHAPES, *REAL_MODELS])
                         + " (default: 1b,3b,8b on CPU; smollm2-135m,1b,3b on CUDA)")  # fmt: skip
-    parser.add_argument("--methods", default="full,lora,hybrid,boft")
+    parser.add_argument("--methods", help="comma-separated (default: full,lora,hybrid,boft on CPU; on CUDA every "
+                        "method: full,lora,lora-ga,boft,unitary,hybrid)")  # fmt: skip
     parser.add_argument("--modes", help=f"comma-separated, from {', '.join(MODES)} (default: both on CPU, plain on "
                         "CUDA)")  # fmt: skip
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
+                        help="weights' and compute dtype (default: float32 on CPU, bfloat16 on CUDA)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=32)
@@ -272,9 +277,12 @@ def main() -> None:
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.worker:
         worker(args)
         return
+    methods = (args.methods or ("full,lora,lora-ga,boft,unitary,hybrid" if args.device == "cuda" else
+                                "full,lora,hybrid,boft")).split(",")  # fmt: skip
     shapes = (args.shapes or ("smollm2-135m,1b,3b" if args.device == "cuda" else "1b,3b,8b")).split(",")
     modes = (args.modes or ("plain" if args.device == "cuda" else "plain,savings")).split(",")
     unknown = sorted({*shapes} - {*SHAPES, *REAL_MODELS}) + sorted({*modes} - {*MODES})
@@ -292,7 +300,7 @@ def main() -> None:
             folder = str(write_random_checkpoint(shape, Path(args.cache_dir) / f"llama-{shape}"))
             print(f"{shape}: random checkpoint in {folder} ({time.perf_counter() - tick:.0f} s)", flush=True)
         for mode in modes:
-            for method in args.methods.split(","):
+            for method in methods:
                 estimate_mb, trainable = estimated_mb(folder, method, mode, args)
                 row = {"shape": shape, "mode": mode, "method": method, "trainable": trainable,
                        "estimate_mb": estimate_mb}  # fmt: skip
