@@ -156,3 +156,24 @@ def test_trained_head_is_saved_and_loaded_with_the_adapter(tmp_path) -> None:  #
     assert document["trained_base_parameters"] == ["classifier.weight", "classifier.bias"]
     fresh = load_adapter(tiny_bert_classifier().eval(), tmp_path / "adapter")
     torch.testing.assert_close(model_output(fresh, ids), expected, atol=1e-6, rtol=0)
+
+
+def test_a_weight_past_two_to_the_24_elements_attaches_and_keeps_its_fingerprint(tmp_path) -> None:  # noqa: ANN001
+    """Llama-3.2-3B's MLP weights (3072 × 8192 = 25,165,824 values): float32 linspace put the fingerprint's last sample
+    one past the end. Every index stays in range, the last is the last value, and the sampled positions of smaller
+    weights (what saved adapters recorded) are unchanged."""
+    from hybrid_peft.adapters import fingerprint_weight
+
+    weight = torch.zeros(3072, 8192)
+    weight[-1, -1] = 7.0  # the last value
+    sample = fingerprint_weight(weight)["sample"]
+    assert len(sample) == 16 and sample[-1] == 7.0 and sample[:-1] == [0.0] * 15
+    small = torch.arange(64 * 32, dtype=torch.float64).reshape(64, 32)
+    expected = torch.linspace(0, 64 * 32 - 1, steps=16).round().tolist()
+    assert fingerprint_weight(small)["sample"] == expected
+    model = torch.nn.Sequential(torch.nn.Linear(8192, 3072, bias=False))
+    attach(model, LoRAConfig(rank=2, targets=["0"]))
+    save_adapter(model, tmp_path / "adapter")
+    fresh = torch.nn.Sequential(torch.nn.Linear(8192, 3072, bias=False))
+    fresh.load_state_dict({"0.weight": model[0].base_layer.weight.detach()})
+    load_adapter(fresh, tmp_path / "adapter")  # the fingerprints agree

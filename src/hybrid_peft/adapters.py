@@ -42,6 +42,9 @@ def fingerprint_weight(weight: torch.Tensor, samples: int = 16) -> dict:
     """Shape plus a few evenly spaced values of an ``(out, in)`` weight: enough to tell two base models apart."""
     flat = weight.detach().reshape(-1)
     index = torch.linspace(0, flat.numel() - 1, steps=min(samples, flat.numel())).round().long()
+    # linspace runs in float32: past 2**24 elements its last point rounds up to numel (a 3072 × 8192 weight). Clamping
+    # keeps every other index as saved files recorded them.
+    index = index.clamp_(max=flat.numel() - 1)
     return {"shape": list(weight.shape), "sample": [float(v) for v in flat[index.to(flat.device)].float().cpu()]}
 
 
