@@ -120,3 +120,8 @@ def test_bad_configs_and_the_command(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["estimate", "--model", "7b", "--methods", "full,lora", "--zero", "2", "--world", "4"]) == 0
     out = capsys.readouterr().out
     assert "| full |" in out and "| lora |" in out and "ZeRO 2 over 4" in out
+
+
+def test_the_built_in_llama_3_shapes_have_their_published_sizes() -> None:
+    sizes = {name: load_architecture(name).parameters() for name in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")}
+    assert sizes == {"llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248}

@@ -483,7 +483,10 @@ def add_estimate_parser(commands: Any, threads: int) -> None:
         "for full fine-tuning and each method, from a model config. The formulas are in hybrid_peft/estimate.py.",
     )
     estimate.add_argument(
-        "--model", default="7b", help="7b, 70b, 405b (Llama-class), a model alias/folder, or a config.json path"
+        "--model",
+        default="7b",
+        help="llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, 7b, 70b, 405b (Llama-class), a model alias/folder, or a "
+        "config.json path",
     )
     estimate.add_argument("--methods", help=f"comma-separated (default: {','.join(METHODS)})")
     estimate.add_argument("--batch-size", type=int, default=4, help="sequences per step and process")

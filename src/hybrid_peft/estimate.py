@@ -42,8 +42,16 @@ from hybrid_peft.errors import ConfigError
 from hybrid_peft.registry import available_methods, get_method, methods_in_registration_order
 from hybrid_peft.targeting import name_matches
 
-# Llama-class shapes (public configs): Llama-2-7B, Llama-2-70B, Llama-3.1-405B.
+# Llama-class shapes (public configs): Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B (benchmarks/scale.py measures these),
+# Llama-2-7B, Llama-2-70B, Llama-3.1-405B.
+_LLAMA3 = {"num_key_value_heads": 8, "vocab_size": 128256, "model_type": "llama"}
 BUILTIN_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "tie_word_embeddings": True, **_LLAMA3},
+    "llama-3.2-3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                     "num_attention_heads": 24, "tie_word_embeddings": True, **_LLAMA3},
+    "llama-3.1-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "tie_word_embeddings": False, **_LLAMA3},
     "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False, "model_type": "llama"},
     "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
@@ -101,7 +109,8 @@ class Architecture:
 
 
 def load_architecture(model: str) -> Architecture:
-    """A built-in size (``7b``, ``70b``, ``405b``), a model alias or folder, or a ``config.json`` path."""
+    """A built-in shape (``llama-3.2-1b``, ``llama-3.2-3b``, ``llama-3.1-8b``, ``7b``, ``70b``, ``405b``), a model alias
+    or folder, or a ``config.json`` path."""
     if model.lower() in BUILTIN_ARCHITECTURES:
         data, name = BUILTIN_ARCHITECTURES[model.lower()], model.lower()
     else:
@@ -117,7 +126,8 @@ def load_architecture(model: str) -> Architecture:
             folder = Path(resolve_model_path(model))
             if not (folder / "config.json").is_file():
                 raise ConfigError(
-                    f"{model}: no config.json; pass 7b, 70b, 405b, a model alias/folder or a config.json path"
+                    f"{model}: no config.json; pass a built-in shape ({', '.join(BUILTIN_ARCHITECTURES)}), a model "
+                    "alias/folder or a config.json path"
                 )
             data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         name = model
