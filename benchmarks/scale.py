@@ -41,16 +41,21 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-LLAMA3 = {"num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "max_position_embeddings": 131072}
+
+def _llama(name: str) -> dict:
+    """A published shape from ``hybrid-peft estimate``'s built-ins (one source of truth), as a LlamaConfig's fields."""
+    from hybrid_peft.estimate import BUILTIN_ARCHITECTURES
+
+    fields = {k: v for k, v in BUILTIN_ARCHITECTURES[name].items() if k != "model_type"}
+    return fields | {"rope_theta": 500000.0, "max_position_embeddings": 131072}
+
+
 SHAPES: dict[str, dict] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 1024, "tie_word_embeddings": True},
-    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-           "tie_word_embeddings": True, **LLAMA3},  # Llama-3.2-1B
-    "3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
-           "tie_word_embeddings": True, **LLAMA3},  # Llama-3.2-3B
-    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "tie_word_embeddings": False, **LLAMA3},  # Llama-3.1-8B
+    "1b": _llama("llama-3.2-1b"),
+    "3b": _llama("llama-3.2-3b"),
+    "8b": _llama("llama-3.1-8b"),
 }  # fmt: skip
 REAL_MODELS = ("smollm2-135m",)
 MODES = ("plain", "savings")
