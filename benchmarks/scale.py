@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from estimate_check import _status_kib  # the same measurement: VmRSS, VmHWM from /proc/self/status
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -108,14 +110,6 @@ def write_random_checkpoint(shape: str, folder: Path) -> Path:
     config.save_pretrained(folder)
     done.touch()
     return folder
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -51,6 +51,10 @@ METHODS = {
     "hybrid-paper": HybridConfig(targets="all-linear", low_rank=LoRAGAConfig(rank=2, alpha=4.0), rule=ShareRule()),
 }
 IDS = torch.tensor([[3, 17, 256, 1000, 42, 7, 99, 5]])
+ON_CPU = {  # every trainer here: 3 steps of 4 examples on the CPU, no reports, no bars (SFTConfig defaults to bf16)
+    "max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "bf16": False, "use_cpu": True,
+    "report_to": "none", "disable_tqdm": True,
+}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -134,18 +138,7 @@ def test_trl_sft_trainer_trains_each_method_and_the_adapter_reloads(method: str,
     attach(model, METHODS[method])  # e.g. HybridConfig(targets="all-linear")
     trainer = SFTTrainer(
         model=model,
-        args=SFTConfig(
-            output_dir=str(tmp_path / "sft"),
-            max_steps=3,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            bf16=False,
-            use_cpu=True,
-            save_steps=3,
-            report_to="none",
-            disable_tqdm=True,
-            max_length=32,
-        ),
+        args=SFTConfig(output_dir=str(tmp_path / "sft"), save_steps=3, max_length=32, **ON_CPU),
         train_dataset=chat_data(),  # {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
         processing_class=chat_tokenizer(tiny_lm),
         optimizers=(torch.optim.AdamW(parameter_groups(model, 1e-2)), None),  # each part at its lr_scale
@@ -188,16 +181,10 @@ def test_trl_dpo_trainer_trains_lora_and_the_hybrid_against_the_start_as_referen
         model=model,
         args=DPOConfig(
             output_dir=str(tmp_path / "dpo"),
-            max_steps=3,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            bf16=False,
-            use_cpu=True,
             save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
             logging_steps=1,
             precompute_ref_log_probs=True,  # the adapters start as the identity: the reference is the model itself
+            **ON_CPU,
         ),
         train_dataset=preference_data(),  # {"prompt": [...], "chosen": [...], "rejected": [...]}
         processing_class=chat_tokenizer(tiny_lm),
@@ -262,16 +249,7 @@ def test_trainer_resumed_from_a_checkpoint_keeps_the_trained_start(tiny_lm: str,
         return SFTTrainer(
             model=model,
             args=SFTConfig(
-                output_dir=str(tmp_path / "sft"),
-                max_steps=steps,
-                per_device_train_batch_size=4,
-                learning_rate=1e-2,
-                bf16=False,
-                use_cpu=True,
-                save_steps=2,
-                report_to="none",
-                disable_tqdm=True,
-                max_length=32,
+                output_dir=str(tmp_path / "sft"), save_steps=2, max_length=32, **(ON_CPU | {"max_steps": steps})
             ),
             train_dataset=chat_data(),
             processing_class=chat_tokenizer(tiny_lm),
