@@ -1,11 +1,13 @@
 """Training memory and step time at the published Llama shapes, measured beside ``hybrid-peft estimate``.
 
     python benchmarks/scale.py                     # Llama-3.2-1B, -3B, -3.1-8B shapes on this CPU: fp32, savings
-    python benchmarks/scale.py --device cuda       # the GPU run: SmolLM2-135M, 1B, 3B shapes, bf16, every method
+    python benchmarks/scale.py --device cuda       # the GPU run: SmolLM2-135M, 1B, 3B shapes, bf16, every method,
+                                                   # batch 8 × 512 tokens, 10 steps (under 10 minutes on an H200)
     python benchmarks/scale.py --shapes tiny --steps 2 --seq-len 16    # the reduced mode the tests run (seconds)
 
-The models are Llama-shaped with random weights (``SHAPES``: the published configs of Llama-3.2-1B, Llama-3.2-3B and
-Llama-3.1-8B; ``smollm2-135m`` is the real model from its package): each is written once, shard by shard in bf16
+The models are Llama-shaped with random weights (``SHAPES``: the published configs of SmolLM2-135M, Llama-3.2-1B,
+Llama-3.2-3B and Llama-3.1-8B; ``smollm2-135m`` is the real model from its package, whose step time and memory the
+random ``smollm2`` shape reproduces without the package): each is written once, shard by shard in bf16
 (never a whole fp32 copy), as an ordinary checkpoint folder under ``--cache-dir``, and every run loads it the way a
 user's checkpoint loads (``load_model``, so ``nf4`` quantises while loading). Weights and compute are fp32 on a CPU
 (``--dtype``; bf16 on a GPU): on CPUs without bf16 instructions PyTorch's bf16 matmul in the backward pass's layout
@@ -55,6 +57,9 @@ def _llama(name: str) -> dict:
 SHAPES: dict[str, dict] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 1024, "tie_word_embeddings": True},
+    "smollm2": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
+                "rope_theta": 100000.0},  # SmolLM2-135M's published config
     "1b": _llama("llama-3.2-1b"),
     "3b": _llama("llama-3.2-3b"),
     "8b": _llama("llama-3.1-8b"),
@@ -65,9 +70,10 @@ CHUNK_TOKENS = 128
 SHARD_BYTES = 2 * 2**30
 
 
-def write_random_checkpoint(shape: str, folder: Path) -> Path:
+def write_random_checkpoint(shape: str, folder: Path, device: str = "cpu") -> Path:
     """A Llama of ``shape`` with random bf16 weights (N(0, 0.02); norms 1) as a sharded safetensors checkpoint in
-    ``folder``; reused when complete. Built on the meta device, one tensor at a time: memory stays one shard."""
+    ``folder``; reused when complete. Built on the meta device, one tensor at a time: memory stays one shard. The
+    random numbers are drawn on ``device`` (a GPU draws billions in a second; the CPU takes about a minute at 8B)."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -91,7 +97,7 @@ def write_random_checkpoint(shape: str, folder: Path) -> Path:
             size = 0
         shards[-1].append(name)
         size += nbytes
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
     weight_map = {}
     for index, names in enumerate(shards, start=1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
@@ -100,7 +106,8 @@ def write_random_checkpoint(shape: str, folder: Path) -> Path:
             if name.endswith("norm.weight"):
                 tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
             else:
-                tensors[name] = torch.empty(shapes[name], dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
+                drawn = torch.empty(shapes[name], dtype=torch.bfloat16, device=device)
+                tensors[name] = drawn.normal_(0, 0.02, generator=generator).cpu()
             weight_map[name] = file
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         del tensors
@@ -261,9 +268,9 @@ def main() -> None:
                         "CUDA)")  # fmt: skip
     parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
                         help="weights' and compute dtype (default: float32 on CPU, bfloat16 on CUDA)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--steps", type=int, help="training steps per run (default: 3 on CPU, 10 on CUDA)")
+    parser.add_argument("--batch-size", type=int, help="sequences per step (default: 1 on CPU, 8 on CUDA)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: 32 on CPU, 512 on CUDA)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -276,14 +283,18 @@ def main() -> None:
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    cuda = args.device == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.steps = args.steps or (10 if cuda else 3)
+    args.batch_size = args.batch_size or (8 if cuda else 1)
+    args.seq_len = args.seq_len or (512 if cuda else 32)
     if args.worker:
         worker(args)
         return
-    methods = (args.methods or ("full,lora,lora-ga,boft,unitary,hybrid" if args.device == "cuda" else
+    methods = (args.methods or ("full,lora,lora-ga,boft,unitary,hybrid" if cuda else
                                 "full,lora,hybrid,boft")).split(",")  # fmt: skip
-    shapes = (args.shapes or ("smollm2-135m,1b,3b" if args.device == "cuda" else "1b,3b,8b")).split(",")
-    modes = (args.modes or ("plain" if args.device == "cuda" else "plain,savings")).split(",")
+    shapes = (args.shapes or ("smollm2,1b,3b" if cuda else "1b,3b,8b")).split(",")
+    modes = (args.modes or ("plain" if cuda else "plain,savings")).split(",")
     unknown = sorted({*shapes} - {*SHAPES, *REAL_MODELS}) + sorted({*modes} - {*MODES})
     if unknown:
         parser.error(f"unknown shape(s) or mode(s) {unknown}")
@@ -296,7 +307,7 @@ def main() -> None:
             folder = str(resolve_model_path(shape))
         else:
             tick = time.perf_counter()
-            folder = str(write_random_checkpoint(shape, Path(args.cache_dir) / f"llama-{shape}"))
+            folder = str(write_random_checkpoint(shape, Path(args.cache_dir) / f"llama-{shape}", args.device))
             print(f"{shape}: random checkpoint in {folder} ({time.perf_counter() - tick:.0f} s)", flush=True)
         for mode in modes:
             for method in methods:

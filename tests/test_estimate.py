@@ -87,7 +87,7 @@ def test_memory_parts_follow_the_options() -> None:
     assert 400e9 < load_architecture("405b").parameters() < 410e9
     full = estimate(arch, "full", dtype="bfloat16")
     assert full.weights == arch.parameters() * 2 and full.gradients == arch.parameters() * 2
-    assert full.optimiser == arch.parameters() * 12  # AdamW m, v and an fp32 master copy
+    assert full.optimiser == arch.parameters() * 4  # AdamW m, v in bf16, as torch keeps them for bf16 weights
     sharded = estimate(arch, "full", dtype="bfloat16", zero=3, world=8)
     assert sharded.optimiser == full.optimiser / 8 and sharded.weights == full.weights / 8
     assert estimate(arch, "full", zero=1, world=8).gradients == full.gradients

@@ -8,7 +8,7 @@ Memory per process, in bytes, for a decoder (Llama layout: q, k, v, o, gate, up,
     weights      P_base · b_w            (linear weights at q/8 bytes with --quantised-base q)
     trainable    T · 4                   (adapters in fp32; full fine-tuning: the weights themselves)
     gradients    T · b_g                 (b_g = b_w for full fine-tuning, 4 for adapters)
-    optimiser    T · 8 (AdamW m, v)  + T · 4 fp32 master copy when full fine-tuning in 16-bit
+    optimiser    T · 2 · b_g (AdamW m, v in the trained weights' dtype, as torch keeps them: no fp32 master copy)
     activations  tokens · (layers · a + logits)    a: what autograd keeps per token per layer (below)
     ZeRO         stage 1 divides the optimiser by --world, stage 2 also the gradients, stage 3 also the weights
 
@@ -317,7 +317,7 @@ def estimate(
         trainable = total_params
         trainable_copy = 0.0  # the weights are the trainable parameters
         gradients = trainable * b
-        optimiser = trainable * 8 + (trainable * 4 if b < 4 else 0)
+        optimiser = trainable * 2 * b  # the recipe trains 16-bit weights in place: m, v in 16-bit, no master
         flops = 6 * linear_params * tokens
     else:
         trainable = arch.layers * sum(config.parameter_count(n, m) for _, n, m in shapes)

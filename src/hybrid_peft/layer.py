@@ -87,8 +87,18 @@ def dequantised_weight(module: nn.Module) -> torch.Tensor:
 
 
 def adapter_dtype_for(base_dtype: torch.dtype) -> torch.dtype:
-    """Adapters train in at least fp32: a bf16/fp16 base gets fp32 adapter weights (as PEFT's autocast does)."""
+    """Adapters keep their parameters in at least fp32: a bf16/fp16 base gets fp32 adapter weights. They compute in
+    the input's dtype, as autocast does (:func:`compute_copy`): on a bf16 base the products run in bf16 and save bf16
+    activations (the same ``x`` the base layer saves), while the optimiser updates the fp32 masters."""
     return torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
+
+
+def compute_copy(parameter: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``parameter`` in ``x``'s dtype for this forward pass (differentiable: the gradient reaches the fp32 master).
+    Casting the small adapter weights down, rather than the ``(tokens, width)`` input up, keeps a bf16 run's
+    activations bf16: an fp32 copy of every adapted layer's input made LoRA's peak exceed full fine-tuning's on a
+    GPU (``benchmarks/scale.py --device cuda``)."""
+    return parameter if parameter.dtype == x.dtype else parameter.to(x.dtype)
 
 
 class AdapterLayer(nn.Module):

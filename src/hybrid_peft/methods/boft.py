@@ -28,7 +28,7 @@ from torch import nn
 
 from hybrid_peft.config import AdapterConfig, require_choice, require_float, require_int
 from hybrid_peft.errors import ConfigError, HybridPeftError
-from hybrid_peft.layer import AdapterLayer, adapter_dtype_for, is_transposed
+from hybrid_peft.layer import AdapterLayer, adapter_dtype_for, compute_copy, is_transposed
 from hybrid_peft.methods.butterfly import (
     ButterflyRotate,
     boft_parameter_count,
@@ -133,24 +133,25 @@ class BOFTLayer(ButterflyBranch, AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        x2d = x.reshape(-1, self.in_features).to(self.boft_skew.dtype)
+        x2d = x.reshape(-1, self.in_features)  # computed in x's dtype; the blocks and scale are cast to it
         if not self.quantised and self._use_weight_side(x2d.shape[0]):
             # W0 Mᵀ: each row of W0 is rotated by Mᵀ = M⁻¹, i.e. the transposed blocks applied in reverse order.
             rotations = self.rotations()
             rotated_weight = butterfly_rotate_plain(
                 self.base_weight.to(rotations.dtype), rotations.transpose(-1, -2).flip(0), reverse_plan(self.plan)
             )
-            out = F.linear(x2d, rotated_weight)
+            out = F.linear(x2d.to(rotated_weight.dtype), rotated_weight)
             bias = self.base_layer.bias
             out = out * self.boft_scale if bias is None else torch.addcmul(bias.to(out.dtype), out, self.boft_scale)
             return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         grouped, small_scale = self.grouped_rotations()
-        rotated = ButterflyRotate.apply(x2d, grouped, *self.plan)
+        rotated = ButterflyRotate.apply(x2d, compute_copy(grouped, x2d), *self.plan)
         if self.quantised:
             out = self.scaled_base_output(rotated)
         else:
             bias = self.base_layer.bias
-            out = scaled_linear(rotated, self.base_weight, self.boft_scale, bias, small_scale=small_scale)
+            scale = compute_copy(self.boft_scale, x2d)
+            out = scaled_linear(rotated, self.base_weight, scale, bias, small_scale=small_scale)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -306,14 +306,15 @@ class ScaledLinear(torch.autograd.Function):
         grad_h_product = grad.T @ low_rank_input if has_low_rank and (needs[5] or recover) else None
         grad_sum = grad.sum(0) if needs[3] or (recover and ctx.has_bias) else None
         if needs[2]:
-            column_sum = (grad * saved).sum(0)
+            sums = torch.promote_types(grad.dtype, torch.float32)  # at least fp32: bf16 loses the difference below
+            column_sum = (grad * saved).sum(0, dtype=sums)
             if recover:
                 if ctx.has_bias:
-                    column_sum = column_sum - bias.to(column_sum.dtype) * grad_sum
+                    column_sum = column_sum - bias.to(sums) * grad_sum.to(sums)
                 if has_low_rank:
-                    column_sum = column_sum - (scaled_weight * grad_h_product).sum(1)
-                column_sum = column_sum / scale
-            grad_scale = column_sum
+                    column_sum = column_sum - (scaled_weight * grad_h_product).sum(1, dtype=sums)
+                column_sum = column_sum / scale.to(sums)
+            grad_scale = column_sum.to(scale.dtype)
         if needs[3]:
             grad_bias = grad_sum.to(bias.dtype)
         if has_low_rank:

@@ -34,7 +34,7 @@ from torch import nn
 
 from hybrid_peft.config import AdapterConfig
 from hybrid_peft.errors import ConfigError
-from hybrid_peft.layer import AdapterLayer, adapter_dtype_for
+from hybrid_peft.layer import AdapterLayer, adapter_dtype_for, compute_copy
 from hybrid_peft.methods.boft import BOFTConfig
 from hybrid_peft.methods.butterfly import ButterflyRotate, scaled_linear
 from hybrid_peft.methods.hybrid_formats import upgrade_hybrid
@@ -323,20 +323,18 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        dtype = self.boft_skew.dtype
-        x2d = x.reshape(-1, self.in_features).to(dtype)
+        x2d = x.reshape(-1, self.in_features)  # computed in x's dtype; the adapter's weights are cast to it
         grouped, small_scale = self.grouped_rotations()
-        rotated = ButterflyRotate.apply(x2d, grouped, *self.plan)
-        lora_a, lora_b = self.low_rank_factors()
+        rotated = ButterflyRotate.apply(x2d, compute_copy(grouped, x2d), *self.plan)
+        lora_a, lora_b = (compute_copy(factor, x2d) for factor in self.low_rank_factors())
         low_rank_input = F.linear(self.lora_dropout(x2d), lora_a)  # (T, r), or (T, 2r) with a LoRA-GA start
         coefficient = self.gates()[0] * self.lora_scaling
         if self.quantised:  # the base layer's own kernel on the rotated input, plus the low-rank branch
             out = self.scaled_base_output(rotated) + coefficient * F.linear(low_rank_input, lora_b)
         else:  # the one base matmul, scaled, plus the low-rank branch; saves the output instead of x W0ᵀ
-            bias = self.base_layer.bias
-            out = scaled_linear(
-                rotated, self.base_weight, self.boft_scale, bias, low_rank_input, lora_b, coefficient, small_scale
-            )
+            bias, scale = self.base_layer.bias, compute_copy(self.boft_scale, x2d)
+            weight = self.base_weight
+            out = scaled_linear(rotated, weight, scale, bias, low_rank_input, lora_b, coefficient, small_scale)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

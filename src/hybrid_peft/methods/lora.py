@@ -22,7 +22,7 @@ from torch import nn
 
 from hybrid_peft.config import AdapterConfig, require_bool, require_float, require_int
 from hybrid_peft.errors import ConfigError
-from hybrid_peft.layer import AdditiveAdapterLayer, adapter_dtype_for
+from hybrid_peft.layer import AdditiveAdapterLayer, adapter_dtype_for, compute_copy
 from hybrid_peft.peft_format import one_config, peft_adapter_config
 from hybrid_peft.registry import register_method
 
@@ -128,8 +128,8 @@ class LoRALayer(LowRankBranch, AdditiveAdapterLayer):
         if self.merged:
             return result
         lora_a, lora_b = self.trained_factors()
-        adapter_input = self.dropout(x).to(lora_a.dtype)
-        return result + lora_forward_delta(adapter_input, lora_a, lora_b, self.scaling).to(result.dtype)
+        delta = lora_forward_delta(self.dropout(x), compute_copy(lora_a, x), compute_copy(lora_b, x), self.scaling)
+        return result + delta.to(result.dtype)
 
     def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` such that PEFT's LoRA on the unmodified base weight computes this adapter."""

@@ -289,8 +289,9 @@ class ButterflyBranch:
         """``s ⊙ ((x M) W0ᵀ) + b`` computed by the base layer itself on the rotated input: the path for a quantised
         base, whose weight is only ever read by its own kernel (same maths as ``scaled_linear``)."""
         out = self.base_layer(rotated)
+        scale = self.boft_scale if self.boft_scale.dtype == out.dtype else self.boft_scale.to(out.dtype)
         bias = self.base_layer.bias
         if bias is None:
-            return out * self.boft_scale
+            return out * scale
         bias = bias.to(out.dtype)
-        return torch.addcmul(bias, out - bias, self.boft_scale)
+        return torch.addcmul(bias, out - bias, scale)
