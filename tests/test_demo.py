@@ -132,3 +132,24 @@ def test_sst2_names_the_data_folder_it_needs(tmp_path: Path, monkeypatch: pytest
     _no_data_anywhere(tmp_path, monkeypatch)
     with pytest.raises(HybridPeftError, match=r"--data-dir"):
         run_comparison(output_dir=str(tmp_path / "out"), echo=lambda _: None, task="sst2")
+
+
+@pytest.mark.slow
+def test_a_demo_run_that_fails_fails_the_demo_after_the_table_of_the_others(tiny_bert: str, tmp_path: Path) -> None:
+    """``make demo`` must not report success when a run failed: the runs that finished are still tabulated, then the
+    demo raises (the command line prints it and exits 2) naming the run and its log."""
+    from hybrid_peft.demo import DemoRunFailed
+
+    profile = tiny_profile(tmp_path / "demo.yaml", {"task": "sst2", "model": tiny_bert, "steps": 2, "batch_size": 4})
+    document = yaml.safe_load(profile.read_text())
+    document["methods"]["lora"]["adapter"]["rank"] = 4096  # larger than any layer: refused when attached
+    profile.write_text(yaml.safe_dump(document, sort_keys=False))
+    lines: list[str] = []
+    with pytest.raises(DemoRunFailed, match=r"1 of 2 demo runs did not finish \(lora: .*lora.*run\.log\)"):
+        run_comparison(
+            output_dir=str(tmp_path / "out"), methods=["full", "lora"], threads=1, echo=lines.append,
+            profile=str(profile),
+        )  # fmt: skip
+    table = [line for line in lines if line.startswith("| ")]
+    assert len(table) == 2 and table[1].startswith("| full |")  # the header and the one run that finished
+    assert issubclass(DemoRunFailed, HybridPeftError)  # the command line's "error: ..." and exit status 2

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hybrid_peft.errors import ConfigError
+from hybrid_peft.errors import ConfigError, HybridPeftError
 from hybrid_peft.models import load_model, load_tokenizer
 from hybrid_peft.run import FULL, RunSummary
 from hybrid_peft.serialization import load_adapter
@@ -45,6 +45,10 @@ DEMO_DESCRIPTIONS = {
 SST2_FOLDER = "glue/SST-2"
 RELOAD_TOLERANCE = 1e-4  # held-out loss: a reloaded adapter computes the same function
 MERGE_TOLERANCE = 1e-3  # the merged weights round differently
+
+
+class DemoRunFailed(HybridPeftError, RuntimeError):
+    """A demo run did not finish: raised after the table of those that did, so the command exits non-zero."""
 
 
 @dataclass(frozen=True)
@@ -108,15 +112,16 @@ def run_comparison(
         f"({', '.join(f'{r.method} {r.config.learning_rate:g}' for r in runs)}), one process each"
     )
     run_bench(plan, methods=methods, rerun=True, echo=echo)
-    results = []
+    results, unfinished = [], []
     for run in runs:
         try:
             summary = RunSummary.read(run.folder)
         except OSError:
+            unfinished.append(run)
             continue
         results.append(ComparisonRow(run.method, summary))
     if not results:
-        raise RuntimeError(f"no demo run finished; see the run.log files under {output_dir}/runs/")
+        raise DemoRunFailed(f"no demo run finished; see the run.log files under {output_dir}/runs/")
     metric = quality_metric(task_object, results)
     adapters = [r for r in results if r.summary.config.method != FULL]
     if adapters:  # the best adapter's files, checked: reloaded onto a fresh base, and merged into plain transformers
@@ -143,6 +148,9 @@ def run_comparison(
     ]
     if bad:
         raise RuntimeError(f"the reloaded or merged model of {bad} disagrees with the trained one; please report this")
+    if unfinished:  # the table above shows what finished; the command must not report success
+        logs = "; ".join(f"{run.method}: {Path(run.folder) / 'run.log'}" for run in unfinished)
+        raise DemoRunFailed(f"{len(unfinished)} of {len(runs)} demo runs did not finish ({logs})")
     return results
 
 
