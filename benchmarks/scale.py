@@ -10,10 +10,11 @@ Llama-3.2-3B and Llama-3.1-8B; ``smollm2-135m`` is the real model from its packa
 random ``smollm2`` shape reproduces without the package): each is written once, shard by shard in bf16
 (never a whole fp32 copy), as an ordinary checkpoint folder under ``--cache-dir``, and every run loads it the way a
 user's checkpoint loads (``load_model``, so ``nf4`` quantises while loading). Weights and compute are fp32 on a CPU
-(``--dtype``; bf16 on a GPU): on CPUs without bf16 instructions PyTorch's bf16 matmul in the backward pass's layout
-(grad_out @ W) runs at a thirtieth of fp32's speed (0.28 against 38 GFLOP/s here), so a model too large for fp32
-trains there with an NF4 base, which computes in fp32. Each (shape, method, mode) then runs in
-its own process, as ``benchmarks/estimate_check.py`` measures: the runtime's resident memory is read after imports,
+(``--dtype``; bf16 on a GPU): on the 2-core machine these figures come from, PyTorch's bf16 matmul in the backward
+pass's layout (grad_out @ W) ran at a thirtieth of fp32's speed (0.28 against 38 GFLOP/s), although the CPU reports
+avx512_bf16 and amx_bf16 (its flags do not predict it: time one step before choosing). A model too large for fp32
+trains there with an NF4 base, which computes in fp32. Each (shape, method, mode) then runs in its own process, as
+``benchmarks/estimate_check.py`` measures: the runtime's resident memory is read after imports,
 the model is loaded and the adapter attached, the peak counter is reset and ``--steps`` AdamW steps of
 ``--batch-size`` × ``--seq-len`` tokens run through the project's training loop. Measured = peak RSS during training −
 RSS before loading (on a GPU: the peak of ``torch.cuda.max_memory_allocated``); the step time is the median of the
