@@ -333,8 +333,9 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
             out = self.scaled_base_output(rotated) + coefficient * F.linear(low_rank_input, lora_b)
         else:  # the one base matmul, scaled, plus the low-rank branch; saves the output instead of x W0ᵀ
             bias, scale = self.base_layer.bias, compute_copy(self.boft_scale, x2d)
-            weight = self.base_weight
-            out = scaled_linear(rotated, weight, scale, bias, low_rank_input, lora_b, coefficient, small_scale)
+            out = scaled_linear(
+                rotated, self.base_weight, scale, bias, low_rank_input, lora_b, coefficient, small_scale
+            )
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

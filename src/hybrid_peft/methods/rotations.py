@@ -31,6 +31,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from hybrid_peft.config import AdapterConfig
+from hybrid_peft.layer import compute_copy
 from hybrid_peft.methods.butterfly import (
     SMALL_SCALE,
     butterfly_dense,
@@ -289,7 +290,7 @@ class ButterflyBranch:
         """``s ⊙ ((x M) W0ᵀ) + b`` computed by the base layer itself on the rotated input: the path for a quantised
         base, whose weight is only ever read by its own kernel (same maths as ``scaled_linear``)."""
         out = self.base_layer(rotated)
-        scale = self.boft_scale if self.boft_scale.dtype == out.dtype else self.boft_scale.to(out.dtype)
+        scale = compute_copy(self.boft_scale, out)
         bias = self.base_layer.bias
         if bias is None:
             return out * scale
