@@ -35,9 +35,9 @@ from hybrid_peft.methods.butterfly import (
     butterfly_rotate_plain,
     group_size,
     reverse_plan,
-    scaled_linear,
     skew_symmetric,
 )
+from hybrid_peft.methods.fused import butterfly_linear
 from hybrid_peft.methods.rotations import ButterflyBranch
 from hybrid_peft.peft_format import one_config, peft_adapter_config
 from hybrid_peft.registry import register_method
@@ -145,13 +145,13 @@ class BOFTLayer(ButterflyBranch, AdapterLayer):
             out = out * self.boft_scale if bias is None else torch.addcmul(bias.to(out.dtype), out, self.boft_scale)
             return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         grouped, small_scale = self.grouped_rotations()
-        rotated = ButterflyRotate.apply(x2d, compute_copy(grouped, x2d), *self.plan)
-        if self.quantised:
-            out = self.scaled_base_output(rotated)
-        else:
-            bias = self.base_layer.bias
+        grouped = compute_copy(grouped, x2d)
+        if self.quantised:  # the base layer's own kernel on the rotated input
+            out = self.scaled_base_output(ButterflyRotate.apply(x2d, grouped, *self.plan))
+        else:  # one autograd node: rotation and scaled base product (methods/fused.py)
             scale = compute_copy(self.boft_scale, x2d)
-            out = scaled_linear(rotated, self.base_weight, scale, bias, small_scale=small_scale)
+            bias = self.base_layer.bias
+            out = butterfly_linear(x2d, grouped, self.plan, self.base_weight, scale, bias, small_scale=small_scale)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -13,6 +13,7 @@ and for the reference path the tests compare against.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +182,50 @@ def group_factors(rotations: torch.Tensor) -> torch.Tensor:
     return group_blocks(rotations.reshape(m * n, b, b), group).view(m, n // group, group * b, group * b)
 
 
+def rotate(x: torch.Tensor, grouped: torch.Tensor, plan: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``x M`` for ``x (T, in)`` and the grouped blocks ``(m, N/G, G·b, G·b)``, without autograd: the forward maths of
+    :class:`ButterflyRotate` and of the one-node butterfly layer (methods/fused.py)."""
+    m = grouped.shape[0]
+    for step, i in enumerate(reversed(range(m))):
+        x = block_multiply(_gather(x, plan[step]), grouped[i])
+    return _gather(x, plan[m])
+
+
+def rotate_backward(
+    x: torch.Tensor,
+    grouped: torch.Tensor,
+    plan: Sequence[torch.Tensor | None],
+    grad: torch.Tensor,
+    *,
+    want_input: bool,
+    want_blocks: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of :func:`rotate` for its input (a fresh tensor) and its grouped blocks (dense: every entry of
+    each group), from ``x`` and the blocks alone: the intermediates are recomputed, not saved."""
+    m, groups, width, _ = grouped.shape
+    order = list(reversed(range(m)))
+    # Recompute the input of each block product (the last product's output is not needed).
+    inputs = [_gather(x, plan[0])]
+    for step, i in enumerate(order[:-1]):
+        inputs.append(_gather(block_multiply(inputs[-1], grouped[i]), plan[step + 1]))
+    grad_grouped = torch.empty_like(grouped) if want_blocks else None
+    g = _gather(grad, None if plan[m] is None else inverse_permutation(plan[m]))
+    for step in reversed(range(m)):
+        i = order[step]
+        if grad_grouped is not None:  # Σ_t x_nᵀ g_n per dense group: (N/G, G·b, T) @ (N/G, T, G·b)
+            torch.bmm(
+                inputs[step].reshape(-1, groups, width).permute(1, 2, 0),
+                g.reshape(-1, groups, width).transpose(0, 1),
+                out=grad_grouped[i],
+            )
+        if step == 0 and not want_input:
+            break  # x's gradient is not wanted: skip the last product
+        g = block_multiply(g, grouped[i].transpose(-1, -2))
+        if plan[step] is not None:
+            g = _gather(g, inverse_permutation(plan[step]))
+    return (g if want_input else None), grad_grouped
+
+
 class ButterflyRotate(torch.autograd.Function):
     """``x M`` for ``x (T, in)`` and the grouped blocks ``(m, N/G, G·b, G·b)`` of :func:`group_factors`; saves only
     ``x`` and those blocks, recomputes the intermediates in backward. The gradient it returns for the groups is the
@@ -191,37 +236,16 @@ class ButterflyRotate(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, grouped: torch.Tensor, *plan: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
         ctx.plan = plan
         ctx.save_for_backward(x, grouped)  # the grouped blocks (in·G·b numbers per factor), not rebuilt in backward
-        m = grouped.shape[0]
-        for step, i in enumerate(reversed(range(m))):
-            x = block_multiply(_gather(x, plan[step]), grouped[i])
-        return _gather(x, plan[m])
+        return rotate(x, grouped, plan)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         x, grouped = ctx.saved_tensors
-        plan = ctx.plan
-        m, groups, width, _ = grouped.shape
-        order = list(reversed(range(m)))
-        # Recompute the input of each block product (the last product's output is not needed).
-        inputs = [_gather(x, plan[0])]
-        for step, i in enumerate(order[:-1]):
-            inputs.append(_gather(block_multiply(inputs[-1], grouped[i]), plan[step + 1]))
-        grad_grouped = torch.empty_like(grouped) if ctx.needs_input_grad[1] else None
-        g = _gather(grad, None if plan[m] is None else inverse_permutation(plan[m]))
-        for step in reversed(range(m)):
-            i = order[step]
-            if grad_grouped is not None:  # Σ_t x_nᵀ g_n per dense group: (N/G, G·b, T) @ (N/G, T, G·b)
-                torch.bmm(
-                    inputs[step].reshape(-1, groups, width).permute(1, 2, 0),
-                    g.reshape(-1, groups, width).transpose(0, 1),
-                    out=grad_grouped[i],
-                )
-            if step == 0 and not ctx.needs_input_grad[0]:
-                break  # x's gradient is not wanted: skip the last product
-            g = block_multiply(g, grouped[i].transpose(-1, -2))
-            if plan[step] is not None:
-                g = _gather(g, inverse_permutation(plan[step]))
-        return (g if ctx.needs_input_grad[0] else None, grad_grouped, *([None] * len(plan)))
+        want_input, want_blocks = ctx.needs_input_grad[:2]
+        grad_x, grad_grouped = rotate_backward(
+            x, grouped, ctx.plan, grad, want_input=want_input, want_blocks=want_blocks
+        )
+        return (grad_x, grad_grouped, *([None] * len(ctx.plan)))
 
 
 def scaled_linear_plain(
@@ -254,10 +278,16 @@ def _scaled_output(
     low_rank_input: torch.Tensor | None,
     low_rank_weight: torch.Tensor | None,
     low_rank_scale: torch.Tensor | float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:class:`ScaledLinear`'s forward maths: the output, the base product ``x W0ᵀ`` and ``c · B``."""
+    keep_product: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:class:`ScaledLinear`'s forward maths: the output, the base product ``x W0ᵀ`` (None unless ``keep_product``:
+    the output is then computed in the product's own storage) and ``c · B``."""
     product = F.linear(x.to(weight.dtype), weight).to(scale.dtype)
-    out = product * scale if bias is None else torch.addcmul(bias.to(scale.dtype), product, scale)
+    if keep_product:
+        out = product * scale if bias is None else torch.addcmul(bias.to(scale.dtype), product, scale)
+    else:
+        out = product.mul_(scale) if bias is None else torch.addcmul(bias.to(scale.dtype), product, scale, out=product)
+        product = None
     scaled_weight = None
     if low_rank_input is not None:
         scaled_weight = low_rank_scale * low_rank_weight
@@ -279,50 +309,73 @@ class ScaledLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale, small_scale):  # noqa: ANN001, ANN205
-        out, product, scaled_weight = _scaled_output(
-            x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale
-        )
         if ctx.needs_input_grad[2] and small_scale is None:  # a host read (a GPU sync): exactness first
             small_scale = bool((scale.abs() < SMALL_SCALE).any())
-        ctx.keep_product = ctx.needs_input_grad[2] and small_scale
-        ctx.has_bias = bias is not None
+        ctx.keep_product = bool(ctx.needs_input_grad[2] and small_scale)
+        out, product, scaled_weight = _scaled_output(
+            x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale, ctx.keep_product
+        )
         ctx.save_for_backward(weight, scale, bias, low_rank_input, scaled_weight, product if ctx.keep_product else out)
         ctx.low_rank_scale = low_rank_scale  # a number, or a scalar tensor without gradient
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        weight, scale, bias, low_rank_input, scaled_weight, saved = ctx.saved_tensors
-        low_rank_scale = ctx.low_rank_scale
         needs = ctx.needs_input_grad
         if needs[1]:
             raise RuntimeError("ScaledLinear needs a frozen base weight; use scaled_linear_plain to train it")
-        grad_x = grad_scale = grad_bias = grad_input = grad_low_rank = None
-        if needs[0]:
-            grad_x = ((grad * scale).to(weight.dtype) @ weight).to(grad.dtype)
-        has_low_rank = low_rank_input is not None
-        recover = needs[2] and not ctx.keep_product  # the scale's gradient from the saved output
-        # gᵀh (out, r): B's gradient, and the low-rank part of the output the scale's gradient must take out.
-        grad_h_product = grad.T @ low_rank_input if has_low_rank and (needs[5] or recover) else None
-        grad_sum = grad.sum(0) if needs[3] or (recover and ctx.has_bias) else None
-        if needs[2]:
-            sums = torch.promote_types(grad.dtype, torch.float32)  # at least fp32: bf16 loses the difference below
-            column_sum = (grad * saved).sum(0, dtype=sums)
-            if recover:
-                if ctx.has_bias:
-                    column_sum = column_sum - bias.to(sums) * grad_sum.to(sums)
-                if has_low_rank:
-                    column_sum = column_sum - (scaled_weight * grad_h_product).sum(1, dtype=sums)
-                column_sum = column_sum / scale.to(sums)
-            grad_scale = column_sum.to(scale.dtype)
-        if needs[3]:
-            grad_bias = grad_sum.to(bias.dtype)
-        if has_low_rank:
-            if needs[4]:
-                grad_input = grad @ scaled_weight  # (T, out) @ (out, r)
-            if needs[5]:
-                grad_low_rank = low_rank_scale * grad_h_product
+        grad_x, grad_scale, grad_bias, grad_input, grad_low_rank = scaled_linear_backward(
+            grad,
+            *ctx.saved_tensors,
+            keep_product=ctx.keep_product,
+            low_rank_scale=ctx.low_rank_scale,
+            want=(needs[0], needs[2], needs[3], needs[4], needs[5]),
+        )
         return grad_x, None, grad_scale, grad_bias, grad_input, grad_low_rank, None, None
+
+
+def scaled_linear_backward(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    low_rank_input: torch.Tensor | None,
+    scaled_weight: torch.Tensor | None,
+    saved: torch.Tensor,
+    *,
+    keep_product: bool,
+    low_rank_scale: torch.Tensor | float,
+    want: tuple[bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """:class:`ScaledLinear`'s backward maths: the gradients for ``(x, s, b, h, B)`` where ``want`` says so, from
+    what its forward saved (``saved`` is the output, or the product ``x W0ᵀ`` when ``keep_product``)."""
+    want_x, want_scale, want_bias, want_input, want_weight = want
+    grad_x = grad_scale = grad_bias = grad_input = grad_low_rank = None
+    if want_x:
+        grad_x = ((grad * scale).to(weight.dtype) @ weight).to(grad.dtype)
+    has_low_rank = low_rank_input is not None
+    recover = want_scale and not keep_product  # the scale's gradient from the saved output
+    # gᵀh (out, r): B's gradient, and the low-rank part of the output the scale's gradient must take out.
+    grad_h_product = grad.T @ low_rank_input if has_low_rank and (want_weight or recover) else None
+    grad_sum = grad.sum(0) if want_bias or (recover and bias is not None) else None
+    if want_scale:
+        sums = torch.promote_types(grad.dtype, torch.float32)  # at least fp32: bf16 loses the difference below
+        column_sum = (grad * saved).sum(0, dtype=sums)
+        if recover:
+            if bias is not None:
+                column_sum = column_sum - bias.to(sums) * grad_sum.to(sums)
+            if has_low_rank:
+                column_sum = column_sum - (scaled_weight * grad_h_product).sum(1, dtype=sums)
+            column_sum = column_sum / scale.to(sums)
+        grad_scale = column_sum.to(scale.dtype)
+    if want_bias:
+        grad_bias = grad_sum.to(bias.dtype)
+    if has_low_rank:
+        if want_input:
+            grad_input = grad @ scaled_weight  # (T, out) @ (out, r)
+        if want_weight:
+            grad_low_rank = low_rank_scale * grad_h_product
+    return grad_x, grad_scale, grad_bias, grad_input, grad_low_rank
 
 
 def scaled_linear(

@@ -37,6 +37,7 @@ from hybrid_peft.errors import ConfigError
 from hybrid_peft.layer import AdapterLayer, adapter_dtype_for, compute_copy
 from hybrid_peft.methods.boft import BOFTConfig
 from hybrid_peft.methods.butterfly import ButterflyRotate, scaled_linear
+from hybrid_peft.methods.fused import butterfly_linear
 from hybrid_peft.methods.hybrid_formats import upgrade_hybrid
 from hybrid_peft.methods.lora import LoRAConfig, LowRankBranch
 from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
@@ -320,19 +321,34 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         low_rank = self.low_rank_weight()
         return (((merged.to(rotation.dtype) - low_rank) / self.boft_scale[:, None]) @ rotation).to(merged.dtype)
 
+    @property
+    def _dropout_active(self) -> bool:
+        return self.training and self.config.low_rank.dropout > 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
         x2d = x.reshape(-1, self.in_features)  # computed in x's dtype; the adapter's weights are cast to it
         grouped, small_scale = self.grouped_rotations()
-        rotated = ButterflyRotate.apply(x2d, compute_copy(grouped, x2d), *self.plan)
+        grouped = compute_copy(grouped, x2d)
         lora_a, lora_b = (compute_copy(factor, x2d) for factor in self.low_rank_factors())
-        low_rank_input = F.linear(self.lora_dropout(x2d), lora_a)  # (T, r), or (T, 2r) with a LoRA-GA start
         coefficient = self.gates()[0] * self.lora_scaling
+        bias = self.base_layer.bias
+        if not (self.quantised or self._dropout_active):  # one autograd node for both branches (methods/fused.py)
+            scale = compute_copy(self.boft_scale, x2d)
+            return (
+                butterfly_linear(
+                    x2d, grouped, self.plan, self.base_weight, scale, bias, lora_a, lora_b, coefficient, small_scale
+                )
+                .to(x.dtype)
+                .reshape(*x.shape[:-1], self.out_features)
+            )
+        rotated = ButterflyRotate.apply(x2d, grouped, *self.plan)
+        low_rank_input = F.linear(self.lora_dropout(x2d), lora_a)  # (T, r), or (T, 2r) with a LoRA-GA start
         if self.quantised:  # the base layer's own kernel on the rotated input, plus the low-rank branch
             out = self.scaled_base_output(rotated) + coefficient * F.linear(low_rank_input, lora_b)
-        else:  # the one base matmul, scaled, plus the low-rank branch; saves the output instead of x W0ᵀ
-            bias, scale = self.base_layer.bias, compute_copy(self.boft_scale, x2d)
+        else:  # dropout on the low-rank input: the same maths as three nodes
+            scale = compute_copy(self.boft_scale, x2d)
             out = scaled_linear(
                 rotated, self.base_weight, scale, bias, low_rank_input, lora_b, coefficient, small_scale
             )
