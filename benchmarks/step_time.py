@@ -146,9 +146,12 @@ def worker(args: argparse.Namespace) -> None:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+        on_gpu = args.device.startswith("cuda")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with torch_profile(activities=activities) as profiler:
             list(training_steps(model, batches.__getitem__, optimizer, schedule, start=timed, stop=len(batches)))
-        profile = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"  # on a GPU: by kernel time
+        profile = profiler.key_averages().table(sort_by=sort_by, row_limit=25 if on_gpu else 15)
     result = {
         "method": args.worker,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),

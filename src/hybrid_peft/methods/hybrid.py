@@ -266,8 +266,8 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         return [self.boft_skew]
 
     def learning_rate_scales(self) -> dict[str, float]:
-        low_rank, orthogonal = self.config.low_rank.lr_scale, self.config.orthogonal.lr_scale
-        scales = {name: low_rank for name in ("lora_A", "lora_B")} if low_rank != 1.0 else {}
+        orthogonal = self.config.orthogonal.lr_scale
+        scales = self.config.low_rank.low_rank_rate_scales  # lr_scale, and LoRA+'s ratio on B
         return scales | ({name: orthogonal for name in ("boft_skew", "boft_scale")} if orthogonal != 1.0 else {})
 
     def gates(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:

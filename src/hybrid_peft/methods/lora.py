@@ -38,6 +38,9 @@ class LoRAConfig(AdapterConfig):
         use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)``.
         lr_scale: multiplies the run's learning rate for this adapter's parameters (the optimiser gets a parameter
             group per multiple: :func:`hybrid_peft.parameter_groups`); every method's config names it so.
+        loraplus_lr_ratio: LoRA+ (Hayou, Ghosh & Yu 2024, https://arxiv.org/abs/2402.12354): ``B`` trains at this
+            multiple of ``A``'s rate (PEFT's ``create_loraplus_optimizer`` calls it so; the paper suggests 16 with
+            Adam). 1 is plain LoRA. An optimiser setting: the adapter file and its outputs do not depend on it.
     """
 
     method = "lora"
@@ -47,6 +50,7 @@ class LoRAConfig(AdapterConfig):
     dropout: float = 0.0
     use_rslora: bool = False
     lr_scale: float = 1.0
+    loraplus_lr_ratio: float = 1.0
 
     def validate(self) -> None:
         require_int("rank", self.rank, minimum=1)
@@ -54,6 +58,14 @@ class LoRAConfig(AdapterConfig):
         require_float("dropout", self.dropout, minimum=0.0, maximum=1.0, max_inclusive=False)
         require_bool("use_rslora", self.use_rslora)
         require_float("lr_scale", self.lr_scale, minimum=0.0, min_inclusive=False)
+        require_float("loraplus_lr_ratio", self.loraplus_lr_ratio, minimum=0.0, min_inclusive=False)
+
+    @property
+    def low_rank_rate_scales(self) -> dict[str, float]:
+        """The learning-rate multiples of ``lora_A`` and ``lora_B`` (``lr_scale``, and LoRA+'s ratio on ``B``),
+        leaving out those equal to 1."""
+        scales = {"lora_A": self.lr_scale, "lora_B": self.lr_scale * self.loraplus_lr_ratio}
+        return {name: scale for name, scale in scales.items() if scale != 1.0}
 
     @property
     def scaling(self) -> float:
@@ -115,6 +127,9 @@ class LoRALayer(LowRankBranch, AdditiveAdapterLayer):
         self._init_low_rank(config.rank)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling = config.scaling
+
+    def learning_rate_scales(self) -> dict[str, float]:
+        return self.config.low_rank_rate_scales
 
     def trained_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(A, B)`` pair the forward pass uses (LoRA-GA on a quantised base uses a rank-2r pair)."""
