@@ -99,6 +99,17 @@ def block_multiply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x.view(-1, n, b).transpose(0, 1), blocks).transpose(0, 1).reshape(x.shape)  # (N,T,b)@(N,b,b)
 
 
+def block_multiply_columns(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """:func:`block_multiply` computed as its transpose, ``Qᵀ x_nᵀ`` per block: the batched product then writes
+    ``(N, b, T)``, which is the result's transpose ``(N·b, T)`` in order, so the result is returned as a column-major
+    ``(T, N·b)`` view (strides ``(1, T)``) with no layout copy. Matrix products take such a view as it is (a
+    transposed operand); elementwise operations follow its layout."""
+    n, b, _ = blocks.shape
+    tokens = x.shape[0]
+    columns = x.reshape(tokens, n, b).permute(1, 2, 0)  # (N, b, T): each block's inputs as columns, no copy
+    return torch.bmm(blocks.transpose(-1, -2), columns).view(n * b, tokens).t()
+
+
 # Blocks are multiplied in dense groups about this wide: a batched product of many tiny b×b matrices is bound by the
 # per-matrix cost of the BLAS call, not by arithmetic; folding four 4×4 blocks into one 16×16 block-diagonal matrix
 # does 4× the arithmetic in a quarter of the products and runs 2–4× faster on CPU, the rotation's forward and
@@ -187,7 +198,7 @@ def rotate(x: torch.Tensor, grouped: torch.Tensor, plan: Sequence[torch.Tensor |
     :class:`ButterflyRotate` and of the one-node butterfly layer (methods/fused.py)."""
     m = grouped.shape[0]
     for step, i in enumerate(reversed(range(m))):
-        x = block_multiply(_gather(x, plan[step]), grouped[i])
+        x = block_multiply_columns(_gather(x, plan[step]), grouped[i])
     return _gather(x, plan[m])
 
 
@@ -207,7 +218,7 @@ def rotate_backward(
     # Recompute the input of each block product (the last product's output is not needed).
     inputs = [_gather(x, plan[0])]
     for step, i in enumerate(order[:-1]):
-        inputs.append(_gather(block_multiply(inputs[-1], grouped[i]), plan[step + 1]))
+        inputs.append(_gather(block_multiply_columns(inputs[-1], grouped[i]), plan[step + 1]))
     grad_grouped = torch.empty_like(grouped) if want_blocks else None
     g = _gather(grad, None if plan[m] is None else inverse_permutation(plan[m]))
     for step in reversed(range(m)):
@@ -220,7 +231,7 @@ def rotate_backward(
             )
         if step == 0 and not want_input:
             break  # x's gradient is not wanted: skip the last product
-        g = block_multiply(g, grouped[i].transpose(-1, -2))
+        g = block_multiply_columns(g, grouped[i].transpose(-1, -2))
         if plan[step] is not None:
             g = _gather(g, inverse_permutation(plan[step]))
     return (g if want_input else None), grad_grouped
@@ -351,16 +362,16 @@ def scaled_linear_backward(
     what its forward saved (``saved`` is the output, or the product ``x W0ᵀ`` when ``keep_product``)."""
     want_x, want_scale, want_bias, want_input, want_weight = want
     grad_x = grad_scale = grad_bias = grad_input = grad_low_rank = None
-    if want_x:
-        grad_x = ((grad * scale).to(weight.dtype) @ weight).to(grad.dtype)
     has_low_rank = low_rank_input is not None
     recover = want_scale and not keep_product  # the scale's gradient from the saved output
     # gᵀh (out, r): B's gradient, and the low-rank part of the output the scale's gradient must take out.
     grad_h_product = grad.T @ low_rank_input if has_low_rank and (want_weight or recover) else None
     grad_sum = grad.sum(0) if want_bias or (recover and bias is not None) else None
+    buffer = None  # one (T, out) temporary, for g ⊙ y and then g ⊙ s
     if want_scale:
         sums = torch.promote_types(grad.dtype, torch.float32)  # at least fp32: bf16 loses the difference below
-        column_sum = (grad * saved).sum(0, dtype=sums)
+        buffer = torch.mul(grad, saved)
+        column_sum = buffer.sum(0, dtype=sums)
         if recover:
             if bias is not None:
                 column_sum = column_sum - bias.to(sums) * grad_sum.to(sums)
@@ -368,6 +379,9 @@ def scaled_linear_backward(
                 column_sum = column_sum - (scaled_weight * grad_h_product).sum(1, dtype=sums)
             column_sum = column_sum / scale.to(sums)
         grad_scale = column_sum.to(scale.dtype)
+    if want_x:
+        scaled_grad = grad * scale if buffer is None else torch.mul(grad, scale, out=buffer)
+        grad_x = (scaled_grad.to(weight.dtype) @ weight).to(grad.dtype)
     if want_bias:
         grad_bias = grad_sum.to(bias.dtype)
     if has_low_rank:
