@@ -5,6 +5,7 @@
     python benchmarks/step_time.py --device cuda --dtype bfloat16
     python benchmarks/step_time.py --methods lora,hybrid --profile 3   # and where each method's time goes
     python benchmarks/step_time.py --paired lora,hybrid --steps 40      # both in one process, steps alternated
+    python benchmarks/step_time.py --paired lora,hybrid --without rotation   # what the rotation costs (timing only)
 
 Prints one markdown table: trainable parameters, median step time (forward + backward + AdamW step), its ratio to
 PEFT LoRA r=8 measured in the same run, and peak memory (process peak RSS on CPU, peak allocated on CUDA) with its
@@ -165,6 +166,48 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+WITHOUT = ("rotation", "scale")
+
+
+def leave_out(parts: list[str]) -> None:
+    """Where the butterfly layer's time goes (``--without``): skip its rotation (the identity in place of ``x M``,
+    zero gradients for the blocks) or its per-output scale (the plain product, zero gradients for ``s``) in the
+    one-node layer of methods/fused.py. The model is then no longer BOFT or the hybrid: for timing only."""
+    import torch
+    import torch.nn.functional as F
+
+    from hybrid_peft.methods import fused
+
+    if "rotation" in parts:
+        fused.rotate = lambda x, grouped, plan: x
+
+        def no_rotation_backward(x, grouped, plan, grad, *, want_input, want_blocks):  # noqa: ANN001, ANN202
+            return (grad if want_input else None), (torch.zeros_like(grouped) if want_blocks else None)
+
+        fused.rotate_backward = no_rotation_backward
+    if "scale" in parts:
+
+        def unscaled(x, weight, scale, bias, low_rank_input, low_rank_weight, coefficient, keep_product=False):  # noqa: ANN001, ANN202
+            out = F.linear(x, weight, bias)
+            scaled_weight = None if low_rank_input is None else coefficient * low_rank_weight
+            if scaled_weight is not None:
+                out.addmm_(low_rank_input, scaled_weight.T)
+            return out, out if keep_product else None, scaled_weight
+
+        def unscaled_backward(grad, weight, scale, bias, low_rank_input, scaled_weight, saved, *, keep_product,  # noqa: ANN001, ANN202
+                              low_rank_scale, want):  # fmt: skip
+            want_x, want_scale, want_bias, want_input, want_weight = want
+            return (
+                grad @ weight if want_x else None,
+                torch.zeros_like(scale) if want_scale else None,
+                grad.sum(0) if want_bias else None,
+                grad @ scaled_weight if want_input else None,
+                low_rank_scale * (grad.T @ low_rank_input) if want_weight else None,
+            )
+
+        fused._scaled_output, fused.scaled_linear_backward = unscaled, unscaled_backward
+
+
 def paired(args: argparse.Namespace) -> None:
     """Two methods in one process, their steps alternated; the ratio of each adjacent pair of steps."""
     import random
@@ -174,6 +217,8 @@ def paired(args: argparse.Namespace) -> None:
     from hybrid_peft.run.loop import make_optimiser, training_steps
 
     torch.set_num_threads(args.threads)
+    if args.without:
+        leave_out(args.without.split(","))
     names = [m.strip() for m in args.paired.split(",")]
     if len(names) != 2 or any(n not in method_builders() for n in names):
         raise SystemExit(f"--paired takes two methods, e.g. lora,hybrid; choose from {sorted(method_builders())}")
@@ -196,7 +241,13 @@ def paired(args: argparse.Namespace) -> None:
     low, high = medians[int(0.025 * len(medians))], medians[int(0.975 * len(medians)) - 1]
     print(
         f"\n{args.model}, batch {args.batch_size}x{args.seq_len}, {args.device} {args.dtype}, {args.threads} threads, "
-        f"{args.steps} alternated steps of each after {args.warmup} warm-up, one process\n"
+        f"{args.steps} alternated steps of each after {args.warmup} warm-up, one process"
+        + (
+            f"; the butterfly layers without their {args.without.replace(',', ' and ')} (timing only)"
+            if args.without
+            else ""
+        )
+        + "\n"
     )
     print(f"| method | step s (median) | × {names[0]} (median of pair ratios) | 95% interval |")
     print("|---|---|---|---|")
@@ -221,8 +272,15 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--profile", type=int, default=0, help="profile N more steps per method and print the top ops")
     parser.add_argument("--paired", help="two methods, e.g. lora,hybrid: one process, steps alternated, paired ratio")
+    parser.add_argument(
+        "--without",
+        help="with --paired, for timing only: leave the butterfly layer's rotation and/or scale out "
+        f"(comma-separated, from {', '.join(WITHOUT)}), to see what each costs",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.without and (not args.paired or set(args.without.split(",")) - set(WITHOUT)):
+        parser.error(f"--without takes {', '.join(WITHOUT)} (comma-separated) and needs --paired")
     if args.paired:
         paired(args)
         return
