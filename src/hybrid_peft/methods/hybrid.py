@@ -333,24 +333,19 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         grouped = compute_copy(grouped, x2d)
         lora_a, lora_b = (compute_copy(factor, x2d) for factor in self.low_rank_factors())
         coefficient = self.gates()[0] * self.lora_scaling
-        bias = self.base_layer.bias
-        if not (self.quantised or self._dropout_active):  # one autograd node for both branches (methods/fused.py)
-            scale = compute_copy(self.boft_scale, x2d)
-            return (
-                butterfly_linear(
-                    x2d, grouped, self.plan, self.base_weight, scale, bias, lora_a, lora_b, coefficient, small_scale
+        scale, bias = compute_copy(self.boft_scale, x2d), self.base_layer.bias
+        if self.quantised or self._dropout_active:  # the rotation, then the base layer's kernel or dropout
+            rotated = ButterflyRotate.apply(x2d, grouped, *self.plan)
+            low_rank_input = F.linear(self.lora_dropout(x2d), lora_a)  # (T, r), or (T, 2r) with a LoRA-GA start
+            if self.quantised:
+                out = self.scaled_base_output(rotated) + coefficient * F.linear(low_rank_input, lora_b)
+            else:
+                out = scaled_linear(
+                    rotated, self.base_weight, scale, bias, low_rank_input, lora_b, coefficient, small_scale
                 )
-                .to(x.dtype)
-                .reshape(*x.shape[:-1], self.out_features)
-            )
-        rotated = ButterflyRotate.apply(x2d, grouped, *self.plan)
-        low_rank_input = F.linear(self.lora_dropout(x2d), lora_a)  # (T, r), or (T, 2r) with a LoRA-GA start
-        if self.quantised:  # the base layer's own kernel on the rotated input, plus the low-rank branch
-            out = self.scaled_base_output(rotated) + coefficient * F.linear(low_rank_input, lora_b)
-        else:  # dropout on the low-rank input: the same maths as three nodes
-            scale = compute_copy(self.boft_scale, x2d)
-            out = scaled_linear(
-                rotated, self.base_weight, scale, bias, low_rank_input, lora_b, coefficient, small_scale
+        else:  # both branches and the one base matmul in one autograd node (methods/fused.py)
+            out = butterfly_linear(
+                x2d, grouped, self.plan, self.base_weight, scale, bias, lora_a, lora_b, coefficient, small_scale
             )
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
