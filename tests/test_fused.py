@@ -149,18 +149,3 @@ def test_butterfly_layers_train_through_one_autograd_node(config: object) -> Non
                 found.add(node.name())
                 stack.extend(next_node for next_node, _ in node.next_functions)
         assert "ScaledLinearBackward" in found and "ButterflyLinearBackward" not in found
-
-
-def test_block_product_in_column_major_order_equals_the_plain_product() -> None:
-    """The transposed batched product gives ``x blockdiag(Q)`` exactly, as a column-major view (no layout copy), for
-    a row-major input and for a column-major one (a gradient coming back from the same kind of product)."""
-    from hybrid_peft.methods.butterfly import block_multiply, block_multiply_columns
-
-    generator = torch.Generator().manual_seed(4)
-    blocks = torch.randn(6, 8, 8, generator=generator, dtype=torch.float64)
-    x = torch.randn(5, 48, generator=generator, dtype=torch.float64)
-    expected = block_multiply(x, blocks)
-    for given in (x, x.T.contiguous().T):
-        got = block_multiply_columns(given, blocks)
-        assert got.stride() == (1, 5)
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)

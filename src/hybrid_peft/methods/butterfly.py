@@ -99,17 +99,6 @@ def block_multiply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x.view(-1, n, b).transpose(0, 1), blocks).transpose(0, 1).reshape(x.shape)  # (N,T,b)@(N,b,b)
 
 
-def block_multiply_columns(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """:func:`block_multiply` computed as its transpose, ``Qᵀ x_nᵀ`` per block: the batched product then writes
-    ``(N, b, T)``, which is the result's transpose ``(N·b, T)`` in order, so the result is returned as a column-major
-    ``(T, N·b)`` view (strides ``(1, T)``) with no layout copy. Matrix products take such a view as it is (a
-    transposed operand); elementwise operations follow its layout."""
-    n, b, _ = blocks.shape
-    tokens = x.shape[0]
-    columns = x.reshape(tokens, n, b).permute(1, 2, 0)  # (N, b, T): each block's inputs as columns, no copy
-    return torch.bmm(blocks.transpose(-1, -2), columns).view(n * b, tokens).t()
-
-
 # Blocks are multiplied in dense groups about this wide: a batched product of many tiny b×b matrices is bound by the
 # per-matrix cost of the BLAS call, not by arithmetic; folding four 4×4 blocks into one 16×16 block-diagonal matrix
 # does 4× the arithmetic in a quarter of the products and runs 2–4× faster on CPU, the rotation's forward and
@@ -198,7 +187,7 @@ def rotate(x: torch.Tensor, grouped: torch.Tensor, plan: Sequence[torch.Tensor |
     :class:`ButterflyRotate` and of the one-node butterfly layer (methods/fused.py)."""
     m = grouped.shape[0]
     for step, i in enumerate(reversed(range(m))):
-        x = block_multiply_columns(_gather(x, plan[step]), grouped[i])
+        x = block_multiply(_gather(x, plan[step]), grouped[i])
     return _gather(x, plan[m])
 
 
@@ -218,7 +207,7 @@ def rotate_backward(
     # Recompute the input of each block product (the last product's output is not needed).
     inputs = [_gather(x, plan[0])]
     for step, i in enumerate(order[:-1]):
-        inputs.append(_gather(block_multiply_columns(inputs[-1], grouped[i]), plan[step + 1]))
+        inputs.append(_gather(block_multiply(inputs[-1], grouped[i]), plan[step + 1]))
     grad_grouped = torch.empty_like(grouped) if want_blocks else None
     g = _gather(grad, None if plan[m] is None else inverse_permutation(plan[m]))
     for step in reversed(range(m)):
@@ -231,7 +220,7 @@ def rotate_backward(
             )
         if step == 0 and not want_input:
             break  # x's gradient is not wanted: skip the last product
-        g = block_multiply_columns(g, grouped[i].transpose(-1, -2))
+        g = block_multiply(g, grouped[i].transpose(-1, -2))
         if plan[step] is not None:
             g = _gather(g, inverse_permutation(plan[step]))
     return (g if want_input else None), grad_grouped

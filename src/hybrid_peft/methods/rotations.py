@@ -289,7 +289,7 @@ class ButterflyBranch:
     def scaled_base_output(self, rotated: torch.Tensor) -> torch.Tensor:
         """``s ⊙ ((x M) W0ᵀ) + b`` computed by the base layer itself on the rotated input: the path for a quantised
         base, whose weight is only ever read by its own kernel (same maths as ``scaled_linear``)."""
-        out = self.base_layer(rotated.contiguous())  # the rotation comes column-major; bitsandbytes' kernels want rows
+        out = self.base_layer(rotated)
         scale = compute_copy(self.boft_scale, out)
         bias = self.base_layer.bias
         if bias is None:
