@@ -295,6 +295,17 @@ def _scaled_output(
     return out, product, scaled_weight
 
 
+def keeps_product(scale: torch.Tensor, scale_trains: bool, small_scale: bool | None) -> bool:
+    """Whether a scaled linear keeps ``x W0ᵀ`` for the scale's gradient rather than recovering it from the output:
+    only where the scale trains and some ``|s|`` is below :data:`SMALL_SCALE` (read from the scale, a host read and a
+    GPU sync, when the caller does not know)."""
+    if not scale_trains:
+        return False
+    if small_scale is None:
+        small_scale = bool((scale.abs() < SMALL_SCALE).any())
+    return bool(small_scale)
+
+
 class ScaledLinear(torch.autograd.Function):
     """:func:`scaled_linear_plain` for ``x (T, in)`` and a frozen ``W0``, saving the *output* ``y`` rather than the
     product ``z = x W0ᵀ`` that the scale's gradient needs. That gradient is a column sum, so it is recovered from
@@ -309,9 +320,7 @@ class ScaledLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale, small_scale):  # noqa: ANN001, ANN205
-        if ctx.needs_input_grad[2] and small_scale is None:  # a host read (a GPU sync): exactness first
-            small_scale = bool((scale.abs() < SMALL_SCALE).any())
-        ctx.keep_product = bool(ctx.needs_input_grad[2] and small_scale)
+        ctx.keep_product = keeps_product(scale, ctx.needs_input_grad[2], small_scale)
         out, product, scaled_weight = _scaled_output(
             x, weight, scale, bias, low_rank_input, low_rank_weight, low_rank_scale, ctx.keep_product
         )

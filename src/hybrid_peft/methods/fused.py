@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_peft.methods.butterfly import (
-    SMALL_SCALE,
     ButterflyRotate,
     _scaled_output,
+    keeps_product,
     rotate,
     rotate_backward,
     scaled_linear,
@@ -38,9 +38,7 @@ class ButterflyLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, grouped, weight, scale, bias, lora_a, lora_b, coefficient, small_scale, *plan):  # noqa: ANN001, ANN205
-        if ctx.needs_input_grad[3] and small_scale is None:  # a host read (a GPU sync): exactness first
-            small_scale = bool((scale.abs() < SMALL_SCALE).any())
-        ctx.keep_product = bool(ctx.needs_input_grad[3] and small_scale)
+        ctx.keep_product = keeps_product(scale, ctx.needs_input_grad[3], small_scale)
         low_rank_input = None if lora_a is None else F.linear(x, lora_a)  # (T, r)
         out, product, scaled_weight = _scaled_output(
             rotate(x, grouped, plan), weight, scale, bias, low_rank_input, lora_b, coefficient, ctx.keep_product
