@@ -191,3 +191,37 @@ def test_length_sorted_evaluation_agrees_with_row_order_and_pads_less(tiny_lm: s
         one_by_one = [bert(**classification_batch(bert_tokenizer, [row], 32)) for row in sentences]
     assert predictions == [int(out.logits.argmax(-1)) for out in one_by_one]
     assert loss == pytest.approx(sum(float(out.loss) for out in one_by_one) / len(sentences), rel=1e-5)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["smollm2-135m", "minilm-l6"])
+def test_greedy_generate_with_stop_strings_matches_full_decoding_cut_at_the_stop(tokenizer_name: str) -> None:
+    """Stopping at a string is a speed-up only: each completion, cut at its first stop string, equals the full-length
+    greedy completion cut there; a completion that stopped is shorter, one that never meets the string is whole."""
+    import transformers
+
+    from hybrid_peft.tasks.base import greedy_generate
+
+    tokenizer = load_tokenizer(tokenizer_name)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompts = ["Question: what is 2 + 3?\nAnswer:", "The cat sat", "Translate: hello", "def f(x):"]
+    full = greedy_generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=4)
+    # a stop the first completion meets part-way (the text of its fourth word), plus one no completion meets
+    words = full[0].split()
+    assert len(words) >= 6, full[0]
+    stop = (words[3], "\u2603never\u2603")
+    stopped = greedy_generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=4, stop=stop)
+
+    def cut(text: str) -> str:
+        return text[: min((text.find(s) for s in stop if s in text), default=len(text))]
+
+    assert [cut(s) for s in stopped] == [cut(f) for f in full]
+    assert len(stopped[0]) < len(full[0]) and stopped[0].rstrip().endswith(stop[0])
+    for f, s in zip(full, stopped, strict=True):
+        if not any(x in f for x in stop):
+            assert s == f

@@ -182,9 +182,18 @@ def held_out_loss(
 
 @torch.no_grad()
 def greedy_generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    stop: Sequence[str] = (),
 ) -> list[str]:
-    """Greedy completions (decoded, prompt removed), batched with left padding."""
+    """Greedy completions (decoded, prompt removed), batched with left padding.
+
+    With ``stop``, a prompt's decoding ends as soon as its completion contains one of those strings (the completion
+    keeps the string; the caller cuts there), and a batch ends when all of its prompts have: up to the stop the text
+    is the same as decoding all ``max_new_tokens``, in a fraction of the time for a model that rambles on."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -196,9 +205,13 @@ def greedy_generate(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True)
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, return_token_type_ids=False)
             generated = model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}),
             )
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -45,6 +45,9 @@ def load_gsm8k(split: str = "train", data_dir: str | os.PathLike | None = None) 
     return rows
 
 
+NEXT_QUESTION = "\nQuestion:"  # where a completion that goes on to invent the next problem is cut
+
+
 def gsm8k_prompt(row: dict[str, Any]) -> str:
     return f"Question: {row['question']}\nAnswer:"
 
@@ -115,9 +118,11 @@ class Gsm8kTask:
     ) -> dict[str, float]:
         metrics = {"loss": held_out_loss(self, loss_model or model, tokenizer, rows, batch_size, max_length)}
         if generate:
-            completions = greedy_generate(model, tokenizer, [gsm8k_prompt(r) for r in rows], max_new_tokens, batch_size)
+            completions = greedy_generate(
+                model, tokenizer, [gsm8k_prompt(r) for r in rows], max_new_tokens, batch_size, stop=(NEXT_QUESTION,)
+            )
             correct = [
-                final_number(c.split("\nQuestion:")[0]) == final_number(r["answer"])
+                final_number(c.split(NEXT_QUESTION)[0]) == final_number(r["answer"])
                 for c, r in zip(completions, rows, strict=True)
             ]
             metrics["exact_match"] = sum(correct) / len(rows)

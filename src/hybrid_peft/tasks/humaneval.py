@@ -103,7 +103,9 @@ class HumanEvalTask:
         loss, token_accuracy = completion_loss_and_accuracy(loss_model or model, batches)
         metrics = {"loss": loss, "token_accuracy": token_accuracy}
         if generate:
-            completions = greedy_generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+            completions = greedy_generate(
+                model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, stop=STOP_SEQUENCES
+            )
             programs = [check_program(r, truncate_completion(c)) for r, c in zip(rows, completions, strict=True)]
             with ThreadPoolExecutor(max_workers=2) as pool:
                 results = list(
