@@ -183,6 +183,16 @@ def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, caps
     bad.write_text(yaml.safe_dump({"tasks": {"t": {"task": "sst2"}}, "methods": {"m": {"method": "lora", "stepz": 3}}}))
     with pytest.raises(ConfigError, match=r"task t, method m: unknown training option\(s\) \['stepz'\]"):
         load_plan(str(bad))
+    referenced = tmp_path / "referenced.yaml"
+    methods = {"lora": {"method": "lora"}, "hybrid": {"method": "hybrid"}}
+    referenced.write_text(yaml.safe_dump({"tasks": {"t": {"task": "sst2"}}, "methods": methods}))
+    assert load_plan(str(referenced)).references == ("lora",)  # the default: LoRA
+    for references, message in ((["lora", "boft"], r"references \['boft'\] are not methods"), ([], "list of method")):
+        referenced.write_text(
+            yaml.safe_dump({"tasks": {"t": {"task": "sst2"}}, "methods": methods, "references": references})
+        )
+        with pytest.raises(ConfigError, match=message):
+            load_plan(str(referenced))
     assert main(["bench", "no-such-profile"]) == 2
     assert "neither a built-in profile" in capsys.readouterr().err
     assert main(["bench", str(config), "--dry-run", "--seeds", "3"]) == 0

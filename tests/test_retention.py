@@ -157,6 +157,23 @@ def test_paired_differences_to_lora_with_a_t_interval_across_seeds() -> None:
     assert "+0.0000 [-0.0248, +0.0248]" in level  # 4.303 · 0.01 / √3 = 0.0248: the resolution, covering 0
 
 
+def test_a_further_reference_gets_its_own_paired_table() -> None:
+    """``references: [lora, hybrid]``: the main table pairs with LoRA, a second table per task with the hybrid."""
+    rows = [row("lora", s, m, retention=0.05) for s, m in enumerate([0.80, 0.82, 0.81])]
+    rows += [row("hybrid", s, m, retention=0.06) for s, m in enumerate([0.81, 0.83, 0.82])]
+    rows += [row("protect", s, m, retention=0.02) for s, m in enumerate([0.81, 0.83, 0.82])]  # = hybrid, forgets less
+    table = markdown_table(SimpleNamespace(name="t", sweep=None, references=("lora", "hybrid")), rows)
+    assert "Δ vs lora [95% CI]" in table and "### sst2: paired to hybrid" in table
+    versus = table.split("### sst2: paired to hybrid")[1].splitlines()
+    protect = next(line for line in versus if line.startswith("| protect |"))
+    assert protect.startswith("| protect | +0.0000 [+0.0000, +0.0000] |")  # level in accuracy with the hybrid
+    assert protect.endswith("| **-0.0400 [-0.0400, -0.0400]** |")  # forgets 0.04 less than the hybrid
+    assert next(line for line in versus if line.startswith("| lora |")).startswith("| lora | **-0.0100")
+    assert not any(line.startswith("| hybrid |") for line in versus)  # not paired with itself
+    single = markdown_table(SimpleNamespace(name="t", sweep=None, references=("lora",)), rows)
+    assert "paired to" not in single
+
+
 def test_paired_differences_by_example_bootstrap_over_rows_of_the_recorded_scores(tmp_path: Path) -> None:
     from hybrid_peft.bench.rows import bootstrap_difference, paired_example_differences
 

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hybrid_peft.bench.rows import REFERENCE
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.run import TrainConfig, merge_options
 
@@ -73,6 +74,8 @@ class BenchPlan:
     run_timeout_s: float = 3600.0
     sweep: Sweep | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # over every run's options (``bench --set``)
+    # the methods every other is compared with in pairs: the first in the main table, each further one in its own
+    references: tuple[str, ...] = (REFERENCE,)
 
     def _check(self, tasks: list[str] | None, methods: list[str] | None) -> None:
         for chosen, known, kind in ((tasks, self.tasks, "task"), (methods, self.methods, "method")):
@@ -174,7 +177,7 @@ def load_plan(config: str, output_dir: str | None = None, overrides: dict[str, A
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"bench config {config}: not valid YAML/JSON ({exc})") from exc
-    known = {"output_dir", "seeds", "tasks", "methods", "defaults", "run_timeout_s", "description", "sweep"}
+    known = {"output_dir", "seeds", "tasks", "methods", "defaults", "run_timeout_s", "description", "sweep", "references"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"bench config {config}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
@@ -191,7 +194,21 @@ def load_plan(config: str, output_dir: str | None = None, overrides: dict[str, A
         run_timeout_s=float(data.get("run_timeout_s", 3600)),
         sweep=Sweep.from_dict(data["sweep"], f"bench config {config}") if data.get("sweep") is not None else None,
         overrides=dict(overrides or {}),
+        references=_references(data["references"], data["methods"], config) if "references" in data else (REFERENCE,),
     )
     # every combination validates before anything runs
     plan.sweep_runs() if plan.sweep is not None else plan.runs()
     return plan
+
+
+def _references(value: Any, methods: dict[str, Any], config: str) -> tuple[str, ...]:
+    """The config's ``references``: method keys of the config, the first the main table's reference."""
+    references = [value] if isinstance(value, str) else value
+    if not isinstance(references, list) or not references or len(set(references)) != len(references):
+        raise ConfigError(f"bench config {config}: 'references' takes a list of method keys, e.g. [lora, hybrid]")
+    unknown = [r for r in references if r not in methods]
+    if unknown:
+        raise ConfigError(
+            f"bench config {config}: references {unknown} are not methods of this config ({sorted(methods)})"
+        )
+    return tuple(references)

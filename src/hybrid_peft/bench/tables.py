@@ -89,11 +89,12 @@ def _paired(difference: PairedDifference | None, digits: int = 4, seeds: bool = 
 
 
 def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[BenchRow] = ()) -> str:
+    reference, *others = getattr(plan, "references", (REFERENCE,))
     lines = [f"# Bench `{plan.name}`", ""]
     seeds = ", ".join(str(s) for s in sorted({r.seed for r in rows}))
     lines += [
         f"Seeds {seeds or '–'}; mean ± std over the seeds that finished (a value without ± is one seed's). **Δ vs "
-        f"{REFERENCE}**: the method minus {REFERENCE} on the same seed, mean over the seeds both finished with a 95% "
+        f"{reference}**: the method minus {reference} on the same seed, mean over the seeds both finished with a 95% "
         "paired t-interval across seeds; in bold where the interval excludes 0, else the two are level. **Δ by "
         "example**: where runs recorded each evaluation row's score, the same difference row by row (seeds "
         "averaged) with a 95% bootstrap interval over rows: whether another evaluation set would agree, where the "
@@ -104,17 +105,17 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
         "RSS; means over the finished seeds).",
         "",
     ]
-    metric_differences = paired_differences(rows, "metric")
-    forgetting_differences = paired_differences(rows, "forgetting")
-    loss_differences = paired_differences(rows, "held_out_loss")
-    example_differences = paired_example_differences(rows)
+    metric_differences = paired_differences(rows, "metric", reference)
+    forgetting_differences = paired_differences(rows, "forgetting", reference)
+    loss_differences = paired_differences(rows, "held_out_loss", reference)
+    example_differences = paired_example_differences(rows, reference)
     for task, entries in aggregate(rows).items():
         task_rows = [r for r in rows if r.task == task]
         lines += [f"## {task} ({task_rows[0].model}, {task_rows[0].base_task})", ""]
         metric = entries[0]["metric_name"]
         by_example = example_differences.get(task, {})
         lines.append(
-            f"| method | rate | {metric} | Δ vs {REFERENCE} [95% CI] | "
+            f"| method | rate | {metric} | Δ vs {reference} [95% CI] | "
             + ("Δ by example [95% CI] | " if by_example else "")
             + "before | held-out loss | Δ loss [95% CI] | forgetting | Δ forgetting [95% CI] | step s | time × full | "
             "peak RSS MB | memory × full | trainable | runs ok |"
@@ -141,10 +142,40 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
         for r in (r for r in task_rows if not r.ok):
             lines.append(f"\nFailed: {r.method} seed {r.seed}: {r.error}")
         lines.append("")
+    for other in others:
+        lines += versus_lines(rows, other)
     lines += time_to_quality_lines(rows)
     lines += telemetry_lines(rows)
     lines += sweep_table(plan, list(sweep_rows))
     return "\n".join(lines) + "\n"
+
+
+def versus_lines(rows: list[BenchRow], reference: str) -> list[str]:
+    """Per task, every method's paired differences to a further reference (the main table's columns of Δ)."""
+    measures = {key: paired_differences(rows, key, reference) for key in ("metric", "held_out_loss", "forgetting")}
+    by_example = paired_example_differences(rows, reference)
+    lines = []
+    for task in dict.fromkeys(r.task for r in rows):
+        methods = [m for m in dict.fromkeys(r.method for r in rows if r.task == task) if m != reference]
+        if not any(method in measures["metric"].get(task, {}) for method in methods):
+            continue  # the reference did not run on this task
+        metric = next(r.metric_name for r in rows if r.task == task)
+        lines += [
+            f"### {task}: paired to {reference}",
+            "",
+            f"The method minus {reference}, as the Δ columns above.",
+            "",
+            f"| method | Δ {metric} [95% CI] | Δ by example [95% CI] | Δ held-out loss [95% CI] | "
+            "Δ forgetting [95% CI] |",
+            "|---|---|---|---|---|",
+        ]
+        for method in methods:
+            cells = [_paired(measures[key].get(task, {}).get(method)) for key in ("metric", "held_out_loss")]
+            forgot = _paired(measures["forgetting"].get(task, {}).get(method))
+            example = _paired(by_example.get(task, {}).get(method), seeds=False)
+            lines.append(f"| {method} | {cells[0]} | {example} | {cells[1]} | {forgot} |")
+        lines.append("")
+    return lines
 
 
 def _csv(rows: list[BenchRow]) -> str:
