@@ -177,7 +177,17 @@ def load_plan(config: str, output_dir: str | None = None, overrides: dict[str, A
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"bench config {config}: not valid YAML/JSON ({exc})") from exc
-    known = {"output_dir", "seeds", "tasks", "methods", "defaults", "run_timeout_s", "description", "sweep", "references"}
+    known = {
+        "output_dir",
+        "seeds",
+        "tasks",
+        "methods",
+        "defaults",
+        "run_timeout_s",
+        "description",
+        "sweep",
+        "references",
+    }
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"bench config {config}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
