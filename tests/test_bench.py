@@ -108,6 +108,15 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(
     with open(out / "results.csv", newline="") as handle:
         reported = {(r["method"], r["seed"]) for r in csv.DictReader(handle)}
     assert reported == {("full-ft", "0"), ("full-ft", "1"), ("lora", "0"), ("lora", "1")}
+    # What the command prints at the end: every finished run of the config, paired to LoRA.
+    from hybrid_peft.bench.running import bench_rows
+    from hybrid_peft.bench.tables import terminal_summary
+
+    summary = terminal_summary(plan, bench_rows(plan)).splitlines()
+    assert summary[0] == "he-tiny:" and "Δ vs lora (seeds)" in summary[1] and "forgetting" in summary[1]
+    full_line = next(line for line in summary if line.strip().startswith("full-ft"))
+    assert re.search(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", full_line)  # 2 seeds: an interval
+    assert "both exclude 0" in summary[-1]
 
 
 @pytest.mark.slow
@@ -135,6 +144,17 @@ def test_bench_reruns_runs_whose_options_changed(tiny_lm: str, tmp_path: Path, c
     assert run_state(lora_run) == "finished"
     summary_path.write_text(recorded.replace('"dropout": 0.0', '"dropout": 0.1'))  # as if 0.1 had been the default
     assert run_state(lora_run) == "stale"
+    # A field added since the run (recorded without it) takes its default, which keeps the old behaviour: reused;
+    # the config asking for another value of it makes the run stale.
+    older = json.loads(recorded)
+    del older["resolved_adapters"][0]["loraplus_lr_ratio"]
+    summary_path.write_text(json.dumps(older))
+    assert run_state(lora_run) == "finished"
+    config["methods"]["lora"]["adapter"]["loraplus_lr_ratio"] = 16.0
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert run_state(next(iter(load_plan(str(path)).runs(methods=["lora"], seeds=[0])))) == "stale"
+    del config["methods"]["lora"]["adapter"]["loraplus_lr_ratio"]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     # A run from before runs recorded their options: the options its saved adapter was trained with decide.
     unrecorded = json.loads(recorded)
     del unrecorded["resolved_adapters"]

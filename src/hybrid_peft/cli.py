@@ -378,6 +378,8 @@ def _split_list(text: str | None) -> list[str] | None:
 
 def command_bench(args: argparse.Namespace) -> int:
     from hybrid_peft.bench import chosen_rates, finished_row, load_plan, run_bench, run_state
+    from hybrid_peft.bench.running import bench_rows
+    from hybrid_peft.bench.tables import terminal_summary
 
     seeds = [int(s) for s in _split_list(args.seeds)] if args.seeds else None
     plan = load_plan(args.config, output_dir=args.output_dir, overrides=_parse_settings(args.set))
@@ -418,6 +420,9 @@ def command_bench(args: argparse.Namespace) -> int:
         echo=lambda line: print(line, flush=True),
     )
     failed = sum(not r.ok for r in rows)
+    summary = terminal_summary(plan, bench_rows(plan, seeds))
+    if summary:
+        print(summary)
     print(f"wrote {plan.output_dir}/results.csv, results.md, plots/ ({len(rows) - failed} ok, {failed} failed)")
     return 1 if failed else 0
 

@@ -16,6 +16,7 @@ from typing import Any
 from hybrid_peft.bench.plan import BenchPlan, BenchRun
 from hybrid_peft.bench.rows import BenchRow, chosen_rates
 from hybrid_peft.bench.tables import write_outputs
+from hybrid_peft.config import AdapterConfig
 from hybrid_peft.errors import ConfigError, HybridPeftError
 from hybrid_peft.fileio import atomic_write_text
 from hybrid_peft.run import RunSummary, TrainConfig
@@ -53,9 +54,25 @@ def finished_summary(run: BenchRun) -> RunSummary | None:
     if summary is None:
         return None
     resolved = summary.resolved_adapters if summary.resolved_adapters is not None else _saved_adapter_options(run)
-    if _comparable(summary.config, resolved) != _comparable(run.config):
+    if _comparable(summary.config, _read_as_today(resolved)) != _comparable(run.config):
         return None
     return summary
+
+
+def _read_as_today(recorded: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """A run's recorded adapter options read as today's configs: a field added since the run is filled with its
+    default, which keeps the behaviour from before the field existed (as every new field's default must), so adding
+    a field (``loraplus_lr_ratio``) leaves earlier runs reusable while a changed value still makes them stale. Options
+    today's configs cannot read (a field removed since) compare as recorded."""
+    if recorded is None:
+        return None
+    read = []
+    for options in recorded:
+        try:
+            read.append(AdapterConfig.from_dict(options).to_dict())
+        except (ConfigError, TypeError, ValueError):
+            read.append(options)
+    return read
 
 
 def _saved_adapter_options(run: BenchRun) -> list[dict[str, Any]] | None:
@@ -233,6 +250,11 @@ def finished_row(run: BenchRun) -> BenchRow:
     """The row of a run that finished with today's options, else a row saying it has not."""
     summary = finished_summary(run)
     return BenchRow.of(run, summary) if summary is not None else BenchRow.of(run, None, "not run yet", "missing")
+
+
+def bench_rows(plan: BenchPlan, seeds: list[int] | None = None) -> list[BenchRow]:
+    """Every finished result row of the config (each method at its chosen rate), as the tables report them."""
+    return _with_finished_runs(plan, {}, seeds)[0]
 
 
 def _with_finished_runs(

@@ -178,6 +178,42 @@ def versus_lines(rows: list[BenchRow], reference: str) -> list[str]:
     return lines
 
 
+def terminal_summary(plan: BenchPlan, rows: list[BenchRow]) -> str:
+    """What the bench prints when it ends: per task, each method's metric, its paired difference to the reference (by
+    seed, and by evaluation row where recorded) and its forgetting with the same difference; results.md has the rest."""
+    reference = getattr(plan, "references", (REFERENCE,))[0]
+    differences = {key: paired_differences(rows, key, reference) for key in ("metric", "forgetting")}
+    by_example = paired_example_differences(rows, reference)
+    lines = []
+    for task, entries in aggregate(rows).items():
+        metric = entries[0]["metric_name"]
+        table = [["method", metric, f"Δ vs {reference} (seeds)", "Δ (rows)", "forgetting", "Δ forgetting"]]
+        for e in entries:
+            versus = differences["metric"].get(task, {}).get(e["method"])
+            forgot = differences["forgetting"].get(task, {}).get(e["method"])
+            example = by_example.get(task, {}).get(e["method"])
+            table.append(
+                [
+                    e["method"],
+                    _fmt(e["metric"], std=e["ok"] > 1),
+                    _paired(versus).replace("**", ""),
+                    _paired(example, seeds=False).replace("**", "").split(" (")[0] if example else "–",
+                    _fmt(e["forgetting"], std=False, signed=True),
+                    _paired(forgot).replace("**", ""),
+                ]
+            )
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines += [f"{task}:"] + [
+            "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+        ]
+    if lines:
+        lines.append(
+            "(95% intervals: paired t across seeds, bootstrap over evaluation rows; a difference is real where both "
+            "exclude 0)"
+        )
+    return "\n".join(lines)
+
+
 def _csv(rows: list[BenchRow]) -> str:
     import io
 
