@@ -254,10 +254,17 @@ def test_two_processes_train_in_sync_and_only_rank_zero_writes(tiny_lm: str, tmp
     assert len((output / "mixing.jsonl").read_text().splitlines()) == 4
 
 
-@pytest.mark.parametrize("method", ["peft-lora", "peft-lora-ga", "peft-boft", "peft-lora+oft"])
+@pytest.mark.parametrize("method", ["peft-lora", "peft-lora-ga", "peft-boft", "peft-oft", "peft-lora+oft"])
 def test_peft_peers_train_through_the_same_recipe(tiny_lm: str, tmp_path: Path, method: str) -> None:
     options = {"block_size": 4} if method == "peft-boft" else {}
-    ours = {"peft-lora": "lora", "peft-lora-ga": "lora-ga", "peft-boft": "boft", "peft-lora+oft": "lora"}[method]
+    ours = {
+        "peft-lora": "lora",
+        "peft-lora-ga": "lora-ga",
+        "peft-boft": "boft",
+        "peft-oft": "boft",
+        "peft-lora+oft": "lora",
+    }
+    ours = ours[method]
     peer = run_training(
         config_for(tiny_lm, tmp_path / method, method=method, adapter=options, steps=3, init_batches=2),
         progress=False,

@@ -1,4 +1,4 @@
-"""External peers for the benchmark: PEFT 0.21's own LoRA, LoRA-GA, BOFT, and its mixed-adapter LoRA+OFT stacking
+"""External peers for the benchmark: PEFT 0.21's own LoRA, LoRA-GA, BOFT, OFT, and its mixed-adapter LoRA+OFT stacking
 (``PeftMixedModel``: the closest existing hybrid, a static sum of two adapters with no mixing rule).
 
 They run through the same training recipe as our methods (``--method peft-lora`` …), on the same data, seeds and
@@ -8,6 +8,7 @@ targets, so the benchmark compares methods rather than loops. Options (``--set``
 peft-lora      rank=8, alpha=16, dropout=0
 peft-lora-ga   rank=8, alpha=16, direction=ArB2r, scale=stable (gradient from the init batches)
 peft-boft      block_size=4, butterfly_factors=1, dropout=0
+peft-oft       oft_block_size=4 (PEFT's OFT, block-diagonal Cayley rotations; method_comparison's OFT row)
 peft-lora+oft  rank=8, alpha=16, oft_block_size=4 (LoRA and OFT both active on every target)
 =============  ========================================================================
 
@@ -31,6 +32,7 @@ PEER_DEFAULTS: dict[str, dict[str, Any]] = {
     "peft-lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": "all-linear"},
     "peft-lora-ga": {"rank": 8, "alpha": 16.0, "direction": "ArB2r", "scale": "stable", "targets": "all-linear"},
     "peft-boft": {"block_size": 4, "butterfly_factors": 1, "dropout": 0.0, "targets": "all-linear"},
+    "peft-oft": {"oft_block_size": 4, "targets": "all-linear"},
     "peft-lora+oft": {"rank": 8, "alpha": 16.0, "oft_block_size": 4, "targets": "all-linear"},
 }
 
@@ -40,6 +42,7 @@ PEER_LEARNING_RATES: dict[str, float] = {
     "peft-lora": 1e-3,
     "peft-lora-ga": 1e-3,
     "peft-boft": 1e-2,
+    "peft-oft": 1e-2,
     "peft-lora+oft": 1e-3,
 }
 
@@ -116,6 +119,9 @@ def attach_peer(
             target_modules=names,
             **extra,
         )
+        return peft.get_peft_model(model, config)
+    if method == "peft-oft":
+        config = peft.OFTConfig(r=0, oft_block_size=settings["oft_block_size"], target_modules=names, **extra)
         return peft.get_peft_model(model, config)
     if method == "peft-lora+oft":
         lora = peft.LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], target_modules=names, **extra)
