@@ -172,6 +172,16 @@ def test_a_further_reference_gets_its_own_paired_table() -> None:
     assert not any(line.startswith("| hybrid |") for line in versus)  # not paired with itself
     single = markdown_table(SimpleNamespace(name="t", sweep=None, references=("lora",)), rows)
     assert "paired to" not in single
+    # The printed summary pairs the metric, or the held-out loss where a (loss-only) bench measured no metric.
+    from hybrid_peft.bench.tables import terminal_summary
+
+    plan = SimpleNamespace(name="t", sweep=None, references=("lora", "hybrid"))
+    protect = next(line for line in terminal_summary(plan, rows).splitlines() if line.strip().startswith("protect"))
+    assert "+0.0100 [+0.0100, +0.0100]" in protect and "-0.0300 [-0.0300, -0.0300]" in protect
+    losses = [dataclasses.replace(r, metric=None, held_out_loss=2.0 + (r.method == "lora") * 0.1) for r in rows]
+    summary = terminal_summary(plan, losses).splitlines()
+    assert "held-out loss" in summary[1]
+    assert "-0.1000 [-0.1000, -0.1000]" in next(line for line in summary if line.strip().startswith("hybrid"))
 
 
 def test_paired_differences_by_example_bootstrap_over_rows_of_the_recorded_scores(tmp_path: Path) -> None:
@@ -228,3 +238,9 @@ def test_the_learn_forget_plot_has_a_point_per_method_and_seed(tmp_path: Path) -
     (path,) = learn_forget_plots(rows, method_style(rows), tmp_path)
     assert path.name == "learn_forget.png" and path.stat().st_size > 1000
     assert learn_forget_plots(rows[-1:], method_style(rows), tmp_path) == []  # no retention measured: no plot
+    # a loss-only run (no metric measured): what it learnt is the fall of its held-out loss
+    loss_only = dataclasses.replace(rows[0], metric=None, metric_before=None, loss_before=3.0, held_out_loss=2.5)
+    assert loss_only.learnt == (pytest.approx(0.5), "fall of the held-out loss (before − after)")
+    assert rows[0].learnt[0] == pytest.approx(0.3) and rows[-1].learnt[0] == pytest.approx(0.2)
+    (path,) = learn_forget_plots([loss_only], method_style([loss_only]), tmp_path)
+    assert path.stat().st_size > 1000

@@ -140,10 +140,10 @@ def quality_plots(rows: list[BenchRow], style: Style, folder: Path) -> list[Path
 
 
 def learn_forget_plots(ok: list[BenchRow], style: Style, folder: Path) -> list[Path]:
-    """The learn–forget picture, a panel per task with a retention measure: the task metric's gain over training (x)
-    against the rise of the general-text loss (y), one point per method and seed, the seed mean larger. Down and to
-    the right is better: more learnt, less forgotten."""
-    measured = [r for r in ok if r.gain is not None and r.forgetting is not None]
+    """The learn–forget picture, a panel per task with a retention measure: the task metric's gain over training (x;
+    the fall of the held-out loss where no metric was measured) against the rise of the general-text loss (y), one
+    point per method and seed, the seed mean larger. Down and to the right is better: more learnt, less forgotten."""
+    measured = [r for r in ok if r.learnt is not None and r.forgetting is not None]
     tasks = list(dict.fromkeys(r.task for r in measured))
     if not tasks:
         return []
@@ -151,13 +151,13 @@ def learn_forget_plots(ok: list[BenchRow], style: Style, folder: Path) -> list[P
     for axis, task in zip(axes.flat, tasks, strict=False):
         task_rows = [r for r in measured if r.task == task]
         for method in dict.fromkeys(r.method for r in task_rows):
-            points = [(r.gain, r.forgetting) for r in task_rows if r.method == method]
+            points = [(r.learnt[0], r.forgetting) for r in task_rows if r.method == method]
             look = style[method]
             axis.scatter(*zip(*points, strict=True), color=look["color"], marker=look["marker"], s=14, alpha=0.45)
             mean = (statistics.fmean(p[0] for p in points), statistics.fmean(p[1] for p in points))
             axis.scatter(*mean, color=look["color"], marker=look["marker"], s=60, edgecolors="black", label=method)
         axis.axhline(0, color="grey", linewidth=0.8, linestyle=":")
-        axis.set_xlabel(f"gain in {task_rows[0].metric_name} (after − before)")
+        axis.set_xlabel(task_rows[0].learnt[1])
         axis.set_ylabel("forgetting: rise of general-text loss")
         axis.set_title(task)
         axis.grid(alpha=0.3)

@@ -133,6 +133,16 @@ class BenchRow:
         """The task metric's rise over training."""
         return None if self.metric is None or self.metric_before is None else self.metric - self.metric_before
 
+    @property
+    def learnt(self) -> tuple[float, str] | None:
+        """What the run learnt, for the learn–forget picture: the metric's gain, or, where the metric was not
+        measured (a loss-only run), the fall of the held-out loss; with its axis label."""
+        if self.gain is not None:
+            return self.gain, f"gain in {self.metric_name} (after − before)"
+        if self.held_out_loss is not None and self.loss_before is not None:
+            return self.loss_before - self.held_out_loss, "fall of the held-out loss (before − after)"
+        return None
+
     def value(self, key: str) -> float | None:
         """A field or property by name (``metric``, ``forgetting``, ``held_out_loss``, ...)."""
         return getattr(self, key)

@@ -182,20 +182,22 @@ def terminal_summary(plan: BenchPlan, rows: list[BenchRow]) -> str:
     """What the bench prints when it ends: per task, each method's metric, its paired difference to the reference (by
     seed, and by evaluation row where recorded) and its forgetting with the same difference; results.md has the rest."""
     reference = getattr(plan, "references", (REFERENCE,))[0]
-    differences = {key: paired_differences(rows, key, reference) for key in ("metric", "forgetting")}
+    differences = {key: paired_differences(rows, key, reference) for key in ("metric", "held_out_loss", "forgetting")}
     by_example = paired_example_differences(rows, reference)
     lines = []
     for task, entries in aggregate(rows).items():
-        metric = entries[0]["metric_name"]
+        # the task's metric, or the held-out loss where no run measured one (a loss-only profile)
+        key = "metric" if any(e["metric"] for e in entries) else "held_out_loss"
+        metric = entries[0]["metric_name"] if key == "metric" else "held-out loss"
         table = [["method", metric, f"Δ vs {reference} (seeds)", "Δ (rows)", "forgetting", "Δ forgetting"]]
         for e in entries:
-            versus = differences["metric"].get(task, {}).get(e["method"])
+            versus = differences[key].get(task, {}).get(e["method"])
             forgot = differences["forgetting"].get(task, {}).get(e["method"])
             example = by_example.get(task, {}).get(e["method"])
             table.append(
                 [
                     e["method"],
-                    _fmt(e["metric"], std=e["ok"] > 1),
+                    _fmt(e[key], std=e["ok"] > 1),
                     _paired(versus).replace("**", ""),
                     _paired(example, seeds=False).replace("**", "").split(" (")[0] if example else "–",
                     _fmt(e["forgetting"], std=False, signed=True),
