@@ -179,6 +179,7 @@ def test_a_further_reference_gets_its_own_paired_table() -> None:
     protect = next(line for line in terminal_summary(plan, rows).splitlines() if line.strip().startswith("protect"))
     assert "+0.0100 [+0.0100, +0.0100]" in protect and "-0.0300 [-0.0300, -0.0300]" in protect
     losses = [dataclasses.replace(r, metric=None, held_out_loss=2.0 + (r.method == "lora") * 0.1) for r in rows]
+    assert "### sst2: paired to hybrid" in markdown_table(plan, losses)  # a loss-only task is paired too
     summary = terminal_summary(plan, losses).splitlines()
     assert "held-out loss" in summary[1]
     assert "-0.1000 [-0.1000, -0.1000]" in next(line for line in summary if line.strip().startswith("hybrid"))

@@ -157,7 +157,7 @@ def versus_lines(rows: list[BenchRow], reference: str) -> list[str]:
     lines = []
     for task in dict.fromkeys(r.task for r in rows):
         methods = [m for m in dict.fromkeys(r.method for r in rows if r.task == task) if m != reference]
-        if not any(method in measures["metric"].get(task, {}) for method in methods):
+        if not any(method in table.get(task, {}) for table in measures.values() for method in methods):
             continue  # the reference did not run on this task
         metric = next(r.metric_name for r in rows if r.task == task)
         lines += [
