@@ -74,18 +74,19 @@ def sweep_table(plan: BenchPlan, sweep_rows: list[BenchRow]) -> list[str]:
     return lines
 
 
-def _paired(difference: PairedDifference | None, digits: int = 4, seeds: bool = True) -> str:
+def _paired(difference: PairedDifference | None, digits: int = 4, seeds: bool = True, plain: bool = False) -> str:
     """``+0.0123 [-0.0040, +0.0286]`` (the mean and its 95% interval; bold where it excludes 0), or the mean alone
-    from one seed; with ``seeds=False`` (a bootstrap over rows) the number of seeds averaged follows."""
+    from one seed; with ``seeds=False`` (a bootstrap over rows) the number of seeds averaged follows. ``plain``: no
+    bold and no seed count, for the terminal."""
     if difference is None:
         return "–"
-    if not seeds:
-        text = f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}]"
-        return (text if difference.verdict == "level" else f"**{text}**") + f" ({difference.seeds} seeds)"
-    if difference.low is None:
+    if seeds and difference.low is None:
         return f"{difference.mean:+.{digits}f} (1 seed)"
     text = f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}]"
-    return text if difference.verdict == "level" else f"**{text}**"
+    if plain:
+        return text
+    text = text if difference.verdict == "level" else f"**{text}**"
+    return text if seeds else f"{text} ({difference.seeds} seeds)"
 
 
 def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[BenchRow] = ()) -> str:
@@ -198,10 +199,10 @@ def terminal_summary(plan: BenchPlan, rows: list[BenchRow]) -> str:
                 [
                     e["method"],
                     _fmt(e[key], std=e["ok"] > 1),
-                    _paired(versus).replace("**", ""),
-                    _paired(example, seeds=False).replace("**", "").split(" (")[0] if example else "–",
+                    _paired(versus, plain=True),
+                    _paired(example, seeds=False, plain=True),
                     _fmt(e["forgetting"], std=False, signed=True),
-                    _paired(forgot).replace("**", ""),
+                    _paired(forgot, plain=True),
                 ]
             )
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
