@@ -150,7 +150,7 @@ def test_paired_differences_to_lora_with_a_t_interval_across_seeds() -> None:
     assert metric["level"].verdict == "level" and metric["level"].seeds == 3
     forgetting = paired_differences(rows, "forgetting")["sst2"]
     assert forgetting["ahead"].verdict == "below" and forgetting["ahead"].mean == pytest.approx(-0.02)
-    table = markdown_table(SimpleNamespace(name="t", sweep=None), rows)
+    table = markdown_table(SimpleNamespace(name="t", sweep=None, references=("lora",)), rows)
     ahead = next(line for line in table.splitlines() if line.startswith("| ahead |"))
     assert "**+0.0200 [+0.0200, +0.0200]**" in ahead and "**-0.0200 [-0.0200, -0.0200]**" in ahead
     level = next(line for line in table.splitlines() if line.startswith("| level |"))
@@ -210,7 +210,7 @@ def test_paired_differences_by_example_bootstrap_over_rows_of_the_recorded_score
     assert table["swapped"].high - table["swapped"].low > 0.2  # every row differs: a wide interval around 0
     again = bootstrap_difference(ahead, lora)
     assert (again.low, again.high) == (table["ahead"].low, table["ahead"].high)  # a fixed seed: reproducible
-    markdown = markdown_table(SimpleNamespace(name="t", sweep=None), rows)
+    markdown = markdown_table(SimpleNamespace(name="t", sweep=None, references=("lora",)), rows)
     line = next(line for line in markdown.splitlines() if line.startswith("| ahead |"))
     assert f"**+0.1000 [{table['ahead'].low:+.4f}, {table['ahead'].high:+.4f}]** (3 seeds)" in line
     assert "Δ by example [95% CI]" in markdown

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from hybrid_peft.bench.rows import (
     CSV_FIELDS,
-    REFERENCE,
     BenchRow,
     PairedDifference,
     aggregate,
@@ -90,7 +89,7 @@ def _paired(difference: PairedDifference | None, digits: int = 4, seeds: bool = 
 
 
 def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[BenchRow] = ()) -> str:
-    reference, *others = getattr(plan, "references", (REFERENCE,))
+    reference, *others = plan.references
     lines = [f"# Bench `{plan.name}`", ""]
     seeds = ", ".join(str(s) for s in sorted({r.seed for r in rows}))
     lines += [
@@ -182,7 +181,7 @@ def versus_lines(rows: list[BenchRow], reference: str) -> list[str]:
 def terminal_summary(plan: BenchPlan, rows: list[BenchRow]) -> str:
     """What the bench prints when it ends: per task, each method's metric, its paired difference to the reference (by
     seed, and by evaluation row where recorded) and its forgetting with the same difference; results.md has the rest."""
-    reference = getattr(plan, "references", (REFERENCE,))[0]
+    reference = plan.references[0]
     differences = {key: paired_differences(rows, key, reference) for key in ("metric", "held_out_loss", "forgetting")}
     by_example = paired_example_differences(rows, reference)
     lines = []
