@@ -307,6 +307,9 @@ def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
     lines = time_to_quality_lines(rows)
     assert "| lora | 20 steps, 20.0 s (3/3) | 30 steps, 30.0 s (3/3) |" in lines and "| slow | – | – |" in lines
     assert "| mixed | 20 steps, 20.0 s (2/3) | – |" in lines
+    final_only = [run("once", seed, [0.3], 1.0, "lora") for seed in range(3)]  # evaluated at the end alone
+    assert "once" not in time_to_quality(rows + final_only)["t"]["methods"]
+    assert time_to_quality_lines(final_only) == []  # no table of "80 steps" everywhere for a bench without eval_every
     full_best = time_to_quality([r for r in rows if r.method in ("full", "slow")])["t"]
     assert full_best["targets"] == {"full": ("full", 0.5)}  # full fine-tuning is the best: one target, one column
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)

@@ -264,7 +264,8 @@ def time_to_quality(rows: list[BenchRow]) -> dict[str, dict[str, Any]]:
     """Per task: the two targets (full fine-tuning's final held-out loss, seed mean, and the best method's among those
     with the most finished seeds) and, per method, the median over seeds of the steps and training seconds to reach
     each, a seed that never did counting as never (None when most seeds never did), with ``seeds`` reached of all.
-    A target that is a seed mean is missed by about half the seeds of the method that set it, by construction: the
+    Only runs evaluated during training (``eval_every``) count: a final evaluation alone says nothing of when. A
+    target that is a seed mean is missed by about half the seeds of the method that set it, by construction: the
     median, not "every seed", is the fair summary."""
     table: dict[str, dict[str, Any]] = {}
     for task, entries in aggregate(rows).items():
@@ -283,7 +284,7 @@ def time_to_quality(rows: list[BenchRow]) -> dict[str, dict[str, Any]]:
         methods = {}
         for entry in entries:
             curves = [evaluation_curve(Path(r.folder)) for r in ok if r.method == entry["method"]]
-            curves = [c for c in curves if c]
+            curves = [c for c in curves if len(c) > 1]  # a run evaluated only at its end has no time to quality
             if not curves:
                 continue
             reached = {}
