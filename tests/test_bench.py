@@ -52,9 +52,12 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(
     lines: list[str] = []
     rows = run_bench(plan, echo=lines.append)
     reports = [line for line in lines if line.startswith("[")]  # one per run, after it
+    headings = [line for line in lines if line.startswith("→ ")]  # one per run that trains, before its output
     assert len(rows) == 6 and len(reports) == 6
+    assert headings[0] == "→ he-tiny · full-ft · seed 0 (run 1 of 6)" and len(headings) == 6
+    assert lines.index(headings[1]) > lines.index(reports[0])
     # each run's output reaches the caller as it comes (indented), its progress lines included
-    assert all(line.startswith("  ") for line in lines if not line.startswith("["))
+    assert all(line.startswith("  ") for line in lines if not line.startswith(("[", "→ ")))
     assert any(line.startswith("  full: step 3/3 · loss ") and line.endswith(" left") for line in lines)
     status = {(r.method, r.seed): r.status for r in rows}
     assert status == {

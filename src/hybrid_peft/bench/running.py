@@ -165,6 +165,10 @@ class _Progress:
         self.started = time.perf_counter()
         self.durations: list[float] = []
 
+    def start(self, run: BenchRun) -> None:
+        """A heading before a run's own output, which names only its recipe method (``hybrid:``), not the key."""
+        self.echo(f"→ {_name(run)} (run {self.done + 1} of {self.total})")
+
     def report(self, run: BenchRun, row: BenchRow, seconds: float, ran: bool) -> None:
         self.done += 1
         if ran:
@@ -172,11 +176,15 @@ class _Progress:
         shown = "failed: " + row.error if not row.ok else _describe(row)
         left = self.total - self.done
         eta = f", about {_duration(statistics.median(self.durations) * left)} left" if self.durations and left else ""
-        rate = f" · lr {run.config.learning_rate:g}" if "lr-" in run.folder.parent.name else ""
         self.echo(
-            f"[{self.done}/{self.total}] {run.task} · {run.method}{rate} · seed {run.seed}: {shown} "
+            f"[{self.done}/{self.total}] {_name(run)}: {shown} "
             f"({seconds:.0f} s; bench {_duration(time.perf_counter() - self.started)}{eta})"
         )
+
+
+def _name(run: BenchRun) -> str:
+    rate = f" · lr {run.config.learning_rate:g}" if "lr-" in run.folder.parent.name else ""
+    return f"{run.task} · {run.method}{rate} · seed {run.seed}"
 
 
 def _duration(seconds: float) -> str:
@@ -223,6 +231,8 @@ def run_bench(
         nonlocal unwritten
         tick = time.perf_counter()
         ran = rerun or finished_summary(run) is None
+        if ran:
+            progress.start(run)
         row = execute(run, plan.run_timeout_s, rerun, echo if ran else None)
         rows[run.key] = row
         progress.report(run, row, time.perf_counter() - tick, ran)
