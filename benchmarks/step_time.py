@@ -88,6 +88,7 @@ def method_builders() -> dict[str, Callable]:
         "unitary-all-linear": _ours(lambda: UnitaryConfig(targets="all-linear")),
         "hybrid-share": _ours(lambda: HybridConfig.from_dict({**paper, "rule": "share"})),
         "hybrid-sigmoid": _ours(lambda: HybridConfig.from_dict({**paper, "rule": "sigmoid"})),
+        "hybrid-protect-max": _ours(lambda: HybridConfig.from_dict({"rule": {"name": "protect", "gates": "max"}})),
         "hybrid-unitary": _hybrid_unitary,
     }
 
