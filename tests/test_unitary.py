@@ -103,3 +103,84 @@ def test_fused_factors_match_the_factor_by_factor_reference() -> None:
     torch.testing.assert_close(fused, reference)
     for a, b in zip(inputs, reference_inputs, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def _unitary_inputs(n: int, leading: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(*leading, n, dtype=torch.complex128, generator=generator),
+        torch.randn(3, n, dtype=torch.float64, generator=generator),
+        torch.randn(2, n, dtype=torch.complex128, generator=generator),
+        torch.randn(2, dtype=torch.float64, generator=generator),
+    ]
+
+
+@pytest.mark.parametrize(("n", "leading"), [(12, (5,)), (7, (2, 3)), (1, (4,))])
+@pytest.mark.parametrize("wanted", ["all", "input", "parameters"])
+def test_written_out_backward_matches_autograd_through_the_reference(n: int, leading: tuple, wanted: str) -> None:
+    """UnitaryApply's hand-written gradients (input, phases, reflection vectors, angles) against autograd through
+    the factor-by-factor chain, for any leading shape and with only some inputs requiring a gradient."""
+    from hybrid_peft.methods.unitary import UnitaryApply, unitary_apply_reference
+
+    values = _unitary_inputs(n, leading, seed=n)
+    weights = torch.randn(*leading, n, dtype=torch.complex128, generator=torch.Generator().manual_seed(1))
+    trains = {"all": (0, 1, 2, 3), "input": (0,), "parameters": (1, 2, 3)}[wanted]
+
+    def gradients(function) -> tuple[torch.Tensor, list]:  # noqa: ANN001
+        inputs = [t.clone().requires_grad_(i in trains) for i, t in enumerate(values)]
+        out = function(*inputs)
+        ((out * weights.conj()).real.sum() + out.abs().pow(2).mul(torch.arange(n)).sum()).backward()
+        return out, [t.grad for t in inputs]
+
+    out, grads = gradients(UnitaryApply.apply)
+    expected_out, expected_grads = gradients(unitary_apply_reference)
+    torch.testing.assert_close(out, expected_out)
+    for i, (grad, expected) in enumerate(zip(grads, expected_grads, strict=True)):
+        if i in trains:
+            torch.testing.assert_close(grad, expected)
+        else:
+            assert grad is None and expected is None
+
+
+def test_written_out_backward_passes_gradcheck() -> None:
+    from hybrid_peft.methods.unitary import UnitaryApply
+
+    inputs = [t.requires_grad_() for t in _unitary_inputs(6, (3,), seed=5)]
+    assert torch.autograd.gradcheck(UnitaryApply.apply, inputs)
+
+
+def test_layer_trains_through_the_written_out_backward_as_through_the_reference() -> None:
+    """The layer's gradients (x and every adapter parameter, float32) equal autograd through the reference chain,
+    and only x is kept for backward besides the parameters (no intermediate of the complex chain)."""
+    from hybrid_peft.methods.unitary import to_complex, to_real, unitary_apply_reference
+
+    layer = unitary_layer(24, seed=2)
+    layer.base_layer.requires_grad_(False)  # frozen, as attach() leaves it
+    with torch.no_grad():
+        layer.unitary_phases.normal_()
+        layer.unitary_angles.normal_()
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    target = torch.randn(2, 5, 8)
+    parameters = [layer.unitary_phases, layer.unitary_reflections, layer.unitary_angles]
+
+    def reference_forward(x: torch.Tensor) -> torch.Tensor:
+        vectors = torch.view_as_complex(layer.unitary_reflections)
+        rotated = to_real(unitary_apply_reference(to_complex(x), layer.unitary_phases, vectors, layer.unitary_angles))
+        return layer.base_layer(rotated)
+
+    grads = []
+    for forward in (layer, reference_forward):
+        out = forward(x)
+        torch.autograd.backward((out - target).pow(2).sum())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in parameters])
+        x.grad = None
+        for p in parameters:
+            p.grad = None
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    activations = [t for t in saved if t.shape[:-1] in ((2, 5), (10,))]  # one row per token
+    assert len(activations) == 1 and activations[0].shape == (2, 5, 12), [tuple(t.shape) for t in saved]

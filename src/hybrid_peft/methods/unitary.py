@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from hybrid_peft.config import AdapterConfig, require_float
 from hybrid_peft.errors import ConfigError
@@ -107,17 +106,111 @@ def unitary_apply(
     reflection_angles: torch.Tensor,
 ) -> torch.Tensor:
     """:func:`unitary_apply_reference` with each diagonal folded into its neighbouring reflection, so every
-    reflection is one matrix-vector product plus one fused multiply-add over the activations:
-    ``R1 D1 z = D1 z − c1 (v1* D1 z) v1`` and ``D3 R2 y = D3 y − c2 (v2* y) (D3 v2)``."""
-    d1, d2, d3 = (torch.polar(torch.ones_like(p), p) for p in phases)
-    v1, v2 = reflection_vectors[0], reflection_vectors[1]
-    c1, c2 = (
-        (1 - torch.polar(torch.ones_like(a), a)) / v.abs().pow(2).sum()
-        for a, v in zip(reflection_angles, (v1, v2), strict=True)
+    reflection is one projection onto its vector plus one fused multiply-add over the activations:
+    ``R1 D1 z = D1 z − c1 (v1* D1 z) v1`` and ``D3 R2 y = D3 y − c2 (v2* y) (D3 v2)``. Under autograd use
+    :class:`UnitaryApply` (the layer does), whose backward is written out."""
+    return _chain(z, *_factors(phases, reflection_vectors, reflection_angles))[-1]
+
+
+def _factors(
+    phases: torch.Tensor, reflection_vectors: torch.Tensor, reflection_angles: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e^{iθ} (3, n), v (2, n), c (2,), ‖v‖² (2,))``: the diagonals and the reflections' coefficients
+    ``c = (1 − e^{iφ})/‖v‖²``, each computed for all factors at once."""
+    diagonals = torch.polar(torch.ones_like(phases), phases)
+    squares = reflection_vectors.abs().square().sum(-1)
+    coefficients = (1 - torch.polar(torch.ones_like(reflection_angles), reflection_angles)) / squares
+    return diagonals, reflection_vectors, coefficients, squares
+
+
+def _chain(
+    z: torch.Tensor, diagonals: torch.Tensor, vectors: torch.Tensor, coefficients: torch.Tensor, squares: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``U z`` for ``z (..., n)`` and the intermediates backward needs: ``(D1 z, its projection on v1, D2 F R1 D1 z,
+    F⁻¹ of that, its projection on v2, U z)``. Projections are multiply-and-sum: a complex matrix-vector product
+    is several times slower on the CPU at these sizes."""
+    (d1, d2, d3), (v1, v2), (c1, c2) = diagonals, vectors, coefficients
+    a = z * d1
+    p = (z * (v1.conj() * d1)).sum(-1)  # v1* D1 z
+    f2 = torch.fft.fft(torch.addcmul(a, p.unsqueeze(-1), -c1 * v1), norm="ortho") * d2
+    z2 = torch.fft.ifft(f2, norm="ortho")
+    s = (z2 * v2.conj()).sum(-1)  # v2* z2
+    y = torch.addcmul(z2 * d3, s.unsqueeze(-1), -c2 * (v2 * d3))
+    return a, p, f2, z2, s, y
+
+
+class UnitaryApply(torch.autograd.Function):
+    """:func:`unitary_apply` with its backward written out: it saves only ``z`` and the parameters, recomputes the
+    intermediates without autograd (:func:`_chain`) and runs the adjoint chain ``U^H``, with the parameters'
+    gradients as sums over tokens. Autograd through the complex chain, recomputed under checkpointing, ran about
+    three times as many passes over the activations, many of them conjugate copies; the tests hold this to
+    autograd through the factor-by-factor reference.
+
+    Gradients follow PyTorch's convention (for a real loss L and complex w, ``G_w = ∂L/∂Re w + i ∂L/∂Im w``). For
+    ``w = d ⊙ u`` with ``d = e^{iθ}``: ``G_u = conj(d) ⊙ G_w`` and ``∂L/∂θ = −Im Σ_t w ⊙ conj(G_w)``. For a
+    reflection ``w = u − c (u·v̄) v`` with ``c = (1 − e^{iφ})/‖v‖²``, ``r = G_w·v̄`` and ``S = Σ_t conj(r_t)(u_t·v̄)``:
+    ``G_u = G_w − c̄ r vᵀ``, ``G_v = −c uᵀ r̄ − c̄ G_wᵀ conj(u·v̄) + 2 Re(c S) v/‖v‖²`` and
+    ``∂L/∂φ = Re(i e^{iφ} S)/‖v‖²``. The unitary DFT's adjoint is its inverse."""
+
+    @staticmethod
+    def forward(ctx, z, phases, reflection_vectors, reflection_angles):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(z, phases, reflection_vectors, reflection_angles)
+        return unitary_apply(z, phases, reflection_vectors, reflection_angles)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        z, phases, vectors, angles = ctx.saved_tensors
+        diagonals, _, coefficients, squares = _factors(phases, vectors, angles)
+        (d1, d2, d3), (v1, v2), (c1, c2) = diagonals, vectors, coefficients
+        shape = z.shape
+        z, grad = z.reshape(-1, shape[-1]), grad.reshape(-1, shape[-1])
+        a, p, f2, z2, s, y = _chain(z, diagonals, vectors, coefficients, squares)
+        want_parameters = any(ctx.needs_input_grad[1:])
+        # D3 R2
+        grad_w = grad * d3.conj()
+        r2 = (grad_w * v2.conj()).sum(-1)
+        grad_z2 = torch.addcmul(grad_w, r2.unsqueeze(-1), -c2.conj() * v2)
+        # F⁻¹ D2 F
+        grad_f2 = torch.fft.fft(grad_z2, norm="ortho")
+        grad_z1 = torch.fft.ifft(grad_f2 * d2.conj(), norm="ortho")
+        # R1 D1
+        r1 = (grad_z1 * v1.conj()).sum(-1)
+        grad_a = torch.addcmul(grad_z1, r1.unsqueeze(-1), -c1.conj() * v1)
+        grad_z = (grad_a * d1.conj()).reshape(shape) if ctx.needs_input_grad[0] else None
+        if not want_parameters:
+            return grad_z, None, None, None
+        grad_phases = torch.stack([_phase_grad(a, grad_a), _phase_grad(f2, grad_f2), _phase_grad(y, grad)])
+        # R2 acts on z2 (D3 folded in: its output's gradient is grad_w), R1 on a = D1 z.
+        grad_v2, grad_phi2 = _reflection_grads(z2, s, grad_w, r2, v2, c2, squares[1], angles[1])
+        grad_v1, grad_phi1 = _reflection_grads(a, p, grad_z1, r1, v1, c1, squares[0], angles[0])
+        return grad_z, grad_phases, torch.stack([grad_v1, grad_v2]), torch.stack([grad_phi1, grad_phi2])
+
+
+def _phase_grad(output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``∂L/∂θ = −Im Σ_t w ⊙ conj(G_w)`` of a diagonal ``w = e^{iθ} ⊙ u``, from its output and its gradient."""
+    return -(output * grad.conj()).sum(0).imag
+
+
+def _reflection_grads(
+    u: torch.Tensor,
+    projection: torch.Tensor,
+    grad: torch.Tensor,
+    r: torch.Tensor,
+    vector: torch.Tensor,
+    coefficient: torch.Tensor,
+    square: torch.Tensor,
+    angle: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G_v, ∂L/∂φ)`` of one reflection ``w = u − c (u·v̄) v`` (:class:`UnitaryApply`'s docstring), from its input
+    ``u``, ``u·v̄`` (``projection``), its output's gradient ``G_w`` and ``r = G_w·v̄``."""
+    total = torch.vdot(r, projection)  # S = Σ_t conj(r_t) (u_t·v̄)
+    grad_vector = (
+        -coefficient * (r.conj() @ u)
+        - coefficient.conj() * (projection.conj() @ grad)
+        + (2 * (coefficient * total).real / square) * vector
     )
-    z = torch.addcmul(z * d1, (z @ (v1.conj() * d1)).unsqueeze(-1), -c1 * v1)  # R1 D1
-    z = torch.fft.ifft(torch.fft.fft(z, norm="ortho") * d2, norm="ortho")  # F⁻¹ D2 F
-    return torch.addcmul(z * d3, (z @ v2.conj()).unsqueeze(-1), -c2 * (v2 * d3))  # D3 R2
+    grad_angle = (1j * torch.polar(torch.ones_like(angle), angle) * total).real / square
+    return grad_vector, grad_angle
 
 
 # --- the layer ---------------------------------------------------------------------------------------------------
@@ -145,10 +238,14 @@ class UnitaryLayer(AdapterLayer):
         self.unitary_angles = nn.Parameter(torch.zeros(2, device=weight.device, dtype=dtype))
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """``ρ(U) x`` for real ``x (..., in)``, computed in the adapter's dtype (fp32 at least)."""
+        """``ρ(U) x`` for real ``x (..., in)``, computed in the adapter's dtype (fp32 at least). Under autograd it
+        keeps only ``x`` for backward (:class:`UnitaryApply`)."""
         z = to_complex(x.to(self.unitary_phases.dtype))
         vectors = torch.view_as_complex(self.unitary_reflections)
-        return to_real(unitary_apply(z, self.unitary_phases, vectors, self.unitary_angles))
+        inputs = (z, self.unitary_phases, vectors, self.unitary_angles)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            return to_real(UnitaryApply.apply(*inputs))
+        return to_real(unitary_apply(*inputs))
 
     def rotation_matrix(self) -> torch.Tensor:
         """Dense ``ρ(U)`` (``in × in``): row j of ``rotate(I)`` is ``(ρ(U) e_j)ᵀ``, so ``ρ(U) = rotate(I)ᵀ``."""
@@ -175,12 +272,7 @@ class UnitaryLayer(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.unitary_phases.requires_grad):
-            # The complex chain would keep ~8 activations of the input's size; recompute them in backward instead.
-            rotated = checkpoint(self.rotate, x, use_reentrant=False)
-        else:
-            rotated = self.rotate(x)
-        return self.base_layer(rotated.to(x.dtype))
+        return self.base_layer(self.rotate(x).to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, complex_width={self.in_features // 2}"
@@ -190,4 +282,4 @@ def unitary_parameter_count(in_features: int) -> int:
     return 7 * (in_features // 2) + 2
 
 
-__all__ = ["UnitaryConfig", "UnitaryLayer", "unitary_apply", "unitary_parameter_count"]
+__all__ = ["UnitaryApply", "UnitaryConfig", "UnitaryLayer", "unitary_apply", "unitary_parameter_count"]
