@@ -106,13 +106,17 @@ def test_fused_factors_match_the_factor_by_factor_reference() -> None:
 
 
 def _unitary_inputs(n: int, leading: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    """``(x (..., 2n), phases (3, n), reflections (2, n, 2), angles (2,))`` in float64."""
     generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(*leading, n, dtype=torch.complex128, generator=generator),
-        torch.randn(3, n, dtype=torch.float64, generator=generator),
-        torch.randn(2, n, dtype=torch.complex128, generator=generator),
-        torch.randn(2, dtype=torch.float64, generator=generator),
-    ]
+    shapes = [(*leading, 2 * n), (3, n), (2, n, 2), (2,)]
+    return [torch.randn(*shape, dtype=torch.float64, generator=generator) for shape in shapes]
+
+
+def _reference_rotate(x, phases, reflections, angles):  # noqa: ANN001, ANN202
+    from hybrid_peft.methods.unitary import to_complex, to_real, unitary_apply_reference
+
+    vectors = torch.view_as_complex(reflections)
+    return to_real(unitary_apply_reference(to_complex(x), phases, vectors, angles))
 
 
 @pytest.mark.parametrize(("n", "leading"), [(12, (5,)), (7, (2, 3)), (1, (4,))])
@@ -120,20 +124,20 @@ def _unitary_inputs(n: int, leading: tuple[int, ...], seed: int) -> list[torch.T
 def test_written_out_backward_matches_autograd_through_the_reference(n: int, leading: tuple, wanted: str) -> None:
     """UnitaryApply's hand-written gradients (input, phases, reflection vectors, angles) against autograd through
     the factor-by-factor chain, for any leading shape and with only some inputs requiring a gradient."""
-    from hybrid_peft.methods.unitary import UnitaryApply, unitary_apply_reference
+    from hybrid_peft.methods.unitary import UnitaryApply
 
     values = _unitary_inputs(n, leading, seed=n)
-    weights = torch.randn(*leading, n, dtype=torch.complex128, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(*leading, 2 * n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     trains = {"all": (0, 1, 2, 3), "input": (0,), "parameters": (1, 2, 3)}[wanted]
 
     def gradients(function) -> tuple[torch.Tensor, list]:  # noqa: ANN001
         inputs = [t.clone().requires_grad_(i in trains) for i, t in enumerate(values)]
         out = function(*inputs)
-        ((out * weights.conj()).real.sum() + out.abs().pow(2).mul(torch.arange(n)).sum()).backward()
+        ((out * weights).sum() + out.pow(2).mul(torch.arange(2 * n)).sum()).backward()
         return out, [t.grad for t in inputs]
 
     out, grads = gradients(UnitaryApply.apply)
-    expected_out, expected_grads = gradients(unitary_apply_reference)
+    expected_out, expected_grads = gradients(_reference_rotate)
     torch.testing.assert_close(out, expected_out)
     for i, (grad, expected) in enumerate(zip(grads, expected_grads, strict=True)):
         if i in trains:
@@ -147,6 +151,25 @@ def test_written_out_backward_passes_gradcheck() -> None:
 
     inputs = [t.requires_grad_() for t in _unitary_inputs(6, (3,), seed=5)]
     assert torch.autograd.gradcheck(UnitaryApply.apply, inputs)
+
+
+def test_written_out_backward_keeps_a_bfloat16_input_and_returns_its_gradient_in_bfloat16() -> None:
+    """A bf16 input is rotated in the parameters' float32 and saved as it came (not as a float32 copy)."""
+    from hybrid_peft.methods.unitary import UnitaryApply
+
+    x, *parameters = (t.float() for t in _unitary_inputs(8, (4,), seed=3))
+    parameters = [p.requires_grad_() for p in parameters]
+    x = x.bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = UnitaryApply.apply(x, *parameters)
+    assert out.dtype == torch.float32 and any(t is x for t in saved)
+    assert not any(t.shape == x.shape and t.dtype == torch.float32 for t in saved)
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    expected = x.detach().float().requires_grad_()
+    _reference_rotate(expected, *(p.detach() for p in parameters)).sum().backward()
+    torch.testing.assert_close(x.grad.float(), expected.grad, atol=1e-2, rtol=1e-2)
 
 
 def test_layer_trains_through_the_written_out_backward_as_through_the_reference() -> None:
@@ -183,4 +206,4 @@ def test_layer_trains_through_the_written_out_backward_as_through_the_reference(
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         layer(x)
     activations = [t for t in saved if t.shape[:-1] in ((2, 5), (10,))]  # one row per token
-    assert len(activations) == 1 and activations[0].shape == (2, 5, 12), [tuple(t.shape) for t in saved]
+    assert len(activations) == 1 and activations[0] is x, [tuple(t.shape) for t in saved]

@@ -140,11 +140,12 @@ def _chain(
 
 
 class UnitaryApply(torch.autograd.Function):
-    """:func:`unitary_apply` with its backward written out: it saves only ``z`` and the parameters, recomputes the
-    intermediates without autograd (:func:`_chain`) and runs the adjoint chain ``U^H``, with the parameters'
-    gradients as sums over tokens. Autograd through the complex chain, recomputed under checkpointing, ran about
-    three times as many passes over the activations, many of them conjugate copies; the tests hold this to
-    autograd through the factor-by-factor reference.
+    """``ρ(U) x`` for real ``x (..., 2n)`` (any float dtype; computed in the parameters' dtype) with its backward
+    written out: it saves only ``x`` and the parameters (``phases (3, n)``, ``reflections (2, n, 2)``: real and
+    imaginary parts, ``angles (2,)``), recomputes the intermediates without autograd (:func:`_chain`) and runs the
+    adjoint chain ``U^H``, with the parameters' gradients as sums over tokens. Autograd through the complex chain,
+    recomputed under checkpointing, ran about three times as many passes over the activations, many of them
+    conjugate copies; the tests hold this to autograd through the factor-by-factor reference.
 
     Gradients follow PyTorch's convention (for a real loss L and complex w, ``G_w = ∂L/∂Re w + i ∂L/∂Im w``). For
     ``w = d ⊙ u`` with ``d = e^{iθ}``: ``G_u = conj(d) ⊙ G_w`` and ``∂L/∂θ = −Im Σ_t w ⊙ conj(G_w)``. For a
@@ -153,19 +154,20 @@ class UnitaryApply(torch.autograd.Function):
     ``∂L/∂φ = Re(i e^{iφ} S)/‖v‖²``. The unitary DFT's adjoint is its inverse."""
 
     @staticmethod
-    def forward(ctx, z, phases, reflection_vectors, reflection_angles):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(z, phases, reflection_vectors, reflection_angles)
-        return unitary_apply(z, phases, reflection_vectors, reflection_angles)
+    def forward(ctx, x, phases, reflections, angles):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, phases, reflections, angles)
+        z = to_complex(x.to(phases.dtype))
+        return to_real(unitary_apply(z, phases, torch.view_as_complex(reflections), angles))
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        z, phases, vectors, angles = ctx.saved_tensors
+        x, phases, reflections, angles = ctx.saved_tensors
+        vectors = torch.view_as_complex(reflections)
         diagonals, _, coefficients, squares = _factors(phases, vectors, angles)
         (d1, d2, d3), (v1, v2), (c1, c2) = diagonals, vectors, coefficients
-        shape = z.shape
-        z, grad = z.reshape(-1, shape[-1]), grad.reshape(-1, shape[-1])
+        n = phases.shape[-1]
+        z, grad = to_complex(x.to(phases.dtype)).reshape(-1, n), to_complex(grad.to(phases.dtype)).reshape(-1, n)
         a, p, f2, z2, s, y = _chain(z, diagonals, vectors, coefficients, squares)
-        want_parameters = any(ctx.needs_input_grad[1:])
         # D3 R2
         grad_w = grad * d3.conj()
         r2 = (grad_w * v2.conj()).sum(-1)
@@ -176,14 +178,15 @@ class UnitaryApply(torch.autograd.Function):
         # R1 D1
         r1 = (grad_z1 * v1.conj()).sum(-1)
         grad_a = torch.addcmul(grad_z1, r1.unsqueeze(-1), -c1.conj() * v1)
-        grad_z = (grad_a * d1.conj()).reshape(shape) if ctx.needs_input_grad[0] else None
-        if not want_parameters:
-            return grad_z, None, None, None
+        grad_x = to_real(grad_a * d1.conj()).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+        if not any(ctx.needs_input_grad[1:]):
+            return grad_x, None, None, None
         grad_phases = torch.stack([_phase_grad(a, grad_a), _phase_grad(f2, grad_f2), _phase_grad(y, grad)])
         # R2 acts on z2 (D3 folded in: its output's gradient is grad_w), R1 on a = D1 z.
         grad_v2, grad_phi2 = _reflection_grads(z2, s, grad_w, r2, v2, c2, squares[1], angles[1])
         grad_v1, grad_phi1 = _reflection_grads(a, p, grad_z1, r1, v1, c1, squares[0], angles[0])
-        return grad_z, grad_phases, torch.stack([grad_v1, grad_v2]), torch.stack([grad_phi1, grad_phi2])
+        grad_reflections = torch.view_as_real(torch.stack([grad_v1, grad_v2]))
+        return grad_x, grad_phases, grad_reflections, torch.stack([grad_phi1, grad_phi2])
 
 
 def _phase_grad(output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -240,12 +243,12 @@ class UnitaryLayer(AdapterLayer):
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``ρ(U) x`` for real ``x (..., in)``, computed in the adapter's dtype (fp32 at least). Under autograd it
         keeps only ``x`` for backward (:class:`UnitaryApply`)."""
+        inputs = (x, self.unitary_phases, self.unitary_reflections, self.unitary_angles)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            return UnitaryApply.apply(*inputs)
         z = to_complex(x.to(self.unitary_phases.dtype))
         vectors = torch.view_as_complex(self.unitary_reflections)
-        inputs = (z, self.unitary_phases, vectors, self.unitary_angles)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            return to_real(UnitaryApply.apply(*inputs))
-        return to_real(unitary_apply(*inputs))
+        return to_real(unitary_apply(z, self.unitary_phases, vectors, self.unitary_angles))
 
     def rotation_matrix(self) -> torch.Tensor:
         """Dense ``ρ(U)`` (``in × in``): row j of ``rotate(I)`` is ``(ρ(U) e_j)ᵀ``, so ``ρ(U) = rotate(I)ᵀ``."""
