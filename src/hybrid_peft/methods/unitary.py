@@ -109,7 +109,8 @@ def unitary_apply(
     reflection is one projection onto its vector plus one fused multiply-add over the activations:
     ``R1 D1 z = D1 z − c1 (v1* D1 z) v1`` and ``D3 R2 y = D3 y − c2 (v2* y) (D3 v2)``. Under autograd use
     :class:`UnitaryApply` (the layer does), whose backward is written out."""
-    return _chain(z, *_factors(phases, reflection_vectors, reflection_angles))[-1]
+    diagonals, vectors, coefficients, _ = _factors(phases, reflection_vectors, reflection_angles)
+    return _chain(z, diagonals, vectors, coefficients)[-1]
 
 
 def _factors(
@@ -124,7 +125,7 @@ def _factors(
 
 
 def _chain(
-    z: torch.Tensor, diagonals: torch.Tensor, vectors: torch.Tensor, coefficients: torch.Tensor, squares: torch.Tensor
+    z: torch.Tensor, diagonals: torch.Tensor, vectors: torch.Tensor, coefficients: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
     """``U z`` for ``z (..., n)`` and the intermediates backward needs: ``(D1 z, its projection on v1, D2 F R1 D1 z,
     F⁻¹ of that, its projection on v2, U z)``. Projections are multiply-and-sum: a complex matrix-vector product
@@ -167,7 +168,7 @@ class UnitaryApply(torch.autograd.Function):
         (d1, d2, d3), (v1, v2), (c1, c2) = diagonals, vectors, coefficients
         n = phases.shape[-1]
         z, grad = to_complex(x.to(phases.dtype)).reshape(-1, n), to_complex(grad.to(phases.dtype)).reshape(-1, n)
-        a, p, f2, z2, s, y = _chain(z, diagonals, vectors, coefficients, squares)
+        a, p, f2, z2, s, y = _chain(z, diagonals, vectors, coefficients)
         # D3 R2
         grad_w = grad * d3.conj()
         r2 = (grad_w * v2.conj()).sum(-1)
