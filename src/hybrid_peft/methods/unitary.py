@@ -113,6 +113,13 @@ def unitary_apply(
     return _chain(z, diagonals, vectors, coefficients)[-1]
 
 
+def rotate_real(x: torch.Tensor, phases: torch.Tensor, reflections: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """``ρ(U) x`` for real ``x (..., 2n)`` in the parameters' dtype, ``reflections (2, n, 2)`` as real and imaginary
+    parts: :func:`unitary_apply` on the paired features, without autograd bookkeeping of its own."""
+    z = to_complex(x.to(phases.dtype))
+    return to_real(unitary_apply(z, phases, torch.view_as_complex(reflections), angles))
+
+
 def _factors(
     phases: torch.Tensor, reflection_vectors: torch.Tensor, reflection_angles: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,8 +164,7 @@ class UnitaryApply(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, phases, reflections, angles):  # noqa: ANN001, ANN205
         ctx.save_for_backward(x, phases, reflections, angles)
-        z = to_complex(x.to(phases.dtype))
-        return to_real(unitary_apply(z, phases, torch.view_as_complex(reflections), angles))
+        return rotate_real(x, phases, reflections, angles)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
@@ -247,9 +253,7 @@ class UnitaryLayer(AdapterLayer):
         inputs = (x, self.unitary_phases, self.unitary_reflections, self.unitary_angles)
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             return UnitaryApply.apply(*inputs)
-        z = to_complex(x.to(self.unitary_phases.dtype))
-        vectors = torch.view_as_complex(self.unitary_reflections)
-        return to_real(unitary_apply(z, self.unitary_phases, vectors, self.unitary_angles))
+        return rotate_real(*inputs)
 
     def rotation_matrix(self) -> torch.Tensor:
         """Dense ``ρ(U)`` (``in × in``): row j of ``rotate(I)`` is ``(ρ(U) e_j)ᵀ``, so ``ρ(U) = rotate(I)ᵀ``."""
