@@ -302,19 +302,23 @@ def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
     table = time_to_quality(rows)["t"]
     assert table["targets"]["full"] == ("full", 0.5) and table["targets"]["best"] == ("lora", 0.45)
     assert table["methods"]["full"]["reached"]["full"] == (30, 60.0, 3, 3)
+    assert table["full_run_seconds"] == 60.0  # full fine-tuning's whole run: the training seconds at its last step
     assert table["methods"]["lora"]["reached"]["full"] == (20, 20.0, 3, 3)
     assert table["methods"]["lora"]["reached"]["best"] == (30, 30.0, 3, 3)
     assert table["methods"]["slow"]["reached"]["full"] is None
     assert table["methods"]["mixed"]["reached"]["full"] == (20, 20.0, 2, 3)
     assert table["methods"]["mixed"]["reached"]["best"] is None  # one seed of three reached 0.45: not the median
     lines = time_to_quality_lines(rows)
-    assert "| lora | 20 steps, 20.0 s (3/3) | 30 steps, 30.0 s (3/3) |" in lines and "| slow | – | – |" in lines
-    assert "| mixed | 20 steps, 20.0 s (2/3) | – |" in lines
+    assert "| lora | 20 steps, 20.0 s, 0.33× full run (3/3) | 30 steps, 30.0 s, 0.50× full run (3/3) |" in lines
+    assert "| slow | – | – |" in lines and "| mixed | 20 steps, 20.0 s, 0.33× full run (2/3) | – |" in lines
     final_only = [run("once", seed, [0.3], 1.0, "lora") for seed in range(3)]  # evaluated at the end alone
     assert "once" not in time_to_quality(rows + final_only)["t"]["methods"]
     assert time_to_quality_lines(final_only) == []  # no table of "80 steps" everywhere for a bench without eval_every
     full_best = time_to_quality([r for r in rows if r.method in ("full", "slow")])["t"]
     assert full_best["targets"] == {"full": ("full", 0.5)}  # full fine-tuning is the best: one target, one column
+    no_full = time_to_quality([r for r in rows if r.method != "full"])["t"]
+    assert no_full["full_run_seconds"] is None  # without full fine-tuning there is no run to divide by
+    assert not any("× full run (" in line for line in time_to_quality_lines([r for r in rows if r.method != "full"]))
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2], [1, 2]) is None
