@@ -200,7 +200,7 @@ def time_to_quality_plots(rows: list[BenchRow], style: Style, folder: Path) -> l
         if data["full_run_seconds"]:  # the paper's claim read as time to quality: full's loss in half its time
             half = 0.5 * data["full_run_seconds"]
             axis.axvline(half, color="grey", linewidth=0.8, linestyle="--")
-            axis.annotate("½ full run", (half, axis.get_ylim()[1]), fontsize=7, ha="left", va="top")
+            axis.annotate(" ½ full run", (half, 0.98), xycoords=("data", "axes fraction"), fontsize=7, va="top")
         labels = (
             "training time, s (seed mean; evaluation not counted)",
             "held-out loss (seed mean)",
