@@ -323,7 +323,7 @@ def time_to_quality_lines(rows: list[BenchRow]) -> list[str]:
     for task, data in table.items():
         if not data["methods"]:
             continue
-        targets = data["targets"]
+        targets, full_run = data["targets"], data["full_run_seconds"]
         keys = [k for k in ("full", "best") if k in targets]
         heads = [f"to {targets[k][0]}'s {targets[k][1]:.4f}" for k in keys]
         lines += [f"### {task}", "", "| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(keys)]
@@ -335,9 +335,7 @@ def time_to_quality_lines(rows: list[BenchRow]) -> list[str]:
                     cells.append("–")
                 else:
                     steps, seconds, hits, seeds = value
-                    ratio = (
-                        "" if not data["full_run_seconds"] else f", {seconds / data['full_run_seconds']:.2f}× full run"
-                    )
+                    ratio = f", {seconds / full_run:.2f}× full run" if full_run else ""
                     cells.append(f"{steps:.0f} steps, {seconds:.1f} s{ratio} ({hits}/{seeds})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
