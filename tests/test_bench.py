@@ -318,7 +318,8 @@ def test_time_to_quality_reads_the_periodic_evaluations(tmp_path: Path) -> None:
     assert full_best["targets"] == {"full": ("full", 0.5)}  # full fine-tuning is the best: one target, one column
     without_full = [r for r in rows if r.method != "full"]
     assert time_to_quality(without_full)["t"]["full_run_seconds"] is None  # no full fine-tuning run to divide by
-    assert not any("× full run (" in line for line in time_to_quality_lines(without_full))
+    assert not any("× full run" in line for line in time_to_quality_lines(without_full))  # nor its explanation
+    assert any("**× full run**" in line for line in lines)  # explained where the cells carry it
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2], [1, 2]) is None

@@ -314,10 +314,14 @@ def time_to_quality_lines(rows: list[BenchRow]) -> list[str]:
         "median over seeds, a seed that never reached the target counting as never) until the held-out loss, "
         "evaluated every `eval_every` steps, first reaches a target: full fine-tuning's final held-out loss (seed "
         "mean), and the best method's among those with the most seeds. "
-        "(k/n): seeds that reached it. `–`: most seeds never reached it within the run. **× full run**: those "
-        "seconds over full fine-tuning's whole run (its training seconds, median over seeds): below 0.5 is the "
-        "paper's claim of about 2× less training time, read as time to quality. Seconds come from runs made one "
-        "after another, so they carry the machine's drift between runs.",
+        "(k/n): seeds that reached it. `–`: most seeds never reached it within the run. "
+        + (
+            "**× full run**: those seconds over full fine-tuning's whole run (its training seconds, median over "
+            "seeds): below 0.5 is the paper's claim of about 2× less training time, read as time to quality. "
+            if any(t["full_run_seconds"] for t in table.values())
+            else ""
+        )
+        + "Seconds come from runs made one after another, so they carry the machine's drift between runs.",
         "",
     ]
     for task, data in table.items():
