@@ -6,6 +6,7 @@
     python benchmarks/step_time.py --methods lora,hybrid --profile 3   # and where each method's time goes
     python benchmarks/step_time.py --paired lora,hybrid --steps 40      # both in one process, steps alternated
     python benchmarks/step_time.py --paired lora,hybrid --without rotation   # what the rotation costs (timing only)
+    python benchmarks/step_time.py --paired lora,hybrid --native-blocks      # the rotation's products in C++
 
 Prints one markdown table: trainable parameters, median step time (forward + backward + AdamW step), its ratio to
 PEFT LoRA r=8 measured in the same run, and peak memory (process peak RSS on CPU, peak allocated on CUDA) with its
@@ -209,6 +210,53 @@ def leave_out(parts: list[str]) -> None:
         fused._scaled_output, fused.scaled_linear_backward = unscaled, unscaled_backward
 
 
+def use_native_blocks() -> None:
+    """``--native-blocks``: the rotation's block products (forward, the input's gradient, the blocks' gradient) by
+    ``native_blocks.cpp``, one pass over the (tokens × features) tensor each and the 4 × 4 blocks ungrouped, in
+    place of PyTorch's batched product of dense 16-wide groups with its layout copies. The same maths (checked
+    here against the PyTorch path before timing); CPU float32, one butterfly factor. Needs a C++ compiler."""
+    from pathlib import Path
+
+    import torch
+    from torch.utils.cpp_extension import load
+
+    from hybrid_peft.methods import butterfly, fused
+
+    source = Path(__file__).with_name("native_blocks.cpp")
+    native = load("hybrid_peft_bench_blocks", [str(source)], extra_cflags=["-O3"])
+    original_rotate, original_backward = fused.rotate, fused.rotate_backward
+
+    def served(grouped, plan):  # noqa: ANN001, ANN202
+        return grouped.shape[0] == 1 and all(index is None for index in plan) and grouped.dtype == torch.float32
+
+    def rotate(x, grouped, plan):  # noqa: ANN001, ANN202
+        if not served(grouped, plan):
+            return original_rotate(x, grouped, plan)
+        return native.block_product(x.contiguous(), grouped[0].contiguous(), False)
+
+    def rotate_backward(x, grouped, plan, grad, *, want_input, want_blocks):  # noqa: ANN001, ANN202
+        if not served(grouped, plan):
+            return original_backward(x, grouped, plan, grad, want_input=want_input, want_blocks=want_blocks)
+        grad, width = grad.contiguous(), grouped.shape[-1]
+        blocks = native.block_product_grad(x.contiguous(), grad, width)[None] if want_blocks else None
+        return (native.block_product(grad, grouped[0].contiguous(), True) if want_input else None), blocks
+
+    generator = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(2, 48, 576, generator=generator).unbind()
+    skew = torch.randn(144, 6, generator=generator)
+    grouped = butterfly.cayley(butterfly.skew_symmetric(skew, 4))[None]  # (1, N, 4, 4)
+    plan = [None, None]
+    torch.testing.assert_close(rotate(x, grouped, plan), original_rotate(x, grouped, plan), atol=1e-5, rtol=0)
+    for got, expected in zip(
+        rotate_backward(x, grouped, plan, grad, want_input=True, want_blocks=True),
+        original_backward(x, grouped, plan, grad, want_input=True, want_blocks=True),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    butterfly.GROUP_WIDTH = 1  # the blocks ungrouped: the kernel multiplies 4 × 4 blocks directly
+    fused.rotate, fused.rotate_backward = rotate, rotate_backward
+
+
 def paired(args: argparse.Namespace) -> None:
     """Two methods in one process, their steps alternated; the ratio of each adjacent pair of steps."""
     import random
@@ -220,6 +268,8 @@ def paired(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if args.without:
         leave_out(args.without.split(","))
+    if args.native_blocks:
+        use_native_blocks()
     names = [m.strip() for m in args.paired.split(",")]
     if len(names) != 2 or any(n not in method_builders() for n in names):
         raise SystemExit(f"--paired takes two methods, e.g. lora,hybrid; choose from {sorted(method_builders())}")
@@ -248,6 +298,7 @@ def paired(args: argparse.Namespace) -> None:
             if args.without
             else ""
         )
+        + ("; the rotation's block products in C++ (benchmarks/native_blocks.cpp)" if args.native_blocks else "")
         + "\n"
     )
     print(f"| method | step s (median) | × {names[0]} (median of pair ratios) | 95% interval |")
@@ -278,10 +329,18 @@ def main() -> None:
         help="with --paired, for timing only: leave the butterfly layer's rotation and/or scale out "
         f"(comma-separated, from {', '.join(WITHOUT)}), to see what each costs",
     )
+    parser.add_argument(
+        "--native-blocks",
+        action="store_true",
+        help="with --paired: the butterfly rotation's block products by benchmarks/native_blocks.cpp (a C++ kernel "
+        "built on the spot, the same maths) instead of PyTorch's batched products",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.without and (not args.paired or set(args.without.split(",")) - set(WITHOUT)):
         parser.error(f"--without takes {', '.join(WITHOUT)} (comma-separated) and needs --paired")
+    if args.native_blocks and not args.paired:
+        parser.error("--native-blocks needs --paired")
     if args.paired:
         paired(args)
         return
