@@ -339,8 +339,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.without and (not args.paired or set(args.without.split(",")) - set(WITHOUT)):
         parser.error(f"--without takes {', '.join(WITHOUT)} (comma-separated) and needs --paired")
-    if args.native_blocks and not args.paired:
-        parser.error("--native-blocks needs --paired")
+    if args.native_blocks and (not args.paired or args.device != "cpu" or args.dtype != "float32"):
+        parser.error("--native-blocks needs --paired, and runs on --device cpu with --dtype float32")
     if args.paired:
         paired(args)
         return
