@@ -89,12 +89,13 @@ def method_builders() -> dict[str, Callable]:
         "unitary-all-linear": _ours(lambda: UnitaryConfig(targets="all-linear")),
         "hybrid-share": _ours(lambda: HybridConfig.from_dict({**paper, "rule": "share"})),
         "hybrid-sigmoid": _ours(lambda: HybridConfig.from_dict({**paper, "rule": "sigmoid"})),
+        "hybrid-fixed": _ours(lambda: HybridConfig(rule=None)),  # no rule: no λ, no per-step work
         "hybrid-protect-max": _ours(lambda: HybridConfig.from_dict({"rule": {"name": "protect", "gates": "max"}})),
         "hybrid-unitary": _hybrid_unitary,
     }
 
 
-DEFAULT_METHODS = "peft-lora,lora,boft,boft-m2,unitary,hybrid,hybrid-share,hybrid-sigmoid,peft-boft,full"
+DEFAULT_METHODS = "peft-lora,lora,boft,boft-m2,unitary,hybrid,hybrid-fixed,hybrid-share,hybrid-sigmoid,peft-boft,full"
 
 
 def peak_memory_mb(device: str) -> float:

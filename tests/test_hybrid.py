@@ -26,7 +26,7 @@ from hybrid_peft import (
 from hybrid_peft.adapters import adapter_layers
 from hybrid_peft.errors import ConfigError
 from hybrid_peft.methods.hybrid import HybridLayer, hybrid_layers
-from hybrid_peft.methods.mixing import RULES, BranchNorms, ShareRule, SigmoidRule, mixing_rule
+from hybrid_peft.methods.mixing import RULES, BranchNorms, ProtectRule, ShareRule, SigmoidRule, mixing_rule
 from hybrid_peft.telemetry import MixingTelemetry, plot_mixing_heatmap, read_mixing_telemetry
 
 from conftest import DATA, MODEL_FACTORIES, model_output, run_torchrun
@@ -90,15 +90,19 @@ def test_the_gated_update_is_the_same_as_an_explicit_reference() -> None:
         assert (update.abs().max() > 0) and (float(layer.mix) != 0.5), "training should have moved B A and λ"
 
 
-def test_the_default_hybrid_runs_both_branches_at_full_strength_and_the_rotation_at_a_third_of_the_rate() -> None:
+def test_the_default_hybrid_is_protect_with_max_gates_both_branches_at_full_strength_at_the_start() -> None:
     from hybrid_peft.run.loop import make_optimiser
 
     config = HybridConfig(low_rank=LoRAConfig(rank=2))
-    assert config.rule is None and type(config.low_rank) is LoRAConfig and config.orthogonal.lr_scale == 0.3
+    assert config.rule == ProtectRule(gates="max") and type(config.low_rank) is LoRAConfig
+    assert config.orthogonal.lr_scale == 0.3
+    assert HybridConfig.from_dict({"rule.temperature": 2.0}).rule == ProtectRule(gates="max", temperature=2.0)
+    assert HybridConfig.from_dict({"rule": "share"}).rule == ShareRule()  # a named rule starts from its own defaults
     model = attach(MODEL_FACTORIES["llama"](), config)
     layers = hybrid_layers(model)
-    assert all(tuple(float(g) for g in layer.gates()) == (1.0, 1.0) for layer in layers.values())
-    assert not any("mix" in layer.adapter_state() for layer in layers.values())  # no λ at all
+    assert all(tuple(float(g) for g in layer.gates()) == (1.0, 1.0) for layer in layers.values())  # λ = 0.5
+    fixed = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2), rule=None))
+    assert not any("mix" in layer.adapter_state() for layer in hybrid_layers(fixed).values())  # no λ at all
     optimizer, schedule = make_optimiser(model, learning_rate=1e-2, weight_decay=0.0, steps=10, warmup_steps=0)
     before = hybrid_snapshot(model)
     for batch in random_batches(1, seed=3):
@@ -132,11 +136,14 @@ def test_mix_is_a_buffer_the_optimiser_never_sees() -> None:
     assert all(p is not layer.mix for p in model.parameters())
     assert "mix" in dict(layer.named_buffers()) and "mix" in layer.adapter_state()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    seen = []  # λ before and after the optimiser's own update (its hooks run after the rule's global pre-step hook)
+    optimizer.register_step_pre_hook(lambda *_: seen.append(float(layer.mix)))
+    optimizer.register_step_post_hook(lambda *_: seen.append(float(layer.mix)))
     for batch in random_batches(3):
         model(**batch).loss.backward()
-        optimizer.step()  # no update_mixing: λ must not move
+        optimizer.step()  # the rule sets λ before the step; the step itself must not move it
         optimizer.zero_grad()
-    assert all(float(m.mix) == pytest.approx(0.3) for m in hybrid_layers(model).values())
+    assert seen[0::2] == seen[1::2] and seen[0] != 0.3
     assert all(id(p) != id(layer.mix) for group in optimizer.param_groups for p in group["params"])
 
 
@@ -394,7 +401,7 @@ def test_lambda_identical_across_two_data_parallel_processes(tmp_path) -> None: 
         ({"rule": {"name": "share", "mix_init": 0.99}}, "rule.mix_init:"),
         ({"rule": {"name": "share", "ema": 1.0}}, "rule.ema:"),
         ({"rule": {"name": "share", "gates": "min"}}, "rule.gates:"),
-        ({"rule.ema": 0.5}, "rule: settings"),
+        ({"rule": "none", "rule.ema": 0.5}, "rule: settings"),
         ({"low_rank": "boft"}, "low_rank: a 'boft' config cannot be the low_rank part"),
         ({"low_rank": {"rank": 0}}, "low_rank: rank: must be >= 1"),
         ({"orthogonal": {"block_size": 0}}, "orthogonal: block_size/block_num"),
@@ -519,10 +526,10 @@ def test_hybrid_unitary_composes_unitary_attention_and_the_hybrid_elsewhere(tiny
 
 
 def test_only_a_hybrid_with_a_rule_has_a_per_step_hook() -> None:
-    """At the default (λ fixed) the training loop has nothing to run after backward: no gradient norms, no host read."""
+    """With the fixed hybrid (rule=None) the loop has nothing to run after backward: no gradient norms, no host read."""
     from hybrid_peft.adapters import after_backward_hooks
 
-    fixed = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2)))
+    fixed = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2), rule=None))
     assert after_backward_hooks(fixed) == []
     assert all(layer.rotation_factor() is None for layer in hybrid_layers(fixed).values())
     shared = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2), rule=ShareRule()))

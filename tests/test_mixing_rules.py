@@ -4,6 +4,7 @@ start, save/load and merge for each."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -19,10 +20,12 @@ from hybrid_peft import (
     SpectrumRule,
     attach,
     lora_ga_initialise,
+    parameter_groups,
     update_mixing,
 )
 from hybrid_peft.adapters import after_backward_hooks
 from hybrid_peft.errors import ConfigError
+from hybrid_peft.methods import mixing
 from hybrid_peft.methods.hybrid import hybrid_layers
 from hybrid_peft.methods.mixing import BranchNorms, mixing_rule
 
@@ -120,3 +123,46 @@ def test_spectrum_needs_the_gradient_estimate_of_a_lora_ga_start() -> None:
     with pytest.raises(ConfigError, match="spectrum.*LoRAGAConfig"):
         HybridConfig(low_rank=LoRAConfig(rank=2), rule=SpectrumRule())
     assert HybridConfig.from_dict({"low_rank": "lora-ga", "rule": "spectrum"}).rule == SpectrumRule()
+
+
+def _trained_default_hybrid(steps: int, *, explicit: bool, accumulate: int = 1) -> nn.Module:
+    """The default hybrid after ``steps`` AdamW steps of a plain loop, with or without ``update_mixing`` calls."""
+    torch.manual_seed(0)
+    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2)))
+    optimizer = torch.optim.AdamW(parameter_groups(model, 1e-2))
+    batches = iter(random_batches(steps * accumulate, seed=5))
+    for _ in range(steps):
+        for _ in range(accumulate):
+            model(**next(batches)).loss.backward()
+        if explicit:
+            update_mixing(model)
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def test_the_default_rule_runs_once_per_optimiser_step_in_any_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain loop that never calls update_mixing gets the rule from the optimiser-step hook, exactly as a loop that
+    calls it (the hook then leaves the step alone: no second update of λ)."""
+    by_hook = _trained_default_hybrid(3, explicit=False)
+    by_call = _trained_default_hybrid(3, explicit=True)
+    mixes = {name: float(layer.mix) for name, layer in hybrid_layers(by_hook).items()}
+    assert len(set(mixes.values())) > 1 and all(m != 0.5 for m in mixes.values()), "λ moved, per layer"
+    assert mixes == {name: float(layer.mix) for name, layer in hybrid_layers(by_call).items()}
+    torch.testing.assert_close(dict(by_hook.named_parameters()), dict(by_call.named_parameters()), atol=0, rtol=0)
+    torch.save(by_hook, io.BytesIO())  # nothing unpicklable was set on the model or its parameters
+
+    calls = []
+    real = mixing.mixing_step
+    monkeypatch.setattr(mixing, "mixing_step", lambda layers, **kw: calls.append(len(layers)) or real(layers, **kw))
+    _trained_default_hybrid(2, explicit=False, accumulate=3)  # three backward passes per step: one update per step
+    assert len(calls) == 2
+    plain = nn.Linear(4, 4)
+    other = torch.optim.SGD(plain.parameters(), lr=0.1)  # an optimiser holding no hybrid parameter: not touched
+    plain(torch.randn(2, 4)).sum().backward()
+    other.step()
+    fixed = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2), rule=None))
+    optimizer = torch.optim.AdamW(parameter_groups(fixed, 1e-2))
+    fixed(**random_batches(1)[0]).loss.backward()
+    optimizer.step()  # the fixed hybrid has no rule to run
+    assert len(calls) == 2

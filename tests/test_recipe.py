@@ -232,7 +232,7 @@ def test_two_processes_train_in_sync_and_only_rank_zero_writes(tiny_lm: str, tmp
             "--set",
             "rank=2",
             "--set",
-            "rule=share",  # a per-step rule, so each step writes λ (the default, fixed λ, writes none)
+            "rule=share",  # a per-step rule, so each step writes λ (the fixed hybrid, rule=none, writes none)
             "--steps",
             "4",
             "--batch-size",

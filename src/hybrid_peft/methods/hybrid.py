@@ -6,10 +6,13 @@ low-rank branch and a BOFT orthogonal branch over one frozen weight and one base
     B A, s_lora   the low-rank part: a LoRAConfig (B = 0 at the start, B0 A0 = 0) or a LoRAGAConfig (the paper's
                   gradient-aligned start: A = A0, B = B0 from LoRA-GA's gradient estimate; see methods/lora_ga.py)
     R(K), s       the orthogonal part: a BOFTConfig (butterfly rotation of the input, per-output scale)
-    g_lr, g_orth  1 and 1 without a rule (the default: both branches at full strength); with a rule, the gates of
-                  the layer's mix λ (methods/mixing.py: the paper's gradient-norm rules ``share`` and ``sigmoid``;
-                  ``pressure`` and ``protect`` from the relative gradient pressure ‖∇W‖/‖W0‖; ``spectrum`` from
-                  the gradient estimate's top-r energy share, set at the LoRA-GA start), each with its hypothesis
+    g_lr, g_orth  the gates of the layer's mix λ, set by a rule from gradient norms (methods/mixing.py, each rule
+                  with its hypothesis). The default, ``protect`` with max gates: λ from the relative gradient
+                  pressure ‖∇W‖/‖W0‖, the layers the task pulls hardest leaning on the rotation, both gates over
+                  max(λ, 1 − λ) so the favoured branch runs at full strength. Also the paper's ``share`` and
+                  ``sigmoid``, ``pressure`` (protect's opposite) and ``spectrum`` (the gradient estimate's top-r
+                  energy share, set at the LoRA-GA start). Without a rule (``rule=None``, the fixed hybrid) both
+                  gates are 1 and there is no per-step work.
 
 W_eff = W0 at the start either way, so the model is unchanged at step 0, and merging is exact (the merged weight is
 W_eff). With a LoRA-GA start the learnt update B A − B0 A0 is one rank-2r product x [A; A0]ᵀ [B, −B0]ᵀ on the
@@ -17,8 +20,10 @@ unmodified base, so the base is never offset (a quantised base works as it is).
 
 Each part's parameters train at the run's rate times the part's ``lr_scale``: 1 for the low-rank part (LoRA's rate),
 0.3 for the rotation by default (:func:`hybrid_peft.parameter_groups` applies it; the recipe does). With a rule, λ is a
-buffer, never a parameter: the layer's ``after_backward`` hook sets every layer's λ after each backward pass, and λ is
-saved with the adapter. Adapter files of earlier formats are converted on load (``methods/hybrid_formats.py``).
+buffer, never a parameter: the rule sets every layer's λ once per optimiser step, after the backward pass (the layer's
+``after_backward`` hook in the recipe; in any other loop a hook on the optimiser's step, installed when the hybrid is
+attached), and λ is saved with the adapter. Adapter files of earlier formats are converted on load
+(``methods/hybrid_formats.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +46,15 @@ from hybrid_peft.methods.fused import butterfly_linear
 from hybrid_peft.methods.hybrid_formats import upgrade_hybrid
 from hybrid_peft.methods.lora import LoRAConfig, LowRankBranch
 from hybrid_peft.methods.lora_ga import GradientAlignedStart, LoRAGAConfig
-from hybrid_peft.methods.mixing import MixingRule, SpectrumRule, mixing_rule, mixing_step
+from hybrid_peft.methods.mixing import (
+    DEFAULT_RULE,
+    MixingRule,
+    SpectrumRule,
+    join_step_hooks,
+    mixing_rule,
+    mixing_step,
+    register_parameters,
+)
 from hybrid_peft.methods.rotations import ButterflyBranch
 from hybrid_peft.registry import get_method, register_method
 
@@ -56,10 +69,12 @@ class HybridConfig(AdapterConfig):
         low_rank: a :class:`LoRAConfig` (default rank 8, alpha 16) or a :class:`LoRAGAConfig` (the paper's start).
         orthogonal: a :class:`BOFTConfig`; the hybrid's default trains the rotation at 0.3× the run's rate
             (``BOFTConfig(lr_scale=0.3)``; a part you pass keeps its own ``lr_scale``, 1 unless you set it).
-        rule: None (both branches at full strength, no per-step work), or a :class:`ShareRule` /
-            :class:`SigmoidRule` (the paper's gradient-norm mix), :class:`PressureRule` / :class:`ProtectRule`
-            (λ from the relative gradient pressure ‖∇W‖/‖W0‖, either way round) or :class:`SpectrumRule` (λ from
-            the gradient's top-r energy share, with a ``LoRAGAConfig`` part); methods/mixing.py has each hypothesis.
+        rule: the mixing rule; default ``ProtectRule(gates="max")`` (:data:`~hybrid_peft.methods.mixing.DEFAULT_RULE`:
+            λ from the relative gradient pressure ‖∇W‖/‖W0‖, the strongest through the rotation). None is the fixed
+            hybrid (both branches at full strength, no per-step work). Also :class:`ShareRule` /
+            :class:`SigmoidRule` (the paper's gradient-norm mix), :class:`PressureRule` (protect's opposite) or
+            :class:`SpectrumRule` (λ from the gradient's top-r energy share, with a ``LoRAGAConfig`` part);
+            methods/mixing.py has each hypothesis.
 
     From a dict (``from_dict``, the CLI's ``--set``, bench profiles) each part is a mapping or a method name
     (``low_rank: lora-ga``), ``rule`` a name or ``{name: share, ema: 0.8}``; dotted keys reach inside
@@ -71,7 +86,7 @@ class HybridConfig(AdapterConfig):
 
     low_rank: LoRAConfig = LoRAConfig()
     orthogonal: BOFTConfig = BOFTConfig(lr_scale=0.3)
-    rule: MixingRule | None = None
+    rule: MixingRule | None = DEFAULT_RULE
 
     keeps_output = True  # one scaled linear for both branches, as BOFT's
     default_learning_rate = 1e-3  # the low-rank branch trains at LoRA's rate
@@ -144,6 +159,8 @@ class HybridConfig(AdapterConfig):
         data = dict(data)
         method = {"method": data.pop("method")} if "method" in data else {}
         data = method | _nested(data)
+        if isinstance(data.get("rule"), dict) and "name" not in data["rule"]:  # settings of the default rule
+            data["rule"] = DEFAULT_RULE.to_dict() | data["rule"]
         for name in PARTS:
             if name in data:
                 data[name] = _part(name, data[name], strict=strict)
@@ -248,6 +265,8 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         self.rotation_dropout = orthogonal.dropout
         if config.rule is not None:  # λ: a buffer, saved, never optimised
             self.register_buffer("mix", torch.tensor(config.rule.mix_init, **factory))
+            self.mixed_since_step = False  # set by mixing_step, cleared after each optimiser step
+            self.mixing_group: Any = None  # the model's layers with a per-step rule (set when attached)
 
     @property
     def initialised(self) -> bool:
@@ -280,6 +299,15 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
 
     def rotation_inputs(self) -> tuple[torch.Tensor, ...]:
         return (self.boft_skew, self.boft_scale) + (() if self.config.rule is None else (self.mix,))
+
+    @classmethod
+    def after_attach(cls, model: nn.Module) -> None:
+        """Link the rotations (BOFT's), and let a per-step rule run by itself at each optimiser step."""
+        super().after_attach(model)
+        layers = hybrid_layers(model).items()
+        per_step = {n: m for n, m in layers if m.config.rule is not None and m.config.rule.per_step}
+        if per_step:
+            join_step_hooks(per_step)
 
     @classmethod
     def after_backward(cls, layers: dict[str, HybridLayer], *, sharded: bool = False) -> Callable[[], dict] | None:
@@ -328,6 +356,8 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.training and self.lora_B.requires_grad:
+            register_parameters(self)  # so the rule's optimiser-step hook finds them (methods/mixing.py)
         x2d = x.reshape(-1, self.in_features)  # computed in x's dtype; the adapter's weights are cast to it
         grouped, small_scale = self.grouped_rotations()
         grouped = compute_copy(grouped, x2d)

@@ -1,6 +1,16 @@
 """The hybrid's mixing rules: λ per layer from gradient norms, set after each backward pass and before the optimiser
 step (:func:`mixing_step`, the hybrid layer's ``after_backward`` hook), clamped to [λmin, 1 − λmin]. A rule is a small
-frozen dataclass with its own settings; ``HybridConfig(rule=None)`` (the default) has no λ and no per-step work.
+frozen dataclass with its own settings. The hybrid's default is :data:`DEFAULT_RULE`, ``protect`` with max gates (the
+one rule that moved the learn–forget frontier in BENCHMARKS.md); ``HybridConfig(rule=None)`` is the fixed hybrid, with
+no λ and no per-step work.
+
+In any training loop the rule runs by itself once per optimiser step: attaching a hybrid with a per-step rule installs
+one process-wide hook on ``torch.optim`` optimisers (:func:`join_step_hooks`) that, before an optimiser holding the
+hybrid's parameters steps, runs the rule unless :func:`mixing_step` already ran since that model's last step (the
+recipe and the Trainer callback call it explicitly, for its telemetry). Each layer makes its parameters known to the
+hook in its training forward, so a copied model (``copy.deepcopy``) is found too. FSDP2 swaps its sharded parameters
+out of the modules around each forward, so there call ``update_mixing(model)`` after the backward pass yourself (the
+recipe does); sharded gradients (DTensors) are detected and their squared norms all-reduced.
 
 :class:`ShareRule` (``"share"``)
     Hypothesis: a branch whose gradient is large has more to learn, so it should get more of the layer.
@@ -38,10 +48,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hybrid_peft.config import require_choice, require_float
 from hybrid_peft.errors import ConfigError, HybridPeftError
@@ -201,6 +214,7 @@ class SpectrumRule(MixingRule):
 RULES: dict[str, type[MixingRule]] = {
     rule.name: rule for rule in (ShareRule, SigmoidRule, PressureRule, ProtectRule, SpectrumRule)
 }
+DEFAULT_RULE = ProtectRule(gates="max")  # the hybrid's default: λ only allocates, the favoured branch at full strength
 
 
 def mixing_rule(value: MixingRule | str | dict[str, Any] | None) -> MixingRule | None:
@@ -215,7 +229,8 @@ def mixing_rule(value: MixingRule | str | dict[str, Any] | None) -> MixingRule |
     name = settings.pop("name", None)
     if name in (None, "none"):
         if settings:
-            raise ConfigError(f"rule: settings {sorted(settings)} without a rule; add name: share or sigmoid")
+            rules = ", ".join(RULES)
+            raise ConfigError(f"rule: settings {sorted(settings)} without a rule; drop them, or name a rule ({rules})")
         return None
     if name not in RULES:
         raise ConfigError(f"rule: {name!r} is not one of {['none', *RULES]}")
@@ -295,6 +310,9 @@ def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dic
     layers = {name: layer for name, layer in layers.items() if layer.config.rule is not None}
     if not layers:
         return {}
+    for layer in layers.values():
+        layer.mixed_since_step = True  # the optimiser-step hook (join_step_hooks) leaves this step alone
+    sharded = sharded or any(hasattr(layer.lora_B.grad, "to_local") for layer in layers.values())  # FSDP2's DTensors
     rms_tensor = _branch_rms(list(layers.values()), sharded=sharded)
     mix_tensor = torch.stack([layer.mix.to(rms_tensor) for layer in layers.values()])
     values = torch.cat([rms_tensor, mix_tensor]).tolist()  # the norms and every λ in one read to the host
@@ -323,3 +341,75 @@ def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dic
             if rule.needs_pressure:
                 records[name]["pressure"] = norms[name].pressure
     return records
+
+
+# --- the rule in any training loop: optimiser-step hooks ------------------------------------------------------------
+
+
+class MixingGroup:
+    """The per-step-rule layers of one model (a rule compares the layers of one config: the sigmoid's mean), shared
+    by those layers as ``layer.mixing_group``; a copied model (``copy.deepcopy``) gets its own copy of the group."""
+
+    def __init__(self, layers: dict[str, HybridLayer]) -> None:
+        self.layers = layers
+
+
+# each hybrid B parameter → a weak reference to its layers' group. Keyed by identity (a Tensor's == is elementwise),
+# weak both ways so models and optimisers are freed as usual, and nothing is set on the parameter (it still pickles).
+_GROUP_OF: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_hooks_installed = False
+
+
+def join_step_hooks(model_layers: dict[str, HybridLayer]) -> None:
+    """Give ``model_layers`` (one model's layers with a per-step rule) one group and, once per process, register the
+    global optimiser-step hooks that run the group's rule before each step of an optimiser holding its parameters
+    (module docstring)."""
+    global _hooks_installed
+    group = MixingGroup(model_layers)
+    for layer in model_layers.values():
+        layer.mixing_group = group
+        layer.mixed_since_step = False
+        register_parameters(layer)
+    if not _hooks_installed:
+        register_optimizer_step_pre_hook(_mix_before_step)
+        register_optimizer_step_post_hook(_after_step)
+        _hooks_installed = True
+
+
+def register_parameters(layer: HybridLayer) -> None:
+    """Map the layer's B parameter to its group, if it is not yet (called by the layer's forward in training, so a
+    copied model's new parameters, and FSDP2's sharded ones, are found too): one dictionary lookup."""
+    group = getattr(layer, "mixing_group", None)
+    if group is not None:
+        known = _GROUP_OF.get(layer.lora_B)
+        if known is None or known() is not group:
+            _GROUP_OF[layer.lora_B] = weakref.ref(group)
+
+
+def _groups_of(optimizer: torch.optim.Optimizer) -> list[MixingGroup]:
+    """The groups whose parameters ``optimizer`` holds (none for most optimisers: one lookup a parameter)."""
+    if not _GROUP_OF:
+        return []
+    groups: dict[int, MixingGroup] = {}
+    for param_group in optimizer.param_groups:
+        for p in param_group["params"]:
+            reference = _GROUP_OF.get(p)
+            group = reference() if reference is not None else None
+            if group is not None:
+                groups[id(group)] = group
+    return list(groups.values())
+
+
+@torch.no_grad()
+def _mix_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for group in _groups_of(optimizer):
+        layers = {name: layer for name, layer in group.layers.items() if not layer.merged}
+        pending = [layer for layer in layers.values() if not layer.mixed_since_step]
+        if pending and any(layer.lora_B.grad is not None for layer in pending):  # no gradient: nothing to mix on
+            mixing_step(layers)
+
+
+def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for group in _groups_of(optimizer):
+        for layer in group.layers.values():
+            layer.mixed_since_step = False
