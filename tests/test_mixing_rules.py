@@ -166,3 +166,17 @@ def test_the_default_rule_runs_once_per_optimiser_step_in_any_loop(monkeypatch: 
     fixed(**random_batches(1)[0]).loss.backward()
     optimizer.step()  # the fixed hybrid has no rule to run
     assert len(calls) == 2
+
+
+def test_a_loop_the_step_hook_cannot_see_is_warned_once() -> None:
+    """A loop that updates the weights by hand (as under FSDP2, whose parameters the hook does not know) never runs
+    the rule: after UNMIXED_FORWARDS training forward passes one warning says so and how to fix it."""
+    model = attach(MODEL_FACTORIES["llama"](), HybridConfig(low_rank=LoRAConfig(rank=2))).train()
+    batch = random_batches(1)[0]
+    with pytest.warns(UserWarning, match=r"mixing rule \(protect\) has not run in 64 .*update_mixing\(model\)") as seen:
+        for _ in range(mixing.UNMIXED_FORWARDS + 10):
+            model(**batch)
+    assert len([w for w in seen if "mixing rule" in str(w.message)]) == 1
+    model(**batch).loss.backward()
+    update_mixing(model)  # the rule ran: the count starts again
+    assert all(layer.forwards_since_mix == 0 for layer in hybrid_layers(model).values())

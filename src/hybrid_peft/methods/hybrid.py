@@ -53,7 +53,7 @@ from hybrid_peft.methods.mixing import (
     join_step_hooks,
     mixing_rule,
     mixing_step,
-    register_parameters,
+    note_training_forward,
 )
 from hybrid_peft.methods.rotations import ButterflyBranch
 from hybrid_peft.registry import get_method, register_method
@@ -267,6 +267,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
             self.register_buffer("mix", torch.tensor(config.rule.mix_init, **factory))
             self.mixed_since_step = False  # set by mixing_step, cleared after each optimiser step
             self.mixing_group: Any = None  # the model's layers with a per-step rule (set when attached)
+            self.forwards_since_mix = 0  # training forward passes since the rule last ran
 
     @property
     def initialised(self) -> bool:
@@ -357,7 +358,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
         if self.merged:
             return self.base_layer(x)
         if self.training and self.lora_B.requires_grad:
-            register_parameters(self)  # so the rule's optimiser-step hook finds them (methods/mixing.py)
+            note_training_forward(self)  # the rule's optimiser-step hook finds this layer (methods/mixing.py)
         x2d = x.reshape(-1, self.in_features)  # computed in x's dtype; the adapter's weights are cast to it
         grouped, small_scale = self.grouped_rotations()
         grouped = compute_copy(grouped, x2d)

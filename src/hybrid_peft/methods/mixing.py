@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -312,6 +313,7 @@ def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dic
         return {}
     for layer in layers.values():
         layer.mixed_since_step = True  # the optimiser-step hook (join_step_hooks) leaves this step alone
+        layer.forwards_since_mix = 0
     sharded = sharded or any(hasattr(layer.lora_B.grad, "to_local") for layer in layers.values())  # FSDP2's DTensors
     rms_tensor = _branch_rms(list(layers.values()), sharded=sharded)
     mix_tensor = torch.stack([layer.mix.to(rms_tensor) for layer in layers.values()])
@@ -352,6 +354,7 @@ class MixingGroup:
 
     def __init__(self, layers: dict[str, HybridLayer]) -> None:
         self.layers = layers
+        self.warned = False  # note_training_forward's warning, once per group
 
 
 # each hybrid B parameter → a weak reference to its layers' group. Keyed by identity (a Tensor's == is elementwise),
@@ -369,21 +372,35 @@ def join_step_hooks(model_layers: dict[str, HybridLayer]) -> None:
     for layer in model_layers.values():
         layer.mixing_group = group
         layer.mixed_since_step = False
-        register_parameters(layer)
+        _GROUP_OF[layer.lora_B] = weakref.ref(group)
     if not _hooks_installed:
         register_optimizer_step_pre_hook(_mix_before_step)
         register_optimizer_step_post_hook(_after_step)
         _hooks_installed = True
 
 
-def register_parameters(layer: HybridLayer) -> None:
-    """Map the layer's B parameter to its group, if it is not yet (called by the layer's forward in training, so a
-    copied model's new parameters, and FSDP2's sharded ones, are found too): one dictionary lookup."""
+UNMIXED_FORWARDS = 64  # training forward passes without the rule before the warning (more than any accumulation)
+
+
+def note_training_forward(layer: HybridLayer) -> None:
+    """Called by the layer's forward in training: map its B parameter to its group if it is not yet (so a copied
+    model's new parameters are found too; one dictionary lookup), and warn once when the rule has not run for
+    :data:`UNMIXED_FORWARDS` forward passes (a loop the optimiser-step hook cannot see, such as FSDP2's)."""
     group = getattr(layer, "mixing_group", None)
-    if group is not None:
-        known = _GROUP_OF.get(layer.lora_B)
-        if known is None or known() is not group:
-            _GROUP_OF[layer.lora_B] = weakref.ref(group)
+    if group is None:
+        return
+    known = _GROUP_OF.get(layer.lora_B)
+    if known is None or known() is not group:
+        _GROUP_OF[layer.lora_B] = weakref.ref(group)
+    layer.forwards_since_mix += 1
+    if layer.forwards_since_mix == UNMIXED_FORWARDS and not group.warned:
+        group.warned = True
+        warnings.warn(
+            f"the hybrid's mixing rule ({layer.config.rule.name}) has not run in {UNMIXED_FORWARDS} training forward "
+            "passes, so λ stays where it was: call hybrid_peft.update_mixing(model) after each backward pass (under "
+            "FSDP2 the optimiser-step hook cannot run it), or use rule=None for the fixed hybrid",
+            stacklevel=3,
+        )
 
 
 def _groups_of(optimizer: torch.optim.Optimizer) -> list[MixingGroup]:
