@@ -397,8 +397,9 @@ def hybrid_layers(model: nn.Module) -> dict[str, HybridLayer]:
 
 @torch.no_grad()
 def update_mixing(model: nn.Module, *, sharded: bool = False) -> dict[str, dict[str, float]]:
-    """Set every hybrid layer's λ by its rule from the current gradients; call after ``backward()``, before the
-    optimiser step (the recipe and :class:`hybrid_peft.HybridPeftCallback` do). Returns ``{layer: {"lambda",
+    """Set every hybrid layer's λ by its rule from the current gradients, after ``backward()`` and before the optimiser
+    step (the recipe and :class:`hybrid_peft.HybridPeftCallback` call it; in other loops a ``torch.optim`` optimiser's
+    step runs it, except under FSDP2: methods/mixing.py). Returns ``{layer: {"lambda",
     "grad_low_rank", "grad_orthogonal"}}`` for telemetry. With ``sharded=True`` (FSDP) the squared gradient norms
     are summed across ranks before the rule runs."""
     return mixing_step(hybrid_layers(model), sharded=sharded)
