@@ -301,19 +301,23 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
     def rotation_inputs(self) -> tuple[torch.Tensor, ...]:
         return (self.boft_skew, self.boft_scale) + (() if self.config.rule is None else (self.mix,))
 
+    @property
+    def rule_runs_each_step(self) -> bool:
+        """Whether the layer's rule sets λ after every backward pass (not the fixed hybrid, not ``spectrum``)."""
+        return self.config.rule is not None and self.config.rule.per_step
+
     @classmethod
     def after_attach(cls, model: nn.Module) -> None:
         """Link the rotations (BOFT's), and let a per-step rule run by itself at each optimiser step."""
         super().after_attach(model)
-        layers = hybrid_layers(model).items()
-        per_step = {n: m for n, m in layers if m.config.rule is not None and m.config.rule.per_step}
+        per_step = {name: layer for name, layer in hybrid_layers(model).items() if layer.rule_runs_each_step}
         if per_step:
             join_step_hooks(per_step)
 
     @classmethod
     def after_backward(cls, layers: dict[str, HybridLayer], *, sharded: bool = False) -> Callable[[], dict] | None:
         """The mixing rule after each backward pass (:func:`mixing_step`); None when no layer has a per-step rule."""
-        if not any(layer.config.rule is not None and layer.config.rule.per_step for layer in layers.values()):
+        if not any(layer.rule_runs_each_step for layer in layers.values()):
             return None
         return lambda: mixing_step(layers, sharded=sharded)
 
