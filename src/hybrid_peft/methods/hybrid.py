@@ -361,7 +361,7 @@ class HybridLayer(GradientAlignedStart, LowRankBranch, ButterflyBranch, AdapterL
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        if self.training and self.lora_B.requires_grad:
+        if self.training and self.lora_B.requires_grad and not torch.compiler.is_compiling():
             note_training_forward(self)  # the rule's optimiser-step hook finds this layer (methods/mixing.py)
         x2d = x.reshape(-1, self.in_features)  # computed in x's dtype; the adapter's weights are cast to it
         grouped, small_scale = self.grouped_rotations()

@@ -59,7 +59,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from hybrid_peft.config import require_choice, require_float
 from hybrid_peft.errors import ConfigError, HybridPeftError
-from hybrid_peft.norms import grouped_squared_norms
 
 if TYPE_CHECKING:
     from hybrid_peft.methods.hybrid import HybridLayer
@@ -252,44 +251,61 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _branch_rms(layers: list[HybridLayer], *, sharded: bool) -> torch.Tensor:
-    """``[‖∇_{A,B}‖/√n, ‖∇_K‖/√n]`` per layer, flattened, in float64 on the first layer's device: every gradient's
-    norm in one batched (foreach) pass, summed per branch. With ``sharded`` (FSDP2) each process holds a shard of
-    every gradient: the squared norms of the shards are all-reduced first."""
-    grads, owners, counts = [], [], []
-    for layer in layers:
-        for params in (layer.low_rank_parameters(), layer.orthogonal_parameters()):
+def _gradient_norms(
+    layers: list[HybridLayer], *, sharded: bool, pressure: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per layer, ``[‖∇_{A,B}‖/√n, ‖∇_K‖/√n]`` (flattened, ``2L``) and, with ``pressure``, the relative pressure
+    ``pℓ = ‖∇Wℓ‖/‖W0ℓ‖`` (``L``), with ``‖∇W‖ ≈ ‖∇B‖·√in / (g·s·‖A‖)`` (module docstring); float64 on the first
+    layer's device. Every norm comes from one batched (foreach) pass over the gradients (and ``A`` itself for the
+    pressure); ‖W0‖ is computed once per layer (the base is frozen). With ``sharded`` (FSDP2) each process holds a
+    shard of every tensor: the squared norms of the shards are all-reduced first."""
+    device = layers[0].mix.device
+    tensors, branch_of, counts, b_slot = [], [], [], []
+    for i, layer in enumerate(layers):
+        b_slot.append(-1)
+        for branch, params in enumerate((layer.low_rank_parameters(), layer.orthogonal_parameters())):
             for p in params:
                 if p.grad is not None:
-                    grads.append(_local(p.grad).detach())
-                    owners.append(len(counts))
+                    if p is layer.lora_B:
+                        b_slot[i] = len(tensors)
+                    tensors.append(_local(p.grad))
+                    branch_of.append(2 * i + branch)
             counts.append(sum(p.numel() for p in params))
-    device = layers[0].mix.device
-    squares = grouped_squared_norms(grads, owners, len(counts), device)
+    a_start = len(tensors)
+    if pressure:
+        tensors.extend(_local(layer.lora_A) for layer in layers)
+    squares = torch.zeros(len(tensors) + 1, dtype=torch.float64, device=device)  # the last: 0 for a missing ∇B
+    if tensors:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+        on_device = all(n.device == device for n in norms)  # a model spread over devices: one place to sum
+        squares[:-1] = torch.stack(norms if on_device else [n.to(device) for n in norms]).square()
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(squares)
-    return (squares / torch.tensor(counts, dtype=torch.float64, device=device)).sqrt()
-
-
-def _relative_pressures(layers: list[HybridLayer], *, sharded: bool) -> torch.Tensor:
-    """pℓ = ‖∇Wℓ‖/‖W0ℓ‖ per layer, ‖∇W‖ ≈ ‖∇B‖·√in / (g·s·‖A‖) from the low-rank branch (module docstring);
-    float64 on the first layer's device. ‖W0‖ is computed once per layer (the base is frozen)."""
-    device = layers[0].mix.device
-    grads, owners = [], []
-    for i, layer in enumerate(layers):
-        if layer.lora_B.grad is not None:
-            grads.append(_local(layer.lora_B.grad).detach())
-            owners.append(2 * i)
-        grads.append(_local(layer.lora_A).detach())
-        owners.append(2 * i + 1)
-    squares = grouped_squared_norms(grads, owners, 2 * len(layers), device)
-    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(squares)
-    gradient, a_norm = squares.view(-1, 2).sqrt().unbind(1)
+    branches = torch.zeros(len(counts), dtype=torch.float64, device=device)
+    branches.index_add_(0, torch.tensor(branch_of, device=device, dtype=torch.long), squares[:a_start])
+    rms = (branches / torch.tensor(counts, dtype=torch.float64, device=device)).sqrt()
+    if not pressure:
+        return rms, None
+    gradient = squares[torch.tensor(b_slot, device=device)].sqrt()  # ‖∇B‖ (index −1: the trailing 0)
+    a_norm = squares[a_start:-1].sqrt()
     base = torch.tensor([_base_norm(layer, sharded=sharded) for layer in layers], dtype=torch.float64, device=device)
-    gates = torch.stack([layer.config.rule.shares(layer.mix)[0] for layer in layers]).to(torch.float64)
     scale = torch.tensor([math.sqrt(layer.in_features) / layer.lora_scaling for layer in layers], dtype=torch.float64)
-    return gradient * scale.to(device) / (gates * a_norm * base).clamp_min(1e-30)
+    gates = _low_rank_gates(layers).to(torch.float64)
+    return rms, gradient * scale.to(device) / (gates * a_norm * base).clamp_min(1e-30)
+
+
+def _low_rank_gates(layers: list[HybridLayer]) -> torch.Tensor:
+    """Every layer's current low-rank gate, as ``layer.gates()[0]`` gives it, computed once per rule for all its
+    layers (the gates are elementwise in λ, so the values are the same)."""
+    mixes = torch.stack([layer.mix for layer in layers])
+    gates = torch.empty_like(mixes)
+    by_rule: dict[MixingRule, list[int]] = {}
+    for i, layer in enumerate(layers):
+        by_rule.setdefault(layer.config.rule, []).append(i)
+    for rule, indices in by_rule.items():
+        index = torch.tensor(indices, device=mixes.device)
+        gates[index] = rule.shares(mixes[index])[0]
+    return gates
 
 
 def _base_norm(layer: HybridLayer, *, sharded: bool) -> float:
@@ -315,15 +331,17 @@ def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dic
         layer.mixed_since_step = True  # the optimiser-step hook (join_step_hooks) leaves this step alone
         layer.forwards_since_mix = 0
     sharded = sharded or any(hasattr(layer.lora_B.grad, "to_local") for layer in layers.values())  # FSDP2's DTensors
-    rms_tensor = _branch_rms(list(layers.values()), sharded=sharded)
+    needs_pressure = any(layer.config.rule.needs_pressure for layer in layers.values())
+    rms_tensor, pressure_tensor = _gradient_norms(list(layers.values()), sharded=sharded, pressure=needs_pressure)
     mix_tensor = torch.stack([layer.mix.to(rms_tensor) for layer in layers.values()])
-    values = torch.cat([rms_tensor, mix_tensor]).tolist()  # the norms and every λ in one read to the host
-    rms, current = values[: len(rms_tensor)], dict(zip(layers, values[len(rms_tensor) :], strict=True))
+    parts = [rms_tensor, mix_tensor] + ([] if pressure_tensor is None else [pressure_tensor])
+    values = torch.cat(parts).tolist()  # the norms, every λ and the pressures in one read to the host
+    count = len(layers)
+    rms, mixes = values[: 2 * count], values[2 * count : 3 * count]
+    current = dict(zip(layers, mixes, strict=True))
     if not any(rms):
         raise HybridPeftError("no hybrid layer has a gradient: call update_mixing after loss.backward()")
-    pressure = [math.nan] * len(layers)
-    if any(layer.config.rule.needs_pressure for layer in layers.values()):
-        pressure = _relative_pressures(list(layers.values()), sharded=sharded).tolist()
+    pressure = values[3 * count :] if needs_pressure else [math.nan] * count
     norms = {name: BranchNorms(rms[2 * i], rms[2 * i + 1], pressure[i]) for i, name in enumerate(layers)}
     by_config: dict[Any, list[str]] = {}  # a rule compares the layers of one config (the sigmoid's mean)
     for name, layer in layers.items():
