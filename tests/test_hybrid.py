@@ -259,6 +259,21 @@ def test_telemetry_jsonl_and_heatmap(tmp_path) -> None:  # noqa: ANN001
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_telemetry_keeps_six_significant_digits(tmp_path) -> None:  # noqa: ANN001
+    telemetry = MixingTelemetry(tmp_path / "mixing.jsonl")
+    record = {
+        "lambda": 0.5093457698822021,
+        "grad_low_rank": 1.2345678912e-05,
+        "grad_orthogonal": 0.0,
+        "pressure": math.nan,
+    }
+    telemetry.log(0, {"model.layers.0.mlp.up_proj": record})
+    (row,) = read_mixing_telemetry(tmp_path / "mixing.jsonl")
+    logged = row["layers"]["model.layers.0.mlp.up_proj"]
+    assert logged["lambda"] == 0.509346 and logged["grad_low_rank"] == 1.23457e-05 and logged["grad_orthogonal"] == 0.0
+    assert math.isnan(logged["pressure"])
+
+
 def test_hugging_face_trainer_callback(tmp_path) -> None:  # noqa: ANN001
     from transformers import Trainer, TrainingArguments
 

@@ -28,8 +28,13 @@ BLOCK_INDEX = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")  # Llama/BERT/GPT-
 # --- telemetry -------------------------------------------------------------------------------------------------
 
 
+TELEMETRY_DIGITS = 6  # significant digits kept of each logged value
+
+
 class MixingTelemetry:
-    """Appends one JSON line per step: ``{"step": t, "layers": {name: {"lambda", "grad_low_rank", ...}}}``."""
+    """Appends one JSON line per step: ``{"step": t, "layers": {name: {"lambda", "grad_low_rank", ...}}}``, each value
+    to :data:`TELEMETRY_DIGITS` significant digits: a line holds every layer's values each step, and at full
+    precision most of the file is digits that no plot or summary reads."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -38,7 +43,12 @@ class MixingTelemetry:
     def log(self, step: int, records: dict[str, dict[str, float]]) -> None:
         if not records:
             return
-        append_line(self.path, json.dumps({"step": step, "layers": records}))
+        layers = {name: {k: _rounded(v) for k, v in values.items()} for name, values in records.items()}
+        append_line(self.path, json.dumps({"step": step, "layers": layers}))
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.{TELEMETRY_DIGITS}g}") if math.isfinite(value) else value
 
 
 def read_mixing_telemetry(path: str | os.PathLike) -> list[dict[str, Any]]:
