@@ -297,7 +297,7 @@ def _gradient_norms(
 def _low_rank_gates(layers: list[HybridLayer]) -> torch.Tensor:
     """Every layer's current low-rank gate, as ``layer.gates()[0]`` gives it, computed once per rule for all its
     layers (the gates are elementwise in λ, so the values are the same)."""
-    mixes = torch.stack([layer.mix for layer in layers])
+    mixes = torch.stack([layer.mix.to(layers[0].mix.device) for layer in layers])
     gates = torch.empty_like(mixes)
     by_rule: dict[MixingRule, list[int]] = {}
     for i, layer in enumerate(layers):
