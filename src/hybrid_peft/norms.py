@@ -18,6 +18,8 @@ def grouped_squared_norms(
     squares = torch.zeros(count, dtype=torch.float64, device=device)
     if tensors:
         norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float64)
-        stacked = torch.stack([n.to(device) for n in norms])  # a model spread over devices: one place to sum
+        if any(n.device != device for n in norms):  # a model spread over devices: one place to sum
+            norms = [n.to(device) for n in norms]
+        stacked = torch.stack(norms)
         squares.index_add_(0, torch.tensor(list(groups), device=device), stacked.square())
     return squares

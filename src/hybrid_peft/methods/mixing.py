@@ -59,6 +59,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from hybrid_peft.config import require_choice, require_float
 from hybrid_peft.errors import ConfigError, HybridPeftError
+from hybrid_peft.norms import grouped_squared_norms
 
 if TYPE_CHECKING:
     from hybrid_peft.methods.hybrid import HybridLayer
@@ -252,52 +253,47 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _gradient_norms(
-    layers: list[HybridLayer], *, sharded: bool, pressure: bool
+    layers: list[HybridLayer], mixes: torch.Tensor, *, sharded: bool, pressure: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per layer, ``[‖∇_{A,B}‖/√n, ‖∇_K‖/√n]`` (flattened, ``2L``) and, with ``pressure``, the relative pressure
-    ``pℓ = ‖∇Wℓ‖/‖W0ℓ‖`` (``L``), with ``‖∇W‖ ≈ ‖∇B‖·√in / (g·s·‖A‖)`` (module docstring); float64 on the first
-    layer's device. Every norm comes from one batched (foreach) pass over the gradients (and ``A`` itself for the
-    pressure); ‖W0‖ is computed once per layer (the base is frozen). With ``sharded`` (FSDP2) each process holds a
-    shard of every tensor: the squared norms of the shards are all-reduced first."""
-    device = layers[0].mix.device
-    tensors, branch_of, counts, b_slot = [], [], [], []
-    for i, layer in enumerate(layers):
-        b_slot.append(-1)
-        for branch, params in enumerate((layer.low_rank_parameters(), layer.orthogonal_parameters())):
-            for p in params:
-                if p.grad is not None:
-                    if p is layer.lora_B:
-                        b_slot[i] = len(tensors)
-                    tensors.append(_local(p.grad))
-                    branch_of.append(2 * i + branch)
-            counts.append(sum(p.numel() for p in params))
-    a_start = len(tensors)
-    if pressure:
-        tensors.extend(_local(layer.lora_A) for layer in layers)
-    squares = torch.zeros(len(tensors) + 1, dtype=torch.float64, device=device)  # the last: 0 for a missing ∇B
-    if tensors:
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
-        on_device = all(n.device == device for n in norms)  # a model spread over devices: one place to sum
-        squares[:-1] = torch.stack(norms if on_device else [n.to(device) for n in norms]).square()
+    ``pℓ = ‖∇Wℓ‖/‖W0ℓ‖`` (``L``), with ``‖∇W‖ ≈ ‖∇B‖·√in / (g·s·‖A‖)`` (module docstring); float64 on ``mixes``'s
+    device (``mixes``: every layer's λ, stacked). Every norm comes from one batched pass (:func:`grouped_squared_norms`)
+    over the gradients and, for the pressure, ``A`` itself; ‖W0‖ is computed once per layer (the base is frozen). With
+    ``sharded`` (FSDP2) each process holds a shard of every tensor: the squared norms are all-reduced first."""
+    tensors, groups, counts = [], [], []
+    for i, layer in enumerate(layers):  # groups per layer: ∇ of the other low-rank parameters, ∇B, ∇K, A
+        for p in layer.low_rank_parameters():
+            if p.grad is not None:
+                tensors.append(_local(p.grad))
+                groups.append(4 * i + (1 if p is layer.lora_B else 0))
+        for p in layer.orthogonal_parameters():
+            if p.grad is not None:
+                tensors.append(_local(p.grad))
+                groups.append(4 * i + 2)
+        if pressure:
+            tensors.append(_local(layer.lora_A))
+            groups.append(4 * i + 3)
+        counts += [
+            sum(p.numel() for p in params) for params in (layer.low_rank_parameters(), layer.orthogonal_parameters())
+        ]
+    squares = grouped_squared_norms(tensors, groups, 4 * len(layers), mixes.device)
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(squares)
-    branches = torch.zeros(len(counts), dtype=torch.float64, device=device)
-    branches.index_add_(0, torch.tensor(branch_of, device=device, dtype=torch.long), squares[:a_start])
-    rms = (branches / torch.tensor(counts, dtype=torch.float64, device=device)).sqrt()
+    other, b_square, k_square, a_square = squares.view(-1, 4).unbind(1)
+    branches = torch.stack([other + b_square, k_square], dim=1).reshape(-1)
+    rms = (branches / torch.tensor(counts, dtype=torch.float64, device=mixes.device)).sqrt()
     if not pressure:
         return rms, None
-    gradient = squares[torch.tensor(b_slot, device=device)].sqrt()  # ‖∇B‖ (index −1: the trailing 0)
-    a_norm = squares[a_start:-1].sqrt()
+    device = mixes.device
     base = torch.tensor([_base_norm(layer, sharded=sharded) for layer in layers], dtype=torch.float64, device=device)
     scale = torch.tensor([math.sqrt(layer.in_features) / layer.lora_scaling for layer in layers], dtype=torch.float64)
-    gates = _low_rank_gates(layers).to(torch.float64)
-    return rms, gradient * scale.to(device) / (gates * a_norm * base).clamp_min(1e-30)
+    gates = _low_rank_gates(layers, mixes).to(torch.float64)
+    return rms, b_square.sqrt() * scale.to(device) / (gates * a_square.sqrt() * base).clamp_min(1e-30)
 
 
-def _low_rank_gates(layers: list[HybridLayer]) -> torch.Tensor:
+def _low_rank_gates(layers: list[HybridLayer], mixes: torch.Tensor) -> torch.Tensor:
     """Every layer's current low-rank gate, as ``layer.gates()[0]`` gives it, computed once per rule for all its
-    layers (the gates are elementwise in λ, so the values are the same)."""
-    mixes = torch.stack([layer.mix.to(layers[0].mix.device) for layer in layers])
+    layers from the stacked λ (the gates are elementwise in λ, so the values are the same)."""
     gates = torch.empty_like(mixes)
     by_rule: dict[MixingRule, list[int]] = {}
     for i, layer in enumerate(layers):
@@ -332,9 +328,12 @@ def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dic
         layer.forwards_since_mix = 0
     sharded = sharded or any(hasattr(layer.lora_B.grad, "to_local") for layer in layers.values())  # FSDP2's DTensors
     needs_pressure = any(layer.config.rule.needs_pressure for layer in layers.values())
-    rms_tensor, pressure_tensor = _gradient_norms(list(layers.values()), sharded=sharded, pressure=needs_pressure)
-    mix_tensor = torch.stack([layer.mix.to(rms_tensor) for layer in layers.values()])
-    parts = [rms_tensor, mix_tensor] + ([] if pressure_tensor is None else [pressure_tensor])
+    layers_device = next(iter(layers.values())).mix.device
+    mixes = torch.stack([layer.mix.to(layers_device) for layer in layers.values()])  # every λ, in its own dtype
+    rms_tensor, pressure_tensor = _gradient_norms(
+        list(layers.values()), mixes, sharded=sharded, pressure=needs_pressure
+    )
+    parts = [rms_tensor, mixes.to(rms_tensor)] + ([] if pressure_tensor is None else [pressure_tensor])
     values = torch.cat(parts).tolist()  # the norms, every λ and the pressures in one read to the host
     count = len(layers)
     rms, mixes = values[: 2 * count], values[2 * count : 3 * count]
