@@ -187,6 +187,67 @@ def test_bench_reruns_runs_whose_options_changed(tiny_lm: str, tmp_path: Path, c
     assert "±" not in lora_row and lora_row.endswith("| 1/1 |")  # one seed: a value, not "± 0"
 
 
+@pytest.mark.slow
+def test_bench_records_carry_finished_runs_to_another_output(
+    tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--records DIR`` writes each finished run's record (summary and logs, no weights) and, given to a bench with
+    an empty output, makes those runs finished there: reused, not trained again, with the same numbers."""
+    records = tmp_path / "records"
+    first = write_config(tmp_path / "first.yaml", tiny_lm, tmp_path / "first")
+    assert main(["bench", str(first), "--methods", "full-ft,lora", "--seeds", "0", "--records", str(records)]) == 0
+    assert "2 run record(s) written to" in capsys.readouterr().out
+    recorded = records / "he-tiny" / "lora" / "seed-0"
+    assert (recorded / "summary.json").is_file() and (recorded / "train_log.jsonl").is_file()
+    assert not (recorded / "adapter").exists() and not any(p.suffix in (".png", ".html") for p in recorded.iterdir())
+
+    second = write_config(tmp_path / "second.yaml", tiny_lm, tmp_path / "second")
+    assert main(["bench", str(second), "--methods", "full-ft,lora", "--seeds", "0", "--dry-run", "--records",
+                 str(records)]) == 0  # fmt: skip
+    listed = capsys.readouterr().out
+    assert "2 run record(s) copied from" in listed and listed.count("finished, reused") == 2
+    assert main(["bench", str(second), "--methods", "full-ft,lora", "--seeds", "0", "--records", str(records)]) == 0
+    out = capsys.readouterr().out
+    assert "→" not in out and "0 run record(s) written to" in out  # nothing trained, the records unchanged
+    assert not (tmp_path / "second" / "runs" / "he-tiny" / "lora" / "seed-0" / "run.log").exists()
+    with open(tmp_path / "first" / "results.csv", newline="") as a, open(tmp_path / "second" / "results.csv") as b:
+        first_rows, second_rows = list(csv.DictReader(a)), list(csv.DictReader(b))
+    keys = ("method", "seed", "held_out_loss", "median_step_s", "forgetting")
+    assert [[r[k] for k in keys] for r in second_rows] == [[r[k] for k in keys] for r in first_rows]
+
+
+def test_records_copy_only_what_a_finished_run_lacks(tmp_path: Path) -> None:
+    """Importing leaves a run that finished in the output as it is, replaces an unfinished run's logs (none of them
+    left beside the record's summary) and copies nothing else; exporting is idempotent."""
+    from hybrid_peft.bench.records import export_records, import_records, recorded_runs
+
+    records, runs = tmp_path / "records", tmp_path / "runs"
+    for seed in (0, 1, 2):
+        folder = records / "task" / "lora" / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(f'{{"recorded": {seed}}}')
+        (folder / "train_log.jsonl").write_text("{}\n")
+        (folder / "adapter").mkdir()  # weights are never part of a record
+    finished, unfinished = runs / "task" / "lora" / "seed-0", runs / "task" / "lora" / "seed-1"
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text('{"ran": "here"}')
+    unfinished.mkdir(parents=True)
+    (unfinished / "mixing.jsonl").write_text("torn")
+    (unfinished / "train_log.jsonl").write_text("partial")
+
+    assert import_records(records, runs) == 2
+    assert (finished / "summary.json").read_text() == '{"ran": "here"}'
+    assert (unfinished / "summary.json").read_text() == '{"recorded": 1}'
+    assert (unfinished / "train_log.jsonl").read_text() == "{}\n" and not (unfinished / "mixing.jsonl").exists()
+    assert not (runs / "task" / "lora" / "seed-2" / "adapter").exists()
+    assert import_records(records, runs) == 0 and import_records(tmp_path / "absent", runs) == 0
+
+    exported = tmp_path / "exported"
+    assert export_records(runs, exported) == 3 and export_records(runs, exported) == 0
+    assert [str(p) for p in recorded_runs(exported)] == [f"task/lora/seed-{seed}" for seed in (0, 1, 2)]
+    assert sorted(p.name for p in (exported / "task" / "lora" / "seed-0").iterdir()) == ["summary.json"]
+
+
 def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, capsys: pytest.CaptureFixture) -> None:
     assert {"quick", "full"} <= set(builtin_profiles())
     for name in builtin_profiles():  # the shipped profiles validate (every run's options)

@@ -378,11 +378,15 @@ def _split_list(text: str | None) -> list[str] | None:
 
 def command_bench(args: argparse.Namespace) -> int:
     from hybrid_peft.bench import chosen_rates, finished_row, load_plan, run_bench, run_state
+    from hybrid_peft.bench.records import export_records, import_records
     from hybrid_peft.bench.running import bench_rows
     from hybrid_peft.bench.tables import terminal_summary
 
     seeds = [int(s) for s in _split_list(args.seeds)] if args.seeds else None
     plan = load_plan(args.config, output_dir=args.output_dir, overrides=_parse_settings(args.set))
+    if args.records:
+        copied = import_records(Path(args.records), plan.output_dir / "runs")
+        print(f"{copied} run record(s) copied from {args.records} into {plan.output_dir}/runs", flush=True)
     tasks, methods = _split_list(args.tasks), _split_list(args.methods)
     sweep = plan.sweep_runs(tasks, methods)
     rates = chosen_rates(plan, [finished_row(r) for r in sweep])
@@ -420,6 +424,9 @@ def command_bench(args: argparse.Namespace) -> int:
         echo=lambda line: print(line, flush=True),
     )
     failed = sum(not r.ok for r in rows)
+    if args.records:
+        written = export_records(plan.output_dir / "runs", Path(args.records))
+        print(f"{written} run record(s) written to {args.records}", flush=True)
     summary = terminal_summary(plan, bench_rows(plan, seeds))
     if summary:
         print(summary)
@@ -447,6 +454,13 @@ def add_bench_parser(commands: Any, threads: int) -> None:
         metavar="KEY=VALUE",
         help="a training option for every run, over the config's (e.g. --set model=meta-llama/Llama-3.2-3B --set "
         "dtype=bfloat16 to run a profile on a larger model; pair it with --output-dir); repeatable",
+    )
+    bench.add_argument(
+        "--records",
+        metavar="DIR",
+        help="run records (summaries and logs, no weights) to reuse: copied into the output before planning, and "
+        "every finished run's record written back at the end (e.g. a published bench's, to add seeds or methods "
+        "beside its runs without rerunning them)",
     )
     bench.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
     bench.add_argument("--dry-run", action="store_true", help="list the runs and exit")

@@ -1,0 +1,65 @@
+"""Run records: the few small files of a finished bench run that its tables and plots are made from (the summary,
+the training and mixing logs, the adapter telemetry, each evaluation row's score), without its weights or reports.
+
+``hybrid-peft bench PROFILE --records DIR`` copies the records in ``DIR`` into the bench's output before it plans
+(a run whose record is there is finished and reused, exactly as if it had run here, as long as its options are
+today's: :func:`~hybrid_peft.bench.running.finished_summary` decides) and writes every finished run's record back to
+``DIR`` at the end. Kept beside a published table, the records let anyone rebuild and check it, and let a bench go
+on (more seeds, another method paired with the same references) on a machine that never ran the first runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from hybrid_peft.fileio import atomic_path
+from hybrid_peft.run.folder import EXAMPLES_FILE, LOG_FILE, MIXING_FILE
+from hybrid_peft.run.summary import SUMMARY_FILE
+from hybrid_peft.telemetry import ADAPTER_TELEMETRY_FILE
+
+RECORD_FILES = (SUMMARY_FILE, LOG_FILE, MIXING_FILE, ADAPTER_TELEMETRY_FILE, EXAMPLES_FILE)
+
+
+def recorded_runs(root: Path) -> list[Path]:
+    """The run folders under ``root`` that hold a finished run's summary, relative to ``root``, sorted."""
+    if not root.is_dir():
+        return []
+    return sorted(path.parent.relative_to(root) for path in root.rglob(SUMMARY_FILE))
+
+
+def _copy_record(source: Path, target: Path) -> bool:
+    """Make ``target``'s record files those of ``source`` (each written atomically, the summary last so a
+    half-copied record never reads as a finished run; a record file ``source`` lacks is removed, so no log of an
+    unfinished run is left beside a finished summary); False when ``target`` already holds the same record."""
+    files = [name for name in RECORD_FILES if (source / name).is_file()]
+    same = all((target / n).is_file() and (target / n).read_bytes() == (source / n).read_bytes() for n in files)
+    if same and not any((target / name).exists() for name in RECORD_FILES if name not in files):
+        return False
+    target.mkdir(parents=True, exist_ok=True)
+    (target / SUMMARY_FILE).unlink(missing_ok=True)
+    for name in RECORD_FILES:
+        if name not in files:
+            (target / name).unlink(missing_ok=True)
+    for name in sorted(files, key=lambda name: name == SUMMARY_FILE):
+        with atomic_path(target / name) as temporary:
+            shutil.copyfile(source / name, temporary)
+    return True
+
+
+def import_records(records: Path, runs_root: Path) -> int:
+    """Copy every run record in ``records`` whose run has not finished under ``runs_root`` (a run that finished
+    here keeps its own files); returns how many were copied."""
+    if not records.is_dir():
+        return 0
+    copied = 0
+    for relative in recorded_runs(records):
+        if not (runs_root / relative / SUMMARY_FILE).is_file():
+            copied += _copy_record(records / relative, runs_root / relative)
+    return copied
+
+
+def export_records(runs_root: Path, records: Path) -> int:
+    """Write the record of every finished run under ``runs_root`` to ``records`` (same layout); returns how many
+    were new or changed."""
+    return sum(_copy_record(runs_root / relative, records / relative) for relative in recorded_runs(runs_root))
