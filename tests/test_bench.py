@@ -241,6 +241,9 @@ def test_records_copy_only_what_a_finished_run_lacks(tmp_path: Path) -> None:
     assert (unfinished / "train_log.jsonl").read_text() == "{}\n" and not (unfinished / "mixing.jsonl").exists()
     assert not (runs / "task" / "lora" / "seed-2" / "adapter").exists()
     assert import_records(records, runs) == 0 and import_records(tmp_path / "absent", runs) == 0
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="is a file; give a folder of run records"):
+        import_records(tmp_path / "a-file", runs)
 
     exported = tmp_path / "exported"
     assert export_records(runs, exported) == 3 and export_records(runs, exported) == 0

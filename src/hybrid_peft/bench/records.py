@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from hybrid_peft.errors import ConfigError
 from hybrid_peft.fileio import atomic_path
 from hybrid_peft.run.folder import EXAMPLES_FILE, LOG_FILE, MIXING_FILE
 from hybrid_peft.run.summary import SUMMARY_FILE
@@ -49,7 +50,10 @@ def _copy_record(source: Path, target: Path) -> bool:
 
 def import_records(records: Path, runs_root: Path) -> int:
     """Copy every run record in ``records`` whose run has not finished under ``runs_root`` (a run that finished
-    here keeps its own files); returns how many were copied."""
+    here keeps its own files); returns how many were copied. A ``records`` folder that does not exist yet has none
+    (:func:`export_records` makes it); a file there is an error."""
+    if records.exists() and not records.is_dir():
+        raise ConfigError(f"records: {records} is a file; give a folder of run records (or a new folder's path)")
     if not records.is_dir():
         return 0
     copied = 0
