@@ -260,6 +260,7 @@ def _gradient_norms(
     device (``mixes``: every layer's λ, stacked). Every norm comes from one batched pass (:func:`grouped_squared_norms`)
     over the gradients and, for the pressure, ``A`` itself; ‖W0‖ is computed once per layer (the base is frozen). With
     ``sharded`` (FSDP2) each process holds a shard of every tensor: the squared norms are all-reduced first."""
+    device = mixes.device
     tensors, groups, counts = [], [], []
     for i, layer in enumerate(layers):  # groups per layer: ∇ of the other low-rank parameters, ∇B, ∇K, A
         for p in layer.low_rank_parameters():
@@ -276,15 +277,14 @@ def _gradient_norms(
         counts += [
             sum(p.numel() for p in params) for params in (layer.low_rank_parameters(), layer.orthogonal_parameters())
         ]
-    squares = grouped_squared_norms(tensors, groups, 4 * len(layers), mixes.device)
+    squares = grouped_squared_norms(tensors, groups, 4 * len(layers), device)
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(squares)
     other, b_square, k_square, a_square = squares.view(-1, 4).unbind(1)
     branches = torch.stack([other + b_square, k_square], dim=1).reshape(-1)
-    rms = (branches / torch.tensor(counts, dtype=torch.float64, device=mixes.device)).sqrt()
+    rms = (branches / torch.tensor(counts, dtype=torch.float64, device=device)).sqrt()
     if not pressure:
         return rms, None
-    device = mixes.device
     base = torch.tensor([_base_norm(layer, sharded=sharded) for layer in layers], dtype=torch.float64, device=device)
     scale = torch.tensor([math.sqrt(layer.in_features) / layer.lora_scaling for layer in layers], dtype=torch.float64)
     gates = _low_rank_gates(layers, mixes).to(torch.float64)
@@ -329,15 +329,15 @@ def mixing_step(layers: dict[str, HybridLayer], *, sharded: bool = False) -> dic
     sharded = sharded or any(hasattr(layer.lora_B.grad, "to_local") for layer in layers.values())  # FSDP2's DTensors
     needs_pressure = any(layer.config.rule.needs_pressure for layer in layers.values())
     layers_device = next(iter(layers.values())).mix.device
-    mixes = torch.stack([layer.mix.to(layers_device) for layer in layers.values()])  # every λ, in its own dtype
+    mix_tensor = torch.stack([layer.mix.to(layers_device) for layer in layers.values()])  # every λ, in its own dtype
     rms_tensor, pressure_tensor = _gradient_norms(
-        list(layers.values()), mixes, sharded=sharded, pressure=needs_pressure
+        list(layers.values()), mix_tensor, sharded=sharded, pressure=needs_pressure
     )
-    parts = [rms_tensor, mixes.to(rms_tensor)] + ([] if pressure_tensor is None else [pressure_tensor])
+    parts = [rms_tensor, mix_tensor.to(rms_tensor)] + ([] if pressure_tensor is None else [pressure_tensor])
     values = torch.cat(parts).tolist()  # the norms, every λ and the pressures in one read to the host
     count = len(layers)
-    rms, mixes = values[: 2 * count], values[2 * count : 3 * count]
-    current = dict(zip(layers, mixes, strict=True))
+    rms = values[: 2 * count]
+    current = dict(zip(layers, values[2 * count : 3 * count], strict=True))
     if not any(rms):
         raise HybridPeftError("no hybrid layer has a gradient: call update_mixing after loss.backward()")
     pressure = values[3 * count :] if needs_pressure else [math.nan] * count
