@@ -13,7 +13,8 @@ import yaml
 
 from hybrid_peft.bench import BenchRow, aggregate, builtin_profiles, load_plan, run_bench, run_state
 from hybrid_peft.cli import main
-from hybrid_peft.errors import ConfigError
+from hybrid_peft.errors import ConfigError, TaskDataError
+from hybrid_peft.tasks import check_task_data
 
 
 def write_config(path: Path, model: str, output: Path) -> Path:
@@ -284,6 +285,26 @@ def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, caps
     assert "neither a built-in profile" in capsys.readouterr().err
     assert main(["bench", str(config), "--dry-run", "--seeds", "3"]) == 0
     assert "he-tiny · lora · seed 3" in capsys.readouterr().out
+
+
+def test_bench_stops_before_its_first_run_when_a_task_has_no_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A task whose files are not there fails the bench once, before anything trains (not every run in turn)."""
+    config = tmp_path / "bench.yaml"
+    tasks = {"math": {"task": "gsm8k", "model": "smollm2-135m", "steps": 2}, "code": {"task": "humaneval"}}
+    methods = {"lora": {"method": "lora"}}
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "tasks": tasks, "methods": methods}))
+    monkeypatch.chdir(tmp_path)  # no shared/data above
+    monkeypatch.delenv("HYBRID_PEFT_DATA", raising=False)
+    assert main(["bench", str(config)]) == 2
+    assert "no data folder: pass --data-dir" in capsys.readouterr().err
+    monkeypatch.setenv("HYBRID_PEFT_DATA", str(tmp_path / "data"))
+    (tmp_path / "data" / "glue").mkdir(parents=True)  # a data folder, without gsm8k/
+    with pytest.raises(TaskDataError, match=r"task 'gsm8k' reads gsm8k/ in the data folder, and .* is not a folder"):
+        run_bench(load_plan(str(config)), echo=lambda line: None)
+    assert not (tmp_path / "out" / "runs").exists()
+    check_task_data("humaneval")  # a packaged task needs no data folder
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from hybrid_peft.run import RunSummary, TrainConfig
 from hybrid_peft.run.summary import SUMMARY_FILE
 from hybrid_peft.run.trainees import resolved_adapter_options
 from hybrid_peft.serialization import saved_configs
+from hybrid_peft.tasks import check_task_data
 
 
 def _comparable(config: TrainConfig, resolved_adapters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -210,9 +211,15 @@ def run_bench(
     chosen_now = chosen_rates(plan, [finished_row(r) for r in sweep])
     every_sweep = plan.sweep_runs()
     every = every_sweep + plan.runs(seeds=seeds, rates=chosen_rates(plan, [finished_row(r) for r in every_sweep]))
+    selected_runs = sweep + plan.runs(tasks, methods, seeds, chosen_now)
+    to_train = [r for r in selected_runs if rerun or finished_summary(r) is None]
+    for task, data_dir, dataset in dict.fromkeys(
+        (r.config.task, r.config.data_dir, r.config.dataset) for r in to_train
+    ):
+        check_task_data(task, data_dir=data_dir, dataset=dataset)  # once, not a failure in every run
     stale = [r for r in every if run_state(r) == "stale"]
     if stale:
-        selected = {r.key for r in sweep + plan.runs(tasks, methods, seeds, chosen_now)}
+        selected = {r.key for r in selected_runs}
         again = sum(r.key in selected for r in stale)
         echo(
             f"{len(stale)} finished run(s) used other options than the config now gives (e.g. {stale[0].task} · "

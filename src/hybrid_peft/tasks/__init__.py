@@ -14,6 +14,7 @@ from typing import Any
 from hybrid_peft.errors import TaskDataError
 from hybrid_peft.tasks import glue, gsm8k, humaneval, multilingual  # noqa: F401  (importing registers them)
 from hybrid_peft.tasks.base import Task
+from hybrid_peft.tasks.data import resolve_data_dir
 from hybrid_peft.tasks.registry import TASK_FACTORIES
 
 SPEC_PREFIX = "glue-spec:"
@@ -40,6 +41,20 @@ def get_task(name: str, **options: Any) -> Task:
             f"task {name!r} reads only its own files; --dataset works with {supported} and {SPEC_PREFIX}"
         )
     return factory(**{k: v for k, v in options.items() if k in accepted and v is not None})
+
+
+def check_task_data(name: str, *, data_dir: Any = None, dataset: str | None = None) -> None:
+    """Raise :class:`TaskDataError` now when the task's files cannot be found (no data folder, or none of its
+    sub-folder in it): what a bench checks once before its first run rather than failing every run on it."""
+    task = get_task(name, data_dir=data_dir, dataset=dataset)
+    if task.data_folder is None or dataset is not None:
+        return
+    folder = resolve_data_dir(data_dir) / task.data_folder
+    if not folder.is_dir():
+        raise TaskDataError(
+            f"task {name!r} reads {task.data_folder}/ in the data folder, and {folder} is not a folder: pass "
+            "--data-dir (or data_dir=) or set HYBRID_PEFT_DATA to the folder that holds it"
+        )
 
 
 def primary_metric(task_name: str) -> str:
