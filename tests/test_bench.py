@@ -190,13 +190,25 @@ def test_bench_reruns_runs_whose_options_changed(tiny_lm: str, tmp_path: Path, c
 
 @pytest.mark.slow
 def test_bench_records_carry_finished_runs_to_another_output(
-    tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``--records DIR`` writes each finished run's record (summary and logs, no weights) and, given to a bench with
-    an empty output, makes those runs finished there: reused, not trained again, with the same numbers."""
+    """``--records DIR`` writes each finished run's record (summary and logs, no weights) as soon as it finishes and,
+    given to a bench with an empty output, makes those runs finished there: reused, not trained again, with the same
+    numbers."""
+    from hybrid_peft.bench import running
+
     records = tmp_path / "records"
     first = write_config(tmp_path / "first.yaml", tiny_lm, tmp_path / "first")
+    recorded_before: list[tuple[str, bool]] = []  # (the run about to train, full-ft's record already written?)
+
+    def spy(run, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        recorded_before.append((run.method, (records / "he-tiny" / "full-ft" / "seed-0" / "summary.json").is_file()))
+        return execute(run, *args, **kwargs)
+
+    execute = running.execute
+    monkeypatch.setattr(running, "execute", spy)
     assert main(["bench", str(first), "--methods", "full-ft,lora", "--seeds", "0", "--records", str(records)]) == 0
+    assert recorded_before == [("full-ft", False), ("lora", True)]  # not only at the end: an interrupt keeps it
     assert "2 run record(s) written to" in capsys.readouterr().out
     recorded = records / "he-tiny" / "lora" / "seed-0"
     assert (recorded / "summary.json").is_file() and (recorded / "train_log.jsonl").is_file()

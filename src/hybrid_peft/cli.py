@@ -415,6 +415,12 @@ def command_bench(args: argparse.Namespace) -> int:
             rate = f" · lr {run.config.learning_rate:g}" if plan.sweep else ""
             print(f"  {run.task} · {run.method}{rate} · seed {run.seed}: {state} ({run.folder})")
         return 0
+    written = 0
+
+    def export(_run: object = None) -> None:  # after each run that trained, so an interrupted bench keeps them
+        nonlocal written
+        written += export_records(plan.output_dir / "runs", Path(args.records))
+
     rows = run_bench(
         plan,
         tasks=_split_list(args.tasks),
@@ -422,10 +428,11 @@ def command_bench(args: argparse.Namespace) -> int:
         seeds=seeds,
         rerun=args.rerun,
         echo=lambda line: print(line, flush=True),
+        after_run=export if args.records else None,
     )
     failed = sum(not r.ok for r in rows)
     if args.records:
-        written = export_records(plan.output_dir / "runs", Path(args.records))
+        export()
         print(f"{written} run record(s) written to {args.records}", flush=True)
     summary = terminal_summary(plan, bench_rows(plan, seeds))
     if summary:

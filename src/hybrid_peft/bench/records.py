@@ -4,8 +4,9 @@ the training and mixing logs, the adapter telemetry, each evaluation row's score
 ``hybrid-peft bench PROFILE --records DIR`` copies the records in ``DIR`` into the bench's output before it plans
 (a run whose record is there is finished and reused, exactly as if it had run here, as long as its options are
 today's: :func:`~hybrid_peft.bench.running.finished_summary` decides) and writes every finished run's record back to
-``DIR`` at the end. Kept beside a published table, the records let anyone rebuild and check it, and let a bench go
-on (more seeds, another method paired with the same references) on a machine that never ran the first runs.
+``DIR`` after each run that trains (so an interrupted bench keeps them) and at the end. Kept beside a published
+table, the records let anyone rebuild and check it, and let a bench go on (more seeds, another method paired with
+the same references) on a machine that never ran the first runs.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,10 +203,11 @@ def run_bench(
     seeds: list[int] | None = None,
     rerun: bool = False,
     echo: Any = print,
+    after_run: Callable[[BenchRun], None] | None = None,
 ) -> list[BenchRow]:
-    """Run (or reuse) every selected run, rewriting the outputs after each; returns the result rows (with a sweep:
-    the sweep's runs, then the chosen rates' runs on the other seeds). The outputs cover every finished run of the
-    config in the output folder, not only this selection."""
+    """Run (or reuse) every selected run, rewriting the outputs after each (and calling ``after_run`` with each run
+    that trained); returns the result rows (with a sweep: the sweep's runs, then the chosen rates' runs on the other
+    seeds). The outputs cover every finished run of the config in the output folder, not only this selection."""
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     sweep = plan.sweep_runs(tasks, methods)
     chosen_now = chosen_rates(plan, [finished_row(r) for r in sweep])
@@ -247,6 +249,8 @@ def run_bench(
         if ran:  # after each run that trained, so an interrupted bench leaves its tables; reused runs wait for the end
             write_outputs(plan, *_with_finished_runs(plan, rows, seeds))
             unwritten = False
+            if after_run is not None:
+                after_run(run)
 
     for run in sweep:
         execute_and_report(run)
