@@ -319,6 +319,34 @@ def test_bench_stops_before_its_first_run_when_a_task_has_no_data(
     check_task_data("humaneval")  # a packaged task needs no data folder
 
 
+def test_sweep_factors_replace_the_configs_to_rerun_a_chosen_point(
+    tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--sweep-factors 3`` keeps the sweep's seed and validation rows but runs only that factor of each rate, so a
+    bench can rerun the point an earlier, full sweep chose (its folders are the full sweep's, so records match)."""
+    path = write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")
+    config = yaml.safe_load(path.read_text())
+    config["sweep"] = {"factors": [0.3, 1, 3], "seed": 0, "validation_examples": 6, "select": "loss"}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    full = {(r.method, r.config.learning_rate): r.folder for r in load_plan(str(path)).sweep_runs()}
+    narrowed = load_plan(str(path), sweep_factors=[3])
+    assert narrowed.sweep is not None and narrowed.sweep.factors == (3.0,) and narrowed.sweep.validation_examples == 6
+    runs = narrowed.sweep_runs(methods=["lora"])
+    assert [r.config.learning_rate for r in runs] == [3e-2]  # lora's 1e-2 × 3
+    assert runs[0].folder == full["lora", 3e-2] and runs[0].config.validation_examples == 6
+    assert main(["bench", str(path), "--methods", "lora", "--sweep-factors", "3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "a sweep of 1 rate each on seed 0" in out and "lora · lr 0.03 · seed 0: to run" in out
+    assert main(["bench", str(path), "--sweep-factors", "3,x", "--dry-run"]) == 2
+    assert "--sweep-factors takes comma-separated numbers" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="sweep factors must be distinct and positive"):
+        load_plan(str(path), sweep_factors=[0])
+    del config["sweep"]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.raises(ConfigError, match="has no sweep"):
+        load_plan(str(path), sweep_factors=[3])
+
+
 @pytest.mark.slow
 def test_bench_sweeps_rates_on_validation_rows_then_runs_the_chosen_rate_on_every_seed(
     tiny_lm: str, tmp_path: Path

@@ -383,7 +383,14 @@ def command_bench(args: argparse.Namespace) -> int:
     from hybrid_peft.bench.tables import terminal_summary
 
     seeds = [int(s) for s in _split_list(args.seeds)] if args.seeds else None
-    plan = load_plan(args.config, output_dir=args.output_dir, overrides=_parse_settings(args.set))
+    factors = _split_list(args.sweep_factors)
+    try:
+        factors = [float(f) for f in factors] if factors else None
+    except ValueError as exc:
+        raise ConfigError(f"--sweep-factors takes comma-separated numbers, e.g. 3 or 0.3,1,3 ({exc})") from exc
+    plan = load_plan(
+        args.config, output_dir=args.output_dir, overrides=_parse_settings(args.set), sweep_factors=factors
+    )
     if args.records:
         copied = import_records(Path(args.records), plan.output_dir / "runs")
         print(f"{copied} run record(s) copied from {args.records} into {plan.output_dir}/runs", flush=True)
@@ -395,7 +402,8 @@ def command_bench(args: argparse.Namespace) -> int:
     print(
         f"bench {plan.name}: {len({(r.task, r.method) for r in sweep} | pairs)} task × method pair(s), "
         + (
-            f"a sweep of {len(plan.sweep.factors)} rates each on seed {plan.sweep.seed}, then the chosen rate on "
+            f"a sweep of {len(plan.sweep.factors)} rate{'s' if len(plan.sweep.factors) > 1 else ''} each on seed "
+            f"{plan.sweep.seed}, then the chosen rate on "
             f"seeds {', '.join(str(s) for s in (seeds or plan.seeds))}"
             if plan.sweep
             else f"{len(runs)} runs"
@@ -468,6 +476,12 @@ def add_bench_parser(commands: Any, threads: int) -> None:
         help="run records (summaries and logs, no weights) to reuse: copied into the output before planning, and "
         "every finished run's record written back at the end (e.g. a published bench's, to add seeds or methods "
         "beside its runs without rerunning them)",
+    )
+    bench.add_argument(
+        "--sweep-factors",
+        metavar="F[,F...]",
+        help="replace the config's sweep factors (of each method's rate), e.g. 3 to rerun a bench at the factor an "
+        "earlier, full sweep chose without training the other candidates again",
     )
     bench.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
     bench.add_argument("--dry-run", action="store_true", help="list the runs and exit")

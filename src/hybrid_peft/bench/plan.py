@@ -160,9 +160,15 @@ def builtin_profiles() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_plan(config: str, output_dir: str | None = None, overrides: dict[str, Any] | None = None) -> BenchPlan:
+def load_plan(
+    config: str,
+    output_dir: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    sweep_factors: list[float] | None = None,
+) -> BenchPlan:
     """A built-in profile name (``quick``, ``full``, ``math``, ...) or a YAML/JSON file; ``overrides`` are training
-    options set on every run over the config's own (``learning_rate`` included: a sweep then centres on it)."""
+    options set on every run over the config's own (``learning_rate`` included: a sweep then centres on it);
+    ``sweep_factors`` replace the sweep's factors (e.g. ``[3]`` to rerun only the point an earlier sweep chose)."""
     import yaml
 
     if config in builtin_profiles():
@@ -194,6 +200,19 @@ def load_plan(config: str, output_dir: str | None = None, overrides: dict[str, A
     for key in ("tasks", "methods"):
         if not isinstance(data.get(key), dict) or not data[key]:
             raise ConfigError(f"bench config {config}: '{key}' must map names to training options")
+    sweep = Sweep.from_dict(data["sweep"], f"bench config {config}") if data.get("sweep") is not None else None
+    if sweep_factors is not None:
+        if sweep is None:
+            raise ConfigError(f"bench config {config} has no sweep, so sweep factors cannot replace its own")
+        sweep = Sweep.from_dict(
+            {
+                "factors": list(sweep_factors),
+                "seed": sweep.seed,
+                "validation_examples": sweep.validation_examples,
+                "select": sweep.select,
+            },
+            "sweep factors",
+        )
     plan = BenchPlan(
         name=name,
         output_dir=Path(output_dir or data.get("output_dir") or f"runs/bench-{name}"),
@@ -202,7 +221,7 @@ def load_plan(config: str, output_dir: str | None = None, overrides: dict[str, A
         methods=data["methods"],
         defaults=data.get("defaults", {}) or {},
         run_timeout_s=float(data.get("run_timeout_s", 3600)),
-        sweep=Sweep.from_dict(data["sweep"], f"bench config {config}") if data.get("sweep") is not None else None,
+        sweep=sweep,
         overrides=dict(overrides or {}),
         references=_references(data["references"], data["methods"], config) if "references" in data else (REFERENCE,),
     )
