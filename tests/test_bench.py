@@ -264,6 +264,41 @@ def test_records_copy_only_what_a_finished_run_lacks(tmp_path: Path) -> None:
     assert sorted(p.name for p in (exported / "task" / "lora" / "seed-0").iterdir()) == ["summary.json"]
 
 
+def test_exported_records_name_no_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bench run into an absolute ``--output-dir`` writes its records with the run folder made relative (to the
+    working directory below which it lies, else the run's place in the layout); relative folders, summaries without
+    one and unreadable ones are copied unchanged."""
+    from hybrid_peft.bench.records import export_records
+
+    work = tmp_path / "work"
+    runs = work / "out" / "runs"
+    summaries = {
+        "below": {"config": {"output_dir": str(runs / "t" / "below"), "seed": 0}, "after": {"loss": 0.5}},
+        "elsewhere": {"config": {"output_dir": "/somewhere/else/t/elsewhere"}},
+        "relative": {"config": {"output_dir": "runs/x/t/relative"}},
+        "bare": {"recorded": 1},
+    }
+    for name, summary in summaries.items():
+        (runs / "t" / name).mkdir(parents=True)
+        (runs / "t" / name / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (runs / "t" / "torn").mkdir()
+    (runs / "t" / "torn" / "summary.json").write_text('{"config": ')
+    monkeypatch.chdir(work)
+    records = tmp_path / "records"
+    assert export_records(runs, records) == 5 and export_records(runs, records) == 0  # still idempotent
+
+    def folder(name: str) -> str:
+        return json.loads((records / "t" / name / "summary.json").read_text())["config"]["output_dir"]
+
+    assert folder("below") == "out/runs/t/below" and folder("elsewhere") == "t/elsewhere"
+    assert folder("relative") == "runs/x/t/relative"
+    below = json.loads((records / "t" / "below" / "summary.json").read_text())
+    assert below["after"] == {"loss": 0.5} and below["config"]["seed"] == 0  # nothing else changes
+    assert (records / "t" / "bare" / "summary.json").read_text() == (runs / "t" / "bare" / "summary.json").read_text()
+    assert (records / "t" / "torn" / "summary.json").read_text() == '{"config": '
+    assert str(tmp_path) not in "".join(p.read_text() for p in records.rglob("summary.json"))
+
+
 def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, capsys: pytest.CaptureFixture) -> None:
     assert {"quick", "full"} <= set(builtin_profiles())
     for name in builtin_profiles():  # the shipped profiles validate (every run's options)

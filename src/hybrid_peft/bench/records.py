@@ -11,7 +11,7 @@ the same references) on a machine that never ran the first runs.
 
 from __future__ import annotations
 
-import shutil
+import json
 from pathlib import Path
 
 from hybrid_peft.errors import ConfigError
@@ -30,22 +30,45 @@ def recorded_runs(root: Path) -> list[Path]:
     return sorted(path.parent.relative_to(root) for path in root.rglob(SUMMARY_FILE))
 
 
-def _copy_record(source: Path, target: Path) -> bool:
+def portable_summary(text: str, relative: Path) -> str:
+    """A summary as a record keeps it: a run folder given as an absolute path (``--output-dir /home/...``) becomes
+    relative, to the working directory when it lies below it, else the run's place in the bench's layout, so a record
+    names no path of the machine that made it (the folder is not compared when a record is reused)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return text  # copied as it is; reading it as a run's summary is the bench's to refuse
+    config = data.get("config") if isinstance(data, dict) else None
+    folder = config.get("output_dir") if isinstance(config, dict) else None
+    if not isinstance(folder, str) or not Path(folder).is_absolute():
+        return text
+    try:
+        data["config"]["output_dir"] = str(Path(folder).relative_to(Path.cwd()))
+    except ValueError:
+        data["config"]["output_dir"] = str(relative)
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _copy_record(source: Path, target: Path, relative: Path | None = None) -> bool:
     """Make ``target``'s record files those of ``source`` (each written atomically, the summary last so a
     half-copied record never reads as a finished run; a record file ``source`` lacks is removed, so no log of an
-    unfinished run is left beside a finished summary); False when ``target`` already holds the same record."""
-    files = [name for name in RECORD_FILES if (source / name).is_file()]
-    same = all((target / n).is_file() and (target / n).read_bytes() == (source / n).read_bytes() for n in files)
-    if same and not any((target / name).exists() for name in RECORD_FILES if name not in files):
+    unfinished run is left beside a finished summary); with ``relative`` (the run's place in the layout) the summary
+    is made portable (:func:`portable_summary`). False when ``target`` already holds the same record."""
+    contents = {name: (source / name).read_bytes() for name in RECORD_FILES if (source / name).is_file()}
+    if relative is not None and SUMMARY_FILE in contents:
+        text = portable_summary(contents[SUMMARY_FILE].decode("utf-8"), relative)
+        contents[SUMMARY_FILE] = text.encode("utf-8")
+    same = all((target / n).is_file() and (target / n).read_bytes() == data for n, data in contents.items())
+    if same and not any((target / name).exists() for name in RECORD_FILES if name not in contents):
         return False
     target.mkdir(parents=True, exist_ok=True)
     (target / SUMMARY_FILE).unlink(missing_ok=True)
     for name in RECORD_FILES:
-        if name not in files:
+        if name not in contents:
             (target / name).unlink(missing_ok=True)
-    for name in sorted(files, key=lambda name: name == SUMMARY_FILE):
+    for name in sorted(contents, key=lambda name: name == SUMMARY_FILE):
         with atomic_path(target / name) as temporary:
-            shutil.copyfile(source / name, temporary)
+            Path(temporary).write_bytes(contents[name])
     return True
 
 
@@ -66,5 +89,7 @@ def import_records(records: Path, runs_root: Path) -> int:
 
 def export_records(runs_root: Path, records: Path) -> int:
     """Write the record of every finished run under ``runs_root`` to ``records`` (same layout); returns how many
-    were new or changed."""
-    return sum(_copy_record(runs_root / relative, records / relative) for relative in recorded_runs(runs_root))
+    were new or changed. A summary's absolute run folder is written relative (:func:`portable_summary`)."""
+    return sum(
+        _copy_record(runs_root / relative, records / relative, relative) for relative in recorded_runs(runs_root)
+    )
