@@ -167,7 +167,7 @@ def test_a_further_reference_gets_its_own_paired_table() -> None:
     versus = table.split("### sst2: paired to hybrid")[1].splitlines()
     protect = next(line for line in versus if line.startswith("| protect |"))
     assert protect.startswith("| protect | +0.0000 [+0.0000, +0.0000] |")  # level in accuracy with the hybrid
-    assert protect.endswith("| **-0.0400 [-0.0400, -0.0400]** |")  # forgets 0.04 less than the hybrid
+    assert protect.endswith("| **-0.0400 [-0.0400, -0.0400]** | – |")  # forgets 0.04 less (no rows recorded)
     assert next(line for line in versus if line.startswith("| lora |")).startswith("| lora | **-0.0100")
     assert not any(line.startswith("| hybrid |") for line in versus)  # not paired with itself
     single = markdown_table(SimpleNamespace(name="t", sweep=None, references=("lora",)), rows)
@@ -216,6 +216,86 @@ def test_paired_differences_by_example_bootstrap_over_rows_of_the_recorded_score
     assert "Δ by example [95% CI]" in markdown
 
 
+def weighted_mean(values: list[float], weights: list[float]) -> float:
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
+
+
+def test_held_out_and_retention_losses_per_row_are_each_rows_own_and_average_to_the_whole(
+    tiny_lm: str, tokenizer: transformers.PreTrainedTokenizerBase
+) -> None:
+    """Each row's loss per token, recorded for pairing runs row by row, is the loss of that row scored alone, and the
+    rows' token-weighted mean is the batched loss the run reports (held-out task rows and general-text passages)."""
+    from hybrid_peft import load_model
+    from hybrid_peft.losses import ChunkedLossModel
+    from hybrid_peft.tasks import get_task
+    from hybrid_peft.tasks.base import held_out_loss
+
+    model = load_model(tiny_lm)
+    task = get_task("gsm8k", data_dir=str(Path(__file__).parent / "data"))
+    rows = task.eval_rows()[:5]
+    per_row: dict[str, list[float]] = {}
+    whole = held_out_loss(task, model, tokenizer, rows, 2, 48, per_row)
+    assert whole == pytest.approx(held_out_loss(task, model, tokenizer, rows, 2, 48))  # unchanged by recording
+    losses, tokens = per_row["loss"], per_row["loss_tokens"]
+    assert len(losses) == len(tokens) == 5 and all(t > 0 for t in tokens)
+    assert weighted_mean(losses, tokens) == pytest.approx(whole, rel=1e-5)
+    for i in (0, 3):  # in the rows' order, though batched by length
+        assert losses[i] == pytest.approx(held_out_loss(task, model, tokenizer, rows[i : i + 1], 1, 48), rel=1e-5)
+    chunked: dict[str, list[float]] = {}
+    assert held_out_loss(task, ChunkedLossModel(model, 8), tokenizer, rows, 2, 48, chunked) == pytest.approx(whole)
+    assert chunked == {}  # a loss-only model has no rows to record
+
+    texts = ["the cat sat on the mat", "a longer sentence about the weather and the sea", "short one"]
+    passages: dict[str, list[float]] = {}
+    batched = retention_loss(model, tokenizer, texts, max_length=64, batch_size=2, per_example=passages)
+    assert batched == pytest.approx(retention_loss(model, tokenizer, texts, max_length=64, batch_size=2), rel=1e-6)
+    for i, text in enumerate(texts):
+        alone = retention_loss(model, tokenizer, [text], max_length=64, batch_size=1)
+        assert passages["retention_loss"][i] == pytest.approx(alone, rel=1e-5)
+        assert passages["retention_tokens"][i] == len(tokenizer(text)["input_ids"]) - 1
+    assert weighted_mean(passages["retention_loss"], passages["retention_tokens"]) == pytest.approx(batched, rel=1e-5)
+
+
+def test_losses_and_forgetting_are_paired_row_by_row_weighted_by_tokens(tmp_path: Path) -> None:
+    """The held-out loss and forgetting get a bootstrap over rows too, from each row's loss per token weighted by
+    its tokens (the runs' own means); forgetting only between runs that started from the same model."""
+    from hybrid_peft.bench.rows import bootstrap_difference, paired_example_differences
+    from hybrid_peft.bench.tables import terminal_summary
+
+    tokens = [float(10 + i % 7) for i in range(120)]
+
+    def scored(method: str, seed: int, shift: float, before: float = 2.0) -> BenchRow:
+        folder = tmp_path / f"{method}-{seed}"
+        folder.mkdir()
+        noise = [0.05 * ((i * 7 + seed) % 5 - 2) for i in range(120)]  # the same rows, a little noise per seed
+        losses = [1.0 + 0.01 * (i % 3) + n + shift for i, n in enumerate(noise)]
+        scores = {"loss": losses, "loss_tokens": tokens, "retention_loss": [2.1 + shift] * 60,
+                  "retention_tokens": [20.0] * 60}  # fmt: skip
+        (folder / "eval_examples.json").write_text(json.dumps({"evaluation": "after", "scores": scores}))
+        mean = weighted_mean(losses, tokens)
+        return dataclasses.replace(
+            row(method, seed, 0.5), folder=str(folder), metric=None, held_out_loss=mean, retention_before=before,
+            retention_after=2.1 + shift,
+        )  # fmt: skip
+
+    rows = [scored("lora", s, 0.0) for s in range(3)] + [scored("better", s, -0.02) for s in range(3)]
+    rows += [scored("other-base", s, -0.02, before=2.5) for s in range(3)]  # another starting model: not paired
+    loss = paired_example_differences(rows, measure="held_out_loss")["sst2"]
+    assert loss["better"].mean == pytest.approx(-0.02) and loss["better"].verdict == "below"
+    assert loss["better"].high < 0 and loss["better"].seeds == 3
+    forgetting = paired_example_differences(rows, measure="forgetting")["sst2"]
+    assert set(forgetting) == {"better"} and forgetting["better"].mean == pytest.approx(-0.02)
+    assert "sst2" not in paired_example_differences(rows)  # no accuracy recorded per row: no metric pairing
+    # weights: a row with more tokens counts more, as in the run's mean over tokens
+    weighted = bootstrap_difference([[1.0, 0.0]], [[0.0, 0.0]], weights=[3.0, 1.0])
+    assert weighted.mean == pytest.approx(0.75) and bootstrap_difference([[1.0, 0.0]], [[0.0, 0.0]]).mean == 0.5
+    plan = SimpleNamespace(name="t", sweep=None, references=("lora",))
+    better = next(line for line in terminal_summary(plan, rows).splitlines() if line.strip().startswith("better"))
+    assert better.count("[") == 4  # seeds and rows, for the held-out loss and for forgetting
+    table = markdown_table(plan, rows)
+    assert "Δ loss by example [95% CI]" in table and "Δ forgetting by example [95% CI]" in table
+
+
 def test_the_recipe_records_each_evaluation_rows_score_after_training(tiny_bert: str, tmp_path: Path) -> None:
     from hybrid_peft.run import RunSummary, TrainConfig, run_training
 
@@ -230,6 +310,24 @@ def test_the_recipe_records_each_evaluation_rows_score_after_training(tiny_bert:
     assert document["evaluation"] == "after" and len(scores) == document["rows"] == 6
     assert set(scores) <= {0.0, 1.0}
     assert sum(scores) / len(scores) == pytest.approx(RunSummary.read(tmp_path / "run").after["accuracy"])
+
+
+def test_the_recipe_records_each_rows_loss_and_each_passages_retention_after_training(
+    tiny_lm: str, tmp_path: Path
+) -> None:
+    from hybrid_peft.run import RunSummary, TrainConfig, run_training
+
+    config = TrainConfig(
+        model=tiny_lm, task="gsm8k", data_dir=str(Path(__file__).parent / "data"), method="lora", steps=2,
+        batch_size=2, max_length=48, eval_examples=4, generate=False, threads=1, output_dir=str(tmp_path / "run"),
+        learning_rate=1e-2, retention_examples=6,
+    )  # fmt: skip
+    run_training(config, progress=False)
+    scores = json.loads((tmp_path / "run" / "eval_examples.json").read_text())["scores"]
+    after = RunSummary.read(tmp_path / "run").after
+    for name, weights, rows in (("loss", "loss_tokens", 4), ("retention_loss", "retention_tokens", 6)):
+        assert len(scores[name]) == len(scores[weights]) == rows
+        assert weighted_mean(scores[name], scores[weights]) == pytest.approx(after[name], rel=1e-5)
 
 
 def test_the_learn_forget_plot_has_a_point_per_method_and_seed(tmp_path: Path) -> None:

@@ -9,7 +9,10 @@ Example by example (:func:`paired_example_differences`): where a run recorded ea
 (``eval_examples.json``: accuracy as 0/1, exact match, pass@1), d_i = mean over seeds of score(method, s, i) −
 score(reference, s, i) for each row i, and a 95% percentile bootstrap over rows (10,000 resamples, a fixed seed) of
 mean(d). It answers "would another evaluation set of this size agree?", where the seed interval answers "would
-other training seeds agree?"; a difference is real when both exclude 0.
+other training seeds agree?"; a difference is real when both exclude 0. The held-out loss and forgetting are paired
+the same way where runs recorded each row's loss per token (and each general-text passage's after training), the
+mean weighted by each row's tokens as the runs' own means are; forgetting's "before" is the base model's, the same
+for every run of a task, so its difference row by row is that of the losses after training.
 """
 
 from __future__ import annotations
@@ -251,51 +254,97 @@ def paired_differences(
 BOOTSTRAP_RESAMPLES = 10_000
 
 
-def example_scores(row: BenchRow) -> list[float] | None:
-    """Each evaluation row's score in the row's metric after training, as the run recorded it (None where it
-    recorded none: a run before these files existed, or a metric that is no mean over rows, such as MCC)."""
+# what each measure reads from a run's eval_examples.json: (scores, token weights); None: the row's task metric
+EXAMPLE_MEASURES: dict[str, tuple[str | None, str | None]] = {
+    "metric": (None, None),
+    "held_out_loss": ("loss", "loss_tokens"),
+    "forgetting": ("retention_loss", "retention_tokens"),  # after training; before is the shared base model
+}
+
+
+def _recorded_scores(row: BenchRow, name: str) -> list[float] | None:
     path = Path(row.folder) / EXAMPLES_FILE
     if not row.ok or not row.folder or not path.is_file():
         return None
     try:
-        scores = json.loads(path.read_text(encoding="utf-8")).get("scores", {}).get(row.metric_name)
+        scores = json.loads(path.read_text(encoding="utf-8")).get("scores", {}).get(name)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None
     return [float(v) for v in scores] if isinstance(scores, list) else None
 
 
+def example_scores(row: BenchRow, measure: str = "metric") -> list[float] | None:
+    """Each evaluation row's score after training as the run recorded it: in the row's metric (``metric``), its
+    held-out loss per token (``held_out_loss``) or each general-text passage's loss per token (``forgetting``).
+    None where it recorded none: a run before these files existed, a metric that is no mean over rows (MCC), a
+    loss-only model (the chunked loss)."""
+    name = EXAMPLE_MEASURES[measure][0] or row.metric_name
+    return _recorded_scores(row, name)
+
+
+def example_weights(row: BenchRow, measure: str) -> list[float] | None:
+    """Each row's weight in ``measure``'s mean: its scored tokens for the losses (they are per-token means); None
+    (every row alike) for the task metric."""
+    weights = EXAMPLE_MEASURES[measure][1]
+    return _recorded_scores(row, weights) if weights else None
+
+
 def bootstrap_difference(
-    values: list[list[float]], references: list[list[float]], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+    values: list[list[float]],
+    references: list[list[float]],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    weights: list[float] | None = None,
 ) -> PairedDifference:
     """The mean of ``values − references`` (one list per seed, one score per evaluation row, rows in the same order)
-    and its 95% percentile bootstrap interval over rows, the seeds averaged row by row."""
+    and its 95% percentile bootstrap interval over rows, the seeds averaged row by row. With ``weights`` (a row's
+    tokens, for losses per token) the mean is weighted, as the run's own mean over tokens is."""
     differences = (np.asarray(values, dtype=np.float64) - np.asarray(references, dtype=np.float64)).mean(axis=0)
+    w = np.ones_like(differences) if weights is None else np.asarray(weights, dtype=np.float64)
     generator = np.random.default_rng(seed)
-    means = differences[generator.integers(0, len(differences), (resamples, len(differences)))].mean(axis=1)
+    picks = generator.integers(0, len(differences), (resamples, len(differences)))
+    means = (differences[picks] * w[picks]).sum(axis=1) / np.maximum(w[picks].sum(axis=1), 1e-300)
     low, high = np.quantile(means, [0.025, 0.975])
-    return PairedDifference(float(differences.mean()), float(low), float(high), len(values))
+    return PairedDifference(float((differences * w).sum() / w.sum()), float(low), float(high), len(values))
+
+
+def _same_before(row: BenchRow, reference: BenchRow, measure: str) -> bool:
+    """Forgetting row by row compares the after-training losses, which is the difference of the rises only when both
+    runs started from the same model (the same loss before, as every run of one task and base model does)."""
+    if measure != "forgetting":
+        return True
+    before, base = row.retention_before, reference.retention_before
+    return before is not None and base is not None and abs(before - base) <= 1e-6 * max(1.0, abs(base))
 
 
 def paired_example_differences(
-    rows: list[BenchRow], reference: str = REFERENCE
+    rows: list[BenchRow], reference: str = REFERENCE, measure: str = "metric"
 ) -> dict[str, dict[str, PairedDifference]]:
-    """Per task, per method other than ``reference``: its difference to ``reference`` in the task metric, bootstrap
-    over evaluation rows (:func:`bootstrap_difference`) on the seeds both recorded row scores for."""
+    """Per task, per method other than ``reference``: its difference to ``reference`` in ``measure`` (the task metric,
+    the held-out loss or forgetting), bootstrap over evaluation rows (:func:`bootstrap_difference`) on the seeds both
+    recorded row scores for (with the same rows and, for losses, the same tokens per row)."""
     table: dict[str, dict[str, PairedDifference]] = {}
     for task in dict.fromkeys(r.task for r in rows):
-        by_method: dict[str, dict[int, list[float]]] = {}
+        by_method: dict[str, dict[int, tuple[BenchRow, list[float], list[float] | None]]] = {}
         for row in rows:
-            scores = example_scores(row) if row.task == task else None
+            scores = example_scores(row, measure) if row.task == task else None
             if scores:
-                by_method.setdefault(row.method, {})[row.seed] = scores
+                by_method.setdefault(row.method, {})[row.seed] = (row, scores, example_weights(row, measure))
         base = by_method.get(reference)
         if not base:
             continue
-        for method, scores in by_method.items():
-            seeds = [s for s in sorted(set(scores) & set(base)) if len(scores[s]) == len(base[s])]
+        for method, recorded in by_method.items():
+            seeds = [
+                s
+                for s in sorted(set(recorded) & set(base))
+                if len(recorded[s][1]) == len(base[s][1])
+                and recorded[s][2] == base[s][2]
+                and (measure == "metric" or base[s][2] is not None)
+                and _same_before(recorded[s][0], base[s][0], measure)
+            ]
             if method != reference and seeds:
                 table.setdefault(task, {})[method] = bootstrap_difference(
-                    [scores[s] for s in seeds], [base[s] for s in seeds]
+                    [recorded[s][1] for s in seeds], [base[s][1] for s in seeds], weights=base[seeds[0]][2]
                 )
     return table
 

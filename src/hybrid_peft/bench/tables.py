@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from hybrid_peft.bench.plan import BenchPlan
 
 
+MEASURES = ("metric", "held_out_loss", "forgetting")  # what the tables pair, by seed and by example
+
+
 def _fmt(value: tuple[float, float] | None, digits: int = 4, std: bool = True, signed: bool = False) -> str:
     if value is None:
         return "–"
@@ -108,19 +111,22 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
     metric_differences = paired_differences(rows, "metric", reference)
     forgetting_differences = paired_differences(rows, "forgetting", reference)
     loss_differences = paired_differences(rows, "held_out_loss", reference)
-    example_differences = paired_example_differences(rows, reference)
+    example_differences = {measure: paired_example_differences(rows, reference, measure) for measure in MEASURES}
     for task, entries in aggregate(rows).items():
         task_rows = [r for r in rows if r.task == task]
         lines += [f"## {task} ({task_rows[0].model}, {task_rows[0].base_task})", ""]
         metric = entries[0]["metric_name"]
-        by_example = example_differences.get(task, {})
+        by_example, loss_by_example, forgot_by_example = (example_differences[m].get(task, {}) for m in MEASURES)
         lines.append(
             f"| method | rate | {metric} | Δ vs {reference} [95% CI] | "
             + ("Δ by example [95% CI] | " if by_example else "")
-            + "before | held-out loss | Δ loss [95% CI] | forgetting | Δ forgetting [95% CI] | step s | time × full | "
-            "peak RSS MB | memory × full | trainable | runs ok |"
+            + "before | held-out loss | Δ loss [95% CI] | "
+            + ("Δ loss by example [95% CI] | " if loss_by_example else "")
+            + "forgetting | Δ forgetting [95% CI] | "
+            + ("Δ forgetting by example [95% CI] | " if forgot_by_example else "")
+            + "step s | time × full | peak RSS MB | memory × full | trainable | runs ok |"
         )
-        lines.append("|---" * (15 + bool(by_example)) + "|")
+        lines.append("|---" * (15 + bool(by_example) + bool(loss_by_example) + bool(forgot_by_example)) + "|")
         for e in entries:
             ratio = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
             trainable = "–" if e["trainable_parameters"] is None else f"{e['trainable_parameters'][0]:,.0f}"
@@ -134,8 +140,10 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
                 + (f"{_paired(by_example.get(e['method']), seeds=False)} | " if by_example else "")
                 + f"{_fmt(e['metric_before'], std=False)} | {_fmt(e['held_out_loss'], std=spread)} | "
                 f"{_paired(loss)} | "
-                f"{_fmt(e['forgetting'], std=spread, signed=True)} | {_paired(forgot)} | "
-                f"{_fmt(e['median_step_s'], 3, std=False)} | {ratio(e['time_x_full'])} | "
+                + (f"{_paired(loss_by_example.get(e['method']), seeds=False)} | " if loss_by_example else "")
+                + f"{_fmt(e['forgetting'], std=spread, signed=True)} | {_paired(forgot)} | "
+                + (f"{_paired(forgot_by_example.get(e['method']), seeds=False)} | " if forgot_by_example else "")
+                + f"{_fmt(e['median_step_s'], 3, std=False)} | {ratio(e['time_x_full'])} | "
                 f"{_fmt(e['peak_rss_mb'], 0, std=False)} | {ratio(e['memory_x_full'])} | {trainable} | "
                 f"{e['ok']}/{e['runs']} |"
             )
@@ -152,8 +160,8 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
 
 def versus_lines(rows: list[BenchRow], reference: str) -> list[str]:
     """Per task, every method's paired differences to a further reference (the main table's columns of Δ)."""
-    measures = {key: paired_differences(rows, key, reference) for key in ("metric", "held_out_loss", "forgetting")}
-    by_example = paired_example_differences(rows, reference)
+    measures = {key: paired_differences(rows, key, reference) for key in MEASURES}
+    by_example = {key: paired_example_differences(rows, reference, key) for key in MEASURES}
     lines = []
     for task in dict.fromkeys(r.task for r in rows):
         methods = [m for m in dict.fromkeys(r.method for r in rows if r.task == task) if m != reference]
@@ -165,15 +173,20 @@ def versus_lines(rows: list[BenchRow], reference: str) -> list[str]:
             "",
             f"The method minus {reference}, as the Δ columns above.",
             "",
-            f"| method | Δ {metric} [95% CI] | Δ by example [95% CI] | Δ held-out loss [95% CI] | "
-            "Δ forgetting [95% CI] |",
-            "|---|---|---|---|---|",
+            f"| method | Δ {metric} [95% CI] | Δ by example [95% CI] | Δ held-out loss [95% CI] | Δ loss by example "
+            "[95% CI] | Δ forgetting [95% CI] | Δ forgetting by example [95% CI] |",
+            "|---|---|---|---|---|---|---|",
         ]
         for method in methods:
-            cells = [_paired(measures[key].get(task, {}).get(method)) for key in ("metric", "held_out_loss")]
-            forgot = _paired(measures["forgetting"].get(task, {}).get(method))
-            example = _paired(by_example.get(task, {}).get(method), seeds=False)
-            lines.append(f"| {method} | {cells[0]} | {example} | {cells[1]} | {forgot} |")
+            cells = [
+                cell
+                for key in MEASURES
+                for cell in (
+                    _paired(measures[key].get(task, {}).get(method)),
+                    _paired(by_example[key].get(task, {}).get(method), seeds=False),
+                )
+            ]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -182,26 +195,25 @@ def terminal_summary(plan: BenchPlan, rows: list[BenchRow]) -> str:
     """What the bench prints when it ends: per task, each method's metric, its paired difference to the reference (by
     seed, and by evaluation row where recorded) and its forgetting with the same difference; results.md has the rest."""
     reference = plan.references[0]
-    differences = {key: paired_differences(rows, key, reference) for key in ("metric", "held_out_loss", "forgetting")}
-    by_example = paired_example_differences(rows, reference)
+    differences = {key: paired_differences(rows, key, reference) for key in MEASURES}
+    by_example = {key: paired_example_differences(rows, reference, key) for key in MEASURES}
     lines = []
     for task, entries in aggregate(rows).items():
         # the task's metric, or the held-out loss where no run measured one (a loss-only profile)
         key = "metric" if any(e["metric"] for e in entries) else "held_out_loss"
         metric = entries[0]["metric_name"] if key == "metric" else "held-out loss"
-        table = [["method", metric, f"Δ vs {reference} (seeds)", "Δ (rows)", "forgetting", "Δ forgetting"]]
+        table = [["method", metric, f"Δ vs {reference} (seeds)", "Δ (rows)", "forgetting", "Δ forgetting", "Δ (rows)"]]
         for e in entries:
-            versus = differences[key].get(task, {}).get(e["method"])
-            forgot = differences["forgetting"].get(task, {}).get(e["method"])
-            example = by_example.get(task, {}).get(e["method"])
+            method = e["method"]
             table.append(
                 [
-                    e["method"],
+                    method,
                     _fmt(e[key], std=e["ok"] > 1),
-                    _paired(versus, plain=True),
-                    _paired(example, seeds=False, plain=True),
+                    _paired(differences[key].get(task, {}).get(method), plain=True),
+                    _paired(by_example[key].get(task, {}).get(method), seeds=False, plain=True),
                     _fmt(e["forgetting"], std=False, signed=True),
-                    _paired(forgot, plain=True),
+                    _paired(differences["forgetting"].get(task, {}).get(method), plain=True),
+                    _paired(by_example["forgetting"].get(task, {}).get(method), seeds=False, plain=True),
                 ]
             )
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]

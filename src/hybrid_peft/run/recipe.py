@@ -458,15 +458,22 @@ class Recipe:
                 loss_model=ChunkedLossModel(model, config.loss_chunk_tokens) if config.loss_chunk_tokens else None,
                 per_example=per_example,
             )
-            if per_example and self.main:
-                document = {"evaluation": label, "rows": len(rows), "scores": per_example}
-                atomic_write_text(self.output_dir / EXAMPLES_FILE, json.dumps(document) + "\n")
             if label in ("before", "after") and self.retention is not None:  # forgetting: general text, not the task
                 texts, _ = self.retention
                 size = config.eval_batch_size
-                loss = retention_loss(model, self.tokenizer, texts, max_length=config.max_length, batch_size=size)
+                loss = retention_loss(
+                    model,
+                    self.tokenizer,
+                    texts,
+                    max_length=config.max_length,
+                    batch_size=size,
+                    per_example=per_example,  # after training: each text's loss, so a bench pairs runs text by text
+                )
                 if loss is not None:
                     metrics["retention_loss"] = loss
+            if per_example and self.main:
+                document = {"evaluation": label, "rows": len(rows), "scores": per_example}
+                atomic_write_text(self.output_dir / EXAMPLES_FILE, json.dumps(document) + "\n")
             return metrics
 
     def after_step(

@@ -127,10 +127,18 @@ def _scoring_parts(model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def retention_loss(
-    model: nn.Module, tokenizer: Any, texts: list[str], *, max_length: int, batch_size: int
+    model: nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    *,
+    max_length: int,
+    batch_size: int,
+    per_example: dict[str, list[float]] | None = None,
 ) -> float | None:
     """Mean NLL per token of ``model`` as a causal LM on ``texts``; None when the model cannot be scored so. The
-    logits are formed a few hundred tokens at a time, so scoring adds little to the run's peak memory."""
+    logits are formed a few hundred tokens at a time, so scoring adds little to the run's peak memory. With
+    ``per_example``, each text's mean NLL per token goes to ``per_example["retention_loss"]`` and its number of
+    scored tokens to ``per_example["retention_tokens"]`` (the token-weighted mean of the texts is the result)."""
     model = _transformers_model(model)
     parts = _scoring_parts(model)
     if not texts or parts is None:
@@ -140,6 +148,7 @@ def retention_loss(
     model.eval()
     tokenizer.padding_side = "right"  # positions count from the first token
     total, tokens = 0.0, 0
+    text_sums, text_tokens = torch.zeros(len(texts), dtype=torch.float64), torch.zeros(len(texts), dtype=torch.int64)
     try:
         for start in range(0, len(texts), batch_size):
             encoded = tokenizer(
@@ -157,13 +166,23 @@ def retention_loss(
             hidden = output.last_hidden_state[:, :-1]
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             keep = targets != -100
+            text_of_token = start + keep.nonzero()[:, 0].cpu()  # each scored token's text
             hidden, targets = hidden[keep], targets[keep]  # (tokens, d): padding never reaches the head
             for chunk in range(0, len(targets), CHUNK_TOKENS):
                 piece = hidden[chunk : chunk + CHUNK_TOKENS].to(weight.dtype)
                 logits = F.linear(piece, weight, bias).float()
-                total += float(F.cross_entropy(logits, targets[chunk : chunk + CHUNK_TOKENS], reduction="sum"))
+                if per_example is None:
+                    total += float(F.cross_entropy(logits, targets[chunk : chunk + CHUNK_TOKENS], reduction="sum"))
+                    continue
+                losses = F.cross_entropy(logits, targets[chunk : chunk + CHUNK_TOKENS], reduction="none")
+                total += float(losses.sum())
+                text_sums.index_add_(0, text_of_token[chunk : chunk + CHUNK_TOKENS], losses.detach().cpu().double())
             tokens += len(targets)
+            text_tokens.index_add_(0, text_of_token, torch.ones_like(text_of_token))
     finally:
         model.train(was_training)
         tokenizer.padding_side = padding_side
+    if per_example is not None and tokens:
+        per_example["retention_loss"] = (text_sums / text_tokens.clamp(min=1)).tolist()
+        per_example["retention_tokens"] = text_tokens.double().tolist()
     return total / tokens if tokens else None

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 
 class Task(Protocol):
@@ -171,13 +172,54 @@ def completion_loss_and_accuracy(model: Any, batches: Sequence[dict[str, torch.T
 
 
 def held_out_loss(
-    task: Task, model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int, max_length: int
+    task: Task,
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    batch_size: int,
+    max_length: int,
+    per_example: dict[str, list[float]] | None = None,
 ) -> float:
     """:func:`mean_loss` of ``rows`` batched the way ``task`` batches its training data, grouped by length
-    (:func:`length_sorted_batches`; the mean does not depend on the grouping)."""
-    return mean_loss(
-        model, [batch for _, batch in length_sorted_batches(task.batch, tokenizer, rows, batch_size, max_length)]
-    )
+    (:func:`length_sorted_batches`; the mean does not depend on the grouping).
+
+    With ``per_example`` (a causal LM whose output carries its logits), each row's mean loss per completion token
+    goes to ``per_example["loss"]`` and its number of scored tokens to ``per_example["loss_tokens"]``, in the rows'
+    order: the token-weighted mean of the rows is the returned loss, so a bench can pair two runs row by row."""
+    batches = length_sorted_batches(task.batch, tokenizer, rows, batch_size, max_length)
+    if per_example is None:
+        return mean_loss(model, [batch for _, batch in batches])
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    losses, tokens = [0.0] * len(rows), [0] * len(rows)
+    scored_rows = True
+    try:
+        with torch.no_grad():
+            for indices, batch in batches:
+                output = model(**batch)
+                labels = batch["labels"]
+                n = int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.shape[0]
+                total += float(output.loss) * n  # the mean as mean_loss computes it
+                count += n
+                logits = getattr(output, "logits", None)
+                if logits is None or labels.dim() != 2:  # a loss-only model (the chunked loss): no rows
+                    scored_rows = False
+                    continue
+                targets = labels[:, 1:]
+                token_losses = F.cross_entropy(
+                    logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+                )
+                row_tokens = (targets != -100).sum(dim=1)
+                row_sums = token_losses.sum(dim=1)
+                for position, index in enumerate(indices):
+                    tokens[index] = int(row_tokens[position])
+                    losses[index] = float(row_sums[position]) / max(tokens[index], 1)
+    finally:
+        model.train(was_training)
+    if scored_rows:
+        per_example["loss"], per_example["loss_tokens"] = losses, [float(t) for t in tokens]
+    return total / max(count, 1)
 
 
 @torch.no_grad()

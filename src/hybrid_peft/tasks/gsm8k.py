@@ -116,7 +116,8 @@ class Gsm8kTask:
         per_example: dict[str, list[float]] | None = None,
         **_: Any,
     ) -> dict[str, float]:
-        metrics = {"loss": held_out_loss(self, loss_model or model, tokenizer, rows, batch_size, max_length)}
+        loss = held_out_loss(self, loss_model or model, tokenizer, rows, batch_size, max_length, per_example)
+        metrics = {"loss": loss}
         if generate:
             completions = greedy_generate(
                 model, tokenizer, [gsm8k_prompt(r) for r in rows], max_new_tokens, batch_size, stop=(NEXT_QUESTION,)

@@ -202,9 +202,11 @@ class FloresTask:
         max_new_tokens: int = 128,
         generate: bool = True,
         loss_model: Any = None,
+        per_example: dict[str, list[float]] | None = None,
         **_: Any,
     ) -> dict[str, float]:
-        metrics = {"loss": held_out_loss(self, loss_model or model, tokenizer, rows, batch_size, max_length)}
+        loss = held_out_loss(self, loss_model or model, tokenizer, rows, batch_size, max_length, per_example)
+        metrics = {"loss": loss}
         if generate:
             import sacrebleu
 
