@@ -207,14 +207,13 @@ def held_out_loss(
                     scored_rows = False
                     continue
                 targets = labels[:, 1:]
-                token_losses = F.cross_entropy(
-                    logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
-                )
-                row_tokens = (targets != -100).sum(dim=1)
-                row_sums = token_losses.sum(dim=1)
-                for position, index in enumerate(indices):
-                    tokens[index] = int(row_tokens[position])
-                    losses[index] = float(row_sums[position]) / max(tokens[index], 1)
+                for position, index in enumerate(indices):  # row by row, the scored positions only: no logit copies
+                    scored = targets[position] != -100
+                    tokens[index] = int(scored.sum())
+                    if tokens[index]:
+                        row_logits = logits[position, :-1][scored].float()
+                        row_sum = F.cross_entropy(row_logits, targets[position][scored], reduction="sum")
+                        losses[index] = float(row_sum) / tokens[index]
     finally:
         model.train(was_training)
     if scored_rows:
