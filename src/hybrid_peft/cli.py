@@ -480,8 +480,10 @@ def add_bench_parser(commands: Any, threads: int) -> None:
     bench.add_argument(
         "--sweep-factors",
         metavar="F[,F...]",
-        help="replace the config's sweep factors (of each method's rate), e.g. 3 to rerun a bench at the factor an "
-        "earlier, full sweep chose without training the other candidates again",
+        help="replace the config's sweep factors (of each method's rate) in this invocation, e.g. 3 to rerun "
+        "methods (--methods) at the factor their earlier, full sweep chose without training the other candidates "
+        "again; its tables rank every method on these factors only, so run the bench once more without it (nothing "
+        "trains) to rewrite them",
     )
     bench.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
     bench.add_argument("--dry-run", action="store_true", help="list the runs and exit")
