@@ -214,6 +214,8 @@ def test_paired_differences_by_example_bootstrap_over_rows_of_the_recorded_score
     line = next(line for line in markdown.splitlines() if line.startswith("| ahead |"))
     assert f"**+0.1000 [{table['ahead'].low:+.4f}, {table['ahead'].high:+.4f}]** (3 seeds)" in line
     assert "Δ by example [95% CI]" in markdown
+    (Path(rows[3].folder) / "eval_examples.json").write_text(json.dumps({"scores": {"accuracy": lora[0]}}))
+    assert paired_example_differences(rows)["sst2"]["ahead"].mean == pytest.approx(2 * 0.10 / 3)  # read again
 
 
 def weighted_mean(values: list[float], weights: list[float]) -> float:

@@ -18,6 +18,7 @@ for every run of a task, so its difference row by row is that of the losses afte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -262,14 +263,23 @@ EXAMPLE_MEASURES: dict[str, tuple[str | None, str | None]] = {
 }
 
 
+@functools.lru_cache(maxsize=256)
+def _recorded_file(path: str, version: tuple[int, int]) -> dict[str, Any]:
+    """A run's ``eval_examples.json`` scores, read once per version of the file (a table reads each run's file once
+    per measure and method pair; ``version``, its modification time and size, makes a rewritten file read again)."""
+    try:
+        scores = json.loads(Path(path).read_text(encoding="utf-8")).get("scores", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}
+    return scores if isinstance(scores, dict) else {}
+
+
 def _recorded_scores(row: BenchRow, name: str) -> list[float] | None:
     path = Path(row.folder) / EXAMPLES_FILE
     if not row.ok or not row.folder or not path.is_file():
         return None
-    try:
-        scores = json.loads(path.read_text(encoding="utf-8")).get("scores", {}).get(name)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
+    stat = path.stat()
+    scores = _recorded_file(str(path), (stat.st_mtime_ns, stat.st_size)).get(name)
     return [float(v) for v in scores] if isinstance(scores, list) else None
 
 

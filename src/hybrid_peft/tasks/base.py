@@ -138,17 +138,29 @@ def prompt_completion_batch(
 
 
 @torch.no_grad()
-def mean_loss(model: Any, batches: Sequence[dict[str, torch.Tensor]]) -> float:
-    """Token- (or example-) weighted mean loss over batches, in eval mode (restored afterwards)."""
+def mean_loss(
+    model: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    after_batch: Callable[[int, dict[str, torch.Tensor], Any], None] | None = None,
+) -> float:
+    """Token- (or example-) weighted mean loss over batches, in eval mode (restored afterwards). ``after_batch``
+    (batch number, batch, model output) sees each batch's output before it is freed: one batch's output is alive
+    at a time."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        labels = batch["labels"]
-        n = int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.shape[0]
-        total += float(model(**batch).loss) * n
-        count += n
-    model.train(was_training)
+    try:
+        for number, batch in enumerate(batches):
+            output = model(**batch)
+            labels = batch["labels"]
+            n = int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.shape[0]
+            total += float(output.loss) * n
+            count += n
+            if after_batch is not None:
+                after_batch(number, batch, output)
+            del output  # before the next batch's forward
+    finally:
+        model.train(was_training)
     return total / max(count, 1)
 
 
@@ -193,40 +205,30 @@ def held_out_loss(
     batches = length_sorted_batches(task.batch, tokenizer, rows, batch_size, max_length)
     if per_example is None:
         return mean_loss(model, [batch for _, batch in batches])
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
     losses, tokens = [0.0] * len(rows), [0] * len(rows)
     scored_rows = True
-    try:
-        with torch.no_grad():
-            for indices, batch in batches:
-                output = model(**batch)
-                labels = batch["labels"]
-                n = int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.shape[0]
-                total += float(output.loss) * n  # the mean as mean_loss computes it
-                count += n
-                logits = getattr(output, "logits", None)
-                if logits is None or labels.dim() != 2:  # a loss-only model (the chunked loss): no rows
-                    scored_rows = False
-                    del output
-                    continue
-                targets = labels[:, 1:]
-                for position, index in enumerate(indices):  # row by row, a few scored positions at a time
-                    scored = (targets[position] != -100).nonzero()[:, 0]
-                    tokens[index] = len(scored)
-                    row_sum = 0.0
-                    for start in range(0, len(scored), ROW_LOSS_CHUNK):
-                        chunk = scored[start : start + ROW_LOSS_CHUNK]
-                        piece = logits[position].index_select(0, chunk).float()  # (chunk, vocab): small
-                        row_sum += float(F.cross_entropy(piece, targets[position][chunk], reduction="sum"))
-                    losses[index] = row_sum / max(tokens[index], 1)
-                del output, logits  # before the next batch's forward: one batch's logits alive at a time
-    finally:
-        model.train(was_training)
+
+    def record_rows(number: int, batch: dict[str, torch.Tensor], output: Any) -> None:
+        nonlocal scored_rows
+        logits, labels = getattr(output, "logits", None), batch["labels"]
+        if logits is None or labels.dim() != 2:  # a loss-only model (the chunked loss): no rows
+            scored_rows = False
+            return
+        targets = labels[:, 1:]
+        for position, index in enumerate(batches[number][0]):  # row by row, a few scored positions at a time
+            scored = (targets[position] != -100).nonzero()[:, 0]
+            tokens[index] = len(scored)
+            row_sum = 0.0
+            for start in range(0, len(scored), ROW_LOSS_CHUNK):
+                chunk = scored[start : start + ROW_LOSS_CHUNK]
+                piece = logits[position].index_select(0, chunk).float()  # (chunk, vocab): small
+                row_sum += float(F.cross_entropy(piece, targets[position][chunk], reduction="sum"))
+            losses[index] = row_sum / max(tokens[index], 1)
+
+    loss = mean_loss(model, [batch for _, batch in batches], after_batch=record_rows)
     if scored_rows:
         per_example["loss"], per_example["loss_tokens"] = losses, [float(t) for t in tokens]
-    return total / max(count, 1)
+    return loss
 
 
 @torch.no_grad()
