@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -74,6 +75,7 @@ def test_bench_runs_the_matrix_and_reuses_finished_runs(
     ok = [r for r in rows if r.status == "ok"]
     assert all(r.median_step_s > 0 and r.peak_rss_mb > 0 and r.held_out_loss > 0 for r in ok)
     assert all(r.finished_at and r.commit for r in ok)  # each row says when and from which source
+    assert len(list((tmp_path / "out" / "before").glob("*.json"))) == 1  # one evaluation of the base model for all
     full = next(r for r in ok if r.method == "full-ft")
     lora = next(r for r in ok if r.method == "lora")
     assert full.trainable_parameters == full.total_parameters > lora.trainable_parameters > 0
@@ -273,8 +275,15 @@ def test_exported_records_name_no_absolute_path(tmp_path: Path, monkeypatch: pyt
     work = tmp_path / "work"
     runs = work / "out" / "runs"
     summaries = {
-        "below": {"config": {"output_dir": str(runs / "t" / "below"), "seed": 0}, "after": {"loss": 0.5}},
-        "elsewhere": {"config": {"output_dir": "/somewhere/else/t/elsewhere"}},
+        "below": {
+            "config": {
+                "output_dir": str(runs / "t" / "below"),
+                "before_cache": str(work / "out" / "before"),
+                "seed": 0,
+            },
+            "after": {"loss": 0.5},
+        },
+        "elsewhere": {"config": {"output_dir": "/somewhere/else/t/elsewhere", "before_cache": "/somewhere/before"}},
         "relative": {"config": {"output_dir": "runs/x/t/relative"}},
         "bare": {"recorded": 1},
     }
@@ -287,16 +296,31 @@ def test_exported_records_name_no_absolute_path(tmp_path: Path, monkeypatch: pyt
     records = tmp_path / "records"
     assert export_records(runs, records) == 5 and export_records(runs, records) == 0  # still idempotent
 
-    def folder(name: str) -> str:
-        return json.loads((records / "t" / name / "summary.json").read_text())["config"]["output_dir"]
+    def folder(name: str, key: str = "output_dir") -> str:
+        return json.loads((records / "t" / name / "summary.json").read_text())["config"][key]
 
     assert folder("below") == "out/runs/t/below" and folder("elsewhere") == "t/elsewhere"
+    assert folder("below", "before_cache") == "out/before" and folder("elsewhere", "before_cache") == "before"
     assert folder("relative") == "runs/x/t/relative"
     below = json.loads((records / "t" / "below" / "summary.json").read_text())
     assert below["after"] == {"loss": 0.5} and below["config"]["seed"] == 0  # nothing else changes
     assert (records / "t" / "bare" / "summary.json").read_text() == (runs / "t" / "bare" / "summary.json").read_text()
     assert (records / "t" / "torn" / "summary.json").read_text() == '{"config": '
     assert str(tmp_path) not in "".join(p.read_text() for p in records.rglob("summary.json"))
+
+
+def test_bench_runs_share_the_base_models_evaluation_and_where_it_is_kept_decides_nothing(
+    tiny_lm: str, tmp_path: Path
+) -> None:
+    from hybrid_peft.bench.running import _comparable
+
+    plan = load_plan(str(write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")))
+    assert {r.config.before_cache for r in plan.runs()} == {str(tmp_path / "out" / "before")}
+    config = plan.runs()[0].config
+    assert _comparable(dataclasses.replace(config, before_cache=None)) == _comparable(config)  # runs from before it
+    assert (
+        load_plan(str(tmp_path / "bench.yaml"), overrides={"before_cache": None}).runs()[0].config.before_cache is None
+    )
 
 
 def test_bench_configs_fail_early_and_clearly(tmp_path: Path, tiny_lm: str, capsys: pytest.CaptureFixture) -> None:

@@ -3,6 +3,7 @@ overrides, two processes under torchrun. Tiny random models with MiniLM's tokeni
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -13,9 +14,11 @@ import transformers
 
 from hybrid_peft.errors import BatchDoesNotFitError, ConfigError, NonFiniteLossError
 from hybrid_peft.run import RunSummary, TrainConfig, run_training
+from hybrid_peft.run.before import SharedBefore
 from hybrid_peft.run.loop import batch_indices
+from hybrid_peft.run.recipe import Recipe
 
-from conftest import run_torchrun
+from conftest import run_torchrun, tiny_llama
 
 
 def config_for(model: str, output: Path, **options) -> TrainConfig:  # noqa: ANN003
@@ -150,6 +153,70 @@ def test_full_fine_tuning_and_report(tiny_lm: str, tmp_path: Path) -> None:
     assert environment.torch == torch.__version__ and environment.threads >= 1
     assert environment.commit is None or re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", environment.commit)
     assert f"torch {torch.__version__}" in report and environment.finished_at in report
+
+
+def test_runs_from_one_base_model_share_the_evaluation_before_training(
+    tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "before"
+    first = run_training(config_for(tiny_lm, tmp_path / "lora", steps=2, before_cache=str(cache)), progress=False)
+    (entry,) = cache.glob("*.json")
+    assert json.loads(entry.read_text())["metrics"] == first.before
+    evaluated: list[str] = []
+    evaluate = Recipe.evaluate
+    monkeypatch.setattr(
+        Recipe, "evaluate", lambda self, label, *a, **k: evaluated.append(label) or evaluate(self, label, *a, **k)
+    )
+    # another method, rate and seed from the same base model, rows and options: read, not evaluated
+    hybrid = {"method": "hybrid", "adapter": {"rank": 2}, "seed": 1, "learning_rate": 1e-3, "steps": 2}
+    second = run_training(config_for(tiny_lm, tmp_path / "hybrid", **hybrid, before_cache=str(cache)))
+    assert "before" not in evaluated and "after" in evaluated and second.before == first.before
+    assert f"hybrid: the evaluation before training from {entry}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hybrid" / "train_log.jsonl").read_text().splitlines()[0])["eval"] == first.before
+    # what the run would have measured itself: every adapter starts as the base model
+    own = run_training(config_for(tiny_lm, tmp_path / "own", **hybrid), progress=False)
+    assert own.before == pytest.approx(first.before, rel=1e-5) and "before" in evaluated
+    # other rows or evaluation options get an entry of their own
+    evaluated.clear()
+    run_training(
+        config_for(tiny_lm, tmp_path / "short", steps=2, max_length=48, before_cache=str(cache)), progress=False
+    )
+    run_training(
+        config_for(tiny_lm, tmp_path / "fewer", steps=2, eval_examples=3, before_cache=str(cache)), progress=False
+    )
+    assert evaluated.count("before") == 2 and len(list(cache.glob("*.json"))) == 3
+    # an unreadable entry is evaluated again, with a warning, and replaced
+    entry.write_text("{not json", encoding="utf-8")
+    with pytest.warns(UserWarning, match="not a readable evaluation of this run's base model"):
+        again = run_training(config_for(tiny_lm, tmp_path / "again", steps=2, before_cache=str(cache)), progress=False)
+    assert again.before == first.before and json.loads(entry.read_text())["metrics"] == first.before
+    # a classifier's new head is drawn from the seed: runs of one seed share, another seed's head is another model
+    evaluated.clear()
+    classifier = {"task": "sst2", "steps": 2, "eval_examples": 16, "before_cache": str(cache)}
+    lora = run_training(config_for(tiny_lm, tmp_path / "sst2-lora", **classifier))
+    assert "gets a new classification head" in capsys.readouterr().out  # a decoder read as a classifier
+    boft = run_training(config_for(tiny_lm, tmp_path / "sst2-boft", method="boft", **classifier), progress=False)
+    other = run_training(config_for(tiny_lm, tmp_path / "sst2-seed-1", seed=1, **classifier), progress=False)
+    assert evaluated.count("before") == 2 and boft.before == lora.before != other.before
+
+
+def test_the_shared_evaluation_is_keyed_by_the_base_models_weights(tmp_path: Path) -> None:
+    config = TrainConfig.from_dict({"task": "humaneval", "output_dir": str(tmp_path / "run")})
+    rows, texts = [{"prompt": "def f():", "completion": " return 1"}], ["general text"]
+
+    def path(model: torch.nn.Module, rows: list = rows, texts: list | None = texts, **options) -> Path:  # noqa: ANN003
+        changed = dataclasses.replace(config, **options)
+        return SharedBefore.for_run(tmp_path, changed, model, rows, texts).path
+
+    model = tiny_llama(0)
+    assert path(model) == path(tiny_llama(0))  # the same weights, another copy
+    assert path(tiny_llama(1)) != path(model)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1e-3
+    changed = path(model)
+    assert changed != path(tiny_llama(0))
+    assert len({changed, path(model, rows=rows * 2), path(model, texts=None), path(model, eval_batch_size=4),
+                path(model, generate=False), path(model, dtype="bfloat16")}) == 6  # fmt: skip
 
 
 def test_classification_task_trains_head_and_adapter(tiny_bert: str, tmp_path: Path) -> None:

@@ -611,6 +611,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "auto (FLORES English devtest from the data folder, else Python's documentation prose), a text file (a "
         "passage per line) or none",
         "retention_examples": "passages of the retention text scored (0: none)",
+        "before_cache": "a folder where runs share the evaluation before training: every adapter starts as the base "
+        "model, so runs with the same base model, task, rows and evaluation options evaluate it once (the bench "
+        "uses OUTPUT/before; none: every run evaluates)",
         "report_to": "send loss, learning rate, tokens/s, λ per layer and evaluations to experiment trackers "
         "through accelerate: tensorboard (event files under OUTPUT_DIR/tracking/), wandb, mlflow; comma-separated; "
         "each needs its package installed (pip install tensorboard)",

@@ -109,6 +109,7 @@ class BenchPlan:
             options["learning_rate"] = learning_rate
             folder = folder / f"lr-{learning_rate:g}"
         options |= {"seed": seed, "output_dir": str(folder / f"seed-{seed}")}
+        options.setdefault("before_cache", str(self.output_dir / "before"))  # one evaluation of the base model
         try:
             config = TrainConfig.from_dict(options)
         except ConfigError as exc:

@@ -31,22 +31,28 @@ def recorded_runs(root: Path) -> list[Path]:
 
 
 def portable_summary(text: str, relative: Path) -> str:
-    """A summary as a record keeps it: a run folder given as an absolute path (``--output-dir /home/...``) becomes
-    relative, to the working directory when it lies below it, else the run's place in the bench's layout, so a record
-    names no path of the machine that made it (the folder is not compared when a record is reused)."""
+    """A summary as a record keeps it: a folder given as an absolute path (``--output-dir /home/...``, the bench's
+    ``before_cache``) becomes relative, to the working directory when it lies below it, else its place in the bench's
+    layout (the run's folder, ``before``), so a record names no path of the machine that made it (neither folder is
+    compared when a record is reused)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         return text  # copied as it is; reading it as a run's summary is the bench's to refuse
     config = data.get("config") if isinstance(data, dict) else None
-    folder = config.get("output_dir") if isinstance(config, dict) else None
-    if not isinstance(folder, str) or not Path(folder).is_absolute():
+    if not isinstance(config, dict):
         return text
-    try:
-        data["config"]["output_dir"] = str(Path(folder).relative_to(Path.cwd()))
-    except ValueError:
-        data["config"]["output_dir"] = str(relative)
-    return json.dumps(data, indent=2) + "\n"
+    changed = False
+    for key, in_layout in (("output_dir", str(relative)), ("before_cache", "before")):
+        folder = config.get(key)
+        if not isinstance(folder, str) or not Path(folder).is_absolute():
+            continue
+        try:
+            config[key] = str(Path(folder).relative_to(Path.cwd()))
+        except ValueError:
+            config[key] = in_layout
+        changed = True
+    return json.dumps(data, indent=2) + "\n" if changed else text
 
 
 def _copy_record(source: Path, target: Path, relative: Path | None = None) -> bool:

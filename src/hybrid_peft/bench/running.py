@@ -34,6 +34,7 @@ def _comparable(config: TrainConfig, resolved_adapters: list[dict[str, Any]] | N
     it); a run recorded before they existed is resolved with today's defaults."""
     data = config.to_dict()
     data.pop("output_dir")
+    data.pop("before_cache")  # where the evaluation before training is shared: the same evaluation either way
     resolved = resolved_adapters if resolved_adapters is not None else resolved_adapter_options(config)
     if resolved is not None:
         data["adapter"] = resolved

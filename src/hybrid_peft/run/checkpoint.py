@@ -66,6 +66,7 @@ RESUMABLE_CHANGES = frozenset(
         "output_dir",
         "unsafe_unsandboxed",
         "report_to",
+        "before_cache",
     }
 )
 

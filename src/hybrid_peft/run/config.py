@@ -47,6 +47,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     retention_data: str = "auto"  # general text scored before and after training (run/retention.py), or "none"
     retention_examples: int = 200
+    before_cache: str | None = None  # a folder where runs from the same base model share the evaluation before training
     generate: bool = True
     save_every: int = 0
     output_dir: str = "runs/train"

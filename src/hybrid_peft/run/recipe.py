@@ -42,6 +42,7 @@ from hybrid_peft.errors import ConfigError, HybridPeftError, NonFiniteLossError,
 from hybrid_peft.fileio import append_line, atomic_write_text
 from hybrid_peft.losses import ChunkedLossModel
 from hybrid_peft.models import load_model, load_tokenizer
+from hybrid_peft.run.before import SharedBefore
 from hybrid_peft.run.checkpoint import (
     RESUMABLE_CHANGES,
     TrainerState,
@@ -206,6 +207,11 @@ class Recipe:
             report_new=new_weights.extend,
             **options,
         )
+        # the base model's evaluation, shared with earlier runs from the same weights (a new head included) and rows
+        self.shared_before = None
+        if config.before_cache and self.main and not self.resume:
+            texts = self.retention[0] if self.retention is not None else None
+            self.shared_before = SharedBefore.for_run(config.before_cache, config, model, self.eval_rows, texts)
         positions = getattr(model.config, "max_position_embeddings", None)
         if isinstance(positions, int) and config.max_length > positions:
             raise ConfigError(
@@ -253,7 +259,7 @@ class Recipe:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 for stale in (LOG_FILE, MIXING_FILE, ADAPTER_TELEMETRY_FILE):
                     (self.output_dir / stale).unlink(missing_ok=True)
-                self.metrics_before = self.evaluate("before")
+                self.metrics_before = self.evaluate_before()
                 self.append_log({"step": 0, "eval": self.metrics_before})
             tick = time.perf_counter()
             model = trainee.initialise(model, config, classifier, lambda: self.initial_batches())
@@ -415,6 +421,21 @@ class Recipe:
     def initial_batches(self) -> list[dict[str, torch.Tensor]]:
         """The first ``init_batches`` training batches, for LoRA-GA's gradient estimate."""
         return [self.batch_at(i) for i in range(self.config.init_batches)]
+
+    def evaluate_before(self) -> dict[str, float]:
+        """The evaluation before training: read from an earlier run's with ``--before-cache`` where one matches,
+        else evaluated (and recorded there for the next run)."""
+        shared = self.shared_before
+        metrics = shared.read() if shared is not None else None
+        if metrics is not None:
+            if self.progress:
+                origin = f"{shared.path}, an earlier run's of the same base model, rows and options"
+                print(f"{self.config.method}: the evaluation before training from {origin}", flush=True)
+            return metrics
+        metrics = self.evaluate("before")
+        if shared is not None:
+            shared.write(metrics)
+        return metrics
 
     def evaluate_where_needed(
         self, label: str, rows: list[dict[str, Any]] | None = None, *, generate: bool | None = None
