@@ -6,7 +6,7 @@ sets it to ``OUTPUT/before``) the first such run writes its metrics there and th
 evaluating; on the math profile that is about a minute a run, and 4–5 minutes with greedy decoding.
 
 A run shares only with runs that would evaluate exactly the same thing. The key is a hash of the base model (its
-name, dtype, quantisation and a fingerprint of its weights: each tensor's float64 sum and sum of squares), the task,
+name, dtype, quantisation and a fingerprint of its weights: each tensor's shape and sampled values), the task,
 the evaluation rows and the retention texts themselves, the evaluation options (``max_length``, ``eval_batch_size``,
 ``generate``, ``loss_chunk_tokens``, ``unsafe_unsandboxed``) and hybrid-peft's version. The weights are fingerprinted
 as loaded, before any adapter: a classifier's new head, drawn from the run's seed, is part of them, so classifier runs
@@ -26,28 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_peft.adapters import fingerprint_weight
 from hybrid_peft.fileio import atomic_write_text
 from hybrid_peft.version import __version__
 
 EVALUATION_OPTIONS = ("task", "max_length", "eval_batch_size", "generate", "loss_chunk_tokens", "unsafe_unsandboxed")
 
 
-def weights_fingerprint(model: nn.Module) -> list[list[Any]]:
-    """``[name, shape, sum, sum of squares]`` per tensor of ``model``'s state, the sums in float64 rounded to 11
-    significant digits (a reduction's order, which the thread count can change, moves only the last bits)."""
-    names, shapes, sums = [], [], []
-    for name, tensor in model.state_dict().items():
-        if not isinstance(tensor, torch.Tensor) or tensor.is_meta:
-            continue
-        total = torch.zeros(2, dtype=torch.float64, device=tensor.device)
-        for chunk in tensor.detach().reshape(-1).split(1 << 24):  # float64 a chunk at a time, not the whole tensor
-            values = chunk.to(torch.float64)
-            total += torch.stack([values.sum(), values.square().sum()])
-        names.append(name)
-        shapes.append(list(tensor.shape))
-        sums.append(total)
-    totals = torch.stack([t.cpu() for t in sums]).tolist() if sums else []  # a model may span devices
-    return [[n, s, float(f"{a:.11g}"), float(f"{b:.11g}")] for n, s, (a, b) in zip(names, shapes, totals, strict=True)]
+def weights_fingerprint(model: nn.Module) -> dict[str, dict]:
+    """Shape and a few evenly spaced values of every tensor of ``model``'s state: what tells an adapter file's base
+    model apart (:func:`~hybrid_peft.adapters.fingerprint_weight`), here for the whole state, new heads included."""
+    state = model.state_dict()
+    return {name: fingerprint_weight(t) for name, t in state.items() if isinstance(t, torch.Tensor) and not t.is_meta}
 
 
 def _digest(value: Any) -> str:
