@@ -547,3 +547,29 @@ def test_checks_table_reports_lambda_at_the_end_per_method(tmp_path: Path) -> No
         "0.300 |",
     ]  # λ rises with ‖∇‖: ρ = 1; median of 0.2, 0.3, 0.7
     assert table["lora"].endswith("| 2.000 | – | – | – |")
+
+
+def test_the_time_left_counts_only_the_runs_that_will_train() -> None:
+    """A bench that reuses finished runs estimates the time left from the runs still to train, not from every run
+    it has yet to report (reused runs take no time)."""
+    from types import SimpleNamespace
+
+    from hybrid_peft.bench.running import _Progress
+
+    def run(seed: int) -> SimpleNamespace:
+        config = SimpleNamespace(learning_rate=1e-3)
+        return SimpleNamespace(task="t", method="lora", seed=seed, config=config, folder=Path("seed"), key=("t", seed))
+
+    failed = SimpleNamespace(ok=False, error="x")
+    lines: list[str] = []
+    progress = _Progress(6, lines.append, reusable={("t", 2), ("t", 3), ("t", 4)})  # runs 2–4 finished earlier
+    progress.report(run(0), failed, 60.0, ran=True)
+    assert lines[-1].endswith("about 2 min 00 s left)")  # runs 1 and 5 still train, at 60 s each
+    progress.report(run(2), failed, 0.0, ran=False)
+    assert lines[-1].endswith("about 2 min 00 s left)")  # a reused run changes nothing
+    for seed in (3, 4):
+        progress.report(run(seed), failed, 0.0, ran=False)
+    progress.report(run(1), failed, 120.0, ran=True)
+    assert lines[-1].endswith("about 1 min 30 s left)")  # one run to go at the median of 60 s and 120 s
+    progress.report(run(5), failed, 60.0, ran=True)
+    assert lines[-1].startswith("[6/6]") and "left" not in lines[-1]

@@ -161,10 +161,12 @@ def execute(run: BenchRun, timeout_s: float, rerun: bool = False, echo: Any = No
 
 
 class _Progress:
-    """``[n/N]`` and an estimate of the time left from the runs that actually ran (reused runs take no time)."""
+    """``[n/N]`` and an estimate of the time left: the median time of the runs that trained, times the runs still
+    to train (those known to be finished already, ``reusable``, take no time)."""
 
-    def __init__(self, total: int, echo: Any) -> None:
+    def __init__(self, total: int, echo: Any, reusable: set[tuple] = frozenset()) -> None:
         self.total, self.echo, self.done = total, echo, 0
+        self.reusable = set(reusable)  # keys of runs not yet reported that will be reused
         self.started = time.perf_counter()
         self.durations: list[float] = []
 
@@ -174,10 +176,11 @@ class _Progress:
 
     def report(self, run: BenchRun, row: BenchRow, seconds: float, ran: bool) -> None:
         self.done += 1
+        self.reusable.discard(run.key)
         if ran:
             self.durations.append(seconds)
         shown = "failed: " + row.error if not row.ok else _describe(row)
-        left = self.total - self.done
+        left = max(0, self.total - self.done - len(self.reusable))
         eta = f", about {_duration(statistics.median(self.durations) * left)} left" if self.durations and left else ""
         self.echo(
             f"[{self.done}/{self.total}] {_name(run)}: {shown} "
@@ -233,7 +236,7 @@ def run_bench(
     later_seeds = [s for s in seed_list if plan.sweep is None or s != plan.sweep.seed]
     pairs = plan._pairs(tasks, methods)
     total = len(sweep) + (len(pairs) * len(later_seeds) if plan.sweep else len(plan.runs(tasks, methods, seeds)))
-    progress = _Progress(total, echo)
+    progress = _Progress(total, echo, reusable={r.key for r in selected_runs} - {r.key for r in to_train})
     rows: dict[tuple[str, str, int, float], BenchRow] = {}
     unwritten = False  # rows since the outputs were last written
 
