@@ -247,6 +247,27 @@ def test_config_file_with_overrides(tiny_lm: str, tmp_path: Path) -> None:
         TrainConfig.from_file(tmp_path / "missing.yaml")
 
 
+def test_config_file_can_be_a_run_summary(tiny_lm: str, tmp_path: Path) -> None:
+    """A recorded run's summary.json reruns it (or brackets it at another rate) without its run folder."""
+    recorded = TrainConfig.from_dict({"model": tiny_lm, "method": "lora", "adapter": {"rank": 2}, "steps": 7})
+    summary = {"config": recorded.to_dict(), "task": "gsm8k", "after": {"loss": 1.0}, "median_step_s": 0.1}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    config = TrainConfig.from_file(path, {"learning_rate": 1.5e-4, "output_dir": str(tmp_path / "bracket")})
+    assert config.to_dict() == {
+        **recorded.to_dict(),
+        "learning_rate": 1.5e-4,
+        "output_dir": str(tmp_path / "bracket"),
+    }
+    path.write_text(json.dumps({**summary, "config": ["not", "a", "mapping"]}))
+    with pytest.raises(ConfigError, match="its 'config' must be a mapping"):
+        TrainConfig.from_file(path)
+    # a plain config that merely has an "after" key is still read as options (and its unknown key named)
+    path.write_text(json.dumps({"after": 1}))
+    with pytest.raises(ConfigError, match=r"unknown training option\(s\) \['after'\]"):
+        TrainConfig.from_file(path)
+
+
 def test_cli_train_runs_and_reports_bad_options(tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from hybrid_peft.cli import main
 

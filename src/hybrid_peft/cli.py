@@ -211,7 +211,9 @@ def add_train_parser(commands: Any, threads: int) -> None:
         "method options go in --set (e.g. --method hybrid --set rank=16 --set rule=sigmoid). Runs unchanged under "
         "torchrun / accelerate launch.",
     )
-    train.add_argument("--config", help="YAML or JSON file with any of the options below")
+    train.add_argument(
+        "--config", help="YAML or JSON file with any of the options below, or a finished run's summary.json to rerun it"
+    )
     train.add_argument(
         "--help-spec", action=HelpSpec, nargs=0, help="explain the keys of a glue-spec:<spec.json> task file and exit"
     )

@@ -116,7 +116,10 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        """A YAML or JSON file, then ``overrides`` on top (``adapter`` options are merged, not replaced)."""
+        """A YAML or JSON file, then ``overrides`` on top (``adapter`` options are merged, not replaced).
+
+        The file may also be a finished run's ``summary.json`` (a run folder's, or a bench record's): its ``config``
+        is read, so any recorded run can be rerun, or bracketed at another rate, from the record alone."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
@@ -132,10 +135,19 @@ class TrainConfig:
             raise ConfigError(f"config file {path} could not be parsed: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of options")
+        if _is_run_summary(data):
+            data = data["config"]
+            if not isinstance(data, dict):
+                raise ConfigError(f"run summary {path}: its 'config' must be a mapping of options, got {data!r}")
         return cls.from_dict(merge_options(data, overrides or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _is_run_summary(data: dict[str, Any]) -> bool:
+    """True for a run's ``summary.json`` (its options under ``config``, beside the run's results)."""
+    return "config" in data and "after" in data and "config" not in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def merge_options(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
