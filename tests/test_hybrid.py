@@ -525,7 +525,7 @@ def test_hybrid_unitary_composes_unitary_attention_and_the_hybrid_elsewhere(tiny
         threads=1,
         output_dir=str(tmp_path / "run"),
     )
-    assert config.learning_rate == pytest.approx(1e-3)  # the hybrid's default; the unitary part runs at 10×
+    assert config.learning_rate == pytest.approx(1e-3)  # the hybrid's default, for both parts
     run_training(config, progress=False)
     from hybrid_peft import load_model
     from hybrid_peft.serialization import read_adapter_config
@@ -538,6 +538,31 @@ def test_hybrid_unitary_composes_unitary_attention_and_the_hybrid_elsewhere(tiny
     assert kinds["q_proj"] == "UnitaryLayer" and kinds["down_proj"] == "HybridLayer"
     with pytest.raises(ConfigError, match="unitary part's targets"):
         TrainConfig(method="hybrid-unitary", adapter={"targets": ["q_proj"]})
+
+
+def test_hybrid_unitary_trains_both_parts_at_the_run_rate_unless_the_unitary_part_sets_a_multiple(tiny_lm: str) -> None:
+    from hybrid_peft import load_model
+    from hybrid_peft.run import TrainConfig
+    from hybrid_peft.run.loop import make_optimiser
+    from hybrid_peft.run.trainees import trainee_for
+
+    for unitary, scale in (({}, 1.0), ({"lr_scale": 10}, 10.0)):
+        config = TrainConfig(model=tiny_lm, method="hybrid-unitary", adapter={"rank": 2, "unitary": unitary})
+        model = load_model(tiny_lm)
+        for adapter_config in trainee_for("hybrid-unitary").adapter_configs(config):
+            attach(model, adapter_config)
+        optimizer, _ = make_optimiser(model, learning_rate=2e-3, weight_decay=0.0, steps=4, warmup_steps=0)
+        groups = {group["lr_scale"]: group for group in optimizer.param_groups}
+        assert set(groups) == {1.0, 0.3, scale}  # the hybrid's low-rank branch, its rotation, the unitary part
+        unitary_params = {
+            id(p)
+            for layer in adapter_layers(model).values()
+            if type(layer).__name__ == "UnitaryLayer"
+            for p in layer.parameters()
+            if p.requires_grad
+        }
+        assert unitary_params and unitary_params <= {id(p) for p in groups[scale]["params"]}
+        assert groups[scale]["lr"] == pytest.approx(2e-3 * scale)
 
 
 def test_only_a_hybrid_with_a_rule_has_a_per_step_hook() -> None:
