@@ -124,11 +124,10 @@ class UnitaryHybrid(OwnAdapter):
     BENCHMARKS.md (FLORES 1×, the math profile 1.1×, SST-2/SmolLM2 3×), and at 10× the composition's sweep had to
     pick a rate that suits the unitary part and starves the hybrid: on the math profile it chose 4.5e-4, a tenth of
     the hybrid's 4.5e-3, and learnt the least of every method there; at 1× it validated 0.8097 against 0.8391 (seed 0,
-    at 4.5e-3). So 1 is the default now; runs recorded at 10× keep it in their resolved options, and the research
-    profiles that reproduce them pin it (``unitary: {lr_scale: 10}``)."""
+    at 4.5e-3). So the unitary part keeps its own default, 1; runs recorded at 10× keep it in their resolved options,
+    and the research profiles that reproduce them pin it (``unitary: {lr_scale: 10}``)."""
 
     NAME = "hybrid-unitary"
-    UNITARY_LR_SCALE = 1.0
 
     def adapter_configs(self, config: TrainConfig) -> list[AdapterConfig]:
         options = dict(config.adapter)
@@ -143,7 +142,7 @@ class UnitaryHybrid(OwnAdapter):
                 "part's targets instead (adapter: {unitary: {targets: ...}})"
             )
         return [
-            AdapterConfig.from_dict({"method": "unitary", "lr_scale": self.UNITARY_LR_SCALE} | unitary),
+            AdapterConfig.from_dict({"method": "unitary"} | unitary),
             AdapterConfig.from_dict({"method": "hybrid", **options}),
         ]
 
