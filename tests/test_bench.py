@@ -406,6 +406,28 @@ def test_sweep_factors_replace_the_configs_to_rerun_a_chosen_point(
         load_plan(str(path), sweep_factors=[3])
 
 
+def test_sweep_table_names_the_held_out_rows_each_task_validated_on(tmp_path: Path) -> None:
+    """A task may hold out its own count of training rows over the sweep's (``validation_examples`` in its options):
+    the sweep table says, per task, on how many rows its rates were ranked, not the sweep's default."""
+    from hybrid_peft.bench import BenchPlan, Sweep
+    from hybrid_peft.bench.tables import sweep_table
+
+    sweep = Sweep(factors=(1.0, 3.0), seed=0, validation_examples=64, select="loss")
+    plan = BenchPlan("b", tmp_path, (0,), tasks={}, methods={}, sweep=sweep)
+
+    def row(task: str, rate: float, loss: float, held_out: int) -> BenchRow:
+        return BenchRow(task, "lora", 0, "ok", "lora", "m", "sst2", "accuracy", rate, validation_loss=loss,
+                        validation_examples=held_out)  # fmt: skip
+
+    rows = [row("own", 1e-3, 0.4, 256), row("own", 3e-3, 0.5, 256), row("default", 1e-3, 0.6, 64),
+            row("default", 3e-3, 0.5, 64)]  # fmt: skip
+    text = "\n".join(sweep_table(plan, rows))
+    own, default = text.split("### own")[1].split("### default")
+    assert "Validated on 256 held-out training rows." in own and "64" not in own
+    assert "Validated on 64 held-out training rows." in default
+    assert "**0.001: – (0.4000)**" in own and "**0.003: – (0.5000)**" in default  # each task's own choice
+
+
 @pytest.mark.slow
 def test_bench_sweeps_rates_on_validation_rows_then_runs_the_chosen_rate_on_every_seed(
     tiny_lm: str, tmp_path: Path

@@ -62,6 +62,7 @@ class BenchRow:
     metric: float | None = None
     validation_metric: float | None = None
     validation_loss: float | None = None
+    validation_examples: int | None = None  # training rows held out for the validation figures (0: none)
     loss_before: float | None = None
     held_out_loss: float | None = None
     retention_before: float | None = None  # loss per token on general text before training (run/retention.py)
@@ -91,6 +92,7 @@ class BenchRow:
             base_task=config.task,
             metric_name=primary_metric(config.task),
             learning_rate=config.learning_rate,
+            validation_examples=config.validation_examples,
             folder=str(run.folder),
             error=error or "",
         )

@@ -47,7 +47,7 @@ def sweep_table(plan: BenchPlan, sweep_rows: list[BenchRow]) -> list[str]:
         "## Learning-rate sweep",
         "",
         f"Seed {plan.sweep.seed}, each method's rate × {', '.join(f'{f:g}' for f in plan.sweep.factors)}; validation "
-        f"metric (validation loss) on {plan.sweep.validation_examples} rows held out of the training data, never the "
+        f"metric (validation loss) on training rows held out of training (each task's count below), never the "
         "evaluation set. **Bold**: the rate chosen ("
         + ("lowest validation loss" if plan.sweep.select == "loss" else "best validation metric, ties by loss")
         + "), which the tables above report.",
@@ -55,8 +55,13 @@ def sweep_table(plan: BenchPlan, sweep_rows: list[BenchRow]) -> list[str]:
     ]
     for task in dict.fromkeys(r.task for r in sweep_rows):
         task_rows = [r for r in sweep_rows if r.task == task]
+        # a task may hold out its own count (``validation_examples`` in its options) over the sweep's
+        counts = sorted({r.validation_examples for r in task_rows if r.validation_examples})
+        held_out = " or ".join(str(c) for c in counts) or str(plan.sweep.validation_examples)
         lines += [
             f"### {task}",
+            "",
+            f"Validated on {held_out} held-out training rows.",
             "",
             "| method | " + " | ".join(["rate: validation metric (loss)"] * 1) + " |",
             "|---|---|",
