@@ -47,7 +47,7 @@ def sweep_table(plan: BenchPlan, sweep_rows: list[BenchRow]) -> list[str]:
         "## Learning-rate sweep",
         "",
         f"Seed {plan.sweep.seed}, each method's rate × {', '.join(f'{f:g}' for f in plan.sweep.factors)}; validation "
-        f"metric (validation loss) on training rows held out of training (each task's count below), never the "
+        "metric (validation loss) on training rows held out of training (each task's count below), never the "
         "evaluation set. **Bold**: the rate chosen ("
         + ("lowest validation loss" if plan.sweep.select == "loss" else "best validation metric, ties by loss")
         + "), which the tables above report.",
