@@ -1,0 +1,84 @@
+"""``benchmarks/paired_by_seed.py``: pairing runs across bench results files by (task, seed), for runs that predate
+run records."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_by_seed.py"
+FIELDS = ["task", "method", "seed", "status", "held_out_loss", "forgetting"]
+
+
+def _script():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("paired_by_seed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, rows: list[tuple[str, str, int, str, float, float]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(FIELDS)
+        writer.writerows(rows)
+    return path
+
+
+def test_pairs_methods_from_two_files_with_the_reference_on_common_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = _write(
+        tmp_path / "old.csv",
+        [
+            ("gsm8k", "hybrid", 0, "ok", 0.80, 0.05),
+            ("gsm8k", "hybrid", 1, "ok", 0.81, 0.06),
+            ("gsm8k", "hybrid", 2, "ok", 0.79, 0.04),
+            ("gsm8k", "lora", 0, "ok", 0.90, 0.00),
+        ],
+    )
+    new = _write(
+        tmp_path / "new.csv",
+        [
+            ("gsm8k", "rule", 0, "ok", 0.78, 0.05),
+            ("gsm8k", "rule", 1, "ok", 0.80, 0.07),
+            ("gsm8k", "rule", 2, "ok", 0.77, 0.02),
+            ("gsm8k", "rule", 3, "ok", 0.10, 0.10),  # no reference on seed 3: left out
+            ("gsm8k", "failed", 0, "failed", 0.0, 0.0),  # not finished: left out
+            ("gsm8k", "lora", 0, "ok", 0.80, 0.03),  # replaces the old file's seed-0 LoRA run
+        ],
+    )
+    assert _script().main([str(old), str(new), "--reference", "hybrid"]) == 0
+    out, err = capsys.readouterr()
+
+    differences = [-0.02, -0.01, -0.02]
+    half = 4.302652729911275 * statistics.stdev(differences) / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    mean = statistics.fmean(differences)
+    rule = next(line for line in out.splitlines() if "| rule |" in line)
+    assert "| 0,1,2 |" in rule
+    assert f"**{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]**" in rule  # excludes 0: bold
+    assert "| lora | 0 | +0.0000 (1 seed) | -0.0200 (1 seed) |" in out  # the later file's LoRA run
+    assert "failed" not in out
+    assert "lora on gsm8k, seed 0" in err and "replaces" in err
+
+
+def test_a_file_without_the_measures_or_a_missing_reference_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = _script()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("task,method,seed,status\ngsm8k,lora,0,ok\n")
+    with pytest.raises(SystemExit, match="not a bench results.csv.*held_out_loss"):
+        script.main([str(bad)])
+    good = _write(tmp_path / "good.csv", [("gsm8k", "lora", 0, "ok", 0.8, 0.0)])
+    with pytest.raises(SystemExit):
+        script.main([str(good), "--reference", "hybrid"])
+    assert "no finished run of the reference 'hybrid'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path / "missing.csv")])
+    assert "no results file at" in capsys.readouterr().err
