@@ -66,7 +66,7 @@ def pair(
     out = []
     for task in tasks:
         names = sorted({m for t, m, _ in runs if t == task and m != reference})
-        for method in methods or names:
+        for method in [m for m in methods if m != reference] if methods else names:
             seeds = sorted(
                 s for t, m, s in runs
                 if t == task and m == method and (task, reference, s) in runs

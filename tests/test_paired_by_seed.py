@@ -66,6 +66,10 @@ def test_pairs_methods_from_two_files_with_the_reference_on_common_seeds(
     assert "failed" not in out
     assert "lora on gsm8k, seed 0" in err and "replaces" in err
 
+    assert _script().main([str(old), str(new), "--reference", "hybrid", "--methods", "hybrid,lora"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| gsm8k")]
+    assert [row.split(" | ")[1] for row in rows] == ["lora"]  # the reference is not paired with itself
+
 
 def test_a_file_without_the_measures_or_a_missing_reference_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
