@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from hybrid_peft.bench.rows import PairedDifference, paired_difference
+from hybrid_peft.bench.tables import paired_cell
 
 MEASURES = ("held_out_loss", "forgetting")
 
@@ -80,13 +81,6 @@ def pair(
     return out
 
 
-def _interval(difference: PairedDifference) -> str:
-    if difference.low is None:
-        return f"{difference.mean:+.4f} (1 seed)"
-    bold = "**" if difference.verdict != "level" else ""
-    return f"{bold}{difference.mean:+.4f} [{difference.low:+.4f}, {difference.high:+.4f}]{bold}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="bench results.csv files (docs/bench/*/results.csv)")
@@ -117,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|" + "---|" * len(measures))
     for task, method in keys:
         seeds = next(columns[m][task, method][0] for m in measures if (task, method) in columns[m])
-        cells = [_interval(columns[m][task, method][1]) if (task, method) in columns[m] else "–" for m in measures]
+        cells = [paired_cell(columns[m].get((task, method), ((), None))[1]) for m in measures]  # "–" if absent
         print(f"| {task} | {method} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     print(f"\n(95% paired t-intervals across seeds, {args.reference} on the same seed; bold: the interval excludes 0)")
     return 0

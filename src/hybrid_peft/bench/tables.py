@@ -81,7 +81,7 @@ def sweep_table(plan: BenchPlan, sweep_rows: list[BenchRow]) -> list[str]:
     return lines
 
 
-def _paired(difference: PairedDifference | None, digits: int = 4, seeds: bool = True, plain: bool = False) -> str:
+def paired_cell(difference: PairedDifference | None, digits: int = 4, seeds: bool = True, plain: bool = False) -> str:
     """``+0.0123 [-0.0040, +0.0286]`` (the mean and its 95% interval; bold where it excludes 0), or the mean alone
     from one seed; with ``seeds=False`` (a bootstrap over rows) the number of seeds averaged follows. ``plain``: no
     bold and no seed count, for the terminal."""
@@ -141,13 +141,13 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
             forgot = forgetting_differences.get(task, {}).get(e["method"])
             loss = loss_differences.get(task, {}).get(e["method"])
             lines.append(
-                f"| {e['method']} | {rate} | {_fmt(e['metric'], std=spread)} | {_paired(versus)} | "
-                + (f"{_paired(by_example.get(e['method']), seeds=False)} | " if by_example else "")
+                f"| {e['method']} | {rate} | {_fmt(e['metric'], std=spread)} | {paired_cell(versus)} | "
+                + (f"{paired_cell(by_example.get(e['method']), seeds=False)} | " if by_example else "")
                 + f"{_fmt(e['metric_before'], std=False)} | {_fmt(e['held_out_loss'], std=spread)} | "
-                f"{_paired(loss)} | "
-                + (f"{_paired(loss_by_example.get(e['method']), seeds=False)} | " if loss_by_example else "")
-                + f"{_fmt(e['forgetting'], std=spread, signed=True)} | {_paired(forgot)} | "
-                + (f"{_paired(forgot_by_example.get(e['method']), seeds=False)} | " if forgot_by_example else "")
+                f"{paired_cell(loss)} | "
+                + (f"{paired_cell(loss_by_example.get(e['method']), seeds=False)} | " if loss_by_example else "")
+                + f"{_fmt(e['forgetting'], std=spread, signed=True)} | {paired_cell(forgot)} | "
+                + (f"{paired_cell(forgot_by_example.get(e['method']), seeds=False)} | " if forgot_by_example else "")
                 + f"{_fmt(e['median_step_s'], 3, std=False)} | {ratio(e['time_x_full'])} | "
                 f"{_fmt(e['peak_rss_mb'], 0, std=False)} | {ratio(e['memory_x_full'])} | {trainable} | "
                 f"{e['ok']}/{e['runs']} |"
@@ -187,8 +187,8 @@ def versus_lines(rows: list[BenchRow], reference: str) -> list[str]:
                 cell
                 for key in MEASURES
                 for cell in (
-                    _paired(measures[key].get(task, {}).get(method)),
-                    _paired(by_example[key].get(task, {}).get(method), seeds=False),
+                    paired_cell(measures[key].get(task, {}).get(method)),
+                    paired_cell(by_example[key].get(task, {}).get(method), seeds=False),
                 )
             ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -214,11 +214,11 @@ def terminal_summary(plan: BenchPlan, rows: list[BenchRow]) -> str:
                 [
                     method,
                     _fmt(e[key], std=e["ok"] > 1),
-                    _paired(differences[key].get(task, {}).get(method), plain=True),
-                    _paired(by_example[key].get(task, {}).get(method), seeds=False, plain=True),
+                    paired_cell(differences[key].get(task, {}).get(method), plain=True),
+                    paired_cell(by_example[key].get(task, {}).get(method), seeds=False, plain=True),
                     _fmt(e["forgetting"], std=False, signed=True),
-                    _paired(differences["forgetting"].get(task, {}).get(method), plain=True),
-                    _paired(by_example["forgetting"].get(task, {}).get(method), seeds=False, plain=True),
+                    paired_cell(differences["forgetting"].get(task, {}).get(method), plain=True),
+                    paired_cell(by_example["forgetting"].get(task, {}).get(method), seeds=False, plain=True),
                 ]
             )
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
