@@ -406,6 +406,41 @@ def test_sweep_factors_replace_the_configs_to_rerun_a_chosen_point(
         load_plan(str(path), sweep_factors=[3])
 
 
+def test_sweep_factors_for_some_methods_leave_the_others_ranked_on_the_configs(
+    tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--methods lora --sweep-factors 1,1.5,3`` adds a candidate for LoRA only: every other method (say, one that
+    records brought into the output) is still ranked on the config's factors, so its chosen rate stays the one its
+    full sweep chose, not the best of the factors given for another method."""
+    from hybrid_peft.bench import chosen_rates
+    from hybrid_peft.bench.tables import sweep_table
+
+    path = write_config(tmp_path / "bench.yaml", tiny_lm, tmp_path / "out")
+    config = yaml.safe_load(path.read_text())
+    config["sweep"] = {"factors": [0.3, 1, 3], "seed": 0, "validation_examples": 6, "select": "loss"}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    plan = load_plan(str(path), sweep_factors=[1, 1.5, 3], sweep_methods=["lora"])
+    assert plan.factors("lora") == (1.0, 1.5, 3.0) and plan.factors("full-ft") == (0.3, 1.0, 3.0)
+    rates = {(r.method, r.config.learning_rate) for r in plan.sweep_runs()}
+    assert {rate for method, rate in rates if method == "lora"} == {1e-2, 1.5e-2, 3e-2}
+    assert {rate for method, rate in rates if method == "full-ft"} == {3e-4, 1e-3, 3e-3}
+
+    def row(method: str, rate: float, loss: float) -> BenchRow:
+        return BenchRow("he-tiny", method, 0, "ok", method, "m", "humaneval", "pass@1", rate, validation_loss=loss)
+
+    # full fine-tuning's full sweep chose ×0.3; ranked on LoRA's factors it would have been given ×3
+    full = [row("full-ft", 3e-4, 0.40), row("full-ft", 1e-3, 0.60), row("full-ft", 3e-3, 0.50)]
+    lora = [row("lora", 1e-2, 0.70), row("lora", 1.5e-2, 0.65), row("lora", 3e-2, 0.68)]
+    assert chosen_rates(plan, full + lora) == {("he-tiny", "full-ft"): 3e-4, ("he-tiny", "lora"): 1.5e-2}
+    assert ("he-tiny", "lora") not in chosen_rates(plan, full + lora[:2])  # LoRA's new candidate not run yet
+    assert "rate × 0.3, 1, 3 (lora: × 1, 1.5, 3)" in "\n".join(sweep_table(plan, full + lora))
+    assert main(["bench", str(path), "--methods", "lora", "--sweep-factors", "1,1.5,3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "a sweep of 3 rates each" in out and "lora · lr 0.015 · seed 0: to run" in out and "full-ft" not in out
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['lorra'\]"):
+        load_plan(str(path), sweep_factors=[3], sweep_methods=["lorra"])
+
+
 def test_sweep_table_names_the_held_out_rows_each_task_validated_on(tmp_path: Path) -> None:
     """A task may hold out its own count of training rows over the sweep's (``validation_examples`` in its options):
     the sweep table says, per task, on how many rows its rates were ranked, not the sweep's default."""

@@ -390,21 +390,26 @@ def command_bench(args: argparse.Namespace) -> int:
         factors = [float(f) for f in factors] if factors else None
     except ValueError as exc:
         raise ConfigError(f"--sweep-factors takes comma-separated numbers, e.g. 3 or 0.3,1,3 ({exc})") from exc
+    tasks, methods = _split_list(args.tasks), _split_list(args.methods)
     plan = load_plan(
-        args.config, output_dir=args.output_dir, overrides=_parse_settings(args.set), sweep_factors=factors
+        args.config,
+        output_dir=args.output_dir,
+        overrides=_parse_settings(args.set),
+        sweep_factors=factors,
+        sweep_methods=methods,
     )
     if args.records:
         copied = import_records(Path(args.records), plan.output_dir / "runs")
         print(f"{copied} run record(s) copied from {args.records} into {plan.output_dir}/runs", flush=True)
-    tasks, methods = _split_list(args.tasks), _split_list(args.methods)
     sweep = plan.sweep_runs(tasks, methods)
     rates = chosen_rates(plan, [finished_row(r) for r in sweep])
     runs = [*sweep, *(r for r in plan.runs(tasks, methods, seeds, rates) if r.key not in {s.key for s in sweep})]
     pairs = {(r.task, r.method) for r in plan.runs(tasks, methods, seeds=[0], rates=None)} if not plan.sweep else set()
+    candidates = len(plan.factors(methods[0] if methods else next(iter(plan.methods))))
     print(
         f"bench {plan.name}: {len({(r.task, r.method) for r in sweep} | pairs)} task × method pair(s), "
         + (
-            f"a sweep of {len(plan.sweep.factors)} rate{'s' if len(plan.sweep.factors) > 1 else ''} each on seed "
+            f"a sweep of {candidates} rate{'s' if candidates > 1 else ''} each on seed "
             f"{plan.sweep.seed}, then the chosen rate on "
             f"seeds {', '.join(str(s) for s in (seeds or plan.seeds))}"
             if plan.sweep
@@ -482,10 +487,10 @@ def add_bench_parser(commands: Any, threads: int) -> None:
     bench.add_argument(
         "--sweep-factors",
         metavar="F[,F...]",
-        help="replace the config's sweep factors (of each method's rate) in this invocation, e.g. 3 to rerun "
-        "methods (--methods) at the factor their earlier, full sweep chose without training the other candidates "
-        "again; its tables rank every method on these factors only, so run the bench once more without it (nothing "
-        "trains) to rewrite them",
+        help="replace the config's sweep factors (of each method's rate) in this invocation, for the methods given "
+        "by --methods (else for every method): e.g. 3 to rerun them at the factor their earlier, full sweep chose "
+        "without training the other candidates again, or 1,1.67,3 to add a candidate between two; they are ranked "
+        "on these factors only, every other method on the config's",
     )
     bench.add_argument("--rerun", action="store_true", help="run again even where a finished run exists")
     bench.add_argument("--dry-run", action="store_true", help="list the runs and exit")

@@ -59,8 +59,8 @@ class Sweep:
             raise ConfigError(f"{where}: sweep needs select 'metric' or 'loss' and validation_examples ≥ 1")
         return sweep
 
-    def rates(self, base: float) -> list[float]:
-        return [float(f"{base * factor:.2g}") for factor in self.factors]
+    def rates(self, base: float, factors: tuple[float, ...] | None = None) -> list[float]:
+        return [float(f"{base * factor:.2g}") for factor in (self.factors if factors is None else factors)]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,15 @@ class BenchPlan:
     overrides: dict[str, Any] = field(default_factory=dict)  # over every run's options (``bench --set``)
     # the methods every other is compared with in pairs: the first in the main table, each further one in its own
     references: tuple[str, ...] = (REFERENCE,)
+    # methods swept at other factors than the sweep's (``bench --methods M --sweep-factors F``): the others keep the
+    # config's, so a bench that narrows one method's sweep still ranks every recorded method on its own candidates
+    method_factors: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def factors(self, method_key: str) -> tuple[float, ...]:
+        """The sweep factors (of its rate) that ``method_key`` is ranked on; none without a sweep."""
+        if self.sweep is None:
+            return ()
+        return self.method_factors.get(method_key, self.sweep.factors)
 
     def _check(self, tasks: list[str] | None, methods: list[str] | None) -> None:
         for chosen, known, kind in ((tasks, self.tasks, "task"), (methods, self.methods, "method")):
@@ -134,7 +143,7 @@ class BenchPlan:
         return [
             self.run(task, method, self.sweep.seed, rate)
             for task, method in self._pairs(tasks, methods)
-            for rate in self.sweep.rates(self.base_rate(task, method))
+            for rate in self.sweep.rates(self.base_rate(task, method), self.factors(method))
         ]
 
     def runs(
@@ -166,10 +175,12 @@ def load_plan(
     output_dir: str | None = None,
     overrides: dict[str, Any] | None = None,
     sweep_factors: list[float] | None = None,
+    sweep_methods: list[str] | None = None,
 ) -> BenchPlan:
     """A built-in profile name (``quick``, ``full``, ``math``, ...) or a YAML/JSON file; ``overrides`` are training
     options set on every run over the config's own (``learning_rate`` included: a sweep then centres on it);
-    ``sweep_factors`` replace the sweep's factors (e.g. ``[3]`` to rerun only the point an earlier sweep chose)."""
+    ``sweep_factors`` replace the sweep's factors (e.g. ``[3]`` to rerun only the point an earlier sweep chose, or
+    ``[1, 1.67, 3]`` to add a point between two): of ``sweep_methods`` only when given, else of every method."""
     import yaml
 
     if config in builtin_profiles():
@@ -202,10 +213,11 @@ def load_plan(
         if not isinstance(data.get(key), dict) or not data[key]:
             raise ConfigError(f"bench config {config}: '{key}' must map names to training options")
     sweep = Sweep.from_dict(data["sweep"], f"bench config {config}") if data.get("sweep") is not None else None
+    method_factors: dict[str, tuple[float, ...]] = {}
     if sweep_factors is not None:
         if sweep is None:
             raise ConfigError(f"bench config {config} has no sweep, so sweep factors cannot replace its own")
-        sweep = Sweep.from_dict(
+        narrowed = Sweep.from_dict(
             {
                 "factors": list(sweep_factors),
                 "seed": sweep.seed,
@@ -214,6 +226,15 @@ def load_plan(
             },
             "sweep factors",
         )
+        if sweep_methods:
+            unknown = sorted(set(sweep_methods) - set(data["methods"]))
+            if unknown:
+                raise ConfigError(
+                    f"bench {name}: unknown method(s) {unknown}; this config has {sorted(data['methods'])}"
+                )
+            method_factors = {method: narrowed.factors for method in sweep_methods}
+        else:
+            sweep = narrowed
     plan = BenchPlan(
         name=name,
         output_dir=Path(output_dir or data.get("output_dir") or f"runs/bench-{name}"),
@@ -225,6 +246,7 @@ def load_plan(
         sweep=sweep,
         overrides=dict(overrides or {}),
         references=_references(data["references"], data["methods"], config) if "references" in data else (REFERENCE,),
+        method_factors=method_factors,
     )
     # every combination validates before anything runs
     plan.sweep_runs() if plan.sweep is not None else plan.runs()

@@ -371,7 +371,7 @@ def chosen_rates(plan: BenchPlan, sweep_rows: list[BenchRow]) -> dict[tuple[str,
         by_pair.setdefault((row.task, row.method), []).append(row)
     chosen = {}
     for pair, rows in by_pair.items():
-        if len(rows) < len(plan.sweep.factors) or any(r.status == "missing" for r in rows):
+        if len(rows) < len(plan.factors(pair[1])) or any(r.status == "missing" for r in rows):
             continue  # its sweep has not finished
         ok = [r for r in rows if r.ok and r.validation_loss is not None]
         if not ok:

@@ -38,6 +38,10 @@ def _fmt(value: tuple[float, float] | None, digits: int = 4, std: bool = True, s
     return f"{shown} ± {deviation:.{digits}f}" if std else shown
 
 
+def _factors(factors: tuple[float, ...]) -> str:
+    return ", ".join(f"{f:g}" for f in factors)
+
+
 def sweep_table(plan: BenchPlan, sweep_rows: list[BenchRow]) -> list[str]:
     """Per task: each method's validation metric (and loss) at every candidate rate, the chosen one in bold."""
     if plan.sweep is None or not sweep_rows:
@@ -46,7 +50,13 @@ def sweep_table(plan: BenchPlan, sweep_rows: list[BenchRow]) -> list[str]:
     lines = [
         "## Learning-rate sweep",
         "",
-        f"Seed {plan.sweep.seed}, each method's rate × {', '.join(f'{f:g}' for f in plan.sweep.factors)}; validation "
+        f"Seed {plan.sweep.seed}, each method's rate × {_factors(plan.sweep.factors)}"
+        + "".join(
+            f" ({method}: × {_factors(factors)})"
+            for method, factors in plan.method_factors.items()
+            if any(r.method == method for r in sweep_rows)
+        )
+        + "; validation "
         "metric (validation loss) on training rows held out of training (each task's count below), never the "
         "evaluation set. **Bold**: the rate chosen ("
         + ("lowest validation loss" if plan.sweep.select == "loss" else "best validation metric, ties by loss")
