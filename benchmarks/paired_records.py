@@ -1,0 +1,123 @@
+"""Pair any recorded runs with a reference run, each named by method and rate, by seed and by evaluation row.
+
+    python benchmarks/paired_records.py docs/bench/math-records --reference lora@4.5e-3 \
+        --runs lora@2.5e-3,hybrid@2.5e-3,hybrid-sigmoid@4.5e-3
+
+A bench's tables pair each method at the rate its sweep chose. To ask what a method does at another rate (a point
+between two of the grid's, say, beside a rule that acts like a lower rate), pair its runs at that rate as they lie
+in a records folder (``hybrid-peft bench ... --records DIR``; layout ``DIR/<task>/<method>/lr-<rate>/seed-<s>/``).
+Each ``method@rate`` becomes one row: its mean held-out loss and forgetting over the seeds it finished, and the
+difference to the reference on the seeds both finished, with the bench's own 95% intervals: the paired t-interval
+across seeds (``paired_differences``) and the bootstrap over evaluation rows (``paired_example_differences``,
+where both runs recorded each row's loss). Nothing here chooses a rate: the tuned comparison stays the bench's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from hybrid_peft.bench.plan import BenchRun
+from hybrid_peft.bench.rows import BenchRow, mean_std, paired_differences, paired_example_differences
+from hybrid_peft.bench.tables import paired_cell
+from hybrid_peft.run.summary import SUMMARY_FILE, RunSummary
+
+MEASURES = ("held_out_loss", "forgetting")
+
+
+def parse_run(text: str) -> tuple[str, float]:
+    """``method@rate`` -> (method, rate)."""
+    method, _, rate = text.strip().rpartition("@")
+    try:
+        value = float(rate)
+    except ValueError:
+        value = 0.0
+    if not method or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: name a run as METHOD@RATE, e.g. lora@2.5e-3")
+    return method, value
+
+
+def read_rows(records: Path, task: str, method: str, rate: float) -> list[BenchRow]:
+    """One result row per finished seed of ``method`` at ``rate`` on ``task`` in ``records``, named ``method@rate``
+    (its folder the record's, so the per-row scores are read from there)."""
+    folder = records / task / method / f"lr-{rate:g}"
+    rows = []
+    for seed_folder in sorted(folder.glob("seed-*")):
+        if not (seed_folder / SUMMARY_FILE).is_file():
+            continue
+        try:
+            summary = RunSummary.read(seed_folder)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise SystemExit(f"{seed_folder}: unreadable run summary ({exc})") from exc
+        run = BenchRun(task, f"{method}@{rate:g}", summary.config.seed, summary.config)
+        rows.append(dataclasses.replace(BenchRow.of(run, summary), folder=str(seed_folder)))
+    return rows
+
+
+def table(rows: list[BenchRow], reference: str, task: str) -> list[str]:
+    """The markdown table: each run's means over seeds and its differences to ``reference``."""
+    by_seed = {m: paired_differences(rows, m, reference).get(task, {}) for m in MEASURES}
+    by_row = {m: paired_example_differences(rows, reference, m).get(task, {}) for m in MEASURES}
+    lines = [
+        "| run | seeds | held-out loss | Δ loss (seeds) | Δ loss (rows) | forgetting | Δ forgetting (seeds) | "
+        "Δ forgetting (rows) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r.method for r in rows):
+        runs = [r for r in rows if r.method == name and r.ok]
+        cells = [name, ",".join(str(r.seed) for r in runs)]
+        for measure in MEASURES:
+            spread = mean_std([r.value(measure) for r in runs])
+            shown = f"{spread[0]:{'+' if measure == 'forgetting' else ''}.4f}" if spread else "–"
+            cells.append(f"{shown} ± {spread[1]:.4f}" if spread and len(runs) > 1 else shown)
+            cells += ["–", "–"] if name == reference else [
+                paired_cell(by_seed[measure].get(name)), paired_cell(by_row[measure].get(name))
+            ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("records", type=Path, help="a records folder (hybrid-peft bench ... --records DIR)")
+    parser.add_argument("--reference", required=True, type=parse_run, help="METHOD@RATE every run is paired with")
+    parser.add_argument(
+        "--runs",
+        required=True,
+        type=lambda text: [parse_run(part) for part in text.split(",") if part.strip()],
+        help="comma-separated METHOD@RATE runs to pair with the reference",
+    )
+    parser.add_argument("--task", help="the task folder (default: every task folder holding the reference's runs)")
+    args = parser.parse_args(argv)
+    if not args.records.is_dir():
+        parser.error(f"no records folder at {args.records}")
+    reference_method, reference_rate = args.reference
+    reference = f"{reference_method}@{reference_rate:g}"
+    tasks = [args.task] if args.task else sorted(p.name for p in args.records.iterdir() if p.is_dir())
+    printed = 0
+    for task in tasks:
+        base = read_rows(args.records, task, reference_method, reference_rate)
+        if not base:
+            if args.task:
+                parser.error(f"no finished run of {reference} in {args.records / task}")
+            continue
+        rows = base + [row for method, rate in args.runs for row in read_rows(args.records, task, method, rate)]
+        missing = [f"{m}@{r:g}" for m, r in args.runs if not any(row.method == f"{m}@{r:g}" for row in rows)]
+        if missing:
+            print(f"{task}: no finished run of {', '.join(missing)} in {args.records / task}", file=sys.stderr)
+        print(f"{task}, paired with {reference}:\n")
+        print("\n".join(table(rows, reference, task)) + "\n")
+        printed += 1
+    if not printed:
+        parser.error(f"no finished run of {reference} under {args.records}")
+    print(
+        "(mean ± standard deviation over seeds; Δ: the run minus the reference, 95% paired t-interval across the "
+        "seeds both finished, and bootstrap over evaluation rows; bold: the interval excludes 0)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""``benchmarks/paired_records.py``: pairing recorded runs named by method and rate, by seed and by evaluation row."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from hybrid_peft.run.config import TrainConfig
+from hybrid_peft.run.summary import RunSummary
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_records.py"
+
+
+def _script():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("paired_records", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(records: Path, method: str, rate: float, seed: int, losses: list[float], retention: list[float]) -> None:
+    """One finished run's record: its summary and each evaluation row's loss (every row 10 tokens)."""
+    folder = records / "gsm8k" / method / f"lr-{rate:g}" / f"seed-{seed}"
+    folder.mkdir(parents=True)
+    config = TrainConfig.from_dict(
+        {"task": "gsm8k", "model": "tiny", "method": "lora", "learning_rate": rate, "seed": seed,
+         "output_dir": f"runs/bench/runs/gsm8k/{method}/lr-{rate:g}/seed-{seed}"}
+    )  # fmt: skip
+    mean = sum(losses) / len(losses)
+    RunSummary(
+        config=config, task="gsm8k", processes=1, distributed_type="NO", ranks_in_sync=True,
+        trainable_parameters=1, total_parameters=2, before={"loss": 1.0, "retention_loss": 4.0},
+        after={"loss": mean, "retention_loss": sum(retention) / len(retention)}, final_loss=None,
+        median_step_s=None, wall_s=1.0, peak_rss_mb=1.0, resumed_from_step=0,
+    ).write(folder)  # fmt: skip
+    scores = {"loss": losses, "loss_tokens": [10] * len(losses), "retention_loss": retention,
+              "retention_tokens": [10] * len(retention)}  # fmt: skip
+    examples = {"evaluation": "after", "rows": len(losses), "scores": scores}
+    (folder / "eval_examples.json").write_text(json.dumps(examples))
+
+
+def test_pairs_runs_at_any_rate_by_seed_and_by_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A method at a rate its sweep did not choose is paired with the reference run on the seeds both finished: the
+    means are the runs' own, the differences are per seed (t-interval) and per row (bootstrap), and a seed only one
+    side finished is left out of the pairing."""
+    records = tmp_path / "records"
+    rows = 40
+    for seed in range(3):
+        base = [0.8 + 0.01 * ((i * 7 + seed) % 5) for i in range(rows)]
+        _record(records, "lora", 4.5e-3, seed, base, [4.0 + 0.02 * seed] * 20)
+        # 0.01 lower on every row, with a seed-dependent wobble; forgetting level (the same passages' losses)
+        _record(records, "lora", 2.5e-3, seed, [v - 0.01 - 0.001 * seed for v in base], [4.0 + 0.02 * seed] * 20)
+    _record(records, "lora", 2.5e-3, 7, [0.5] * rows, [4.0] * 20)  # no reference run on seed 7
+    script = _script()
+    assert script.main([str(records), "--reference", "lora@4.5e-3", "--runs", "lora@2.5e-3,boft@5e-3"]) == 0
+    captured = capsys.readouterr()
+    line = next(line for line in captured.out.splitlines() if line.startswith("| lora@0.0025 "))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "0,1,2,7"  # its own mean is over every seed it finished
+    assert re.fullmatch(r"\*\*-0\.0110 \[-0\.01\d+, -0\.00\d+\]\*\*", cells[3])  # by seed: 0,1,2 only
+    assert cells[4].startswith("**-0.0110 [")  # by row, the same mean
+    assert cells[6].startswith("+0.0000 [") and cells[7].startswith("+0.0000 [")  # forgetting level
+    assert "no finished run of boft@0.005" in captured.err
+    assert next(line for line in captured.out.splitlines() if line.startswith("| lora@0.0045 ")).count("–") == 4
+
+
+def test_names_the_mistake_in_a_run_name_or_a_missing_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = _script()
+    records = tmp_path / "records"
+    _record(records, "lora", 1e-3, 0, [0.8], [4.0])
+    for bad in ("lora", "lora@fast", "@1e-3", "lora@-1"):
+        with pytest.raises(SystemExit):
+            script.main([str(records), "--reference", bad, "--runs", "lora@1e-3"])
+        assert "name a run as METHOD@RATE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main([str(records), "--reference", "lora@3e-3", "--runs", "lora@1e-3"])
+    assert "no finished run of lora@0.003" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path / "nowhere"), "--reference", "lora@1e-3", "--runs", "lora@1e-3"])
+    assert "no records folder" in capsys.readouterr().err
