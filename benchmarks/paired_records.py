@@ -9,7 +9,8 @@ in a records folder (``hybrid-peft bench ... --records DIR``; layout ``DIR/<task
 Each ``method@rate`` becomes one row: its mean held-out loss and forgetting over the seeds it finished, and the
 difference to the reference on the seeds both finished, with the bench's own 95% intervals: the paired t-interval
 across seeds (``paired_differences``) and the bootstrap over evaluation rows (``paired_example_differences``,
-where both runs recorded each row's loss). Nothing here chooses a rate: the tuned comparison stays the bench's.
+where both runs recorded each row's loss). ``--plots DIR`` draws them on the bench's learn–forget plot. Nothing here
+chooses a rate: the tuned comparison stays the bench's.
 """
 
 from __future__ import annotations
@@ -90,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated METHOD@RATE runs to pair with the reference",
     )
     parser.add_argument("--task", help="the task folder (default: every task folder holding the reference's runs)")
+    parser.add_argument("--plots", type=Path, help="a folder for these runs' learn–forget plot (learn_forget.png)")
     args = parser.parse_args(argv)
     if not args.records.is_dir():
         parser.error(f"no records folder at {args.records}")
     reference_method, reference_rate = args.reference
     reference = f"{reference_method}@{reference_rate:g}"
     tasks = [args.task] if args.task else sorted(p.name for p in args.records.iterdir() if p.is_dir())
-    printed = 0
+    printed, plotted = 0, []
     for task in tasks:
         base = read_rows(args.records, task, reference_method, reference_rate)
         if not base:
@@ -110,8 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task}, paired with {reference}:\n")
         print("\n".join(table(rows, reference, task)) + "\n")
         printed += 1
+        plotted += rows
     if not printed:
         parser.error(f"no finished run of {reference} under {args.records}")
+    if args.plots:
+        import matplotlib
+
+        from hybrid_peft.bench.plots import learn_forget_plots, method_style
+
+        matplotlib.use("Agg")
+        args.plots.mkdir(parents=True, exist_ok=True)
+        for path in learn_forget_plots([r for r in plotted if r.ok], method_style(plotted), args.plots):
+            print(f"wrote {path}")
     print(
         "(mean ± standard deviation over seeds; Δ: the run minus the reference, 95% paired t-interval across the "
         "seeds both finished, and bootstrap over evaluation rows; bold: the interval excludes 0)"

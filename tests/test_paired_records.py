@@ -56,7 +56,8 @@ def test_pairs_runs_at_any_rate_by_seed_and_by_row(tmp_path: Path, capsys: pytes
         _record(records, "lora", 2.5e-3, seed, [v - 0.01 - 0.001 * seed for v in base], [4.0 + 0.02 * seed] * 20)
     _record(records, "lora", 2.5e-3, 7, [0.5] * rows, [4.0] * 20)  # no reference run on seed 7
     script = _script()
-    assert script.main([str(records), "--reference", "lora@4.5e-3", "--runs", "lora@2.5e-3,boft@5e-3"]) == 0
+    runs = "lora@2.5e-3,boft@5e-3"
+    assert script.main([str(records), "--reference", "lora@4.5e-3", "--runs", runs, "--plots", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     line = next(line for line in captured.out.splitlines() if line.startswith("| lora@0.0025 "))
     cells = [c.strip() for c in line.strip("|").split("|")]
@@ -66,6 +67,7 @@ def test_pairs_runs_at_any_rate_by_seed_and_by_row(tmp_path: Path, capsys: pytes
     assert cells[6].startswith("+0.0000 [") and cells[7].startswith("+0.0000 [")  # forgetting level
     assert "no finished run of boft@0.005" in captured.err
     assert next(line for line in captured.out.splitlines() if line.startswith("| lora@0.0045 ")).count("–") == 4
+    assert (tmp_path / "learn_forget.png").stat().st_size > 0 and "wrote " in captured.out
 
 
 def test_names_the_mistake_in_a_run_name_or_a_missing_reference(
