@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hybrid_peft.bench.plan import BenchRun
 from hybrid_peft.bench.rows import BenchRow, mean_std, paired_differences, paired_example_differences
-from hybrid_peft.bench.tables import paired_cell
+from hybrid_peft.bench.tables import mean_cell, paired_cell
 from hybrid_peft.run.summary import SUMMARY_FILE, RunSummary
 
 MEASURES = ("held_out_loss", "forgetting")
@@ -71,8 +71,7 @@ def table(rows: list[BenchRow], reference: str, task: str) -> list[str]:
         cells = [name, ",".join(str(r.seed) for r in runs)]
         for measure in MEASURES:
             spread = mean_std([r.value(measure) for r in runs])
-            shown = f"{spread[0]:{'+' if measure == 'forgetting' else ''}.4f}" if spread else "–"
-            cells.append(f"{shown} ± {spread[1]:.4f}" if spread and len(runs) > 1 else shown)
+            cells.append(mean_cell(spread, std=len(runs) > 1, signed=measure == "forgetting"))
             cells += ["–", "–"] if name == reference else [
                 paired_cell(by_seed[measure].get(name)), paired_cell(by_row[measure].get(name))
             ]  # fmt: skip

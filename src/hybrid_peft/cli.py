@@ -438,8 +438,8 @@ def command_bench(args: argparse.Namespace) -> int:
 
     rows = run_bench(
         plan,
-        tasks=_split_list(args.tasks),
-        methods=_split_list(args.methods),
+        tasks=tasks,
+        methods=methods,
         seeds=seeds,
         rerun=args.rerun,
         echo=lambda line: print(line, flush=True),

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 MEASURES = ("metric", "held_out_loss", "forgetting")  # what the tables pair, by seed and by example
 
 
-def _fmt(value: tuple[float, float] | None, digits: int = 4, std: bool = True, signed: bool = False) -> str:
+def mean_cell(value: tuple[float, float] | None, digits: int = 4, std: bool = True, signed: bool = False) -> str:
+    """A ``(mean, standard deviation)`` cell, ``mean ± sd`` (the mean alone without ``std``); "–" for none."""
     if value is None:
         return "–"
     mean, deviation = value
@@ -151,15 +152,15 @@ def markdown_table(plan: BenchPlan, rows: list[BenchRow], sweep_rows: list[Bench
             forgot = forgetting_differences.get(task, {}).get(e["method"])
             loss = loss_differences.get(task, {}).get(e["method"])
             lines.append(
-                f"| {e['method']} | {rate} | {_fmt(e['metric'], std=spread)} | {paired_cell(versus)} | "
+                f"| {e['method']} | {rate} | {mean_cell(e['metric'], std=spread)} | {paired_cell(versus)} | "
                 + (f"{paired_cell(by_example.get(e['method']), seeds=False)} | " if by_example else "")
-                + f"{_fmt(e['metric_before'], std=False)} | {_fmt(e['held_out_loss'], std=spread)} | "
+                + f"{mean_cell(e['metric_before'], std=False)} | {mean_cell(e['held_out_loss'], std=spread)} | "
                 f"{paired_cell(loss)} | "
                 + (f"{paired_cell(loss_by_example.get(e['method']), seeds=False)} | " if loss_by_example else "")
-                + f"{_fmt(e['forgetting'], std=spread, signed=True)} | {paired_cell(forgot)} | "
+                + f"{mean_cell(e['forgetting'], std=spread, signed=True)} | {paired_cell(forgot)} | "
                 + (f"{paired_cell(forgot_by_example.get(e['method']), seeds=False)} | " if forgot_by_example else "")
-                + f"{_fmt(e['median_step_s'], 3, std=False)} | {ratio(e['time_x_full'])} | "
-                f"{_fmt(e['peak_rss_mb'], 0, std=False)} | {ratio(e['memory_x_full'])} | {trainable} | "
+                + f"{mean_cell(e['median_step_s'], 3, std=False)} | {ratio(e['time_x_full'])} | "
+                f"{mean_cell(e['peak_rss_mb'], 0, std=False)} | {ratio(e['memory_x_full'])} | {trainable} | "
                 f"{e['ok']}/{e['runs']} |"
             )
         for r in (r for r in task_rows if not r.ok):
@@ -223,10 +224,10 @@ def terminal_summary(plan: BenchPlan, rows: list[BenchRow]) -> str:
             table.append(
                 [
                     method,
-                    _fmt(e[key], std=e["ok"] > 1),
+                    mean_cell(e[key], std=e["ok"] > 1),
                     paired_cell(differences[key].get(task, {}).get(method), plain=True),
                     paired_cell(by_example[key].get(task, {}).get(method), seeds=False, plain=True),
-                    _fmt(e["forgetting"], std=False, signed=True),
+                    mean_cell(e["forgetting"], std=False, signed=True),
                     paired_cell(differences["forgetting"].get(task, {}).get(method), plain=True),
                     paired_cell(by_example["forgetting"].get(task, {}).get(method), seeds=False, plain=True),
                 ]
