@@ -31,8 +31,9 @@ def read_runs(paths: list[Path], measures: tuple[str, ...]) -> dict[tuple[str, s
 
     A (task, method, seed) in more than one file (a run reused by a later bench, or made again) takes the later
     file's values; where they differ, the largest difference is printed to stderr, so a rerun that did not
-    reproduce cannot pass unseen."""
+    reproduce cannot pass unseen (and a run at another rate is named as such)."""
     runs: dict[tuple[str, str, int], dict[str, float]] = {}
+    earlier_rates: dict[tuple[str, str, int], str | None] = {}
     for path in paths:
         with path.open(newline="") as handle:
             reader = csv.DictReader(handle)
@@ -46,17 +47,37 @@ def read_runs(paths: list[Path], measures: tuple[str, ...]) -> dict[tuple[str, s
                     continue
                 key = (record["task"], record["method"], int(record["seed"]))
                 values = {m: float(record[m]) if record[m] not in ("", None) else math.nan for m in measures}
+                rate = record.get("learning_rate") or None  # an optional column: older files may lack it
                 earlier = runs.get(key)
                 if earlier is not None:
-                    gaps = [abs(values[m] - earlier[m]) for m in measures if not math.isnan(values[m] - earlier[m])]
-                    if gaps and max(gaps) > 0:
-                        print(
-                            f"{key[1]} on {key[0]}, seed {key[2]}: {path}'s run replaces an earlier file's "
-                            f"(largest difference {max(gaps):.2g})",
-                            file=sys.stderr,
-                        )
+                    _say_what_replaces(key, path, rate, earlier_rates.get(key), values, earlier, measures)
                 runs[key] = values
+                earlier_rates[key] = rate
     return runs
+
+
+def _say_what_replaces(
+    key: tuple[str, str, int],
+    path: Path,
+    rate: str | None,
+    earlier_rate: str | None,
+    values: dict[str, float],
+    earlier: dict[str, float],
+    measures: tuple[str, ...],
+) -> None:
+    """A later file's run of a (task, method, seed) replaces the earlier one's: say so on stderr, as a run at another
+    rate (a chosen replacement) or, at the same rate with other values, as a rerun that did not reproduce."""
+    run = f"{key[1]} on {key[0]}, seed {key[2]}"
+    if rate is not None and earlier_rate is not None and float(rate) != float(earlier_rate):
+        print(f"{run}: {path}'s run at rate {rate} replaces an earlier file's at {earlier_rate}", file=sys.stderr)
+        return
+    gaps = [abs(values[m] - earlier[m]) for m in measures if not math.isnan(values[m] - earlier[m])]
+    if gaps and max(gaps) > 0:
+        print(
+            f"{run}: {path}'s run replaces an earlier file's at the same rate with other values (largest "
+            f"difference {max(gaps):.2g}): a rerun that did not reproduce",
+            file=sys.stderr,
+        )
 
 
 def pair(

@@ -64,7 +64,7 @@ def test_pairs_methods_from_two_files_with_the_reference_on_common_seeds(
     assert f"**{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]**" in rule  # excludes 0: bold
     assert "| lora | 0 | +0.0000 (1 seed) | -0.0200 (1 seed) |" in out  # the later file's LoRA run
     assert "failed" not in out
-    assert "lora on gsm8k, seed 0" in err and "replaces" in err
+    assert "lora on gsm8k, seed 0" in err and "a rerun that did not reproduce" in err  # no rate column: same run
 
     assert _script().main([str(old), str(new), "--reference", "hybrid", "--methods", "hybrid,lora"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| gsm8k")]
@@ -86,3 +86,32 @@ def test_a_file_without_the_measures_or_a_missing_reference_is_named(
     with pytest.raises(SystemExit):
         script.main([str(tmp_path / "missing.csv")])
     assert "no results file at" in capsys.readouterr().err
+
+
+def test_a_later_run_at_another_rate_is_named_as_such_and_a_rerun_that_differs_as_a_failed_reproduction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fields = [*FIELDS, "learning_rate"]
+
+    def write(name: str, rows: list[tuple]) -> Path:
+        with (tmp_path / name).open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(fields)
+            writer.writerows(rows)
+        return tmp_path / name
+
+    old = write(
+        "old.csv", [("gsm8k", "full", 0, "ok", 0.79, 0.01, "0.00018"), ("gsm8k", "lora", 0, "ok", 0.80, 0.0, "0.001")]
+    )
+    new = write("new.csv", [("gsm8k", "lora", 0, "ok", 0.79, 0.02, "0.0025")])
+    assert _script().main([str(old), str(new), "--reference", "full"]) == 0
+    err = capsys.readouterr().err
+    assert "lora on gsm8k, seed 0" in err and "at rate 0.0025 replaces an earlier file's at 0.001" in err
+    assert "did not reproduce" not in err
+
+    same = write("same.csv", [("gsm8k", "lora", 0, "ok", 0.81, 0.0, "1e-3")])  # the same rate, other values
+    assert _script().main([str(old), str(same), "--reference", "full"]) == 0
+    assert "a rerun that did not reproduce" in capsys.readouterr().err
+    exact = write("exact.csv", [("gsm8k", "lora", 0, "ok", 0.80, 0.0, "0.001")])  # reproduced: nothing to say
+    assert _script().main([str(old), str(exact), "--reference", "full"]) == 0
+    assert capsys.readouterr().err == ""
