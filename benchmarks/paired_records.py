@@ -6,11 +6,11 @@
 A bench's tables pair each method at the rate its sweep chose. To ask what a method does at another rate (a point
 between two of the grid's, say, beside a rule that acts like a lower rate), pair its runs at that rate as they lie
 in a records folder (``hybrid-peft bench ... --records DIR``; layout ``DIR/<task>/<method>/lr-<rate>/seed-<s>/``).
-Each ``method@rate`` becomes one row: its mean held-out loss and forgetting over the seeds it finished, and the
-difference to the reference on the seeds both finished, with the bench's own 95% intervals: the paired t-interval
-across seeds (``paired_differences``) and the bootstrap over evaluation rows (``paired_example_differences``,
-where both runs recorded each row's loss). ``--plots DIR`` draws them on the bench's learn–forget plot. Nothing here
-chooses a rate: the tuned comparison stays the bench's.
+Each ``method@rate`` becomes one row: its mean task metric (where the runs scored one, e.g. accuracy), held-out
+loss and forgetting over the seeds it finished, and the difference to the reference on the seeds both finished, with
+the bench's own 95% intervals: the paired t-interval across seeds (``paired_differences``) and the bootstrap over
+evaluation rows (``paired_example_differences``, where both runs recorded each row's score). ``--plots DIR`` draws
+them on the bench's learn–forget plot. Nothing here chooses a rate: the tuned comparison stays the bench's.
 """
 
 from __future__ import annotations
@@ -58,18 +58,22 @@ def read_rows(records: Path, task: str, method: str, rate: float) -> list[BenchR
 
 
 def table(rows: list[BenchRow], reference: str, task: str) -> list[str]:
-    """The markdown table: each run's means over seeds and its differences to ``reference``."""
-    by_seed = {m: paired_differences(rows, m, reference).get(task, {}) for m in MEASURES}
-    by_row = {m: paired_example_differences(rows, reference, m).get(task, {}) for m in MEASURES}
-    lines = [
-        "| run | seeds | held-out loss | Δ loss (seeds) | Δ loss (rows) | forgetting | Δ forgetting (seeds) | "
-        "Δ forgetting (rows) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """The markdown table: each run's means over seeds and its differences to ``reference``, in the task's metric
+    (where the runs scored one: accuracy on a classification task, none on the math profile's loss-only runs), the
+    held-out loss and forgetting."""
+    measures = (("metric",) if any(r.metric is not None for r in rows) else ()) + MEASURES
+    by_seed = {m: paired_differences(rows, m, reference).get(task, {}) for m in measures}
+    by_row = {m: paired_example_differences(rows, reference, m).get(task, {}) for m in measures}
+    labels = {"metric": rows[0].metric_name, "held_out_loss": "held-out loss", "forgetting": "forgetting"}
+    short = {"metric": rows[0].metric_name, "held_out_loss": "loss", "forgetting": "forgetting"}
+    header = ["run", "seeds"]
+    for measure in measures:
+        header += [labels[measure], f"Δ {short[measure]} (seeds)", f"Δ {short[measure]} (rows)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in dict.fromkeys(r.method for r in rows):
         runs = [r for r in rows if r.method == name and r.ok]
         cells = [name, ",".join(str(r.seed) for r in runs)]
-        for measure in MEASURES:
+        for measure in measures:
             spread = mean_std([r.value(measure) for r in runs])
             cells.append(mean_cell(spread, std=len(runs) > 1, signed=measure == "forgetting"))
             cells += ["–", "–"] if name == reference else [

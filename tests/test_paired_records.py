@@ -22,23 +22,38 @@ def _script():  # noqa: ANN202
     return module
 
 
-def _record(records: Path, method: str, rate: float, seed: int, losses: list[float], retention: list[float]) -> None:
-    """One finished run's record: its summary and each evaluation row's loss (every row 10 tokens)."""
-    folder = records / "gsm8k" / method / f"lr-{rate:g}" / f"seed-{seed}"
+def _record(
+    records: Path,
+    method: str,
+    rate: float,
+    seed: int,
+    losses: list[float],
+    retention: list[float],
+    accuracy: list[float] | None = None,
+) -> None:
+    """One finished run's record: its summary and each evaluation row's loss (every row 10 tokens); with
+    ``accuracy``, an SST-2 run that also scored each row's correctness."""
+    task = "gsm8k" if accuracy is None else "sst2"
+    folder = records / task / method / f"lr-{rate:g}" / f"seed-{seed}"
     folder.mkdir(parents=True)
     config = TrainConfig.from_dict(
-        {"task": "gsm8k", "model": "tiny", "method": "lora", "learning_rate": rate, "seed": seed,
+        {"task": task, "model": "tiny", "method": "lora", "learning_rate": rate, "seed": seed,
          "output_dir": f"runs/bench/runs/gsm8k/{method}/lr-{rate:g}/seed-{seed}"}
     )  # fmt: skip
     mean = sum(losses) / len(losses)
+    after = {"loss": mean, "retention_loss": sum(retention) / len(retention)}
+    if accuracy is not None:
+        after["accuracy"] = sum(accuracy) / len(accuracy)
     RunSummary(
-        config=config, task="gsm8k", processes=1, distributed_type="NO", ranks_in_sync=True,
+        config=config, task=task, processes=1, distributed_type="NO", ranks_in_sync=True,
         trainable_parameters=1, total_parameters=2, before={"loss": 1.0, "retention_loss": 4.0},
-        after={"loss": mean, "retention_loss": sum(retention) / len(retention)}, final_loss=None,
+        after=after, final_loss=None,
         median_step_s=None, wall_s=1.0, peak_rss_mb=1.0, resumed_from_step=0,
     ).write(folder)  # fmt: skip
     scores = {"loss": losses, "loss_tokens": [10] * len(losses), "retention_loss": retention,
               "retention_tokens": [10] * len(retention)}  # fmt: skip
+    if accuracy is not None:
+        scores["accuracy"] = accuracy
     examples = {"evaluation": "after", "rows": len(losses), "scores": scores}
     (folder / "eval_examples.json").write_text(json.dumps(examples))
 
@@ -86,3 +101,25 @@ def test_names_the_mistake_in_a_run_name_or_a_missing_reference(
     with pytest.raises(SystemExit):
         script.main([str(tmp_path / "nowhere"), "--reference", "lora@1e-3", "--runs", "lora@1e-3"])
     assert "no records folder" in capsys.readouterr().err
+
+
+def test_a_task_with_a_metric_is_paired_in_it_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs that scored the task's metric (accuracy on SST-2) get its mean and paired differences beside the losses;
+    the math profile's loss-only runs (above) get none."""
+    records = tmp_path / "records"
+    rows = 20
+    for seed in range(3):
+        right = [1.0 if (i + seed) % 4 else 0.0 for i in range(rows)]  # 0.75 correct
+        _record(records, "lora", 1e-3, seed, [0.4] * rows, [4.2] * 10, accuracy=right)
+        more = [1.0] * 5 + right[5:]  # the first five rows right: +0.10 on seed 0, +0.05 on seeds 1, 2
+        _record(records, "lora", 5.5e-4, seed, [0.41] * rows, [4.1] * 10, accuracy=more)
+    assert _script().main([str(records), "--reference", "lora@1e-3", "--runs", "lora@5.5e-4"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| run "))
+    assert "| accuracy | Δ accuracy (seeds) | Δ accuracy (rows) | held-out loss |" in header
+    cells = [
+        c.strip() for c in next(x for x in out.splitlines() if x.startswith("| lora@0.00055 ")).strip("|").split("|")
+    ]
+    assert cells[2].startswith("0.8167 ± ")  # (0.85 + 0.80 + 0.80) / 3
+    assert cells[3].startswith("+0.0667 [") and cells[4].startswith("**+0.0667 [")
+    assert cells[6].startswith("**+0.0100 [") and cells[9].startswith("**-0.1000 [")  # loss and forgetting, every seed
