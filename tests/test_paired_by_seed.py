@@ -22,10 +22,10 @@ def _script():  # noqa: ANN202
     return module
 
 
-def _write(path: Path, rows: list[tuple[str, str, int, str, float, float]]) -> Path:
+def _write(path: Path, rows: list[tuple], fields: list[str] = FIELDS) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(FIELDS)
+        writer.writerow(fields)
         writer.writerows(rows)
     return path
 
@@ -94,11 +94,7 @@ def test_a_later_run_at_another_rate_is_named_as_such_and_a_rerun_that_differs_a
     fields = [*FIELDS, "learning_rate"]
 
     def write(name: str, rows: list[tuple]) -> Path:
-        with (tmp_path / name).open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(fields)
-            writer.writerows(rows)
-        return tmp_path / name
+        return _write(tmp_path / name, rows, fields)
 
     old = write(
         "old.csv", [("gsm8k", "full", 0, "ok", 0.79, 0.01, "0.00018"), ("gsm8k", "lora", 0, "ok", 0.80, 0.0, "0.001")]
