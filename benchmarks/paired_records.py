@@ -22,10 +22,8 @@ from pathlib import Path
 
 from hybrid_peft.bench.plan import BenchRun
 from hybrid_peft.bench.rows import BenchRow, mean_std, paired_differences, paired_example_differences
-from hybrid_peft.bench.tables import mean_cell, paired_cell
+from hybrid_peft.bench.tables import MEASURES, mean_cell, paired_cell
 from hybrid_peft.run.summary import SUMMARY_FILE, RunSummary
-
-MEASURES = ("held_out_loss", "forgetting")
 
 
 def parse_run(text: str) -> tuple[str, float]:
@@ -61,14 +59,15 @@ def table(rows: list[BenchRow], reference: str, task: str) -> list[str]:
     """The markdown table: each run's means over seeds and its differences to ``reference``, in the task's metric
     (where the runs scored one: accuracy on a classification task, none on the math profile's loss-only runs), the
     held-out loss and forgetting."""
-    measures = (("metric",) if any(r.metric is not None for r in rows) else ()) + MEASURES
+    # the measures the bench's own tables pair; the metric only where these runs scored one
+    measures = [m for m in MEASURES if m != "metric" or any(r.metric is not None for r in rows)]
     by_seed = {m: paired_differences(rows, m, reference).get(task, {}) for m in measures}
     by_row = {m: paired_example_differences(rows, reference, m).get(task, {}) for m in measures}
-    labels = {"metric": rows[0].metric_name, "held_out_loss": "held-out loss", "forgetting": "forgetting"}
-    short = {"metric": rows[0].metric_name, "held_out_loss": "loss", "forgetting": "forgetting"}
+    names = {"metric": (rows[0].metric_name,) * 2, "held_out_loss": ("held-out loss", "loss")}  # (column, in a Δ)
     header = ["run", "seeds"]
     for measure in measures:
-        header += [labels[measure], f"Δ {short[measure]} (seeds)", f"Δ {short[measure]} (rows)"]
+        column, short = names.get(measure, (measure, measure))
+        header += [column, f"Δ {short} (seeds)", f"Δ {short} (rows)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in dict.fromkeys(r.method for r in rows):
         runs = [r for r in rows if r.method == name and r.ok]
