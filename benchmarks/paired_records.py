@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.task:
                 parser.error(f"no finished run of {reference} in {args.records / task}")
             continue
-        rows = base + [row for method, rate in args.runs for row in read_rows(args.records, task, method, rate)]
+        others = dict.fromkeys(run for run in args.runs if run != args.reference)  # each once, the reference once
+        rows = base + [row for method, rate in others for row in read_rows(args.records, task, method, rate)]
         missing = [f"{m}@{r:g}" for m, r in args.runs if not any(row.method == f"{m}@{r:g}" for row in rows)]
         if missing:
             print(f"{task}: no finished run of {', '.join(missing)} in {args.records / task}", file=sys.stderr)

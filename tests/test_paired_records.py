@@ -123,3 +123,19 @@ def test_a_task_with_a_metric_is_paired_in_it_too(tmp_path: Path, capsys: pytest
     assert cells[2].startswith("0.8167 ± ")  # (0.85 + 0.80 + 0.80) / 3
     assert cells[3].startswith("+0.0667 [") and cells[4].startswith("**+0.0667 [")
     assert cells[6].startswith("**+0.0100 [") and cells[9].startswith("**-0.1000 [")  # loss and forgetting, every seed
+
+
+def test_the_reference_named_among_the_runs_is_read_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One ``--runs`` list can serve several references (``--reference`` each of its runs in turn): the reference's
+    own seeds are counted once, so its mean and spread are its runs', and a run named twice is one row."""
+    records = tmp_path / "records"
+    for seed in range(3):
+        _record(records, "lora", 1e-3, seed, [0.4 + 0.1 * seed] * 5, [4.0] * 5)
+        _record(records, "hybrid", 1e-3, seed, [0.3 + 0.1 * seed] * 5, [4.0] * 5)
+    runs = "lora@1e-3,hybrid@1e-3,hybrid@0.001"
+    assert _script().main([str(records), "--reference", "lora@1e-3", "--runs", runs]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    reference = [line for line in lines if line.startswith("| lora@0.001 ")]
+    assert len(reference) == 1 and reference[0].split("|")[2].strip() == "0,1,2"
+    assert reference[0].split("|")[3].strip() == "0.5000 ± 0.1000"  # held-out loss over seeds 0, 1, 2 once each
+    assert len([line for line in lines if line.startswith("| hybrid@0.001 ")]) == 1
