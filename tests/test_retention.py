@@ -298,7 +298,7 @@ def test_losses_and_forgetting_are_paired_row_by_row_weighted_by_tokens(tmp_path
     assert "Δ loss by example [95% CI]" in table and "Δ forgetting by example [95% CI]" in table
 
 
-def test_the_recipe_records_each_evaluation_rows_score_after_training(tiny_bert: str, tmp_path: Path) -> None:
+def test_the_recipe_records_each_evaluation_rows_score_and_loss_after_training(tiny_bert: str, tmp_path: Path) -> None:
     from hybrid_peft.run import RunSummary, TrainConfig, run_training
 
     fixture = Path(__file__).parent / "data"
@@ -311,7 +311,11 @@ def test_the_recipe_records_each_evaluation_rows_score_after_training(tiny_bert:
     scores = document["scores"]["accuracy"]
     assert document["evaluation"] == "after" and len(scores) == document["rows"] == 6
     assert set(scores) <= {0.0, 1.0}
-    assert sum(scores) / len(scores) == pytest.approx(RunSummary.read(tmp_path / "run").after["accuracy"])
+    after = RunSummary.read(tmp_path / "run").after
+    assert sum(scores) / len(scores) == pytest.approx(after["accuracy"])
+    losses = document["scores"]["loss"]  # each sentence's loss, so the held-out loss pairs by row too
+    assert len(losses) == 6 and "loss_tokens" not in document["scores"]  # a sentence is one row: equal weights
+    assert sum(losses) / len(losses) == pytest.approx(after["loss"], rel=1e-5)
 
 
 def test_the_recipe_records_each_rows_loss_and_each_passages_retention_after_training(

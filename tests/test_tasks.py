@@ -186,11 +186,16 @@ def test_length_sorted_evaluation_agrees_with_row_order_and_pads_less(tiny_lm: s
     sentences = [{"text": "word " * n, "text_pair": None, "label": n % 2} for n in (1, 9, 2, 7, 3, 12, 1)]
     bert_tokenizer = load_tokenizer(tiny_bert)
     bert = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)
-    predictions, loss = classify(bert, bert_tokenizer, sentences, 2, 32)
+    row_losses: list[float] = []
+    predictions, loss = classify(bert, bert_tokenizer, sentences, 2, 32, row_losses)
     with torch.no_grad():
         one_by_one = [bert(**classification_batch(bert_tokenizer, [row], 32)) for row in sentences]
     assert predictions == [int(out.logits.argmax(-1)) for out in one_by_one]
     assert loss == pytest.approx(sum(float(out.loss) for out in one_by_one) / len(sentences), rel=1e-5)
+    # each row's own loss, in the rows' order (they ran batched by length), and their mean is the loss returned
+    assert row_losses == pytest.approx([float(out.loss) for out in one_by_one], rel=1e-5)
+    assert sum(row_losses) / len(row_losses) == pytest.approx(loss, rel=1e-5)
+    assert classify(bert, bert_tokenizer, sentences, 2, 32) == (predictions, loss)
 
 
 @pytest.mark.parametrize("tokenizer_name", ["smollm2-135m", "minilm-l6"])

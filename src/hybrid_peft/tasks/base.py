@@ -85,19 +85,33 @@ def length_sorted_batches(
 
 @torch.no_grad()
 def classify(
-    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int, max_length: int
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    batch_size: int,
+    max_length: int,
+    row_losses: list[float] | None = None,
 ) -> tuple[list[int], float]:
     """Predicted classes of ``rows`` (in their order) and their mean loss, in eval mode (restored afterwards);
-    batched by length (:func:`length_sorted_batches`)."""
+    batched by length (:func:`length_sorted_batches`). With ``row_losses`` (an empty list) each row's cross-entropy
+    is put there in the rows' order, so a benchmark can pair the held-out loss row by row; their mean is the loss
+    returned."""
     was_training = model.training
     model.eval()
     predictions, total_loss = [0] * len(rows), 0.0
+    losses = [0.0] * len(rows)
     for chunk, batch in length_sorted_batches(classification_batch, tokenizer, rows, batch_size, max_length):
         output = model(**batch)
         total_loss += float(output.loss) * len(chunk)
         for row, prediction in zip(chunk, output.logits.argmax(-1).tolist(), strict=True):
             predictions[row] = prediction
+        if row_losses is not None:
+            each = F.cross_entropy(output.logits.float(), batch["labels"], reduction="none")
+            for row, value in zip(chunk, each.tolist(), strict=True):
+                losses[row] = value
     model.train(was_training)
+    if row_losses is not None:
+        row_losses[:] = losses
     return predictions, total_loss / len(rows)
 
 

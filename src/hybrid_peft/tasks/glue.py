@@ -251,10 +251,12 @@ class GlueTask:
         per_example: dict[str, list[float]] | None = None,
         **_: Any,
     ) -> dict[str, float]:
-        predictions, loss = classify(model, tokenizer, rows, batch_size, max_length)
+        row_losses = [] if per_example is not None else None
+        predictions, loss = classify(model, tokenizer, rows, batch_size, max_length, row_losses)
         metrics = classification_metrics(predictions, [r["label"] for r in rows])
         if per_example is not None:
             per_example["accuracy"] = [float(p == r["label"]) for p, r in zip(predictions, rows, strict=True)]
+            per_example["loss"] = row_losses  # every row weighs alike in the loss, so no "loss_tokens"
         return {**{k: metrics[k] for k in self.spec.metrics}, "loss": loss}
 
 
