@@ -150,9 +150,14 @@ def test_xnli_evaluate_reports_per_language_accuracy() -> None:
 
     task = get_task("xnli", data_dir=DATA, eval_per_language=3, languages=["fr", "de"])
     model = load_model("minilm-l6", task="sequence-classification", num_labels=3)
-    metrics = task.evaluate(model, load_tokenizer("minilm-l6"), task.eval_rows())
+    per_example: dict[str, list[float]] = {}
+    metrics = task.evaluate(model, load_tokenizer("minilm-l6"), task.eval_rows(), per_example=per_example)
     assert set(metrics) == {"accuracy_de", "accuracy_fr", "accuracy", "loss"}
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
+    # each row's correctness and loss, for the bench's pairing by row: their means are the metrics
+    assert len(per_example["accuracy"]) == len(per_example["loss"]) == len(task.eval_rows()) == 6
+    assert sum(per_example["accuracy"]) / 6 == pytest.approx(metrics["accuracy"])
+    assert sum(per_example["loss"]) / 6 == pytest.approx(metrics["loss"], rel=1e-5)
 
 
 def test_length_sorted_evaluation_agrees_with_row_order_and_pads_less(tiny_lm: str, tiny_bert: str) -> None:

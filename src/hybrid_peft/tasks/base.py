@@ -115,6 +115,25 @@ def classify(
     return predictions, total_loss / len(rows)
 
 
+def classify_rows(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    batch_size: int,
+    max_length: int,
+    per_example: dict[str, list[float]] | None = None,
+) -> tuple[list[int], float]:
+    """:func:`classify` for a task's ``evaluate``: with ``per_example``, each row's correctness goes to
+    ``per_example["accuracy"]`` and its loss to ``per_example["loss"]`` (no ``loss_tokens``: every row weighs alike
+    in the mean), in the rows' order, for the bench's pairing by row."""
+    row_losses = [] if per_example is not None else None
+    predictions, loss = classify(model, tokenizer, rows, batch_size, max_length, row_losses)
+    if per_example is not None:
+        per_example["accuracy"] = [float(p == r["label"]) for p, r in zip(predictions, rows, strict=True)]
+        per_example["loss"] = row_losses
+    return predictions, loss
+
+
 def prompt_completion_batch(
     tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], max_length: int
 ) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from hybrid_peft.errors import TaskDataError
 from hybrid_peft.tasks.base import (
     classification_batch,
     classification_metrics,
-    classify,
+    classify_rows,
 )
 from hybrid_peft.tasks.data import read_text, resolve_data_dir
 from hybrid_peft.tasks.datasets_source import DatasetRows, require_columns
@@ -251,12 +251,8 @@ class GlueTask:
         per_example: dict[str, list[float]] | None = None,
         **_: Any,
     ) -> dict[str, float]:
-        row_losses = [] if per_example is not None else None
-        predictions, loss = classify(model, tokenizer, rows, batch_size, max_length, row_losses)
+        predictions, loss = classify_rows(model, tokenizer, rows, batch_size, max_length, per_example)
         metrics = classification_metrics(predictions, [r["label"] for r in rows])
-        if per_example is not None:
-            per_example["accuracy"] = [float(p == r["label"]) for p, r in zip(predictions, rows, strict=True)]
-            per_example["loss"] = row_losses  # every row weighs alike in the loss, so no "loss_tokens"
         return {**{k: metrics[k] for k in self.spec.metrics}, "loss": loss}
 
 

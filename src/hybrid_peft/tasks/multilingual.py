@@ -18,7 +18,7 @@ import torch
 from hybrid_peft.errors import TaskDataError
 from hybrid_peft.tasks.base import (
     classification_batch,
-    classify,
+    classify_rows,
     greedy_generate,
     held_out_loss,
     prompt_completion_batch,
@@ -115,11 +115,7 @@ class XnliTask:
         per_example: dict[str, list[float]] | None = None,
         **_: Any,
     ) -> dict[str, float]:
-        row_losses = [] if per_example is not None else None
-        predictions, loss = classify(model, tokenizer, rows, batch_size, max_length, row_losses)
-        if per_example is not None:
-            per_example["accuracy"] = [float(p == r["label"]) for p, r in zip(predictions, rows, strict=True)]
-            per_example["loss"] = row_losses  # every row weighs alike in the loss, so no "loss_tokens"
+        predictions, loss = classify_rows(model, tokenizer, rows, batch_size, max_length, per_example)
         correct: dict[str, list[bool]] = {}
         for row, prediction in zip(rows, predictions, strict=True):
             correct.setdefault(row["language"], []).append(prediction == row["label"])
